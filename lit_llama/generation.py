@@ -1,0 +1,65 @@
+"""Autoregressive sampling with the KV cache: prefill the prompt once, then one token at a time."""
+
+import sys
+from typing import Optional
+
+import torch
+
+from lit_llama.model import LLaMA
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
+    """Picks the next token from the last position's logits (B, vocab); temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1)
+
+
+@torch.inference_mode()
+def generate(
+    model: LLaMA,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    use_kv_cache: bool = True,
+) -> torch.Tensor:
+    """Returns the prompt (1-D tensor of token ids) followed by up to `max_new_tokens` new tokens,
+    stopping after `eos_id`. Without the KV cache every step re-reads the whole sequence (slow; tests
+    use it to check that the cache changes nothing)."""
+    max_seq_length = min(prompt.size(0) + max_new_tokens, model.config.block_size)
+    if prompt.size(0) >= max_seq_length:
+        raise ValueError(f"the prompt has {prompt.size(0)} tokens; the model's block size is {model.config.block_size}")
+    tokens = prompt.unsqueeze(0)
+    if use_kv_cache:
+        model.set_kv_cache(batch_size=1, max_seq_length=max_seq_length, device=prompt.device)
+    try:
+        input_pos = torch.arange(prompt.size(0), device=prompt.device)
+        next_input = tokens
+        while tokens.size(1) < max_seq_length:
+            if use_kv_cache:
+                logits = model(next_input, input_pos)
+            else:
+                logits = model(tokens)
+            next_token = sample(logits[:, -1], temperature, top_k)
+            tokens = torch.cat((tokens, next_token), dim=1)
+            if eos_id is not None and next_token.item() == eos_id:
+                break
+            next_input, input_pos = next_token, input_pos[-1:] + 1
+    finally:
+        if use_kv_cache:
+            model.clear_kv_cache()
+    return tokens[0]
+
+
+def report_speed(new_tokens: int, seconds: float, device: torch.device) -> None:
+    """Prints generation speed (and peak GPU memory) to stderr, so stdout holds only the text."""
+    print(f"Time: {seconds:.2f} s, {new_tokens / seconds:.2f} tokens/s", file=sys.stderr)
+    if device.type == "cuda":
+        print(f"Peak memory: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)

@@ -1,0 +1,311 @@
+"""The LLaMA language model (LLaMA 1, Llama 2, OpenLLaMA, TinyLlama) in one file.
+
+Read top to bottom: `Config` (sizes), `LLaMA` (embedding -> blocks -> norm -> head), `Block`,
+`CausalSelfAttention` (fused q/k/v projection, rotary embeddings, grouped-query attention, KV cache),
+`MLP` (SwiGLU), `RMSNorm`, and the rotary-embedding helpers.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    block_size: int = 2048  # longest sequence the model was trained on
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    n_embd: int = 4096
+    n_query_groups: Optional[int] = None  # key/value heads; None = n_head (multi-head), fewer = grouped-query
+    intermediate_size: Optional[int] = None  # SwiGLU hidden size; None = LLaMA's rule of thumb below
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
+        if self.intermediate_size is None:
+            # LLaMA: 2/3 of 4*n_embd, rounded up to a multiple of 256
+            hidden = int(2 * 4 * self.n_embd / 3)
+            self.intermediate_size = 256 * math.ceil(hidden / 256)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in llama_configs:
+            raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(llama_configs)}")
+        return replace(cls(**llama_configs[name]), **overrides)
+
+    @classmethod
+    def from_hf_config(cls, hf: Dict[str, Any]) -> "Config":
+        """Builds a config from a Hugging Face `config.json` of any LLaMA-architecture model."""
+        archs = hf.get("architectures") or []
+        if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+            found = hf.get("model_type") or ", ".join(archs) or "unknown"
+            raise ValueError(f"not a LLaMA-architecture model (model_type {found!r}, expected 'llama')")
+        # transformers < 5 writes rope_theta / rope_scaling, transformers >= 5 a rope_parameters dict
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise ValueError(f"RoPE scaling {scaling} is not supported")
+        if hf.get("tie_word_embeddings"):
+            raise ValueError("tied input/output embeddings are not supported")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("attention or MLP biases are not supported")
+        n_head = hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
+            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
+        return cls(
+            block_size=hf.get("max_position_embeddings", 2048),
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_embd=hf["hidden_size"],
+            n_query_groups=hf.get("num_key_value_heads") or n_head,
+            intermediate_size=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+        )
+
+    @classmethod
+    def from_json(cls, path: Path) -> "Config":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+_llama_7b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008)
+_llama_13b = dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824)
+llama_configs: Dict[str, Dict[str, Any]] = {
+    # LLaMA 1 (Meta, Feb 2023)
+    "7B": dict(**_llama_7b, norm_eps=1e-6),
+    "13B": dict(**_llama_13b, norm_eps=1e-6),
+    "30B": dict(n_layer=60, n_head=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6),
+    "65B": dict(n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-6),
+    # Llama 2 (Meta, Jul 2023): longer context; 70B uses grouped-query attention
+    "Llama-2-7b": dict(**_llama_7b, block_size=4096, norm_eps=1e-5),
+    "Llama-2-13b": dict(**_llama_13b, block_size=4096, norm_eps=1e-5),
+    "Llama-2-70b": dict(
+        n_layer=80, n_head=64, n_embd=8192, n_query_groups=8, intermediate_size=28672, block_size=4096, norm_eps=1e-5
+    ),
+    # OpenLLaMA (open reproduction of LLaMA 1)
+    "open_llama_3b": dict(n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
+    "open_llama_7b": dict(**_llama_7b, norm_eps=1e-6),
+    "open_llama_13b": dict(**_llama_13b, norm_eps=1e-6),
+    # TinyLlama 1.1B (Llama 2 architecture, grouped-query attention)
+    "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632, norm_eps=1e-5),
+    # tiny sizes for tests and the offline demo
+    "tiny": dict(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64, intermediate_size=176),
+    "tiny-gqa": dict(
+        block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64, n_query_groups=2, intermediate_size=176
+    ),
+}
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # built on first use, on the input's device: plain attributes, so never saved in checkpoints
+        self.rope_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.mask_cache: Optional[torch.Tensor] = None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. input_pos: (T,) positions when decoding with the KV cache, else None.
+
+        Returns logits of shape (B, T, vocab_size).
+        """
+        T = idx.size(1)
+        max_len = self.max_seq_length if input_pos is not None else T
+        if max_len > self.config.block_size:
+            raise ValueError(f"sequence length {max_len} exceeds the model's block_size {self.config.block_size}")
+        cos, sin = self._rope(idx.device)
+        if input_pos is None:  # training / full forward: positions 0..T-1, plain causal attention
+            cos, sin, mask = cos[:T], sin[:T], None
+        else:  # decoding: rows of the causal mask for these positions, over the whole cache
+            if self.mask_cache is None or self.mask_cache.device != idx.device:
+                self.mask_cache = torch.ones(max_len, max_len, dtype=torch.bool, device=idx.device).tril()
+            cos, sin, mask = cos[input_pos], sin[input_pos], self.mask_cache[input_pos]
+
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, mask, input_pos)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)
+
+    def _rope(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_cache is None or self.rope_cache[0].device != device:
+            self.rope_cache = build_rope_cache(
+                self.config.block_size, self.config.head_size, self.config.rope_theta, device
+            )
+        return self.rope_cache
+
+    # --- KV cache for generation -------------------------------------------------------------
+    @property
+    def max_seq_length(self) -> int:
+        cache = self.transformer.h[0].attn.kv_cache
+        return cache.k.size(2) if cache is not None else self.config.block_size
+
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None
+    ) -> None:
+        """Allocates a key/value cache of `max_seq_length` positions in every attention layer."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds block_size {self.config.block_size}")
+        weight = self.lm_head.weight
+        shape = (batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size)
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(shape, device=device or weight.device, dtype=dtype or weight.dtype)
+        self.mask_cache = None
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+        self.mask_cache = None
+
+    @classmethod
+    def from_name(cls, name: str) -> "LLaMA":
+        return cls(Config.from_name(name))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.rms_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.rms_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        x = x + self.attn(self.rms_1(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.rms_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        hs, q_size = config.head_size, config.n_head * config.head_size
+        kv_size = config.n_query_groups * hs
+        # one fused projection whose output is [queries | keys | values]
+        self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=False)
+        self.c_proj = nn.Linear(q_size, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        B, T, C = x.shape
+        cfg = self.config
+        hs, q_size, kv_size = cfg.head_size, cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size
+        q, k, v = self.c_attn(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, T, cfg.n_head, hs).transpose(1, 2)  # (B, n_head, T, hs)
+        k = k.view(B, T, cfg.n_query_groups, hs).transpose(1, 2)  # (B, n_query_groups, T, hs)
+        v = v.view(B, T, cfg.n_query_groups, hs).transpose(1, 2)
+
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
+            k, v = self.kv_cache(input_pos, k, v)
+
+        if cfg.n_query_groups != cfg.n_head:  # grouped-query: each key/value head serves n_head/groups queries
+            repeats = cfg.n_head // cfg.n_query_groups
+            k = k.repeat_interleave(repeats, dim=1)
+            v = v.repeat_interleave(repeats, dim=1)
+
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(B, T, q_size)
+        return self.c_proj(y)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, written in place at `input_pos`."""
+
+    def __init__(self, shape: Tuple[int, int, int, int], device=None, dtype=None) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        B = k.size(0)
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: proj(silu(fc1(x)) * fc2(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.c_fc1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.c_fc2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.c_fc1(x)) * self.c_fc2(x))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean subtraction, no bias), computed in float32 like the reference."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def build_rope_cache(
+    seq_len: int, head_size: int, theta: float = 10000.0, device: Optional[torch.device] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (seq_len, head_size), in float32.
+
+    Rotary embeddings in the "rotate half" layout of Hugging Face checkpoints: dimension i is paired
+    with dimension i + head_size/2. (Meta's original checkpoints pair neighbours instead; their q/k
+    weights are permuted on conversion, see scripts/convert_checkpoint.py.)
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_size); cos, sin: (T, head_size)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    out = x.float() * cos + rotated.float() * sin
+    return out.to(x.dtype)

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lit-llama",
+    version="0.1.0",
+    description="Readable LLaMA finetuning with LoRA, LLaMA-Adapter and full finetuning on Lightning Fabric",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["lit_llama", "lit_llama.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.2",
+        "lightning>=2.2",
+        "sentencepiece",
+        "tqdm",
+        "jsonargparse[signatures]>=4.27",
+    ],
+    extras_require={
+        # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
+        "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml"],
+        # the reference implementations the tests and benchmarks compare against
+        "test": ["pytest", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib"],
+    },
+)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random models and tokenizers built on the fly, and ../shared data when present."""
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+sys.path.insert(0, str(REPO_ROOT))
+
+from lit_llama.model import Config, LLaMA  # noqa: E402
+from lit_llama.tokenizer import train_from_texts  # noqa: E402
+
+WORDS = (
+    "the a model weight decay learning rate explain how why what is are train data token answer question "
+    "please write list give three tips healthy sleep water code python function number sum color sky blue"
+).split()
+
+
+def tiny_corpus(n: int = 400, seed: int = 0) -> List[str]:
+    """Deterministic English-like sentences to train a tiny tokenizer on."""
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g)) for _ in range(n)]
+
+
+def make_checkpoint_dir(path: Path, name: str = "tiny", seed: int = 0) -> Path:
+    """A converted checkpoint folder (lit-llama.pth, lit_config.json, tokenizer.model) of a random model."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = Config.from_name(name)
+    torch.manual_seed(seed)
+    model = LLaMA(config)
+    torch.save(model.state_dict(), path / "lit-llama.pth")
+    config.to_json(path / "lit_config.json")
+    train_from_texts(tiny_corpus(), path, vocab_size=config.vocab_size)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory) -> Path:
+    """Read-only for tests: copy it if you need to change it."""
+    return make_checkpoint_dir(tmp_path_factory.mktemp("checkpoints") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_path() -> Path:
+    path = SHARED / "tokenizers" / "llama" / "tokenizer.model"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_sample_path() -> Path:
+    path = SHARED / "data" / "alpaca_sample.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def run_script(script: str, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs a repository script as a user would (`python SCRIPT ARGS`) from the repo root."""
+    cmd = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Bad input: non-zero exit, one `error:` line naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
