@@ -1,11 +1,14 @@
 """Autoregressive sampling with the KV cache: prefill the prompt once, then one token at a time."""
 
 import sys
-from typing import Optional
+import time
+from typing import List, Optional
 
 import torch
 
+from lit_llama.data import generate_prompt
 from lit_llama.model import LLaMA
+from lit_llama.tokenizer import Tokenizer
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -63,3 +66,49 @@ def report_speed(new_tokens: int, seconds: float, device: torch.device) -> None:
     print(f"Time: {seconds:.2f} s, {new_tokens / seconds:.2f} tokens/s", file=sys.stderr)
     if device.type == "cuda":
         print(f"Peak memory: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)
+
+
+def generate_response(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    instruction: str,
+    input: str = "",
+    device: Optional[torch.device] = None,
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+) -> str:
+    """Wraps the instruction in the Alpaca template, generates, and returns only the response text."""
+    was_training = model.training
+    model.eval()
+    prompt = tokenizer.encode(generate_prompt(instruction, input), bos=True, device=device)
+    max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.size(0))
+    output = generate(model, prompt, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id)
+    model.train(was_training)
+    return tokenizer.decode(output[prompt.size(0) :]).strip()
+
+
+def respond_and_report(
+    model: LLaMA,
+    tokenizer: Tokenizer,
+    instruction: str,
+    input: str,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    seed: int,
+    device: torch.device,
+) -> List[str]:
+    """What every generate/*.py script does once its model is built: respond to the instruction
+    `num_samples` times, printing each response (stdout) with its speed and memory (stderr)."""
+    torch.manual_seed(seed)
+    responses = []
+    for _ in range(num_samples):
+        t0 = time.perf_counter()
+        response = generate_response(model, tokenizer, instruction, input, device, max_new_tokens, temperature, top_k)
+        elapsed = time.perf_counter() - t0
+        print(response)
+        report_speed(len(tokenizer.encode(response, bos=False)), elapsed, device)
+        responses.append(response)
+    return responses

@@ -1,6 +1,7 @@
 """Checkpoint I/O, precision helpers and the command-line error handling every script shares."""
 
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,6 +183,24 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def check_output_dir(output_dir: Path, overwrite: bool = False) -> None:
+    """Refuses to replace an existing checkpoint unless asked to."""
+    if (Path(output_dir) / WEIGHTS_NAME).exists() and not overwrite:
+        raise UserError(f"{Path(output_dir) / WEIGHTS_NAME} already exists; pass --overwrite true to replace it")
+
+
+def save_checkpoint_dir(
+    output_dir: Path, state_dict: Dict[str, torch.Tensor], config: Config, tokenizer_path: Path
+) -> None:
+    """Writes a self-describing checkpoint folder: weights, model config and tokenizer."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(state_dict, output_dir / WEIGHTS_NAME)
+    config.to_json(output_dir / CONFIG_NAME)
+    if Path(tokenizer_path).resolve() != (output_dir / TOKENIZER_NAME).resolve():
+        shutil.copyfile(tokenizer_path, output_dir / TOKENIZER_NAME)
 
 
 PRECISION_DTYPES = {

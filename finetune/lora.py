@@ -1,0 +1,171 @@
+"""Finetune LLaMA with LoRA on an instruction dataset (one GPU in bf16, or several through Fabric).
+
+    python scripts/prepare_alpaca.py --checkpoint_dir checkpoints/lit-llama/7B
+    python finetune/lora.py --checkpoint_dir checkpoints/lit-llama/7B
+
+Writes LoRA-only checkpoints (a few MB) and metrics.csv to --out_dir; see howto/finetune_lora.md.
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.data import load_prepared
+from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import (
+    TrainingConfig,
+    check_data_fits,
+    check_out_dir,
+    fit,
+    keep_trainable_in_fp32,
+    make_fabric,
+)
+from lit_llama.utils import (
+    CheckpointPaths,
+    UserError,
+    check_vocab,
+    default_precision,
+    load_model,
+    num_parameters,
+    precision_dtype,
+    resolve_checkpoint,
+    run_cli,
+    save_atomic,
+)
+
+FINAL_NAME = "lit-llama-lora-finetuned.pth"
+
+
+def setup(
+    checkpoint_dir: Optional[Path] = Path("checkpoints/lit-llama/7B"),
+    data_dir: Path = Path("data/alpaca"),
+    out_dir: Path = Path("out/lora/alpaca"),
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    learning_rate: float = 3e-4,
+    batch_size: int = 128,
+    micro_batch_size: int = 4,
+    max_iters: Optional[int] = None,
+    epochs: float = 5,
+    warmup_iters: int = 100,
+    weight_decay: float = 0.0,
+    block_size: int = 512,
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_query: bool = True,
+    lora_key: bool = False,
+    lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    eval_interval: int = 100,
+    eval_iters: int = 100,
+    save_interval: int = 100,
+    log_interval: int = 1,
+    seed: int = 1337,
+    resume: bool = False,
+    pretrained_path: Optional[Path] = None,
+    tokenizer_path: Optional[Path] = None,
+) -> None:
+    """Finetunes a pretrained checkpoint with LoRA. Defaults are the article's (7B on one 24 GB GPU).
+
+    Args:
+        checkpoint_dir: Converted base model folder (lit-llama.pth, lit_config.json, tokenizer.model).
+        data_dir: Folder with train.pt and test.pt from scripts/prepare_alpaca.py or prepare_dolly.py.
+        out_dir: Where checkpoints and logs/version_N/metrics.csv go.
+        precision: bf16-true (default on a GPU with bf16: frozen weights in bf16, LoRA weights in float32),
+            32-true (default on CPU), 16-mixed or bf16-mixed.
+        devices: GPUs (or CPU processes) per node.
+        num_nodes: Machines; multi-node runs are launched by a cluster launcher (SLURM, torchrun).
+        strategy: Fabric strategy: auto, ddp, fsdp, deepspeed.
+        learning_rate: Peak AdamW learning rate.
+        batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
+        micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
+        max_iters: Micro-batch iterations per device; default: --epochs over the training set.
+        epochs: Passes over the training set when --max_iters is not given.
+        warmup_iters: Optimizer steps of linear learning-rate warmup (then cosine decay).
+        weight_decay: AdamW weight decay.
+        block_size: Longest training sequence in tokens; longer examples are cut.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha; updates are scaled by alpha / r.
+        lora_dropout: Dropout on the LoRA branch's input.
+        lora_query: Adapt the attention query projection.
+        lora_key: Adapt the attention key projection.
+        lora_value: Adapt the attention value projection.
+        lora_projection: Adapt the attention output projection.
+        lora_mlp: Adapt the three MLP projections.
+        lora_head: Adapt the output layer.
+        eval_interval: Optimizer steps between validation (loss and one greedy sample).
+        eval_iters: Validation micro-batches per validation.
+        save_interval: Optimizer steps between checkpoints.
+        log_interval: Iterations between metric rows.
+        seed: Random seed (same seed, same losses).
+        resume: Continue the run in --out_dir from its last checkpoint.
+        pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
+        tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+    """
+    if pretrained_path is not None:
+        checkpoint_dir = None
+    paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
+    try:
+        lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
+                          lora_mlp, lora_head)
+    except ValueError as e:
+        raise UserError(str(e))
+    training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
+                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed)
+    precision = precision or default_precision()
+    dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
+    check_out_dir(out_dir, resume)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir)
+    fabric.launch(main, paths, dtype, lora, training, data_dir, out_dir, resume)
+
+
+def main(
+    fabric: L.Fabric,
+    paths: CheckpointPaths,
+    dtype: torch.dtype,
+    lora: LoRAConfig,
+    training: TrainingConfig,
+    data_dir: Path,
+    out_dir: Path,
+    resume: bool,
+) -> None:
+    fabric.seed_everything(training.seed)
+    tokenizer = Tokenizer(paths.tokenizer)
+    check_vocab(tokenizer, paths)
+    train_data, val_data = load_prepared(data_dir)
+    check_data_fits(train_data, paths.config.vocab_size, data_dir)
+
+    lora_model = load_model(paths, fabric.device, dtype, LoRALLaMA, lora=lora)
+    mark_only_lora_as_trainable(lora_model)
+    fabric.print(
+        f"LoRA r={lora.r} alpha={lora.alpha}: {num_parameters(lora_model, requires_grad=True):,} trainable of "
+        f"{num_parameters(lora_model):,} parameters"
+    )
+    model = fabric.setup_module(lora_model)
+    keep_trainable_in_fp32(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    def save_lora(path: Path) -> None:
+        if fabric.global_rank == 0:
+            save_atomic(lora_state_dict(lora_model), path)
+            fabric.print(f"Saved LoRA weights to {path}")
+
+    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume)
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(setup)

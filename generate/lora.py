@@ -1,0 +1,81 @@
+"""Generate a response with a LoRA-finetuned model: the base checkpoint plus the LoRA file.
+
+    python generate/lora.py --checkpoint_dir checkpoints/lit-llama/7B \
+        --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --prompt "Please explain how weight decay works"
+
+The instruction is wrapped in the Alpaca prompt template the model was finetuned with. By default the
+LoRA update is merged into the weights at load time (W + alpha/r * B A), so generation is as fast as the
+base model's; `--merge false` keeps the LoRA branch separate (same output, slower).
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.generation import respond_and_report
+from lit_llama.lora import LoRALLaMA, load_lora_state_dict, lora_config_from_checkpoint
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import (
+    check_vocab,
+    default_device,
+    load_model,
+    load_state_dict,
+    precision_dtype,
+    resolve_checkpoint,
+    run_cli,
+)
+
+
+def main(
+    prompt: str = "What food do llamas eat?",
+    input: str = "",
+    lora_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
+    checkpoint_dir: Optional[Path] = Path("checkpoints/lit-llama/7B"),
+    pretrained_path: Optional[Path] = None,
+    tokenizer_path: Optional[Path] = None,
+    merge: bool = True,
+    num_samples: int = 1,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    seed: int = 1234,
+    precision: Optional[str] = None,
+) -> None:
+    """Responds to an instruction with a LoRA-finetuned model.
+
+    Args:
+        prompt: The instruction.
+        input: Optional context for the instruction (the template's "### Input:" section).
+        lora_path: The LoRA checkpoint written by finetune/lora.py (its r, alpha and targets are read from it).
+        checkpoint_dir: The base model folder the LoRA weights were trained on.
+        pretrained_path: The article's / Lit-LLaMA's flag: the base weights .pth (instead of --checkpoint_dir).
+        tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+        merge: Merge the LoRA weights into the base weights at load time (no extra latency or memory).
+        num_samples: How many responses to sample.
+        max_new_tokens: The most tokens per response.
+        temperature: Sampling temperature; 0 is greedy decoding.
+        top_k: Sample only among the k most likely tokens.
+        seed: Random seed, for repeatable samples.
+        precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+    """
+    if pretrained_path is not None:
+        checkpoint_dir = None
+    paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
+    device, dtype = default_device(), precision_dtype(precision)
+    tokenizer = Tokenizer(paths.tokenizer)
+    check_vocab(tokenizer, paths)
+
+    lora_checkpoint = load_state_dict(lora_path)
+    lora = lora_config_from_checkpoint(lora_checkpoint, lora_path)
+    model = load_model(paths, device, dtype, LoRALLaMA, lora=lora)
+    load_lora_state_dict(model, lora_checkpoint, lora_path)
+    if merge:
+        model.merge_lora()
+    model.eval()
+    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
+
+
+if __name__ == "__main__":
+    run_cli(main)

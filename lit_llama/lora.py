@@ -1,0 +1,208 @@
+"""LoRA: Low-Rank Adaptation of the LLaMA model (Hu et al., 2021).
+
+A pretrained weight W stays frozen; LoRA learns a low-rank update dW = B @ A of rank r, so a linear
+layer computes  y = W x + (alpha / r) * B A x.  A starts Kaiming-uniform and B starts at zero, so a fresh
+LoRA model computes exactly what the base model does. After training, the update can be merged into W
+(W' = W + (alpha/r) B A) and the model runs as fast as the base model.
+
+Attention has one fused projection c_attn = [query | key | value]; LoRA adapts the parts chosen (by
+default query and value, as in the LoRA paper) with one (A, B) pair per part. `LoRALLaMA` is the
+base `LLaMA` with the chosen linear layers swapped for `LoRALinear`: the model code is not copied.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_llama.model import Config, LLaMA
+from lit_llama.utils import UserError
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    query: bool = True
+    key: bool = False
+    value: bool = True
+    projection: bool = False  # attention output projection
+    mlp: bool = False  # the three SwiGLU projections
+    head: bool = False  # the output layer (lm_head)
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+        if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head)):
+            raise ValueError("LoRA needs at least one target (query, key, value, projection, mlp, head)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus low-rank updates on chosen blocks of its output rows.
+
+    `parts` splits the output rows into consecutive blocks as (size, adapted) pairs: a plain layer is
+    one block; the fused q/k/v projection is three. Each adapted block i has its own A_i (r x in) and
+    B_i (size_i x r); they are stored stacked in `lora_A` and `lora_B`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        parts: Optional[Sequence[Tuple[int, bool]]] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.parts = list(parts or [(out_features, True)])
+        if sum(size for size, _ in self.parts) != out_features:
+            raise ValueError(f"parts {self.parts} do not add up to out_features {out_features}")
+        self.adapted_sizes = [size for size, adapted in self.parts if adapted]
+        self.r, self.scaling = r, alpha / r
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r * len(self.adapted_sizes), in_features))
+        self.lora_B = nn.Parameter(torch.empty(sum(self.adapted_sizes), r))
+        self.merged = False
+        self.reset_extra_parameters()
+
+    def reset_extra_parameters(self) -> None:
+        """A like nn.Linear's default init (Kaiming-uniform), B zero: the update starts at exactly 0."""
+        for A in self.lora_A.split(self.r):
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.merged:
+            return y
+        # trainable A and B may be kept in float32 while the frozen weight is bf16: compute in x's dtype
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        after_A = F.linear(self.lora_dropout(x), A).split(self.r, dim=-1)  # one (.., r) chunk per block
+        B_blocks = B.split(self.adapted_sizes)
+        return y + self._scatter([F.linear(a, b) for a, b in zip(after_A, B_blocks)], x) * self.scaling
+
+    def _scatter(self, adapted_outputs: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Places the updates of the adapted blocks among zeros for the others (e.g. [dq | 0 | dv])."""
+        if len(self.parts) == 1:
+            return adapted_outputs[0]
+        outputs, it = [], iter(adapted_outputs)
+        for size, adapted in self.parts:
+            outputs.append(next(it) if adapted else like.new_zeros(*like.shape[:-1], size))
+        return torch.cat(outputs, dim=-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha/r) * B @ A for every block (zeros for the blocks that are not adapted): out x in."""
+        deltas = [b @ a for a, b in zip(self.lora_A.split(self.r), self.lora_B.split(self.adapted_sizes))]
+        return self._scatter([d.T for d in deltas], self.weight.new_empty(self.in_features, 0)).T * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += (alpha/r) B A; the forward pass then skips the LoRA branch."""
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+
+class LoRALLaMA(LLaMA):
+    """LLaMA whose chosen linear layers carry LoRA updates. Base weights keep their names, so a base
+    checkpoint loads unchanged; the new parameters are named `lora_A` / `lora_B`."""
+
+    def __init__(self, config: Config, lora: Optional[LoRAConfig] = None) -> None:
+        super().__init__(config)
+        self.lora_config = lora = lora or LoRAConfig()
+        hs = config.head_size
+        q_size, kv_size = config.n_head * hs, config.n_query_groups * hs
+
+        def lora_linear(old: nn.Linear, parts: Optional[Sequence[Tuple[int, bool]]] = None) -> LoRALinear:
+            return LoRALinear(old.in_features, old.out_features, lora.r, lora.alpha, lora.dropout, parts)
+
+        for block in self.transformer.h:
+            if lora.query or lora.key or lora.value:
+                qkv_parts = [(q_size, lora.query), (kv_size, lora.key), (kv_size, lora.value)]
+                block.attn.c_attn = lora_linear(block.attn.c_attn, qkv_parts)
+            if lora.projection:
+                block.attn.c_proj = lora_linear(block.attn.c_proj)
+            if lora.mlp:
+                mlp = block.mlp
+                mlp.c_fc1, mlp.c_fc2, mlp.c_proj = lora_linear(mlp.c_fc1), lora_linear(mlp.c_fc2), lora_linear(mlp.c_proj)
+        if lora.head:
+            self.lm_head = lora_linear(self.lm_head)
+
+    def lora_layers(self) -> List[LoRALinear]:
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def merge_lora(self) -> None:
+        for layer in self.lora_layers():
+            layer.merge()
+
+    def unmerge_lora(self) -> None:
+        for layer in self.lora_layers():
+            layer.unmerge()
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+
+
+def lora_state_dict(model: LoRALLaMA) -> Dict[str, Any]:
+    """The LoRA tensors alone (a few MB for 7B at r=8), with the hyperparameters and the base model's
+    shape, so generate and merge scripts rebuild the same model from the file alone."""
+    tensors = {name: t.detach() for name, t in model.state_dict().items() if "lora_" in name}
+    return {
+        "lora_config": asdict(model.lora_config),
+        "base_config": asdict(model.config),
+        "state_dict": tensors,
+    }
+
+
+def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAConfig:
+    if not isinstance(checkpoint, dict) or "lora_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not a LoRA checkpoint written by finetune/lora.py (no lora_config)")
+    try:
+        return LoRAConfig(**checkpoint["lora_config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: invalid lora_config: {e}")
+
+
+def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Path) -> None:
+    """Loads LoRA tensors into a model built with the file's LoRAConfig; refuses files made for
+    another base model (other size) or with another rank / targets."""
+    base = checkpoint.get("base_config", {})
+    ours = asdict(model.config)
+    for field in ("n_layer", "n_embd", "n_head", "n_query_groups", "vocab_size"):
+        if field in base and base[field] != ours[field]:
+            raise UserError(
+                f"{path} was trained on a base model with {field}={base[field]}, this checkpoint has {ours[field]}"
+            )
+    expected = {name: t for name, t in model.state_dict().items() if "lora_" in name}
+    tensors = checkpoint["state_dict"]
+    if set(tensors) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise UserError(f"{path} does not fit this model: missing {missing[:2]}, unexpected {unexpected[:2]}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise UserError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)} "
+                "(other rank or model size?)"
+            )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            expected[name].copy_(tensor)

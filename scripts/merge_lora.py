@@ -1,0 +1,70 @@
+"""Merge LoRA weights into the base model: W' = W + (alpha / r) * B A.
+
+    python scripts/merge_lora.py --checkpoint_dir checkpoints/lit-llama/7B \
+        --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --output_dir checkpoints/lit-llama/7B-alpaca-lora
+
+The output is an ordinary checkpoint folder: generate.py, the finetune scripts and
+convert_lit_checkpoint.py take it like any converted model.
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.lora import LoRALLaMA, load_lora_state_dict, lora_config_from_checkpoint
+from lit_llama.utils import (
+    UserError,
+    check_output_dir,
+    is_extra_parameter,
+    load_model,
+    load_state_dict,
+    resolve_checkpoint,
+    run_cli,
+    save_checkpoint_dir,
+)
+
+
+def main(
+    lora_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
+    checkpoint_dir: Optional[Path] = Path("checkpoints/lit-llama/7B"),
+    output_dir: Optional[Path] = None,
+    pretrained_path: Optional[Path] = None,
+    tokenizer_path: Optional[Path] = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes base + LoRA as one checkpoint folder, in the base weights' dtype.
+
+    Args:
+        lora_path: The LoRA checkpoint written by finetune/lora.py.
+        checkpoint_dir: The base model folder the LoRA weights were trained on.
+        output_dir: Where the merged folder goes (default: <checkpoint_dir>-lora).
+        pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
+        tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+        overwrite: Replace an existing merged checkpoint in --output_dir.
+    """
+    if pretrained_path is not None:
+        checkpoint_dir = None
+    paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
+    output_dir = Path(output_dir or f"{paths.weights.parent}-lora")
+    if output_dir.resolve() == paths.weights.parent.resolve():
+        raise UserError(f"--output_dir {output_dir} is the base checkpoint's folder: choose another")
+    check_output_dir(output_dir, overwrite)
+
+    lora_checkpoint = load_state_dict(lora_path)
+    lora = lora_config_from_checkpoint(lora_checkpoint, lora_path)
+    base_dtype = next(iter(load_state_dict(paths.weights).values())).dtype
+    model = load_model(paths, torch.device("cpu"), base_dtype, LoRALLaMA, lora=lora)
+    load_lora_state_dict(model, lora_checkpoint, lora_path)
+    model.merge_lora()
+
+    merged = {name: t for name, t in model.state_dict().items() if not is_extra_parameter(name)}
+    save_checkpoint_dir(output_dir, merged, paths.config, paths.tokenizer)
+    print(f"Merged {lora_path} (r={lora.r}, alpha={lora.alpha}) into {output_dir} ({base_dtype})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
