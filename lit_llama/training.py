@@ -136,14 +136,16 @@ def fit(
     max_steps = max_iters // accumulation
     warmup_steps = min(config.warmup_iters, max_steps)
 
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # names as in the unwrapped model's state dict; None (save everything) when all weights train
+    named = list(getattr(model, "module", model).named_parameters())
+    trainable = {name for name, p in named if p.requires_grad} if not all(p.requires_grad for _, p in named) else None
     state = {"model": model, "optimizer": optimizer, "iter_num": 0, "step_count": 0, "tokens": 0}
     resume_path = out_dir / RESUME_NAME
     if resume:
         if not resume_path.exists():
             raise UserError(f"--resume: {resume_path} not found; there is no earlier run to continue")
-        fabric.load(resume_path, state, strict=False)
-        torch.set_rng_state(state.pop("rng"))
+        remainder = fabric.load(resume_path, state, strict=False)  # fills `state` in place
+        torch.set_rng_state(remainder["rng"])
         fabric.print(f"Resuming from iteration {state['iter_num']} (step {state['step_count']})")
 
     fabric.print(
@@ -242,11 +244,13 @@ def print_sample(fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer,
     fabric.print(f"Instruction: {sample['instruction']}\nResponse: {response}\n")
 
 
-def save_resume_state(fabric: L.Fabric, state: Dict[str, Any], path: Path, trainable: set) -> None:
-    """Everything `--resume` needs, written under a temporary name and renamed when complete."""
+def save_resume_state(fabric: L.Fabric, state: Dict[str, Any], path: Path, trainable: Optional[set]) -> None:
+    """Everything `--resume` needs (only the trainable weights of the model), written under a temporary
+    name and renamed when complete."""
     tmp = path.with_name(path.name + ".tmp")
     to_save = {**state, "rng": torch.get_rng_state()}
-    fabric.save(tmp, to_save, filter={"model": lambda name, _: name in trainable})
+    keep = None if trainable is None else {"model": lambda name, _: name in trainable}
+    fabric.save(tmp, to_save, filter=keep)
     fabric.barrier()
     if fabric.global_rank == 0:
         if path.is_dir():  # sharded (FSDP) checkpoints are folders
