@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["lit_llama", "lit_llama.*"]),
+    package_data={"lit_llama": ["demo_instructions.json"]},  # the offline demo's instruction set
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.2",

@@ -239,9 +239,13 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
 
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = self.scaled_dot_product_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, q_size)
         return self.c_proj(y)
+
+    def scaled_dot_product_attention(self, q, k, v, mask=None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_size)) v, causal. (LLaMA-Adapter extends this step.)"""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 class KVCache(nn.Module):

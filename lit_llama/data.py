@@ -1,0 +1,321 @@
+"""Instruction datasets: the Alpaca prompt template, loading and checking records, tokenizing them into
+training samples and writing the train/test splits that the finetune scripts read.
+
+scripts/prepare_alpaca.py and scripts/prepare_dolly.py are thin wrappers around `prepare_dataset`.
+"""
+
+import json
+import math
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import TOKENIZER_NAME, UserError, save_atomic
+
+# PyTorch's `cross_entropy(ignore_index=-100)` default: label positions with this value add no loss
+IGNORE_INDEX = -100
+
+# lit-llama's default tokenizer location, used when neither --checkpoint_dir nor --tokenizer_path is given
+DEFAULT_TOKENIZER_PATH = Path("checkpoints/lit-llama") / TOKENIZER_NAME
+
+FIELDS = ("instruction", "input", "output")
+
+
+def generate_prompt(instruction: str, input: str = "") -> str:
+    """The Stanford Alpaca prompt. The model's answer follows it directly: a training example is the tokens
+    of this prompt followed by the tokens of the output (see `prepare_sample`)."""
+    if input:
+        return (
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+        )
+    return (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        f"### Instruction:\n{instruction}\n\n### Response:"
+    )
+
+
+def load_records(path: Path, field_map: Optional[Dict[str, str]] = None) -> List[Dict[str, str]]:
+    """Reads an instruction dataset: a JSON list of objects, or JSON Lines (one object per line, like Dolly).
+
+    Args:
+        path: The .json or .jsonl file.
+        field_map: Our field name -> the file's field name, for files that name them differently
+            (Dolly: {"input": "context", "output": "response"}). Unmapped fields keep their own name.
+
+    Returns a list of {"instruction", "input", "output"} dicts; "input" is optional in the file ("" if absent).
+    """
+    path = Path(path)
+    names = {field: (field_map or {}).get(field, field) for field in FIELDS}
+    if not path.is_file():
+        raise UserError(f"data file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: also when an editor wrote a byte-order mark
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e})")
+
+    # (record, where) pairs; `where` says how to find the record in the file
+    if path.suffix == ".jsonl":
+        located = _parse_json_lines(path, text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            try:  # several objects, one per line, is JSON Lines in a file named .json
+                located = _parse_json_lines(path, text)
+            except UserError:
+                raise UserError(f"{path} is not valid JSON: {e}") from None
+        else:
+            if not isinstance(data, list):
+                raise UserError(f"{path}: expected a JSON list of records, got {_json_type(data)}")
+            located = [(record, f"record {i}") for i, record in enumerate(data)]
+    if not located:
+        raise UserError(f"{path} holds no records")
+
+    records = []
+    for record, where in located:
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: {where} is {_json_type(record)}, expected an object")
+        checked = {}
+        for field, name in names.items():
+            value = record.get(name)
+            if field == "input" and value is None:
+                value = ""  # the input is optional
+            if not isinstance(value, str):
+                problem = "is missing" if name not in record else f"is {_json_type(value)}"
+                raise UserError(f"{path}: {where}: field {name!r} {problem}, expected a string")
+            if field != "input" and not value.strip():
+                raise UserError(f"{path}: {where}: field {name!r} is empty, expected a non-empty string")
+            checked[field] = value
+        records.append(checked)
+    return records
+
+
+def _json_type(value: Any) -> str:
+    """How JSON names the type of a parsed value, for error messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
+    return names.get(type(value), "a number" if isinstance(value, float) else "null")
+
+
+def _parse_json_lines(path: Path, text: str) -> List[Tuple[Any, str]]:
+    located = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"record {len(located)} (line {line_number})"
+        try:
+            located.append((json.loads(line), where))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: {where} is not valid JSON: {e}")
+    return located
+
+
+def prepare_sample(
+    record: Dict[str, str], tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True
+) -> Dict[str, Any]:
+    """Tokenizes one record into a training sample.
+
+    input_ids = bos + prompt + output + eos, cut to `max_seq_length`. The prompt and the output are encoded
+    separately and concatenated, not encoded as one string: SentencePiece could merge characters across the
+    boundary into one token, and then no token count could say where the prompt ends. This way the prompt's
+    tokens are exactly those the model sees at inference (`input_ids_no_response`), and the mask is exact.
+    (SentencePiece starts the output with its word-boundary piece, so the model reads "### Response: <output>".)
+
+    Returns the record's texts (kept for evaluation prompts) and:
+        input_ids: LongTensor of the full example.
+        input_ids_no_response: LongTensor of bos + prompt, what to generate from.
+        labels: input_ids with the prompt's positions set to IGNORE_INDEX when `mask_inputs`, so that only
+            the response is learned (the training loop shifts labels by one against the logits).
+        truncated: whether the example was longer than `max_seq_length`.
+        num_tokens: the example's length before truncation.
+    """
+    prompt_ids = tokenizer.encode(generate_prompt(record["instruction"], record["input"]), bos=True, eos=False)
+    output_ids = tokenizer.encode(record["output"], bos=False, eos=True)
+    full_ids = torch.cat([prompt_ids, output_ids])
+    input_ids = full_ids[:max_seq_length].clone()  # clone: do not keep the untruncated tensor alive in the save
+    labels = input_ids.clone()
+    if mask_inputs:
+        labels[: len(prompt_ids)] = IGNORE_INDEX
+    return {
+        "instruction": record["instruction"],
+        "input": record["input"],
+        "output": record["output"],
+        "input_ids": input_ids,
+        "input_ids_no_response": prompt_ids[:max_seq_length].clone(),
+        "labels": labels,
+        "truncated": len(full_ids) > max_seq_length,
+        "num_tokens": len(full_ids),
+    }
+
+
+def resolve_test_split_size(requested: Optional[int], num_records: int, default: int) -> int:
+    """`requested` when given; otherwise `default`, or 10% (at least 1) of a dataset too small for it
+    (fewer than twice `default` records, e.g. a local sample), so that most records still go to training."""
+    if requested is not None:
+        return requested
+    if num_records >= 2 * default:
+        return default
+    size = max(1, num_records // 10)
+    print(f"note: only {num_records} records, so the test split is 10% ({size}) instead of {default}", file=sys.stderr)
+    return size
+
+
+def prepare_dataset(
+    records: Sequence[Dict[str, str]],
+    tokenizer: Tokenizer,
+    destination_path: Path,
+    test_split_size: int,
+    seed: int,
+    max_seq_length: int,
+    mask_inputs: bool = True,
+    extra_config: Optional[Dict[str, Any]] = None,
+) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Tokenizes `records`, splits them at random (repeatably, by `seed`) and writes `train.pt`, `test.pt`
+    (lists of `prepare_sample` dicts) and `prepare_config.json` (the settings used) to `destination_path`.
+    `extra_config` is recorded in the config too (where the data and the tokenizer came from; paths are
+    written resolved). Prints the split sizes, how many examples were truncated and their token lengths.
+    Returns (train, test)."""
+    destination_path = Path(destination_path)
+    if max_seq_length < 1:
+        raise UserError(f"--max_seq_length must be positive, got {max_seq_length}")
+    samples = [prepare_sample(r, tokenizer, max_seq_length, mask_inputs) for r in tqdm(records, desc="tokenizing")]
+
+    lengths = sorted(s["num_tokens"] for s in samples)  # of every record: what --max_seq_length to choose
+
+    # a prompt that fills max_seq_length leaves no response token to learn: all labels ignored, a NaN loss
+    learnable = [s for s in samples if (s["labels"] != IGNORE_INDEX).any()]
+    num_skipped = len(samples) - len(learnable)
+    if not learnable:
+        raise UserError(f"every record's prompt alone fills --max_seq_length {max_seq_length}: raise it")
+    if num_skipped:
+        print(f"note: skipped {num_skipped} records whose prompt alone fills --max_seq_length", file=sys.stderr)
+    samples = learnable
+    if not 1 <= test_split_size < len(samples):
+        raise UserError(
+            f"--test_split_size {test_split_size} must be at least 1 and less than the number of records "
+            f"({len(samples)}), so that both splits get some"
+        )
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(samples), generator=generator).tolist()
+    test = [samples[i] for i in order[:test_split_size]]
+    train = [samples[i] for i in order[test_split_size:]]
+
+    percentiles = {f"p{p}": lengths[max(0, math.ceil(p / 100 * len(lengths)) - 1)] for p in (50, 90, 99)}
+    percentiles["max"] = lengths[-1]
+    truncated = sum(s["truncated"] for s in samples)
+    config = {
+        **{k: str(v.resolve()) if isinstance(v, Path) else v for k, v in (extra_config or {}).items()},
+        "max_seq_length": max_seq_length,
+        "mask_inputs": mask_inputs,
+        "seed": seed,
+        "num_records": len(records),
+        "num_skipped": num_skipped,
+        "num_train": len(train),
+        "num_test": len(test),
+        "num_truncated": truncated,
+        "token_lengths": percentiles,
+    }
+
+    outputs = {"train.pt": train, "test.pt": test}
+    for name in [*outputs, "prepare_config.json"]:
+        if (destination_path / name).exists():
+            print(f"note: replacing the existing {destination_path / name}", file=sys.stderr)
+    for name, split in outputs.items():
+        save_atomic(split, destination_path / name)
+    _write_text_atomic(json.dumps(config, indent=2) + "\n", destination_path / "prepare_config.json")
+
+    print(f"train: {len(train)} samples, test: {len(test)} samples -> {destination_path}")
+    print(f"truncated to --max_seq_length {max_seq_length}: {truncated} of {len(samples)}")
+    print("tokens per record (before truncation): " + ", ".join(f"{k} {v}" for k, v in percentiles.items()))
+    return train, test
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    """Like `save_atomic`, for a text file: never half a file, an old one replaced only by a complete one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_prepared(data_dir: Path) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Reads the (train, test) sample lists written by `prepare_dataset`."""
+    data_dir = Path(data_dir)
+    hint = "run scripts/prepare_alpaca.py (or prepare_dolly.py) first"
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist: {hint}")
+    paths = [data_dir / "train.pt", data_dir / "test.pt"]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path} not found: {hint}")
+    splits = []
+    for path in paths:
+        try:
+            split = torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+            raise UserError(f"{path} is not a readable prepared dataset ({type(e).__name__}: {e}): {hint}")
+        if not isinstance(split, list) or not split or not isinstance(split[0], dict) or "input_ids" not in split[0]:
+            raise UserError(f"{path} does not hold a list of samples: {hint}")
+        splits.append(split)
+    return splits[0], splits[1]
+
+
+def load_tokenizer(
+    checkpoint_dir: Optional[Path] = None, tokenizer_path: Optional[Path] = None
+) -> Tuple[Tokenizer, Path]:
+    """The tokenizer of `--tokenizer_path`, or `tokenizer.model` in `--checkpoint_dir` (or in its parent folder,
+    lit-llama's layout), or lit-llama's default checkpoints/lit-llama/tokenizer.model. No weights are needed."""
+    if tokenizer_path is None and checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        if not checkpoint_dir.is_dir():
+            raise UserError(f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory")
+        tokenizer_path = checkpoint_dir / TOKENIZER_NAME
+        if not tokenizer_path.is_file() and (checkpoint_dir.parent / TOKENIZER_NAME).is_file():
+            tokenizer_path = checkpoint_dir.parent / TOKENIZER_NAME
+    elif tokenizer_path is None:
+        if not DEFAULT_TOKENIZER_PATH.is_file():
+            raise UserError("give --checkpoint_dir (a folder with tokenizer.model) or --tokenizer_path")
+        tokenizer_path = DEFAULT_TOKENIZER_PATH
+    tokenizer_path = Path(tokenizer_path)
+    if not tokenizer_path.is_file():
+        raise UserError(f"tokenizer {tokenizer_path} not found")
+    try:
+        return Tokenizer(tokenizer_path), tokenizer_path
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{tokenizer_path} is not a SentencePiece tokenizer ({e})")
+
+
+def download_if_missing(url: str, path: Path, timeout: float = 30.0) -> Path:
+    """Downloads `url` to `path` unless that file exists. Writes to a temporary name first, so an interrupted
+    download is never taken for the data."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:  # HTTPError and timeouts are subclasses
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise UserError(
+            f"could not download {url} ({reason}): this step needs network access; "
+            "pass --data_file to use a local copy"
+        )
+    os.replace(tmp, path)
+    return path
