@@ -134,8 +134,12 @@ class LLaMA(nn.Module):
         self.rope_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.mask_cache: Optional[torch.Tensor] = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, output_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) positions when decoding with the KV cache, else None.
+        output_mask: (B, T) bool; if given, logits only for those positions, flattened to (N, vocab_size)
+        (training skips the prompt positions it does not score: less compute and memory in the output layer).
 
         Returns logits of shape (B, T, vocab_size).
         """
@@ -154,6 +158,8 @@ class LLaMA(nn.Module):
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
+        if output_mask is not None:
+            x = x[output_mask]
         x = self.transformer.ln_f(x)
         return self.lm_head(x)
 
@@ -298,7 +304,7 @@ def build_rope_cache(
 
     Rotary embeddings in the "rotate half" layout of Hugging Face checkpoints: dimension i is paired
     with dimension i + head_size/2. (Meta's original checkpoints pair neighbours instead; their q/k
-    weights are permuted on conversion, see scripts/convert_checkpoint.py.)
+    weights are permuted on conversion, see `permute_meta` in lit_llama/convert.py.)
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)

@@ -89,11 +89,14 @@ def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor,
     return input_ids, label_ids
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over the scored (non-ignored) positions."""
-    logits, targets = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+def compute_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the scored positions. Position t predicts token t+1, and only the
+    positions whose next token is scored (the response, with --mask_inputs) go through the output layer."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    logits = model(input_ids, output_mask=F.pad(scored, (0, 1), value=False))  # (N, vocab)
+    total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+    return total / scored.sum().clamp(min=1)
 
 
 def get_lr(step: int, learning_rate: float, warmup_steps: int, max_steps: int) -> float:
@@ -171,7 +174,7 @@ def fit(
 
         is_accumulating = (iter_num + 1) % accumulation != 0
         with fabric.no_backward_sync(model, enabled=is_accumulating):
-            loss = loss_fn(model(input_ids), labels)
+            loss = compute_loss(model, input_ids, labels)
             fabric.backward(loss / accumulation)
         batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
         window_tokens += batch_tokens
@@ -223,19 +226,22 @@ def fit(
 
 @torch.no_grad()
 def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Sample], config: TrainingConfig) -> float:
-    """Mean loss over the first `eval_iters` micro-batches of the validation set (the same every time)."""
+    """Mean loss over the first `eval_iters` micro-batches of the validation set (the same every time),
+    shared among the devices: the same value on any number of them."""
     model.eval()
-    losses = []
     batch, world = config.micro_batch_size, fabric.world_size
-    for k in range(fabric.global_rank, config.eval_iters, world):
-        chunk = val_data[k * batch : (k + 1) * batch]
-        if not chunk:
-            break
-        input_ids, labels = fabric.to_device(pad_batch(chunk, config.max_seq_length))
-        losses.append(loss_fn(model(input_ids), labels))
+    num_batches = min(config.eval_iters, math.ceil(len(val_data) / batch))
+    total = torch.zeros(2, device=fabric.device)  # sum of batch losses, number of batches
+    # every device runs as many forward passes (under FSDP they are collective): spare ones are not counted
+    for k in range(fabric.global_rank, math.ceil(num_batches / world) * world, world):
+        start = k * batch if k < num_batches else 0
+        input_ids, labels = fabric.to_device(pad_batch(val_data[start : start + batch], config.max_seq_length))
+        loss = compute_loss(model, input_ids, labels)
+        if k < num_batches:
+            total += torch.stack([loss, torch.ones_like(loss)])
     model.train()
-    local = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=fabric.device)
-    return fabric.all_reduce(local, reduce_op="mean").item()
+    total = fabric.all_reduce(total, reduce_op="sum")
+    return (total[0] / total[1]).item()
 
 
 def print_sample(fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer, sample: Sample) -> None:

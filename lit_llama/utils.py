@@ -175,20 +175,20 @@ def is_extra_parameter(name: str) -> bool:
     return "lora_" in name or "adapter_" in name
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary name, then rename: an interrupted save never leaves half a file,
-    and an existing file is only replaced by a complete one."""
+def save_atomic(obj: Any, path: Path, save: Callable[[Any, Path], None] = torch.save) -> None:
+    """`save(obj, temporary name)`, then rename: an interrupted save never leaves half a file, and an
+    existing file is only replaced by a complete one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    save(obj, tmp)
     os.replace(tmp, path)
 
 
-def check_output_dir(output_dir: Path, overwrite: bool = False) -> None:
+def check_output_dir(output_dir: Path, overwrite: bool = False, filename: str = WEIGHTS_NAME) -> None:
     """Refuses to replace an existing checkpoint unless asked to."""
-    if (Path(output_dir) / WEIGHTS_NAME).exists() and not overwrite:
-        raise UserError(f"{Path(output_dir) / WEIGHTS_NAME} already exists; pass --overwrite true to replace it")
+    if (Path(output_dir) / filename).exists() and not overwrite:
+        raise UserError(f"{Path(output_dir) / filename} already exists; pass --overwrite true to replace it")
 
 
 def save_checkpoint_dir(
@@ -196,11 +196,14 @@ def save_checkpoint_dir(
 ) -> None:
     """Writes a self-describing checkpoint folder: weights, model config and tokenizer."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(state_dict, output_dir / WEIGHTS_NAME)
     config.to_json(output_dir / CONFIG_NAME)
-    if Path(tokenizer_path).resolve() != (output_dir / TOKENIZER_NAME).resolve():
-        shutil.copyfile(tokenizer_path, output_dir / TOKENIZER_NAME)
+    copy_tokenizer(tokenizer_path, output_dir)
+
+
+def copy_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
+    if Path(tokenizer_path).resolve() != (Path(output_dir) / TOKENIZER_NAME).resolve():  # may be the same folder
+        shutil.copyfile(tokenizer_path, Path(output_dir) / TOKENIZER_NAME)
 
 
 PRECISION_DTYPES = {

@@ -1,7 +1,6 @@
 import csv
 import importlib.util
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -272,3 +271,17 @@ def test_bad_input(tiny_checkpoint_dir, prepared, tmp_path):
     proc = run_script("generate/lora.py", "--checkpoint_dir", tiny_checkpoint_dir, "--lora_path",
                       tiny_checkpoint_dir / "lit-llama.pth", check=False)
     assert_clean_error(proc, "not a LoRA checkpoint")
+
+
+def test_loss_scores_only_response_positions():
+    """compute_loss sends only the scored positions through the output layer; the loss equals plain
+    cross-entropy over the full logits."""
+    torch.manual_seed(0)
+    model = LLaMA.from_name("tiny")
+    input_ids = torch.randint(0, 512, (2, 10))
+    labels = input_ids.clone()
+    labels[0, :6] = training.IGNORE_INDEX  # a prompt of 6 tokens
+    labels[1, 8:] = training.IGNORE_INDEX  # padding
+    logits = model(input_ids)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(training.compute_loss(model, input_ids, labels), expected)

@@ -1,0 +1,190 @@
+"""Weight-name mappings between our checkpoints, Hugging Face `LlamaForCausalLM` and Meta's original release.
+
+Used by scripts/convert_hf_checkpoint.py (HF -> lit), scripts/convert_checkpoint.py (Meta -> lit) and
+scripts/convert_lit_checkpoint.py (lit -> HF). Meta's names are first renamed to Hugging Face's (with the
+rotary permutation of q/k), so HF -> lit is the one mapping every converter shares.
+
+The mappings work on a stream of `(name, tensor)` pairs: a converter reads one tensor at a time and never
+holds more than the tensors it has already converted, plus at most one layer's q/k/v waiting to be fused.
+"""
+
+import math
+import re
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+from lit_llama.model import Config, LLaMA
+from lit_llama.utils import UserError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Hugging Face name -> our name; "{}" is the layer index
+HF_TO_LIT = {
+    "model.embed_tokens.weight": "transformer.wte.weight",
+    "model.layers.{}.input_layernorm.weight": "transformer.h.{}.rms_1.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "transformer.h.{}.attn.c_attn.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "transformer.h.{}.attn.c_attn.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "transformer.h.{}.attn.c_attn.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "transformer.h.{}.attn.c_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "transformer.h.{}.rms_2.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "transformer.h.{}.mlp.c_fc1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "transformer.h.{}.mlp.c_fc2.weight",
+    "model.layers.{}.mlp.down_proj.weight": "transformer.h.{}.mlp.c_proj.weight",
+    "model.norm.weight": "transformer.ln_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# the three HF projections fused, in this order, into our c_attn
+QKV = ("q_proj", "k_proj", "v_proj")
+LIT_TO_HF = {lit: hf for hf, lit in HF_TO_LIT.items() if not any(p in hf for p in QKV)}
+
+# Meta's original name -> Hugging Face name (w1 is the gate, w3 the up projection)
+META_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Meta's model-parallel shards split each weight along the dimension its parallel layer is split on;
+# weights not listed (the norms) are replicated in every shard
+META_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "output": 0}
+
+# buffers some checkpoints carry that are recomputed, not learned: skipped on conversion
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")
+
+
+def is_ignored(name: str) -> bool:
+    return name.endswith(IGNORED_SUFFIXES)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _rename(name: str, table: Dict[str, str]) -> Optional[str]:
+    """Looks `name` up in `table` with its layer index (the first number) replaced by "{}"."""
+    match = re.search(r"\.(\d+)\.", name)
+    if match is None:
+        return table.get(name)
+    template = name[: match.start()] + ".{}." + name[match.end() :]
+    target = table.get(template)
+    return target.format(match.group(1)) if target is not None else None
+
+
+# --- Hugging Face <-> lit --------------------------------------------------------------------
+
+
+def hf_to_lit(tensors: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Renames a stream of Hugging Face tensors to ours. A layer's q/k/v projections are held until all
+    three have arrived, then fused into one c_attn weight (rows [q | k | v])."""
+    pending: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        lit_name = _rename(name, HF_TO_LIT)
+        if lit_name is None:
+            raise KeyError(f"unexpected tensor {name!r}")
+        part = next((p for p in QKV if f".{p}." in name), None)
+        if part is None:
+            yield lit_name, tensor
+            continue
+        parts = pending.setdefault(lit_name, {})
+        parts[part] = tensor
+        if len(parts) == len(QKV):
+            del pending[lit_name]
+            yield lit_name, concat_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"])
+
+
+def lit_to_hf(tensors: Iterable[Tuple[str, torch.Tensor]], config: Config) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Renames a stream of our tensors to Hugging Face's, splitting c_attn back into q/k/v projections."""
+    for name, tensor in tensors:
+        if name.endswith(".attn.c_attn.weight"):
+            layer = name.split(".")[2]  # transformer.h.{i}.attn.c_attn.weight
+            for part, weight in zip(QKV, split_qkv(tensor, config)):
+                yield f"model.layers.{layer}.self_attn.{part}.weight", weight
+            continue
+        hf_name = _rename(name, LIT_TO_HF)
+        if hf_name is None:
+            raise KeyError(f"unexpected tensor {name!r}")
+        yield hf_name, tensor
+
+
+def concat_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.cat((q, k, v), dim=0)
+
+
+def split_qkv(c_attn: torch.Tensor, config: Config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_size, kv_size = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    q, k, v = c_attn.split((q_size, kv_size, kv_size), dim=0)
+    return q, k, v
+
+
+def expected_hf_shapes(config: Config) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every weight a Hugging Face checkpoint of this config has (no memory allocated)."""
+    with torch.device("meta"):
+        state_dict = LLaMA(config).state_dict()
+    return {name: tuple(t.shape) for name, t in lit_to_hf(state_dict.items(), config)}
+
+
+def check_tensor(name: str, tensor: torch.Tensor, expected: Dict[str, Tuple[int, ...]], source: Path) -> None:
+    """A weight read from `source` must be one the config expects, with the expected shape."""
+    if name not in expected:
+        raise UserError(f"{source}: unexpected tensor {name!r}; is it a LLaMA-architecture checkpoint?")
+    if tuple(tensor.shape) != expected[name]:
+        raise UserError(
+            f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model config expects {expected[name]}"
+        )
+
+
+def check_complete(seen: Iterable[str], expected: Dict[str, Tuple[int, ...]], source: Path) -> None:
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        raise UserError(f"{source}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+
+
+# --- Meta's original checkpoints ---------------------------------------------------------------
+
+
+def meta_to_hf_name(name: str) -> Optional[str]:
+    return _rename(name, META_TO_HF)
+
+
+def permute_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's q/k weights -> Hugging Face's. Meta's rotary embedding rotates neighbouring pairs of a head's
+    dimensions (0,1), (2,3), ...; HF's (and ours) rotates dimension i with i + head_size/2. Reordering the
+    output rows of wq/wk (as transformers' convert_llama_weights_to_hf.py does) makes them equivalent."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def unpermute_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_meta`: Hugging Face's q/k weights -> Meta's."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def merge_meta_shards(name: str, shards: List[torch.Tensor]) -> torch.Tensor:
+    """Joins the pieces of one weight from Meta's model-parallel files (consolidated.00.pth, .01, ...)."""
+    if len(shards) == 1:
+        return shards[0]
+    dim = META_SHARD_DIM.get(name.split(".")[-2])  # "layers.0.attention.wq.weight" -> "wq"
+    if dim is None:  # replicated: every shard holds the same norm weights
+        return shards[0]
+    return torch.cat(shards, dim=dim)
+
+
+def meta_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
+    """The SwiGLU hidden size exactly as Meta's model.py computes it from params.json."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)

@@ -1,0 +1,147 @@
+"""Convert a Hugging Face LLaMA checkpoint (OpenLLaMA, Llama 2 "-hf", TinyLlama, ...) to a lit-llama checkpoint.
+
+    python scripts/download.py --repo_id openlm-research/open_llama_3b
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/hf/openlm-research/open_llama_3b
+
+writes checkpoints/lit-llama/open_llama_3b/{lit-llama.pth, lit_config.json, tokenizer.model}.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.convert import (
+    check_complete,
+    check_tensor,
+    expected_hf_shapes,
+    hf_to_lit,
+    is_ignored,
+    parse_dtype,
+)
+from lit_llama.model import Config
+from lit_llama.utils import (
+    TOKENIZER_NAME,
+    UserError,
+    check_output_dir,
+    load_state_dict,
+    run_cli,
+    save_checkpoint_dir,
+)
+
+
+def convert(
+    checkpoint_dir: Path = Path("checkpoints/hf/openlm-research/open_llama_3b"),
+    output_dir: Optional[Path] = None,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+) -> None:
+    """Converts a Hugging Face LlamaForCausalLM checkpoint to lit-llama.pth + lit_config.json + tokenizer.model.
+
+    Args:
+        checkpoint_dir: The Hugging Face model folder: config.json, tokenizer.model and the weights as
+            *.safetensors or pytorch_model*.bin, in one file or sharded with its *.index.json.
+        output_dir: Where to write the converted checkpoint (default: checkpoints/lit-llama/<checkpoint_dir name>).
+        dtype: The precision to store the weights in: bfloat16, float16 or float32.
+        overwrite: Replace an existing converted checkpoint in output_dir.
+    """
+    torch_dtype = parse_dtype(dtype)
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(
+            f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory "
+            "(download a model with scripts/download.py)"
+        )
+    output_dir = Path(output_dir) if output_dir is not None else Path("checkpoints/lit-llama") / checkpoint_dir.name
+    check_output_dir(output_dir, overwrite)
+
+    config = read_hf_config(checkpoint_dir / "config.json")
+    tokenizer = checkpoint_dir / TOKENIZER_NAME
+    if not tokenizer.is_file():
+        raise UserError(f"{checkpoint_dir} has no {TOKENIZER_NAME} (the SentencePiece tokenizer LLaMA models use)")
+    files = weight_files(checkpoint_dir)
+
+    expected = expected_hf_shapes(config)
+    seen: List[str] = []
+
+    def checked_tensors() -> Iterator[Tuple[str, torch.Tensor]]:
+        with tqdm(total=len(expected), desc="Converting", unit="tensor") as bar:
+            for path in files:
+                for name, tensor in read_tensors(path):
+                    if is_ignored(name):
+                        continue
+                    check_tensor(name, tensor, expected, path)
+                    seen.append(name)
+                    bar.update()
+                    # copy=True: a fresh tensor in the target dtype, never a view into a memory-mapped file
+                    yield name, tensor.to(dtype=torch_dtype, copy=True)
+
+    state_dict = dict(hf_to_lit(checked_tensors()))
+    check_complete(seen, expected, checkpoint_dir)
+
+    save_checkpoint_dir(output_dir, state_dict, config, tokenizer)
+    n_params = sum(t.numel() for t in state_dict.values())
+    print(f"Converted {n_params:,} parameters ({dtype}) to {output_dir}")
+
+
+def read_hf_config(path: Path) -> Config:
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {path.parent} a Hugging Face model folder?")
+    try:
+        hf_config = json.loads(path.read_text())
+        return Config.from_hf_config(hf_config)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}")
+    except KeyError as e:
+        raise UserError(f"{path} lacks the field {e}")
+    except ValueError as e:
+        raise UserError(f"{path}: {e}")
+
+
+def weight_files(checkpoint_dir: Path) -> List[Path]:
+    """The weight files, safetensors preferred; a sharded checkpoint's files are listed in its index."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            try:
+                weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index} is not a valid index file (expected a 'weight_map'): {e}")
+            files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"{index} lists {missing[0].name}, which is not in {checkpoint_dir}")
+            return files
+    files = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(checkpoint_dir.glob("pytorch_model*.bin"))
+    if not files:
+        hint = " (Meta's original format: use scripts/convert_checkpoint.py)" if (
+            checkpoint_dir / "params.json"
+        ).is_file() else ""
+        raise UserError(f"{checkpoint_dir} has no weights (*.safetensors or pytorch_model*.bin){hint}")
+    return files
+
+
+def read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yields a file's tensors one at a time, reading each from disk only when it is asked for."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"{path} is not a readable safetensors file: {e}")
+    else:
+        state_dict = load_state_dict(path)  # memory-mapped
+        for name in list(state_dict):
+            yield name, state_dict.pop(name)
+
+
+if __name__ == "__main__":
+    run_cli(convert)

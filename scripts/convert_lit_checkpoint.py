@@ -1,0 +1,113 @@
+"""Convert a lit-llama checkpoint back to a Hugging Face folder that transformers' LlamaForCausalLM loads.
+
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b
+
+writes checkpoints/hf-export/open_llama_3b/{model.safetensors, config.json, tokenizer.model}; then
+`LlamaForCausalLM.from_pretrained("checkpoints/hf-export/open_llama_3b")`. Merge LoRA or adapter weights
+into the base model first: only base LLaMA weights have a Hugging Face name.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.convert import QKV, lit_to_hf
+from lit_llama.model import Config, LLaMA
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import (
+    UserError,
+    check_output_dir,
+    check_state_dict_fits,
+    copy_tokenizer,
+    is_extra_parameter,
+    load_state_dict,
+    resolve_checkpoint,
+    run_cli,
+    save_atomic,
+)
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def convert(
+    checkpoint_dir: Path = Path("checkpoints/lit-llama/open_llama_3b"),
+    output_dir: Optional[Path] = None,
+    overwrite: bool = False,
+) -> None:
+    """Converts a lit-llama checkpoint to model.safetensors + config.json + tokenizer.model.
+
+    Args:
+        checkpoint_dir: The lit-llama checkpoint folder (lit-llama.pth, lit_config.json, tokenizer.model).
+        output_dir: Where to write the Hugging Face folder (default: checkpoints/hf-export/<checkpoint_dir name>).
+        overwrite: Replace an existing model.safetensors in output_dir.
+    """
+    paths = resolve_checkpoint(checkpoint_dir)
+    if output_dir is None:
+        output_dir = Path("checkpoints/hf-export") / Path(checkpoint_dir).name
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite, WEIGHTS_FILE)
+    config = paths.config
+
+    lit_state_dict = load_state_dict(paths.weights)  # memory-mapped
+    extra = [name for name in lit_state_dict if is_extra_parameter(name)]
+    if extra:
+        raise UserError(
+            f"{paths.weights} holds LoRA or adapter weights ({extra[0]!r}), which have no Hugging Face name: "
+            "merge them into the base model first"
+        )
+    with torch.device("meta"):
+        check_state_dict_fits(LLaMA(config), lit_state_dict, paths.weights)
+
+    hf_state_dict: Dict[str, torch.Tensor] = {}
+    for name, tensor in lit_to_hf(tqdm(lit_state_dict.items(), desc="Converting", unit="tensor"), config):
+        # q/k/v are views of one fused weight, but safetensors wants each tensor in its own memory
+        hf_state_dict[name] = tensor.clone() if name.split(".")[-2] in QKV else tensor
+    dtype = hf_state_dict["lm_head.weight"].dtype
+
+    tokenizer = Tokenizer(paths.tokenizer)
+    save_atomic(hf_state_dict, output_dir / WEIGHTS_FILE, lambda sd, tmp: save_file(sd, str(tmp), {"format": "pt"}))
+    hf_config = hf_config_from(config, dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    (output_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    copy_tokenizer(paths.tokenizer, output_dir)
+    n_params = sum(t.numel() for t in hf_state_dict.values())
+    print(f"Converted {n_params:,} parameters ({str(dtype).removeprefix('torch.')}) to {output_dir}")
+
+
+def hf_config_from(config: Config, dtype: torch.dtype, bos_token_id: int, eos_token_id: int) -> Dict[str, Any]:
+    """transformers' LlamaConfig fields for our Config, readable by transformers 4 and 5."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "head_dim": config.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        # transformers < 5 reads rope_theta, transformers >= 5 rope_parameters
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+if __name__ == "__main__":
+    run_cli(convert)

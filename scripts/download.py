@@ -1,0 +1,105 @@
+"""Download a LLaMA-architecture model from the Hugging Face hub: only what the converter needs.
+
+    python scripts/download.py --repo_id openlm-research/open_llama_3b
+    python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf --access_token hf_...  # gated: accept its licence
+
+writes checkpoints/hf/<repo_id>/ (config.json, tokenizer.model, the weights); then run
+scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/hf/<repo_id>.
+"""
+
+import os
+import sys
+from contextlib import contextmanager
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.utils import UserError, run_cli
+
+# the converter reads these; tokenizer.model is LLaMA's SentencePiece tokenizer
+REQUIRED_FILES = ("config.json", "tokenizer.model")
+# safetensors preferred (faster, safer to load); pickled .bin only where a repository has nothing else
+WEIGHT_PATTERNS = (
+    ("model*.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model*.bin", "pytorch_model.bin.index.json"),
+)
+
+
+def main(
+    repo_id: str = "openlm-research/open_llama_3b",
+    access_token: Optional[str] = None,
+    checkpoint_dir: Path = Path("checkpoints/hf"),
+) -> None:
+    """Downloads config.json, tokenizer.model and the weights of a Hugging Face model repository.
+
+    Args:
+        repo_id: The repository, e.g. openlm-research/open_llama_3b, meta-llama/Llama-2-7b-hf or
+            TinyLlama/TinyLlama-1.1B-Chat-v1.0.
+        access_token: A Hugging Face token, needed for gated models such as Meta's Llama 2 (default: the
+            HF_TOKEN environment variable).
+        checkpoint_dir: The folder to download into; the files go to <checkpoint_dir>/<repo_id>.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    token = access_token or os.getenv("HF_TOKEN")
+    local_dir = Path(checkpoint_dir) / repo_id
+    with hub_errors(repo_id):
+        files = HfApi().list_repo_files(repo_id, token=token)
+    patterns = download_patterns(repo_id, files)
+    with hub_errors(repo_id):
+        snapshot_download(repo_id, local_dir=local_dir, allow_patterns=patterns, token=token)
+    print(f"Downloaded {repo_id} to {local_dir}")
+    print(f"Next: python scripts/convert_hf_checkpoint.py --checkpoint_dir {local_dir}")
+
+
+def download_patterns(repo_id: str, files: List[str]) -> List[str]:
+    """Decides from the repository's file list what to fetch, before downloading gigabytes of it."""
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise UserError(
+                f"{repo_id} has no {name}: it is not a LLaMA-architecture model with a SentencePiece tokenizer"
+            )
+    for weights, index in WEIGHT_PATTERNS:
+        if any(fnmatch(f, weights) for f in files):
+            return [*REQUIRED_FILES, weights, index]
+    raise UserError(f"{repo_id} has no weights in Hugging Face format (model*.safetensors or pytorch_model*.bin)")
+
+
+@contextmanager
+def hub_errors(repo_id: str) -> Iterator[None]:
+    """Turns the hub's exceptions into one line: unreachable, gated, not found or refused."""
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        yield
+    except GatedRepoError:  # before RepositoryNotFoundError, its parent class
+        raise UserError(
+            f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} and pass "
+            "--access_token (or set HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} not found on the Hugging Face hub (private? pass --access_token)") from None
+    except HfHubHTTPError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the Hugging Face hub refused to give {repo_id}: {reason}") from None
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a network failure
+        if not is_network_error(e):
+            raise
+        offline = os.getenv("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        raise UserError(
+            f"could not reach the Hugging Face hub to download {repo_id}: this step needs network access"
+            + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        ) from None
+
+
+def is_network_error(exc: BaseException) -> bool:
+    # OfflineModeIsEnabled and requests' errors are OSErrors; newer huggingface_hub versions use httpx,
+    # whose errors are not, so those are recognised by the module that defines them
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError) or module in ("requests", "urllib3", "httpx", "httpx2", "httpcore")
+
+
+if __name__ == "__main__":
+    run_cli(main)
