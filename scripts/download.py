@@ -45,6 +45,7 @@ def main(
 
     token = access_token or os.getenv("HF_TOKEN")
     local_dir = Path(checkpoint_dir) / repo_id
+    check_hub_resolves(repo_id)
     with hub_errors(repo_id):
         files = HfApi().list_repo_files(repo_id, token=token)
     patterns = download_patterns(repo_id, files)
@@ -91,6 +92,23 @@ def hub_errors(repo_id: str) -> Iterator[None]:
         raise UserError(
             f"could not reach the Hugging Face hub to download {repo_id}: this step needs network access"
             + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        ) from None
+
+
+def check_hub_resolves(repo_id: str) -> None:
+    """Fails at once, in one line, where the hub's name does not resolve (no network), instead of after
+    the client's retries and their log lines."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.getenv("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return  # the client itself says offline mode
+    host = urlparse(os.getenv("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise UserError(
+            f"could not reach the Hugging Face hub ({host}) to download {repo_id}: this step needs network access"
         ) from None
 
 
