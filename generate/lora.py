@@ -15,13 +15,11 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.generation import respond_and_report
-from lit_llama.lora import LoRALLaMA, load_lora_state_dict, lora_config_from_checkpoint
+from lit_llama.lora import load_lora_model
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
     check_vocab,
     default_device,
-    load_model,
-    load_state_dict,
     precision_dtype,
     resolve_checkpoint,
     run_cli,
@@ -67,12 +65,7 @@ def main(
     tokenizer = Tokenizer(paths.tokenizer)
     check_vocab(tokenizer, paths)
 
-    lora_checkpoint = load_state_dict(lora_path)
-    lora = lora_config_from_checkpoint(lora_checkpoint, lora_path)
-    model = load_model(paths, device, dtype, LoRALLaMA, lora=lora)
-    load_lora_state_dict(model, lora_checkpoint, lora_path)
-    if merge:
-        model.merge_lora()
+    model = load_lora_model(paths, lora_path, device, dtype, merge)
     model.eval()
     respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import UserError
+from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
 
 
 @dataclass
@@ -206,3 +206,15 @@ def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Pat
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)
+
+
+def load_lora_model(
+    paths: CheckpointPaths, lora_path: Path, device: torch.device, dtype: torch.dtype, merge: bool = True
+) -> LoRALLaMA:
+    """Base checkpoint + LoRA file -> model, with the LoRA settings read from the file; merged by default."""
+    checkpoint = load_state_dict(lora_path)
+    model = load_model(paths, device, dtype, LoRALLaMA, lora=lora_config_from_checkpoint(checkpoint, lora_path))
+    load_lora_state_dict(model, checkpoint, lora_path)
+    if merge:
+        model.merge_lora()
+    return model

@@ -5,6 +5,7 @@ here once: batching (padded to the longest sequence in the batch), the learning-
 accumulation, validation with a greedy sample, checkpointing, resuming, the progress bar and CSV metrics.
 """
 
+import json
 import math
 import os
 import resource
@@ -142,7 +143,8 @@ def fit(
     # names as in the unwrapped model's state dict; None (save everything) when all weights train
     named = list(getattr(model, "module", model).named_parameters())
     trainable = {name for name, p in named if p.requires_grad} if not all(p.requires_grad for _, p in named) else None
-    state = {"model": model, "optimizer": optimizer, "iter_num": 0, "step_count": 0, "tokens": 0}
+    state = {"model": model, "optimizer": optimizer, "iter_num": 0, "step_count": 0, "tokens": 0, "train_seconds": 0.0}
+    fit_start = time.perf_counter()
     resume_path = out_dir / RESUME_NAME
     if resume:
         if not resume_path.exists():
@@ -187,6 +189,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             state["step_count"] += 1
         window_seconds += time.perf_counter() - iter_start
+        state["train_seconds"] += time.perf_counter() - iter_start
         if not is_accumulating:
             step = state["step_count"]
             if config.eval_interval and step % config.eval_interval == 0 and step < max_steps:
@@ -221,7 +224,20 @@ def fit(
     save_resume_state(fabric, state, resume_path, trainable)
     for logger in fabric.loggers:
         logger.finalize("success")
-    return {**metrics, "val_loss": val_loss, "tokens": state["tokens"]}
+    summary = {
+        "iters": max_iters,
+        "tokens": state["tokens"],
+        "train_seconds": state["train_seconds"],  # training iterations only, over all resumed parts
+        "wall_seconds": time.perf_counter() - fit_start,  # this process, with validation and saving
+        "tokens_per_sec": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "final_train_loss": metrics.get("train_loss"),
+        "val_loss": val_loss,
+        "peak_memory_gb": peak_memory_gb(fabric.device),
+        "devices": world,
+    }
+    if fabric.global_rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 @torch.no_grad()

@@ -15,12 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.lora import LoRALLaMA, load_lora_state_dict, lora_config_from_checkpoint
+from lit_llama.lora import load_lora_model
 from lit_llama.utils import (
     UserError,
     check_output_dir,
     is_extra_parameter,
-    load_model,
     load_state_dict,
     resolve_checkpoint,
     run_cli,
@@ -54,12 +53,9 @@ def main(
         raise UserError(f"--output_dir {output_dir} is the base checkpoint's folder: choose another")
     check_output_dir(output_dir, overwrite)
 
-    lora_checkpoint = load_state_dict(lora_path)
-    lora = lora_config_from_checkpoint(lora_checkpoint, lora_path)
     base_dtype = next(iter(load_state_dict(paths.weights).values())).dtype
-    model = load_model(paths, torch.device("cpu"), base_dtype, LoRALLaMA, lora=lora)
-    load_lora_state_dict(model, lora_checkpoint, lora_path)
-    model.merge_lora()
+    model = load_lora_model(paths, lora_path, torch.device("cpu"), base_dtype, merge=True)
+    lora = model.lora_config
 
     merged = {name: t for name, t in model.state_dict().items() if not is_extra_parameter(name)}
     save_checkpoint_dir(output_dir, merged, paths.config, paths.tokenizer)
