@@ -3,11 +3,11 @@ https://arxiv.org/abs/2304.15010): finetuning a frozen LLaMA through a few learn
 
 v1: every attention layer from `adapter_start_layer` on gets its own learnable prompt of
 `adapter_prompt_length` vectors (`adapter_wte`). The layer projects the prompt with its own c_attn into
-keys and values (without rotary embeddings: the prompt has no position); every query attends to them
-with a separate softmax over the prompt alone, and the result, scaled by a per-head gate
-(`adapter_gating_factor`), is added to the layer's normal attention output. The gate starts at zero
-("zero-init attention"), so a fresh adapter model computes exactly what the base model does and
-training starts from it.
+keys and values (without rotary embeddings: the prompt has no position); every (rotated) query attends
+to them with a separate softmax over the prompt alone, and the result, scaled by a per-head gate
+(`adapter_gating_factor`), is added to the layer's attention over the tokens, before the output
+projection c_proj. The gate starts at zero ("zero-init attention"), so a fresh adapter model computes
+exactly what the base model does and training starts from it.
 
 v2 also learns a per-output scale and bias on the attention and MLP linear layers,
 y = scale * (W x) + bias (`adapter_scale` starts at 1, `adapter_bias` at 0: again no change at first),
@@ -18,7 +18,7 @@ parameter has "adapter_" in its name, so a base checkpoint loads unchanged (see
 `lit_llama.utils.load_model`) and adapter checkpoints hold only those tensors (plus the v2 norms).
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Set, Union
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm, apply_rope
-from lit_llama.utils import UserError
+from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
+from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
 
 # what an adapter checkpoint records about the model it belongs to (see adapter_state_dict)
 ADAPTER_FIELDS = ("adapter_version", "adapter_prompt_length", "adapter_start_layer")
@@ -58,7 +58,11 @@ class AdapterConfig(Config):
 
 
 class AdapterAttention(CausalSelfAttention):
-    """Causal self-attention plus, from `adapter_start_layer` on, gated attention to a learnable prompt."""
+    """Causal self-attention plus, from `adapter_start_layer` on, gated attention to a learnable prompt.
+
+    Only `scaled_dot_product_attention`, the step between the rotated queries and c_proj, is extended: the
+    base forward (projections, rotary embeddings, KV cache, grouped-query heads) runs unchanged.
+    """
 
     def __init__(self, config: AdapterConfig, block_idx: int) -> None:
         super().__init__(config)
@@ -80,23 +84,23 @@ class AdapterAttention(CausalSelfAttention):
         nn.init.normal_(self.adapter_wte.weight, mean=0.0, std=1.0)
         nn.init.zeros_(self.adapter_gating_factor)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
-        y = super().forward(x, cos, sin, mask, input_pos)  # the base attention, untouched (KV cache included)
+    def scaled_dot_product_attention(self, q, k, v, mask=None) -> torch.Tensor:
+        """The causal attention over the tokens plus the gated attention to the prompt, both before c_proj
+        as in the paper: (B, n_head, T, hs)."""
+        y = super().scaled_dot_product_attention(q, k, v, mask)
         if self.adapter_wte is None:
             return y
-        B, T, _ = x.shape
-        gate = self.adapter_gating_factor.to(x.dtype)  # may be kept in float32 while x is bf16
-        prompt_y = gate * self.prompt_attention(self._rotated_queries(x, cos, sin))  # (B, n_head, T, hs)
-        prompt_y = prompt_y.transpose(1, 2).reshape(B, T, -1)
-        # The paper adds prompt_y to the attention output before c_proj. c_proj is linear (up to v2's bias),
-        # so c_proj(base + prompt_y) = c_proj(base) + W prompt_y: add the prompt's share after it.
-        return y + self._project_without_bias(prompt_y)
+        gate = self.adapter_gating_factor.to(y.dtype)  # may be kept in float32 while q is bf16
+        return y + gate * self.prompt_attention(q)
 
     def prompt_attention(self, q: torch.Tensor) -> torch.Tensor:
-        """Attention of the (rotated) queries q (B, n_head, T, hs) to this layer's prompt: (B, n_head, T, hs).
+        """Attention of the queries q (B, n_head, T, hs) to this layer's prompt: (B, n_head, T, hs).
 
-        The prompt's keys and values are recomputed on every call (a few vectors: cheap), so they always
-        follow the current weights, during training and KV-cache decoding alike.
+        q arrives rotary-rotated (as the base attention uses it; the original LLaMA-Adapter and PEFT's
+        adaption prompt use the rotated query too). The prompt's keys and values come from the layer's own
+        c_attn (for v2 with its scale and bias, as the tokens' keys and values) and are recomputed on every
+        call (a few vectors: cheap), so they always follow the current weights, during training and
+        KV-cache decoding alike.
         """
         cfg = self.config
         B, hs, P = q.size(0), cfg.head_size, cfg.adapter_prompt_length
@@ -112,22 +116,6 @@ class AdapterAttention(CausalSelfAttention):
         k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         # no mask: a softmax over the whole prompt, separate from the causal softmax over the tokens
         return F.scaled_dot_product_attention(q, k, v)
-
-    def _rotated_queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The rotated queries the base attention computed for x: (B, n_head, T, hs). CausalSelfAttention
-        keeps them local, so they are recomputed (as Hugging Face PEFT's LLaMA-Adapter does): one more
-        c_attn matmul in each adapted layer, the price of not copying the base forward."""
-        B, T, _ = x.shape
-        cfg = self.config
-        q = self.c_attn(x)[..., : cfg.n_head * cfg.head_size]
-        q = q.view(B, T, cfg.n_head, cfg.head_size).transpose(1, 2)
-        return apply_rope(q, cos, sin)
-
-    def _project_without_bias(self, y: torch.Tensor) -> torch.Tensor:
-        """c_proj(y) without v2's bias, which the base output already holds."""
-        if isinstance(self.c_proj, AdapterV2Linear):
-            return self.c_proj.scaled(y)
-        return self.c_proj(y)  # a plain bias-free nn.Linear
 
 
 class AdapterV2Linear(nn.Linear):
@@ -150,12 +138,9 @@ class AdapterV2Linear(nn.Linear):
         nn.init.ones_(self.adapter_scale)
         nn.init.zeros_(self.adapter_bias)
 
-    def scaled(self, x: torch.Tensor) -> torch.Tensor:
-        """adapter_scale * (W x); the trainable scale may be float32 while x is bf16: compute in x's dtype."""
-        return self.adapter_scale.to(x.dtype) * super().forward(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaled(x) + self.adapter_bias.to(x.dtype)
+        # the trainable scale and bias may be kept in float32 while x is bf16: compute in x's dtype
+        return self.adapter_scale.to(x.dtype) * super().forward(x) + self.adapter_bias.to(x.dtype)
 
 
 class AdapterV2RMSNorm(RMSNorm):
@@ -260,6 +245,18 @@ def load_adapter_state_dict(model: AdapterLLaMA, checkpoint: Dict[str, Any], pat
             expected[name].copy_(tensor)
 
 
+def load_adapter_model(
+    paths: CheckpointPaths, adapter_path: Union[str, Path], device: torch.device, dtype: torch.dtype
+) -> AdapterLLaMA:
+    """Base checkpoint + adapter file -> model, with the adapter settings read from the file. An adapter
+    trained on another base model, or a file that is not an adapter checkpoint, is a UserError."""
+    checkpoint = load_state_dict(Path(adapter_path))
+    config = adapter_config_from_checkpoint(checkpoint, paths.config, adapter_path)
+    model = load_model(replace(paths, config=config), device, dtype, AdapterLLaMA)
+    load_adapter_state_dict(model, checkpoint, adapter_path)
+    return model
+
+
 def _describe(config: AdapterConfig) -> Dict[str, int]:
     return {field: getattr(config, field) for field in (*ADAPTER_FIELDS, *BASE_FIELDS)}
 
@@ -267,6 +264,11 @@ def _describe(config: AdapterConfig) -> Dict[str, int]:
 def _read_adapter_config(checkpoint: Any, path: Union[str, Path]) -> Dict[str, int]:
     saved = checkpoint.get("adapter_config") if isinstance(checkpoint, dict) else None
     if not isinstance(saved, dict):
+        if isinstance(checkpoint, dict) and any("adapter_wte" in name for name in checkpoint):
+            raise UserError(
+                f"{path} holds adapter weights but no adapter_config (written by another version of Lit-LLaMA?): "
+                "finetune again with finetune/adapter.py"
+            )
         raise UserError(f"{path} is not an adapter checkpoint written by finetune/adapter.py (no adapter_config)")
     absent = [f for f in (*ADAPTER_FIELDS, *BASE_FIELDS) if f not in saved]
     if absent:

@@ -1,19 +1,22 @@
-from dataclasses import asdict, replace
+import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from conftest import make_checkpoint_dir
 from lit_llama.adapter import (
+    AdapterAttention,
     AdapterConfig,
     AdapterLLaMA,
     adapter_config_from_checkpoint,
     adapter_state_dict,
+    load_adapter_model,
     load_adapter_state_dict,
     mark_only_adapter_as_trainable,
 )
 from lit_llama.generation import generate
-from lit_llama.model import Config, LLaMA, RMSNorm
+from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm, apply_rope, build_rope_cache
 from lit_llama.utils import UserError, is_extra_parameter, load_model, load_state_dict, resolve_checkpoint
 
 VERSIONS_AND_SIZES = [(v, name) for v in (1, 2) for name in ("tiny", "tiny-gqa")]
@@ -69,6 +72,43 @@ def test_adapter_changes_output_once_trained(version):
         with torch.no_grad():
             model.transformer.h[0].mlp.c_fc1.adapter_bias.fill_(0.1)
             assert not torch.allclose(model(x), expected, atol=1e-3)
+
+
+def reference_attention(attn: AdapterAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The original LLaMA-Adapter's attention (ZrrSkywalker/LLaMA-Adapter llama/model.py), written out: the
+    rotated queries score the unrotated prompt keys in a softmax of their own; the gated result is added
+    to the token attention before the output projection."""
+    cfg = attn.config
+    B, T, _ = x.shape
+    hs, q_size, kv_size = cfg.head_size, cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size
+
+    def heads(t, n):  # (b, t, n*hs) -> (b, n_head, t, hs), key/value heads repeated for grouped-query
+        t = t.view(t.size(0), t.size(1), n, hs).transpose(1, 2)
+        return t.repeat_interleave(cfg.n_head // n, dim=1)
+
+    q, k, v = attn.c_attn(x).split((q_size, kv_size, kv_size), dim=-1)
+    q, k, v = heads(q, cfg.n_head), heads(k, cfg.n_query_groups), heads(v, cfg.n_query_groups)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hs)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    out = scores.softmax(-1) @ v
+    _, pk, pv = attn.c_attn(attn.adapter_wte.weight[None]).split((q_size, kv_size, kv_size), dim=-1)
+    pk, pv = heads(pk, cfg.n_query_groups), heads(pv, cfg.n_query_groups)  # no rotation: no position
+    prompt_scores = (q @ pk.transpose(-1, -2) / math.sqrt(hs)).softmax(-1)
+    out = out + attn.adapter_gating_factor * (prompt_scores @ pv)
+    return attn.c_proj(out.transpose(1, 2).reshape(B, T, q_size))
+
+
+@pytest.mark.parametrize("version, name", VERSIONS_AND_SIZES)
+def test_attention_matches_reference_formula(version, name):
+    _, model = base_and_adapter(name, version)
+    randomize_adapter(model)
+    attn = model.transformer.h[1].attn
+    assert AdapterAttention.forward is CausalSelfAttention.forward  # only the attention step is extended
+    x = torch.randn(2, 7, model.config.n_embd)
+    cos, sin = build_rope_cache(7, model.config.head_size)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), reference_attention(attn, x, cos, sin), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -154,7 +194,7 @@ def test_state_dict_round_trip(tmp_path, version):
 
 
 def test_mismatched_checkpoints_are_user_errors(tmp_path):
-    _, model = base_and_adapter("tiny", 1)
+    base, model = base_and_adapter("tiny", 1)
     state = adapter_state_dict(model)
     path = tmp_path / "adapter.pth"
 
@@ -171,7 +211,10 @@ def test_mismatched_checkpoints_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="adapter_prompt_length=4 \\(model: 10\\)"):
         load_adapter_state_dict(AdapterLLaMA(Config.from_name("tiny"), adapter_start_layer=1), state, path)
     with pytest.raises(UserError, match="not an adapter checkpoint"):
-        load_adapter_state_dict(model, model.state_dict(), path)  # e.g. a base checkpoint
+        load_adapter_state_dict(model, base.state_dict(), path)  # e.g. a base checkpoint
+    legacy = {k: v for k, v in state.items() if k != "adapter_config"}  # an adapter file without settings
+    with pytest.raises(UserError, match="holds adapter weights but no adapter_config"):
+        adapter_config_from_checkpoint(legacy, model.config, path)
     damaged = {k: v for k, v in state.items() if not k.startswith("transformer.h.1.attn.adapter_wte")}
     with pytest.raises(UserError, match="does not fit this model: missing"):
         load_adapter_state_dict(model, damaged, path)
@@ -220,12 +263,10 @@ def test_load_model_from_base_checkpoint(tmp_path, version, name):
     randomize_adapter(model)
     adapter_path = tmp_path / "adapter.pth"
     torch.save(adapter_state_dict(model), adapter_path)
-    checkpoint = load_state_dict(adapter_path)
-    config = adapter_config_from_checkpoint(checkpoint, paths.config, adapter_path)
-    loaded = load_model(replace(paths, config=config), torch.device("cpu"), torch.float32, model_class=AdapterLLaMA)
-    load_adapter_state_dict(loaded, checkpoint, adapter_path)
+    loaded = load_adapter_model(paths, adapter_path, torch.device("cpu"), torch.float32).eval()
+    assert loaded.config == model.config
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(x), model(x))
+        assert torch.equal(loaded(x), model(x))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecations inside peft

@@ -1,0 +1,174 @@
+"""Finetune LLaMA with LLaMA-Adapter (v1, or v2 with --adapter_version 2) on an instruction dataset (one GPU
+in bf16, or several through Fabric).
+
+    python scripts/prepare_alpaca.py --checkpoint_dir checkpoints/lit-llama/7B
+    python finetune/adapter.py --checkpoint_dir checkpoints/lit-llama/7B
+
+Writes adapter-only checkpoints (a few MB) and metrics.csv to --out_dir; see howto/finetune_adapter.md.
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.adapter import AdapterConfig, AdapterLLaMA, adapter_state_dict, mark_only_adapter_as_trainable
+from lit_llama.data import load_prepared
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import (
+    TrainingConfig,
+    check_data_fits,
+    check_out_dir,
+    fit,
+    keep_trainable_in_fp32,
+    make_fabric,
+)
+from lit_llama.utils import (
+    CheckpointPaths,
+    UserError,
+    check_vocab,
+    default_precision,
+    load_model,
+    num_parameters,
+    precision_dtype,
+    resolve_checkpoint,
+    run_cli,
+    save_atomic,
+)
+
+FINAL_NAME = "lit-llama-adapter-finetuned.pth"
+WARMUP_EPOCHS = 2  # the article's (and LLaMA-Adapter's) default warmup
+
+
+def setup(
+    checkpoint_dir: Optional[Path] = Path("checkpoints/lit-llama/7B"),
+    data_dir: Path = Path("data/alpaca"),
+    out_dir: Optional[Path] = None,
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    learning_rate: float = 9e-3,
+    batch_size: int = 128,
+    micro_batch_size: int = 4,
+    max_iters: Optional[int] = None,
+    epochs: float = 5,
+    warmup_iters: Optional[int] = None,
+    weight_decay: float = 0.02,
+    block_size: int = 512,
+    adapter_prompt_length: int = 10,
+    adapter_start_layer: int = 2,
+    adapter_version: int = 1,
+    eval_interval: int = 100,
+    eval_iters: int = 100,
+    save_interval: int = 100,
+    log_interval: int = 1,
+    seed: int = 1337,
+    resume: bool = False,
+    pretrained_path: Optional[Path] = None,
+    tokenizer_path: Optional[Path] = None,
+) -> None:
+    """Finetunes a pretrained checkpoint with LLaMA-Adapter. Defaults are the article's (7B on one GPU).
+
+    Args:
+        checkpoint_dir: Converted base model folder (lit-llama.pth, lit_config.json, tokenizer.model).
+        data_dir: Folder with train.pt and test.pt from scripts/prepare_alpaca.py or prepare_dolly.py.
+        out_dir: Where checkpoints and logs/version_N/metrics.csv go; default out/adapter/alpaca
+            (out/adapter_v2/alpaca with --adapter_version 2).
+        precision: bf16-true (default on a GPU with bf16: frozen weights in bf16, adapter weights in float32),
+            32-true (default on CPU), 16-mixed or bf16-mixed.
+        devices: GPUs (or CPU processes) per node.
+        num_nodes: Machines; multi-node runs are launched by a cluster launcher (SLURM, torchrun).
+        strategy: Fabric strategy: auto, ddp, fsdp, deepspeed.
+        learning_rate: Peak AdamW learning rate.
+        batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
+        micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
+        max_iters: Micro-batch iterations per device; default: --epochs over the training set.
+        epochs: Passes over the training set when --max_iters is not given.
+        warmup_iters: Optimizer steps of linear learning-rate warmup (then cosine decay); default: 2 epochs'
+            worth (2 x training examples / --batch_size), never more than the run's optimizer steps.
+        weight_decay: AdamW weight decay.
+        block_size: Longest training sequence in tokens; longer examples are cut.
+        adapter_prompt_length: Learnable prompt vectors per adapted layer.
+        adapter_start_layer: First layer with a prompt (0-based); the layers below keep plain attention.
+        adapter_version: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter v2: also a scale and bias on every linear
+            layer of the blocks and trainable RMSNorm weights).
+        eval_interval: Optimizer steps between validation (loss and one greedy sample).
+        eval_iters: Validation micro-batches per validation.
+        save_interval: Optimizer steps between checkpoints.
+        log_interval: Iterations between metric rows.
+        seed: Random seed (same seed, same losses).
+        resume: Continue the run in --out_dir from its last checkpoint.
+        pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
+        tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+    """
+    if pretrained_path is not None:
+        checkpoint_dir = None
+    paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
+    try:
+        adapter = AdapterConfig.from_config(
+            paths.config,
+            adapter_prompt_length=adapter_prompt_length,
+            adapter_start_layer=adapter_start_layer,
+            adapter_version=adapter_version,
+        )
+    except ValueError as e:
+        raise UserError(f"--{e}")  # AdapterConfig's messages start with the field's (= the flag's) name
+    if out_dir is None:
+        out_dir = Path("out/adapter/alpaca" if adapter_version == 1 else "out/adapter_v2/alpaca")
+    training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
+                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed)
+    precision = precision or default_precision()
+    dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
+    check_out_dir(out_dir, resume)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir)
+    fabric.launch(main, paths, dtype, adapter, training, data_dir, out_dir, resume)
+
+
+def main(
+    fabric: L.Fabric,
+    paths: CheckpointPaths,
+    dtype: torch.dtype,
+    adapter: AdapterConfig,
+    training: TrainingConfig,
+    data_dir: Path,
+    out_dir: Path,
+    resume: bool,
+) -> None:
+    fabric.seed_everything(training.seed)
+    tokenizer = Tokenizer(paths.tokenizer)
+    check_vocab(tokenizer, paths)
+    train_data, val_data = load_prepared(data_dir)
+    check_data_fits(train_data, paths.config.vocab_size, data_dir)
+    if training.warmup_iters is None:  # fit() clamps it to the run's optimizer steps
+        training = replace(training, warmup_iters=WARMUP_EPOCHS * len(train_data) // training.batch_size)
+
+    adapter_model = load_model(replace(paths, config=adapter), fabric.device, dtype, AdapterLLaMA)
+    mark_only_adapter_as_trainable(adapter_model)
+    fabric.print(
+        f"LLaMA-Adapter v{adapter.adapter_version} (prompt length {adapter.adapter_prompt_length}, from layer "
+        f"{adapter.adapter_start_layer}): {num_parameters(adapter_model, requires_grad=True):,} trainable of "
+        f"{num_parameters(adapter_model):,} parameters"
+    )
+    model = fabric.setup_module(adapter_model)
+    keep_trainable_in_fp32(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    def save_adapter(path: Path) -> None:
+        if fabric.global_rank == 0:
+            save_atomic(adapter_state_dict(adapter_model), path)
+            fabric.print(f"Saved adapter weights to {path}")
+
+    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume)
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(setup)

@@ -1,0 +1,74 @@
+"""Generate a response with a LLaMA-Adapter-finetuned model: the base checkpoint plus the adapter file.
+
+    python generate/adapter.py --checkpoint_dir checkpoints/lit-llama/7B \
+        --adapter_path out/adapter/alpaca/lit-llama-adapter-finetuned.pth \
+        --prompt "Please explain how weight decay works"
+
+The instruction is wrapped in the Alpaca prompt template the model was finetuned with. The adapter file
+says which model to build (v1 or v2, prompt length, start layer); it must have been trained on this base
+model.
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.adapter import load_adapter_model
+from lit_llama.generation import respond_and_report
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import (
+    check_vocab,
+    default_device,
+    precision_dtype,
+    resolve_checkpoint,
+    run_cli,
+)
+
+
+def main(
+    prompt: str = "What food do llamas eat?",
+    input: str = "",
+    adapter_path: Path = Path("out/adapter/alpaca/lit-llama-adapter-finetuned.pth"),
+    checkpoint_dir: Optional[Path] = Path("checkpoints/lit-llama/7B"),
+    pretrained_path: Optional[Path] = None,
+    tokenizer_path: Optional[Path] = None,
+    num_samples: int = 1,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    seed: int = 1234,
+    precision: Optional[str] = None,
+) -> None:
+    """Responds to an instruction with a LLaMA-Adapter-finetuned model.
+
+    Args:
+        prompt: The instruction.
+        input: Optional context for the instruction (the template's "### Input:" section).
+        adapter_path: The adapter checkpoint written by finetune/adapter.py (its version, prompt length and
+            start layer are read from it).
+        checkpoint_dir: The base model folder the adapter was trained on.
+        pretrained_path: The article's / Lit-LLaMA's flag: the base weights .pth (instead of --checkpoint_dir).
+        tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+        num_samples: How many responses to sample.
+        max_new_tokens: The most tokens per response.
+        temperature: Sampling temperature; 0 is greedy decoding.
+        top_k: Sample only among the k most likely tokens.
+        seed: Random seed, for repeatable samples.
+        precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+    """
+    if pretrained_path is not None:
+        checkpoint_dir = None
+    paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
+    device, dtype = default_device(), precision_dtype(precision)
+    tokenizer = Tokenizer(paths.tokenizer)
+    check_vocab(tokenizer, paths)
+
+    model = load_adapter_model(paths, adapter_path, device, dtype)
+    model.eval()
+    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
+
+
+if __name__ == "__main__":
+    run_cli(main)
