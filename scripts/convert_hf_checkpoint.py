@@ -133,8 +133,14 @@ def read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+                names = list(f.keys())
+            for name in names:
+                # one open per tensor: the file's mapped pages (counted in RSS) then live as long as this
+                # tensor, not as long as the whole shard; the header parse this repeats is negligible
+                with safe_open(str(path), framework="pt") as f:
+                    tensor = f.get_tensor(name)
+                yield name, tensor
+                del tensor
         except SafetensorError as e:
             raise UserError(f"{path} is not a readable safetensors file: {e}")
     else:
