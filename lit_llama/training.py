@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.loggers import CSVLogger
+from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
 from lit_llama.data import IGNORE_INDEX
@@ -175,7 +176,9 @@ def fit(
         input_ids, labels = fabric.to_device((input_ids, labels))
 
         is_accumulating = (iter_num + 1) % accumulation != 0
-        with fabric.no_backward_sync(model, enabled=is_accumulating):
+        # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
+        skip_sync = is_accumulating and not isinstance(fabric.strategy, FSDPStrategy)
+        with fabric.no_backward_sync(model, enabled=skip_sync):
             loss = compute_loss(model, input_ids, labels)
             fabric.backward(loss / accumulation)
         batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world

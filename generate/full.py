@@ -1,0 +1,139 @@
+"""Generate a response with a fully finetuned model (the checkpoint of finetune/full.py).
+
+    python generate/full.py --checkpoint_path out/full/alpaca/lit-llama-full-finetuned.pth \
+        --prompt "Please explain how weight decay works"
+
+The instruction is wrapped in the Alpaca prompt template the model was finetuned with. The model config and
+tokenizer are read from beside the checkpoint (finetune/full.py writes them into its --out_dir), or else
+from the base model folder --checkpoint_dir. The checkpoint is a file, or, from a run with
+`--state_dict_type sharded`, a folder of FSDP shards: it is then put together here, in one process.
+"""
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.generation import respond_and_report
+from lit_llama.model import Config, LLaMA
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import (
+    CONFIG_NAME,
+    TOKENIZER_NAME,
+    CheckpointPaths,
+    UserError,
+    check_state_dict_fits,
+    check_vocab,
+    default_device,
+    default_dtype,
+    load_model,
+    precision_dtype,
+    resolve_checkpoint,
+    run_cli,
+)
+
+
+def main(
+    prompt: str = "What food do llamas eat?",
+    input: str = "",
+    checkpoint_path: Path = Path("out/full/alpaca/lit-llama-full-finetuned.pth"),
+    checkpoint_dir: Optional[Path] = Path("checkpoints/lit-llama/7B"),
+    tokenizer_path: Optional[Path] = None,
+    num_samples: int = 1,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    seed: int = 1234,
+    precision: Optional[str] = None,
+) -> None:
+    """Responds to an instruction with a fully finetuned model.
+
+    Args:
+        prompt: The instruction.
+        input: Optional context for the instruction (the template's "### Input:" section).
+        checkpoint_path: The checkpoint written by finetune/full.py: a .pth file, or the folder of a
+            --state_dict_type sharded run.
+        checkpoint_dir: The base model folder, read for the model config and tokenizer only when there is
+            no lit_config.json beside --checkpoint_path.
+        tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the checkpoint).
+        num_samples: How many responses to sample.
+        max_new_tokens: The most tokens per response.
+        temperature: Sampling temperature; 0 is greedy decoding.
+        top_k: Sample only among the k most likely tokens.
+        seed: Random seed, for repeatable samples.
+        precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+    """
+    paths = resolve_finetuned(checkpoint_path, checkpoint_dir, tokenizer_path)
+    device, dtype = default_device(), precision_dtype(precision)
+    tokenizer = Tokenizer(paths.tokenizer)
+    check_vocab(tokenizer, paths)
+
+    if paths.weights.is_dir():
+        model = load_sharded(paths, device, dtype)
+    else:
+        model = load_model(paths, device, dtype)  # checks that every weight is there, with its shape
+    model.eval()
+    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
+
+
+def resolve_finetuned(
+    checkpoint_path: Path, checkpoint_dir: Optional[Path], tokenizer_path: Optional[Path]
+) -> CheckpointPaths:
+    """The finetuned weights, with the config and tokenizer beside them, or else those of --checkpoint_dir."""
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.exists():
+        raise UserError(f"--checkpoint_path {checkpoint_path} does not exist")
+    folder = checkpoint_path.parent
+    if not (folder / CONFIG_NAME).is_file():
+        if checkpoint_dir is None:
+            raise UserError(f"no {CONFIG_NAME} beside {checkpoint_path}: give --checkpoint_dir, the base model folder")
+        try:
+            base = resolve_checkpoint(checkpoint_dir, None, tokenizer_path)
+        except UserError as e:
+            raise UserError(f"no {CONFIG_NAME} beside {checkpoint_path}, so the base model's is needed: {e}")
+        return CheckpointPaths(checkpoint_path, base.config, base.tokenizer)
+    try:
+        config = Config.from_json(folder / CONFIG_NAME)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{folder / CONFIG_NAME} is not a valid model config: {e}")
+    tokenizer_path = Path(tokenizer_path or folder / TOKENIZER_NAME)
+    if not tokenizer_path.is_file():
+        raise UserError(f"tokenizer {tokenizer_path} not found (give --tokenizer_path)")
+    return CheckpointPaths(checkpoint_path, config, tokenizer_path)
+
+
+def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtype) -> LLaMA:
+    """Reads the folder of an FSDP sharded checkpoint (torch.distributed.checkpoint format, the weights under
+    "model") in a single process, straight into the model's tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = FileSystemReader(paths.weights).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unreadable folder is the user's input
+        raise UserError(f"{paths.weights} is not a sharded checkpoint folder ({type(e).__name__}: {e})")
+    with torch.device("meta"), default_dtype(dtype):
+        model = LLaMA(paths.config)
+    stored = {  # the shapes of the stored weights, as empty tensors, to check them like a .pth file's
+        name[len("model.") :]: torch.empty(entry.size, device="meta")
+        for name, entry in metadata.state_dict_metadata.items()
+        if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)
+    }
+    check_state_dict_fits(model, stored, paths.weights)
+    model.to_empty(device=device)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        # fills the tensors in place, casting them to dtype; one process reads every shard
+        dcp_load(state, storage_reader=FileSystemReader(paths.weights), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,169 @@
+"""finetune/full.py and generate/full.py end to end on CPU, with a tiny model: one process, two processes
+(DDP over gloo: FSDP does not run on CPU), resuming, and bad input."""
+
+import csv
+import importlib.util
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import lit_llama.training as training
+from conftest import REPO_ROOT, assert_clean_error, make_checkpoint_dir, run_script
+from lit_llama.data import prepare_dataset
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import load_model, resolve_checkpoint
+
+FINAL = "lit-llama-full-finetuned.pth"
+# 6 iterations of 2 examples = 3 optimizer steps of 4; validation and a checkpoint after step 2
+SETTINGS = dict(precision="32-true", batch_size=4, micro_batch_size=2, max_iters=6, eval_interval=2, eval_iters=1,
+                save_interval=2, warmup_iters=1)
+
+
+def flags(**settings):
+    return [item for key, value in settings.items() for item in (f"--{key}", value)]
+
+
+def load_script(path: str):
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], REPO_ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base checkpoint and 40 instructions prepared with its tokenizer (36 train, 4 test)."""
+    root = tmp_path_factory.mktemp("full")
+    checkpoint_dir = make_checkpoint_dir(root / "checkpoint")
+    records = [{"instruction": f"Add {i % 7} and {i // 7}.", "input": "", "output": str(i % 7 + i // 7)}
+               for i in range(40)]
+    # the Alpaca template alone is 97 tokens with the tiny tokenizer, so 128 rather than 64
+    prepare_dataset(records, Tokenizer(checkpoint_dir / "tokenizer.model"), root / "data", test_split_size=4,
+                    seed=42, max_seq_length=128)
+    return checkpoint_dir, root / "data"
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """The out_dir of one uninterrupted single-process run."""
+    checkpoint_dir, data_dir = base
+    out_dir = tmp_path_factory.mktemp("full") / "out"
+    run_script("finetune/full.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir, "--out_dir", out_dir,
+               *flags(**SETTINGS))
+    return out_dir
+
+
+def test_every_weight_trains_and_the_checkpoint_generates(base, trained):
+    checkpoint_dir, _ = base
+    before = torch.load(checkpoint_dir / "lit-llama.pth")
+    after = torch.load(trained / FINAL)
+    assert after.keys() == before.keys()  # a plain state dict, like the base checkpoint
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged
+    assert {"iter-000004-ckpt.pth", "resume.pth", "lit_config.json", "tokenizer.model"} <= {
+        p.name for p in trained.iterdir()}
+
+    # the checkpoint alone is enough: config and tokenizer are beside it (the default --checkpoint_dir is absent)
+    proc = run_script("generate/full.py", "--checkpoint_path", trained / FINAL, "--prompt", "Add 3 and 4.",
+                      "--temperature", 0, "--max_new_tokens", 8)
+    assert proc.stdout.strip() and "tokens/s" in proc.stderr
+
+    # an FSDP --state_dict_type sharded checkpoint is a torch.distributed.checkpoint folder with the weights
+    # under "model" (FSDP needs GPUs, so the folder is written here directly); generate/full.py reads it
+    import torch.distributed.checkpoint as dcp
+
+    sharded = trained / "sharded-ckpt.pth"
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore")
+        dcp.save({"model": after}, checkpoint_id=sharded)
+    generate = load_script("generate/full.py")
+    paths = generate.resolve_finetuned(sharded, None, None)
+    model = generate.load_sharded(paths, torch.device("cpu"), torch.float32)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, after[name]), name
+
+
+def test_two_processes_train_like_one(base, trained, tmp_path):
+    """--devices 2: each process takes 2 examples per step, so 3 iterations make the same 3 steps of 4."""
+    checkpoint_dir, data_dir = base
+    out_dir = tmp_path / "out"
+    run_script("finetune/full.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir, "--out_dir", out_dir,
+               *flags(**{**SETTINGS, "max_iters": 3, "devices": 2}))
+    model = load_model(resolve_checkpoint(None, out_dir / FINAL), torch.device("cpu"), torch.float32)
+    one_process = torch.load(trained / FINAL)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, one_process[name], atol=1e-6, rtol=0)
+    (metrics,) = out_dir.glob("logs/version_*/metrics.csv")
+    with open(metrics) as f:
+        val_losses = [float(row["val_loss"]) for row in csv.DictReader(f) if row["val_loss"]]
+    assert len(val_losses) == 3 and all(math.isfinite(v) for v in val_losses)  # eval_iters 1 < 2 devices
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsys):
+    checkpoint_dir, data_dir = base
+    finetune = load_script("finetune/full.py")
+    args = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=tmp_path / "out", **SETTINGS)
+
+    real_batch_indices = training.batch_indices
+
+    def interrupting_batch_indices(n, batch, iter_num, *rest):
+        if iter_num == 4:  # the 5th iteration, after the save at step 2 (iteration 4)
+            raise Interrupted
+        return real_batch_indices(n, batch, iter_num, *rest)
+
+    monkeypatch.setattr(training, "batch_indices", interrupting_batch_indices)
+    with pytest.raises(Interrupted):
+        finetune.setup(**args)
+    monkeypatch.setattr(training, "batch_indices", real_batch_indices)
+    assert not (tmp_path / "out" / FINAL).exists() and (tmp_path / "out" / "resume.pth").exists()
+    capsys.readouterr()
+    finetune.setup(resume=True, **args)
+    assert "Resuming from iteration 4 (step 2)" in capsys.readouterr().out  # not from the start
+
+    resumed, uninterrupted = torch.load(tmp_path / "out" / FINAL), torch.load(trained / FINAL)
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def run_in_process(script: str, *args, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` through the script's own `run_cli`, without starting another Python (which would
+    import Lightning again): for errors raised before any work starts."""
+    module = load_script(script)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_cli(module.setup)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *args], exit_info.value.code, out, err)
+
+
+def test_bad_input(base, trained, tmp_path, capsys, monkeypatch):
+    checkpoint_dir, data_dir = base
+    # a finetuned checkpoint with a weight missing
+    state_dict = torch.load(trained / FINAL)
+    del state_dict["transformer.h.1.mlp.c_fc2.weight"]
+    broken = tmp_path / "broken.pth"
+    torch.save(state_dict, broken)
+    proc = run_script("generate/full.py", "--checkpoint_path", broken, "--checkpoint_dir", checkpoint_dir,
+                      check=False)
+    assert_clean_error(proc, "broken.pth", "'transformer.h.1.mlp.c_fc2.weight'")
+
+    common = ["--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir, "--out_dir", tmp_path / "out"]
+    proc = run_in_process("finetune/full.py", *common, "--devices", 999, capsys=capsys, monkeypatch=monkeypatch)
+    assert_clean_error(proc, "--devices 999")
+    proc = run_in_process("finetune/full.py", *common, "--state_dict_type", "consolidated", capsys=capsys,
+                          monkeypatch=monkeypatch)
+    assert_clean_error(proc, "--state_dict_type 'consolidated'")
+    if not torch.cuda.is_available():  # FSDP does not run on CPU: several processes use DDP, never sharded
+        assert load_script("finetune/full.py").choose_strategy("auto", 2, 1, "full") == "ddp"
+        proc = run_in_process("finetune/full.py", *common, "--devices", 2, "--state_dict_type", "sharded",
+                              capsys=capsys, monkeypatch=monkeypatch)
+        assert_clean_error(proc, "needs FSDP")
+    assert not (tmp_path / "out").exists()
