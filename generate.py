@@ -12,9 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
 
-from lit_llama.generation import generate, report_speed
-from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import check_vocab, default_device, load_model, precision_dtype, resolve_checkpoint, run_cli
+from lit_llama.generation import generate, report_speed, setup_generation
+from lit_llama.utils import load_model, resolve_checkpoint, run_cli
 
 
 def main(
@@ -44,9 +43,7 @@ def main(
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
     """
     paths = resolve_checkpoint(checkpoint_dir, checkpoint_path, tokenizer_path)
-    device, dtype = default_device(), precision_dtype(precision)
-    tokenizer = Tokenizer(paths.tokenizer)
-    check_vocab(tokenizer, paths)
+    tokenizer, device, dtype = setup_generation(paths, precision)
 
     t0 = time.perf_counter()
     model = load_model(paths, device, dtype).eval()

@@ -21,16 +21,20 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.data import load_prepared
 from lit_llama.model import Block
-from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import TrainingConfig, check_data_fits, check_out_dir, fit, make_fabric
+from lit_llama.training import (
+    TrainingConfig,
+    check_out_dir,
+    fit,
+    load_tokenizer_and_data,
+    make_fabric,
+    setup_model_and_optimizer,
+)
 from lit_llama.utils import (
     CONFIG_NAME,
-    TOKENIZER_NAME,
     CheckpointPaths,
     UserError,
-    check_vocab,
+    copy_tokenizer,
     default_precision,
     load_model,
     num_parameters,
@@ -104,8 +108,6 @@ def setup(
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
     """
-    if pretrained_path is not None:
-        checkpoint_dir = None
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
                               weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed)
@@ -164,25 +166,19 @@ def main(
     resume: bool,
     sharded: bool,
 ) -> None:
-    fabric.seed_everything(training.seed)
-    tokenizer = Tokenizer(paths.tokenizer)
-    check_vocab(tokenizer, paths)
-    train_data, val_data = load_prepared(data_dir)
-    check_data_fits(train_data, paths.config.vocab_size, data_dir)
+    tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
 
     fsdp = isinstance(fabric.strategy, FSDPStrategy)
     # With FSDP every process loads the weights into CPU memory and `setup_module` moves them to its GPU one
     # block at a time, keeping only its shard: no GPU ever holds the whole model.
     model = load_model(paths, torch.device("cpu") if fsdp else fabric.device, dtype)
     fabric.print(f"Full finetuning: all {num_parameters(model):,} parameters train")
-    model = fabric.setup_module(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
-    optimizer = fabric.setup_optimizers(optimizer)
+    model, optimizer = setup_model_and_optimizer(fabric, model, training)
 
     if fabric.global_rank == 0:  # so that the checkpoints in out_dir describe themselves
         out_dir.mkdir(parents=True, exist_ok=True)
         paths.config.to_json(out_dir / CONFIG_NAME)
-        shutil.copyfile(paths.tokenizer, out_dir / TOKENIZER_NAME)
+        copy_tokenizer(paths.tokenizer, out_dir)
 
     def save_full(path: Path) -> None:
         if sharded:  # FSDP only (see choose_strategy)

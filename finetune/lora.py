@@ -15,21 +15,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.data import load_prepared
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
-from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import (
     TrainingConfig,
-    check_data_fits,
     check_out_dir,
     fit,
-    keep_trainable_in_fp32,
+    load_tokenizer_and_data,
     make_fabric,
+    setup_model_and_optimizer,
 )
 from lit_llama.utils import (
     CheckpointPaths,
     UserError,
-    check_vocab,
     default_precision,
     load_model,
     num_parameters,
@@ -113,8 +110,6 @@ def setup(
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
     """
-    if pretrained_path is not None:
-        checkpoint_dir = None
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     try:
         lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
@@ -140,11 +135,7 @@ def main(
     out_dir: Path,
     resume: bool,
 ) -> None:
-    fabric.seed_everything(training.seed)
-    tokenizer = Tokenizer(paths.tokenizer)
-    check_vocab(tokenizer, paths)
-    train_data, val_data = load_prepared(data_dir)
-    check_data_fits(train_data, paths.config.vocab_size, data_dir)
+    tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
 
     lora_model = load_model(paths, fabric.device, dtype, LoRALLaMA, lora=lora)
     mark_only_lora_as_trainable(lora_model)
@@ -152,11 +143,7 @@ def main(
         f"LoRA r={lora.r} alpha={lora.alpha}: {num_parameters(lora_model, requires_grad=True):,} trainable of "
         f"{num_parameters(lora_model):,} parameters"
     )
-    model = fabric.setup_module(lora_model)
-    keep_trainable_in_fp32(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
-    optimizer = fabric.setup_optimizers(optimizer)
+    model, optimizer = setup_model_and_optimizer(fabric, lora_model, training)
 
     def save_lora(path: Path) -> None:
         if fabric.global_rank == 0:

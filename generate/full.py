@@ -18,20 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.generation import respond_and_report
+from lit_llama.generation import respond_and_report, setup_generation
 from lit_llama.model import Config, LLaMA
-from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
     CONFIG_NAME,
     TOKENIZER_NAME,
     CheckpointPaths,
     UserError,
     check_state_dict_fits,
-    check_vocab,
-    default_device,
     default_dtype,
     load_model,
-    precision_dtype,
     resolve_checkpoint,
     run_cli,
 )
@@ -68,9 +64,7 @@ def main(
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
     """
     paths = resolve_finetuned(checkpoint_path, checkpoint_dir, tokenizer_path)
-    device, dtype = default_device(), precision_dtype(precision)
-    tokenizer = Tokenizer(paths.tokenizer)
-    check_vocab(tokenizer, paths)
+    tokenizer, device, dtype = setup_generation(paths, precision)
 
     if paths.weights.is_dir():
         model = load_sharded(paths, device, dtype)

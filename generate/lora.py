@@ -14,13 +14,9 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.generation import respond_and_report
+from lit_llama.generation import respond_and_report, setup_generation
 from lit_llama.lora import load_lora_model
-from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
-    check_vocab,
-    default_device,
-    precision_dtype,
     resolve_checkpoint,
     run_cli,
 )
@@ -58,12 +54,8 @@ def main(
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
     """
-    if pretrained_path is not None:
-        checkpoint_dir = None
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    device, dtype = default_device(), precision_dtype(precision)
-    tokenizer = Tokenizer(paths.tokenizer)
-    check_vocab(tokenizer, paths)
+    tokenizer, device, dtype = setup_generation(paths, precision)
 
     model = load_lora_model(paths, lora_path, device, dtype, merge)
     model.eval()

@@ -2,13 +2,14 @@
 
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from lit_llama.data import generate_prompt
 from lit_llama.model import LLaMA
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import CheckpointPaths, check_vocab, default_device, precision_dtype
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -59,6 +60,13 @@ def generate(
         if use_kv_cache:
             model.clear_kv_cache()
     return tokens[0]
+
+
+def setup_generation(paths: CheckpointPaths, precision: Optional[str]) -> Tuple[Tokenizer, torch.device, torch.dtype]:
+    """The checkpoint's tokenizer (checked against the model), the device and the weights' dtype."""
+    tokenizer = Tokenizer(paths.tokenizer)
+    check_vocab(tokenizer, paths)
+    return tokenizer, default_device(), precision_dtype(precision)
 
 
 def report_speed(new_tokens: int, seconds: float, device: torch.device) -> None:

@@ -22,10 +22,10 @@ from lightning.fabric.loggers import CSVLogger
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
-from lit_llama.data import IGNORE_INDEX
+from lit_llama.data import IGNORE_INDEX, load_prepared
 from lit_llama.generation import generate_response
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError
+from lit_llama.utils import CheckpointPaths, UserError, check_vocab
 
 Sample = Dict[str, Any]
 RESUME_NAME = "resume.pth"  # trainable weights, optimizer, step and RNG of the last save
@@ -327,6 +327,32 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
             f"--out_dir {out_dir} already holds checkpoints: pass --resume true to continue that run, "
             "or choose another --out_dir"
         )
+
+
+def load_tokenizer_and_data(
+    fabric: L.Fabric, paths: CheckpointPaths, data_dir: Path, seed: int
+) -> Tuple[Tokenizer, List[Sample], List[Sample]]:
+    """Seeds everything, then loads the tokenizer and the prepared data, both checked against the model."""
+    fabric.seed_everything(seed)
+    tokenizer = Tokenizer(paths.tokenizer)
+    check_vocab(tokenizer, paths)
+    train_data, val_data = load_prepared(data_dir)
+    check_data_fits(train_data, paths.config.vocab_size, data_dir)
+    return tokenizer, train_data, val_data
+
+
+def setup_model_and_optimizer(
+    fabric: L.Fabric, model: torch.nn.Module, config: TrainingConfig
+) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Hands the model to Fabric (devices, precision, strategy) and builds AdamW over what trains. When
+    only some weights train (LoRA, adapter), those are kept in float32."""
+    frozen_some = any(not p.requires_grad for p in model.parameters())
+    model = fabric.setup_module(model)
+    if frozen_some:
+        keep_trainable_in_fp32(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return model, fabric.setup_optimizers(optimizer)
 
 
 def keep_trainable_in_fp32(model: torch.nn.Module) -> None:

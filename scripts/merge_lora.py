@@ -45,8 +45,6 @@ def main(
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
         overwrite: Replace an existing merged checkpoint in --output_dir.
     """
-    if pretrained_path is not None:
-        checkpoint_dir = None
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     output_dir = Path(output_dir or f"{paths.weights.parent}-lora")
     if output_dir.resolve() == paths.weights.parent.resolve():
