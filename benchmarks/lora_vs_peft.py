@@ -56,6 +56,7 @@ def main(
     warmup_steps: int = 2,
     device: str = "cpu",
     precision: str = "32-true",
+    data: str = "alpaca",
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
 ) -> None:
     """Times LoRA training steps of lit-llama and of PEFT side by side.
@@ -68,6 +69,8 @@ def main(
         warmup_steps: Untimed steps first.
         device: cpu or cuda.
         precision: 32-true, or bf16-true (frozen weights in bf16; our LoRA weights stay float32).
+        data: alpaca (real records, loss on the response only, as finetune/lora.py trains by default) or
+            random (random tokens, loss on every position: no prompt positions for us to skip).
         results_file: Markdown file to append the result row to (none: print only).
     """
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
@@ -77,7 +80,7 @@ def main(
     dev, dtype = torch.device(device), precision_dtype(precision)
     config = Config.from_name(model_size) if model_size else Config(**SMALL)
     lora = LoRAConfig(r=8, alpha=16, dropout=0.05)
-    batches, source = make_batches(config, micro_batch_size, max_seq_length, warmup_steps + steps)
+    batches, source = make_batches(config, micro_batch_size, max_seq_length, warmup_steps + steps, data)
 
     with dev, default_dtype(dtype):
         ours = LoRALLaMA(config, lora)
@@ -152,17 +155,17 @@ def main(
             )
 
 
-def make_batches(config: Config, micro_batch_size: int, max_seq_length: int, n: int) -> Tuple[list, str]:
+def make_batches(config: Config, micro_batch_size: int, max_seq_length: int, n: int, data: str) -> Tuple[list, str]:
     """Padded (input_ids, labels, lengths) micro-batches, from real Alpaca records when available."""
     tokenizer_path, data_path = SHARED / "tokenizers/llama/tokenizer.model", SHARED / "data/alpaca_sample.json"
     samples: List[dict]
-    if tokenizer_path.is_file() and data_path.is_file() and config.vocab_size == 32000:
+    if data == "alpaca" and tokenizer_path.is_file() and data_path.is_file() and config.vocab_size == 32000:
         import json
 
         tokenizer = Tokenizer(tokenizer_path)
         records = [{"input": "", **r} for r in json.loads(data_path.read_text())]
         samples = [prepare_sample(r, tokenizer, max_seq_length) for r in records]
-        source = "real Alpaca records"
+        source = "real Alpaca records, response-only loss"
     else:
         g = torch.Generator().manual_seed(0)
         lengths = torch.randint(60, max_seq_length, (n * micro_batch_size,), generator=g)
@@ -170,7 +173,7 @@ def make_batches(config: Config, micro_batch_size: int, max_seq_length: int, n: 
         for length in lengths.tolist():
             ids = torch.randint(3, config.vocab_size, (length,), generator=g)
             samples.append({"input_ids": ids, "labels": ids.clone()})
-        source = "random tokens"
+        source = "random tokens, loss on all positions"
     batches = []
     for i in range(n):
         chunk = [samples[(i * micro_batch_size + j) % len(samples)] for j in range(micro_batch_size)]

@@ -285,3 +285,12 @@ def test_loss_scores_only_response_positions():
     logits = model(input_ids)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(training.compute_loss(model, input_ids, labels), expected)
+
+
+def test_flags_from_yaml_config(tiny_checkpoint_dir, prepared, tmp_path):
+    """--config FILE.yaml takes every flag (here a bad combination, so that the run stops at the check)."""
+    config = tmp_path / "lora.yaml"
+    config.write_text(f"checkpoint_dir: {tiny_checkpoint_dir}\ndata_dir: {prepared / 'data'}\n"
+                      f"out_dir: {tmp_path / 'o'}\nbatch_size: 4\nmicro_batch_size: 8\nlora_r: 4\n")
+    proc = run_script("finetune/lora.py", "--config", config, check=False)
+    assert_clean_error(proc, "--micro_batch_size 8", "--batch_size 4")
