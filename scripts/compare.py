@@ -17,6 +17,7 @@ import csv
 import gc
 import json
 import math
+import platform
 import shlex
 import subprocess
 import sys
@@ -215,7 +216,11 @@ def respond(
 
 
 def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Path, flags: List[Any]) -> None:
-    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    machine = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     lines = [
         "# Finetuning methods compared",
         "",
@@ -227,7 +232,7 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
     ]
     for method, r in runs.items():
         lines.append(
-            f"| {method} | {r['trainable_params']:,} | {r['checkpoint_mb']:.1f} MB | {r['peak_memory_gb']:.2f} GB "
+            f"| {method} | {r['trainable_params']:,} | {size(r['checkpoint_mb'])} | {r['peak_memory_gb']:.2f} GB "
             f"| {r['train_seconds']:.1f} s | {r['tokens_per_sec']:.0f} | {r['train_loss']:.3f} "
             f"({perplexity(r['train_loss'])}) | {r['val_loss']:.3f} ({perplexity(r['val_loss'])}) |"
         )
@@ -239,6 +244,10 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
             lines.append(f"- **{method}**: {response}")
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def size(megabytes: float) -> str:
+    return f"{megabytes:.1f} MB" if megabytes >= 1 else f"{megabytes * 1000:.0f} kB"
 
 
 def perplexity(loss: float) -> str:
