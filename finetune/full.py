@@ -71,6 +71,7 @@ def setup(
     save_interval: int = 100,
     log_interval: int = 1,
     seed: int = 1337,
+    activation_checkpointing: bool = False,
     resume: bool = False,
     pretrained_path: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
@@ -104,13 +105,16 @@ def setup(
         save_interval: Optimizer steps between checkpoints.
         log_interval: Iterations between metric rows.
         seed: Random seed (same seed, same losses).
+        activation_checkpointing: On one device, recompute each block's activations in the backward pass
+            instead of storing them (under FSDP this is always on).
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
     """
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
-                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed)
+                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed,
+                              activation_checkpointing)
     precision = precision or default_training_precision()
     dtype = precision_dtype(precision)  # the dtype the weights are loaded (and trained) in
     check_out_dir(out_dir, resume)

@@ -69,6 +69,7 @@ def setup(
     save_interval: int = 100,
     log_interval: int = 1,
     seed: int = 1337,
+    activation_checkpointing: bool = False,
     resume: bool = False,
     pretrained_path: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
@@ -106,6 +107,8 @@ def setup(
         save_interval: Optimizer steps between checkpoints.
         log_interval: Iterations between metric rows.
         seed: Random seed (same seed, same losses).
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of storing
+            them: much less memory for long sequences, about a third more compute.
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
@@ -117,7 +120,8 @@ def setup(
     except ValueError as e:
         raise UserError(str(e))
     training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
-                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed)
+                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed,
+                              activation_checkpointing)
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
     check_out_dir(out_dir, resume)

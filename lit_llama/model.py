@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -132,6 +133,8 @@ class LLaMA(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # built on first use, on the input's device: plain attributes, so never saved in checkpoints
         self.rope_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # trade compute for memory in training: see finetune/lora.py --activation_checkpointing
+        self.activation_checkpointing = False
         self.mask_cache: Optional[torch.Tensor] = None
 
     def forward(
@@ -157,7 +160,10 @@ class LLaMA(nn.Module):
 
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos)
+            if self.activation_checkpointing and self.training:  # keep only block inputs; recompute the rest
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, input_pos)
         if output_mask is not None:
             x = x[output_mask]
         x = self.transformer.ln_f(x)
@@ -314,8 +320,8 @@ def build_rope_cache(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_size); cos, sin: (T, head_size)."""
+    """x: (B, heads, T, head_size); cos, sin: (T, head_size). Computed in x's dtype, like the Hugging Face
+    reference (and without float32 copies of q and k kept for the backward pass)."""
     half = x.size(-1) // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    out = x.float() * cos + rotated.float() * sin
-    return out.to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

@@ -46,6 +46,7 @@ class TrainingConfig:
     save_interval: int  # optimizer steps between checkpoints (0 = only the final one)
     log_interval: int = 1  # iterations between metric rows
     seed: int = 1337
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
 
     def gradient_accumulation_iters(self, world_size: int) -> int:
         if self.micro_batch_size > self.batch_size:
@@ -347,6 +348,8 @@ def setup_model_and_optimizer(
     """Hands the model to Fabric (devices, precision, strategy) and builds AdamW over what trains. When
     only some weights train (LoRA, adapter), those are kept in float32."""
     frozen_some = any(not p.requires_grad for p in model.parameters())
+    if config.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy):  # FSDP has its own
+        model.activation_checkpointing = True
     model = fabric.setup_module(model)
     if frozen_some:
         keep_trainable_in_fp32(model)
