@@ -78,3 +78,38 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     assert len(errors) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def load_script(relative_path: str):
+    """Imports a repository script (finetune/lora.py, ...) as a module, to call its setup() in-process."""
+    import importlib.util
+
+    name = relative_path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Interrupted(Exception):
+    """Stands for a crash or Ctrl-C in the middle of a training run."""
+
+
+def interrupt_at_iteration(monkeypatch, iteration: int, setup, **args) -> None:
+    """Runs `setup(**args)` until the training loop asks for the batch of micro-iteration `iteration`
+    (0-based), where it stops as if interrupted; the loop's batch function is restored afterwards."""
+    import lit_llama.training as training
+
+    real_batch_indices = training.batch_indices
+
+    def interrupting_batch_indices(n, batch, iter_num, *rest):
+        if iter_num == iteration:
+            raise Interrupted
+        return real_batch_indices(n, batch, iter_num, *rest)
+
+    monkeypatch.setattr(training, "batch_indices", interrupting_batch_indices)
+    try:
+        with pytest.raises(Interrupted):
+            setup(**args)
+    finally:
+        monkeypatch.setattr(training, "batch_indices", real_batch_indices)

@@ -3,8 +3,8 @@ from dataclasses import asdict
 
 import pytest
 import torch
-
 from conftest import make_checkpoint_dir
+
 from lit_llama.adapter import (
     AdapterAttention,
     AdapterConfig,

@@ -2,15 +2,13 @@
 (2 layers: the adapter goes in layer 1) and a small arithmetic instruction set."""
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_checkpoint_dir, run_script
 
-import lit_llama.training as training
-from conftest import REPO_ROOT, assert_clean_error, make_checkpoint_dir, run_script
 from lit_llama.adapter import AdapterLLaMA, adapter_state_dict
 from lit_llama.data import prepare_dataset
 from lit_llama.model import Config
@@ -28,13 +26,6 @@ def data_dir(tmp_path_factory, tiny_checkpoint_dir) -> Path:
     tokenizer = Tokenizer(tiny_checkpoint_dir / "tokenizer.model")
     prepare_dataset(records, tokenizer, path, test_split_size=12, seed=42, max_seq_length=128)
     return path  # 108 training examples
-
-
-def load_script(relative_path: str):
-    spec = importlib.util.spec_from_file_location(Path(relative_path).stem, REPO_ROOT / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_metrics(out_dir: Path):
@@ -122,19 +113,8 @@ def test_resume_equals_uninterrupted(tiny_checkpoint_dir, data_dir, tmp_path, mo
                 learning_rate=3e-2, warmup_iters=2, adapter_start_layer=1, adapter_version=2)
     finetune.setup(out_dir=tmp_path / "straight", **args)
 
-    calls = {"n": 0}
-    real_pad_batch = training.pad_batch
-
-    def interrupting_pad_batch(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:  # the 7th training iteration (after one validation batch), between two saves
-            raise KeyboardInterrupt
-        return real_pad_batch(*a, **k)
-
-    monkeypatch.setattr(training, "pad_batch", interrupting_pad_batch)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.setup(out_dir=tmp_path / "resumed", **args)
-    monkeypatch.setattr(training, "pad_batch", real_pad_batch)
+    # micro-iteration 6: between the saves at iterations 4 and 8
+    interrupt_at_iteration(monkeypatch, 6, finetune.setup, out_dir=tmp_path / "resumed", **args)
     assert not (tmp_path / "resumed" / FINAL_NAME).exists()
     finetune.setup(out_dir=tmp_path / "resumed", resume=True, **args)
 

@@ -1,6 +1,7 @@
 import json
 
 from conftest import assert_clean_error, run_script
+
 from lit_llama.data import prepare_dataset
 from lit_llama.tokenizer import Tokenizer
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, assert_clean_error, run_script
+
 from lit_llama.data import (
     IGNORE_INDEX,
     download_if_missing,

@@ -2,7 +2,6 @@
 (DDP over gloo: FSDP does not run on CPU), resuming, and bad input."""
 
 import csv
-import importlib.util
 import math
 import subprocess
 import sys
@@ -10,9 +9,8 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_checkpoint_dir, run_script
 
-import lit_llama.training as training
-from conftest import REPO_ROOT, assert_clean_error, make_checkpoint_dir, run_script
 from lit_llama.data import prepare_dataset
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import load_model, resolve_checkpoint
@@ -25,13 +23,6 @@ SETTINGS = dict(precision="32-true", batch_size=4, micro_batch_size=2, max_iters
 
 def flags(**settings):
     return [item for key, value in settings.items() for item in (f"--{key}", value)]
-
-
-def load_script(path: str):
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], REPO_ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -103,26 +94,13 @@ def test_two_processes_train_like_one(base, trained, tmp_path):
     assert len(val_losses) == 3 and all(math.isfinite(v) for v in val_losses)  # eval_iters 1 < 2 devices
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsys):
     checkpoint_dir, data_dir = base
     finetune = load_script("finetune/full.py")
     args = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=tmp_path / "out", **SETTINGS)
 
-    real_batch_indices = training.batch_indices
-
-    def interrupting_batch_indices(n, batch, iter_num, *rest):
-        if iter_num == 4:  # the 5th iteration, after the save at step 2 (iteration 4)
-            raise Interrupted
-        return real_batch_indices(n, batch, iter_num, *rest)
-
-    monkeypatch.setattr(training, "batch_indices", interrupting_batch_indices)
-    with pytest.raises(Interrupted):
-        finetune.setup(**args)
-    monkeypatch.setattr(training, "batch_indices", real_batch_indices)
+    # the 5th iteration, after the save at step 2 (iteration 4)
+    interrupt_at_iteration(monkeypatch, 4, finetune.setup, **args)
     assert not (tmp_path / "out" / FINAL).exists() and (tmp_path / "out" / "resume.pth").exists()
     capsys.readouterr()
     finetune.setup(resume=True, **args)

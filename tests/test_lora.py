@@ -1,13 +1,12 @@
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_checkpoint_dir, run_script
 
 import lit_llama.training as training
-from conftest import REPO_ROOT, assert_clean_error, make_checkpoint_dir, run_script
 from lit_llama.lora import (
     LoRAConfig,
     LoRALinear,
@@ -205,10 +204,7 @@ def test_end_to_end(tiny_checkpoint_dir, prepared, tmp_path):
 
 
 def load_finetune_lora():
-    spec = importlib.util.spec_from_file_location("finetune_lora", REPO_ROOT / "finetune" / "lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("finetune/lora.py")
 
 
 def test_resume_equals_uninterrupted(tiny_checkpoint_dir, prepared, tmp_path, monkeypatch):
@@ -218,19 +214,8 @@ def test_resume_equals_uninterrupted(tiny_checkpoint_dir, prepared, tmp_path, mo
                 learning_rate=3e-3, warmup_iters=2, lora_dropout=0.1)
     finetune.setup(out_dir=tmp_path / "straight", **args)
 
-    calls = {"n": 0}
-    real_pad_batch = training.pad_batch
-
-    def interrupting_pad_batch(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 12:  # mid-way between two saves
-            raise KeyboardInterrupt
-        return real_pad_batch(*a, **k)
-
-    monkeypatch.setattr(training, "pad_batch", interrupting_pad_batch)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.setup(out_dir=tmp_path / "resumed", **args)
-    monkeypatch.setattr(training, "pad_batch", real_pad_batch)
+    # micro-iteration 10: between the saves at iterations 8 and 12
+    interrupt_at_iteration(monkeypatch, 10, finetune.setup, out_dir=tmp_path / "resumed", **args)
     assert not (tmp_path / "resumed" / "lit-llama-lora-finetuned.pth").exists()
     finetune.setup(out_dir=tmp_path / "resumed", resume=True, **args)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import assert_clean_error, run_script
+
 from lit_llama.generation import generate
 from lit_llama.model import Config, LLaMA, llama_configs
 
