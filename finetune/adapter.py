@@ -22,6 +22,8 @@ from lit_llama.training import (
     TrainingConfig,
     check_out_dir,
     fit,
+    full_state_dict,
+    load_device,
     load_tokenizer_and_data,
     make_fabric,
     setup_model_and_optimizer,
@@ -50,6 +52,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: str = "auto",
+    cpu_offload: bool = False,
     learning_rate: float = 9e-3,
     batch_size: int = 128,
     micro_batch_size: int = 4,
@@ -81,8 +84,13 @@ def setup(
         precision: bf16-true (default on a GPU with bf16: frozen weights in bf16, adapter weights in float32),
             32-true (default on CPU), 16-mixed or bf16-mixed.
         devices: GPUs (or CPU processes) per node.
-        num_nodes: Machines; multi-node runs are launched by a cluster launcher (SLURM, torchrun).
-        strategy: Fabric strategy: auto, ddp, fsdp, deepspeed.
+        num_nodes: Machines; multi-node runs are started on each machine by torchrun or SLURM (see
+            howto/multi_gpu.md).
+        strategy: auto (FSDP over several devices, nothing to distribute on one), fsdp (FSDP2: the frozen base
+            and the adapter weights sharded per transformer block among the devices; also on one device) or ddp (every
+            device holds the whole model; gradients are averaged).
+        cpu_offload: With FSDP, keep the weight shards and the optimizer step in CPU memory and copy each block
+            to the GPU when it runs: fits larger models, runs slower.
         learning_rate: Peak AdamW learning rate.
         batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
         micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
@@ -125,7 +133,7 @@ def setup(
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
     check_out_dir(out_dir, resume)
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
     fabric.launch(main, paths, dtype, adapter, training, data_dir, out_dir, resume)
 
 
@@ -143,7 +151,7 @@ def main(
     if training.warmup_iters is None:  # fit() clamps it to the run's optimizer steps
         training = replace(training, warmup_iters=WARMUP_EPOCHS * len(train_data) // training.batch_size)
 
-    adapter_model = load_model(replace(paths, config=adapter), fabric.device, dtype, AdapterLLaMA)
+    adapter_model = load_model(replace(paths, config=adapter), load_device(fabric), dtype, AdapterLLaMA)
     mark_only_adapter_as_trainable(adapter_model)
     fabric.print(
         f"LLaMA-Adapter v{adapter.adapter_version} (prompt length {adapter.adapter_prompt_length}, from layer "
@@ -153,8 +161,9 @@ def main(
     model, optimizer = setup_model_and_optimizer(fabric, adapter_model, training)
 
     def save_adapter(path: Path) -> None:
+        trainable = full_state_dict(adapter_model, trainable_only=True)  # under FSDP gathered from every rank
         if fabric.global_rank == 0:
-            save_atomic(adapter_state_dict(adapter_model), path)
+            save_atomic(adapter_state_dict(adapter_model, trainable), path)
             fabric.print(f"Saved adapter weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume)

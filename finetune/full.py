@@ -1,4 +1,4 @@
-"""Finetune every weight of LLaMA on an instruction dataset (FSDP over several GPUs, or one device).
+"""Finetune every weight of LLaMA on an instruction dataset (FSDP2 over several GPUs, or one device).
 
     python scripts/prepare_alpaca.py --checkpoint_dir checkpoints/lit-llama/7B
     python finetune/full.py --checkpoint_dir checkpoints/lit-llama/7B --devices 4
@@ -8,26 +8,25 @@ Writes full checkpoints (as large as the base model), lit_config.json, tokenizer
 else; see howto/finetune_full.md.
 """
 
-import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import torch
-from lightning.fabric.strategies import FSDPStrategy
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.model import Block
 from lit_llama.training import (
     TrainingConfig,
     check_out_dir,
+    choose_strategy,
     fit,
+    full_state_dict,
+    load_device,
     load_tokenizer_and_data,
     make_fabric,
+    save_sharded_weights,
     setup_model_and_optimizer,
 )
 from lit_llama.utils import (
@@ -45,7 +44,6 @@ from lit_llama.utils import (
 )
 
 FINAL_NAME = "lit-llama-full-finetuned.pth"
-STRATEGIES = ("auto", "fsdp", "ddp")
 STATE_DICT_TYPES = ("full", "sharded")
 
 
@@ -57,6 +55,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: str = "auto",
+    cpu_offload: bool = False,
     state_dict_type: str = "full",
     learning_rate: float = 3e-5,
     batch_size: int = 128,
@@ -85,13 +84,17 @@ def setup(
         precision: bf16-mixed (default on a GPU with bf16: float32 weights and optimizer states, bf16
             computation), bf16-true (half the memory, but bf16 weights round away most updates of a
             learning rate this small), 32-true (default on CPU) or 16-mixed.
-        devices: GPUs (or CPU processes) per node. More than one shards the model with FSDP.
-        num_nodes: Machines; multi-node runs are launched by a cluster launcher (SLURM, torchrun).
-        strategy: auto (FSDP over several GPUs: one unit and activation checkpointing per transformer block;
-            DDP over several CPU processes; none on one device), fsdp (the same FSDP, also on one GPU) or ddp
-            (every GPU holds the whole model and its AdamW states).
+        devices: GPUs (or CPU processes) per node.
+        num_nodes: Machines; multi-node runs are started on each machine by torchrun or SLURM (see
+            howto/multi_gpu.md).
+        strategy: auto (FSDP over several devices, nothing to distribute on one), fsdp (FSDP2: weights,
+            gradients and AdamW states sharded per transformer block among the devices; also on one device)
+            or ddp (every device holds the whole model and its AdamW states; gradients are averaged).
+        cpu_offload: With FSDP, keep the weight shards, gradients and AdamW states in CPU memory and copy each
+            block to the GPU when it runs: fits larger models, runs slower.
         state_dict_type: With FSDP: full (each checkpoint one file, gathered on rank 0) or sharded (a folder
-            with one file per process: faster to write, no gathering; generate/full.py reads both).
+            with one file per process: faster to write, no gathering; generate/full.py reads both; the resume
+            state is sharded the same way).
         learning_rate: Peak AdamW learning rate.
         batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
         micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
@@ -105,8 +108,8 @@ def setup(
         save_interval: Optimizer steps between checkpoints.
         log_interval: Iterations between metric rows.
         seed: Random seed (same seed, same losses).
-        activation_checkpointing: On one device, recompute each block's activations in the backward pass
-            instead of storing them (under FSDP this is always on).
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of storing
+            them: much less memory for long sequences, about a third more compute.
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
@@ -118,9 +121,14 @@ def setup(
     precision = precision or default_training_precision()
     dtype = precision_dtype(precision)  # the dtype the weights are loaded (and trained) in
     check_out_dir(out_dir, resume)
-    fabric = make_fabric(devices, num_nodes, choose_strategy(strategy, devices, num_nodes, state_dict_type),
-                         precision, out_dir)
-    fabric.launch(main, paths, dtype, training, data_dir, out_dir, resume, state_dict_type == "sharded")
+    if state_dict_type not in STATE_DICT_TYPES:
+        raise UserError(f"--state_dict_type {state_dict_type!r} is not one of {', '.join(STATE_DICT_TYPES)}")
+    sharded = state_dict_type == "sharded"
+    if sharded and choose_strategy(strategy, devices, num_nodes, precision) in ("auto", "ddp"):
+        raise UserError("--state_dict_type sharded needs FSDP (--strategy fsdp, or --devices > 1); without it "
+                        "checkpoints are always one full file")
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
+    fabric.launch(main, paths, dtype, training, data_dir, out_dir, resume, sharded)
 
 
 def default_training_precision() -> str:
@@ -129,35 +137,6 @@ def default_training_precision() -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return default_precision()
-
-
-def choose_strategy(strategy: str, devices: int, num_nodes: int, state_dict_type: str) -> Any:
-    """The Fabric strategy: over several GPUs, FSDP sharded per transformer block."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    if state_dict_type not in STATE_DICT_TYPES:
-        raise UserError(f"--state_dict_type {state_dict_type!r} is not one of {', '.join(STATE_DICT_TYPES)}")
-    several = devices > 1 or num_nodes > 1
-    fsdp = strategy == "fsdp" or (strategy == "auto" and several)
-    if fsdp and not torch.cuda.is_available():
-        if strategy == "fsdp":
-            raise UserError("--strategy fsdp needs GPUs; on CPU use --strategy ddp (or auto)")
-        # Neither Lightning nor PyTorch shards over CPU processes: Fabric(accelerator="cpu",
-        # strategy=FSDPStrategy(...)) raises "FSDP is only available on GPU", and torch's FSDP itself
-        # "FSDP needs a non-CPU accelerator device" (torch 2.13, lightning 2.6). Every CPU process then
-        # holds the whole model and DDP (gloo) averages the gradients: same results, no memory saved.
-        fsdp, strategy = False, "ddp"
-    if state_dict_type == "sharded" and not fsdp:
-        raise UserError("--state_dict_type sharded needs FSDP (--devices > 1 on GPUs); without it checkpoints are "
-                        "always one full file")
-    if not fsdp:
-        return strategy
-    return FSDPStrategy(
-        auto_wrap_policy={Block},  # one FSDP unit per transformer block: only one block is ever gathered whole
-        activation_checkpointing_policy={Block},  # recompute each block's activations in the backward pass
-        state_dict_type=state_dict_type,
-        # sharding_strategy FULL_SHARD (the default): weights, gradients and AdamW states all sharded
-    )
 
 
 def main(
@@ -172,10 +151,7 @@ def main(
 ) -> None:
     tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
 
-    fsdp = isinstance(fabric.strategy, FSDPStrategy)
-    # With FSDP every process loads the weights into CPU memory and `setup_module` moves them to its GPU one
-    # block at a time, keeping only its shard: no GPU ever holds the whole model.
-    model = load_model(paths, torch.device("cpu") if fsdp else fabric.device, dtype)
+    model = load_model(paths, load_device(fabric), dtype)
     fabric.print(f"Full finetuning: all {num_parameters(model):,} parameters train")
     model, optimizer = setup_model_and_optimizer(fabric, model, training)
 
@@ -185,32 +161,17 @@ def main(
         copy_tokenizer(paths.tokenizer, out_dir)
 
     def save_full(path: Path) -> None:
-        if sharded:  # FSDP only (see choose_strategy)
-            save_sharded(fabric, model, path)
+        if sharded:  # FSDP only (see setup)
+            save_sharded_weights(fabric, model, path)
         else:
-            # Fabric keeps the FSDP (or DDP) wrapped model as `_forward_module`; from it this gathers the
-            # shards block by block into rank 0's CPU memory (the other ranks get an empty dict)
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state_dict = get_model_state_dict(model._forward_module, options=options)
+            state_dict = full_state_dict(model)  # under FSDP gathered block by block into rank 0's CPU memory
             if fabric.global_rank == 0:
                 save_atomic(state_dict, path)  # the same keys as a base lit-llama.pth
             fabric.barrier()
         fabric.print(f"Saved the finetuned weights to {path}")
 
-    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_full, FINAL_NAME, resume)
-
-
-def save_sharded(fabric: L.Fabric, model: torch.nn.Module, path: Path) -> None:
-    """A torch.distributed.checkpoint folder (one file of weights per process, plus meta.pt), written under
-    a temporary name and renamed when complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    fabric.save(tmp, {"model": model})
-    fabric.barrier()
-    if fabric.global_rank == 0:
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    fabric.barrier()
+    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_full, FINAL_NAME, resume,
+        sharded_resume=sharded)
 
 
 if __name__ == "__main__":

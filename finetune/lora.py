@@ -20,6 +20,8 @@ from lit_llama.training import (
     TrainingConfig,
     check_out_dir,
     fit,
+    full_state_dict,
+    load_device,
     load_tokenizer_and_data,
     make_fabric,
     setup_model_and_optimizer,
@@ -47,6 +49,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: str = "auto",
+    cpu_offload: bool = False,
     learning_rate: float = 3e-4,
     batch_size: int = 128,
     micro_batch_size: int = 4,
@@ -83,8 +86,13 @@ def setup(
         precision: bf16-true (default on a GPU with bf16: frozen weights in bf16, LoRA weights in float32),
             32-true (default on CPU), 16-mixed or bf16-mixed.
         devices: GPUs (or CPU processes) per node.
-        num_nodes: Machines; multi-node runs are launched by a cluster launcher (SLURM, torchrun).
-        strategy: Fabric strategy: auto, ddp, fsdp, deepspeed.
+        num_nodes: Machines; multi-node runs are started on each machine by torchrun or SLURM (see
+            howto/multi_gpu.md).
+        strategy: auto (FSDP over several devices, nothing to distribute on one), fsdp (FSDP2: the frozen base
+            and the LoRA weights sharded per transformer block among the devices; also on one device) or ddp (every
+            device holds the whole model; gradients are averaged).
+        cpu_offload: With FSDP, keep the weight shards and the optimizer step in CPU memory and copy each block
+            to the GPU when it runs: fits larger models, runs slower.
         learning_rate: Peak AdamW learning rate.
         batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
         micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
@@ -125,7 +133,7 @@ def setup(
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
     check_out_dir(out_dir, resume)
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
     fabric.launch(main, paths, dtype, lora, training, data_dir, out_dir, resume)
 
 
@@ -141,7 +149,7 @@ def main(
 ) -> None:
     tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
 
-    lora_model = load_model(paths, fabric.device, dtype, LoRALLaMA, lora=lora)
+    lora_model = load_model(paths, load_device(fabric), dtype, LoRALLaMA, lora=lora)
     mark_only_lora_as_trainable(lora_model)
     fabric.print(
         f"LoRA r={lora.r} alpha={lora.alpha}: {num_parameters(lora_model, requires_grad=True):,} trainable of "
@@ -150,8 +158,9 @@ def main(
     model, optimizer = setup_model_and_optimizer(fabric, lora_model, training)
 
     def save_lora(path: Path) -> None:
+        trainable = full_state_dict(lora_model, trainable_only=True)  # under FSDP gathered from every rank
         if fabric.global_rank == 0:
-            save_atomic(lora_state_dict(lora_model), path)
+            save_atomic(lora_state_dict(lora_model, trainable), path)
             fabric.print(f"Saved LoRA weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume)

@@ -20,7 +20,7 @@ parameter has "adapter_" in its name, so a base checkpoint loads unchanged (see
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Set, Union
+from typing import Any, Dict, Optional, Set, Union
 
 import torch
 import torch.nn as nn
@@ -200,11 +200,13 @@ def mark_only_adapter_as_trainable(model: AdapterLLaMA) -> None:
         param.requires_grad = name in trainable
 
 
-def adapter_state_dict(model: AdapterLLaMA) -> Dict[str, Any]:
+def adapter_state_dict(model: AdapterLLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
     """The trainable tensors alone (a few MB for 7B) and, under "adapter_config", the adapter settings and
-    the base model's shape, so a generate script can rebuild the model from the base checkpoint and this."""
+    the base model's shape, so a generate script can rebuild the model from the base checkpoint and this.
+    `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
     trainable = trainable_parameter_names(model)
-    state = {name: t.detach() for name, t in model.state_dict().items() if name in trainable}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    state = {name: t.detach() for name, t in state_dict.items() if name in trainable}
     state["adapter_config"] = _describe(model.config)
     return state
 

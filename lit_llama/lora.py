@@ -162,10 +162,12 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
         param.requires_grad = "lora_" in name
 
 
-def lora_state_dict(model: LoRALLaMA) -> Dict[str, Any]:
+def lora_state_dict(model: LoRALLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
     """The LoRA tensors alone (a few MB for 7B at r=8), with the hyperparameters and the base model's
-    shape, so generate and merge scripts rebuild the same model from the file alone."""
-    tensors = {name: t.detach() for name, t in model.state_dict().items() if "lora_" in name}
+    shape, so generate and merge scripts rebuild the same model from the file alone. `state_dict`: the
+    model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {name: t.detach() for name, t in state_dict.items() if "lora_" in name}
     return {
         "lora_config": asdict(model.lora_config),
         "base_config": asdict(model.config),

@@ -1,8 +1,9 @@
 """The finetuning loop shared by finetune/lora.py, finetune/adapter.py and finetune/full.py.
 
 Each script builds its model, says which parameters train and how to save them; everything else lives
-here once: batching (padded to the longest sequence in the batch), the learning-rate schedule, gradient
-accumulation, validation with a greedy sample, checkpointing, resuming, the progress bar and CSV metrics.
+here once: the strategy (one device, DDP or FSDP2 sharding), batching (padded to the longest sequence in
+the batch), the learning-rate schedule, gradient accumulation, validation with a greedy sample,
+checkpointing, resuming, the progress bar and CSV metrics.
 """
 
 import json
@@ -12,14 +13,24 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import lightning as L
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from lightning.fabric.loggers import CSVLogger
-from lightning.fabric.strategies import FSDPStrategy
+from lightning.fabric.strategies import ModelParallelStrategy, Strategy
+from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from lit_llama.data import IGNORE_INDEX, load_prepared
@@ -28,7 +39,9 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import CheckpointPaths, UserError, check_vocab
 
 Sample = Dict[str, Any]
-RESUME_NAME = "resume.pth"  # trainable weights, optimizer, step and RNG of the last save
+RESUME_NAME = "resume.pth"  # trainable weights, optimizer, counters and RNG of the last save
+RESUME_META = "meta.pth"  # in a sharded resume folder: the counters and RNG beside the shards
+STRATEGIES = ("auto", "ddp", "fsdp")  # what every finetune script offers; the tests run each one
 
 
 @dataclass
@@ -125,10 +138,12 @@ def fit(
     save_weights: Callable[[Path], None],
     final_name: str,
     resume: bool = False,
+    sharded_resume: bool = False,
 ) -> Dict[str, float]:
     """Trains for `config.total_iters(...)` micro-batch iterations. `save_weights(path)` writes the
-    method's own checkpoint (LoRA-only, adapter-only or full weights); `final_name` is the last one's
-    file name. Returns the final metrics."""
+    method's own checkpoint (LoRA-only, adapter-only or full weights) and is called on every rank (under
+    FSDP the weights are gathered); `final_name` is the last one's file name. `sharded_resume` writes the
+    resume state as one folder of per-rank shards instead of one file. Returns the final metrics."""
     world = fabric.world_size
     accumulation = config.gradient_accumulation_iters(world)
     max_iters = config.total_iters(len(train_data), world)
@@ -142,17 +157,13 @@ def fit(
     max_steps = max_iters // accumulation
     warmup_steps = min(config.warmup_iters, max_steps)
 
-    # names as in the unwrapped model's state dict; None (save everything) when all weights train
-    named = list(getattr(model, "module", model).named_parameters())
-    trainable = {name for name, p in named if p.requires_grad} if not all(p.requires_grad for _, p in named) else None
-    state = {"model": model, "optimizer": optimizer, "iter_num": 0, "step_count": 0, "tokens": 0, "train_seconds": 0.0}
+    state = {"iter_num": 0, "step_count": 0, "tokens": 0, "train_seconds": 0.0}  # what --resume restores
     fit_start = time.perf_counter()
     resume_path = out_dir / RESUME_NAME
     if resume:
         if not resume_path.exists():
             raise UserError(f"--resume: {resume_path} not found; there is no earlier run to continue")
-        remainder = fabric.load(resume_path, state, strict=False)  # fills `state` in place
-        torch.set_rng_state(remainder["rng"])
+        state = load_resume_state(fabric, model, optimizer, resume_path)
         fabric.print(f"Resuming from iteration {state['iter_num']} (step {state['step_count']})")
 
     fabric.print(
@@ -178,7 +189,7 @@ def fit(
 
         is_accumulating = (iter_num + 1) % accumulation != 0
         # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
-        skip_sync = is_accumulating and not isinstance(fabric.strategy, FSDPStrategy)
+        skip_sync = is_accumulating and not is_fsdp(fabric)
         with fabric.no_backward_sync(model, enabled=skip_sync):
             loss = compute_loss(model, input_ids, labels)
             fabric.backward(loss / accumulation)
@@ -202,7 +213,7 @@ def fit(
                 print_sample(fabric, model, tokenizer, val_data[0])
             if config.save_interval and step % config.save_interval == 0 and step < max_steps:
                 save_weights(out_dir / f"iter-{iter_num + 1:06d}-ckpt.pth")
-                save_resume_state(fabric, state, resume_path, trainable)
+                save_resume_state(fabric, model, optimizer, state, resume_path, sharded_resume)
 
         if (iter_num + 1) % config.log_interval == 0 or row:
             row.update(
@@ -225,7 +236,7 @@ def fit(
     fabric.print(f"Validation loss after training: {val_loss:.4f}")
     print_sample(fabric, model, tokenizer, val_data[0])
     save_weights(out_dir / final_name)
-    save_resume_state(fabric, state, resume_path, trainable)
+    save_resume_state(fabric, model, optimizer, state, resume_path, sharded_resume)
     for logger in fabric.loggers:
         logger.finalize("success")
     summary = {
@@ -270,19 +281,120 @@ def print_sample(fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer,
     fabric.print(f"Instruction: {sample['instruction']}\nResponse: {response}\n")
 
 
-def save_resume_state(fabric: L.Fabric, state: Dict[str, Any], path: Path, trainable: Optional[set]) -> None:
-    """Everything `--resume` needs (only the trainable weights of the model), written under a temporary
-    name and renamed when complete."""
+def save_resume_state(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    counters: Dict[str, Any],
+    path: Path,
+    sharded: bool = False,
+) -> None:
+    """Everything `--resume` needs: the trainable weights, the AdamW states, the counters and every rank's
+    random generators. One file, gathered on rank 0; or with `sharded` a torch.distributed.checkpoint folder
+    in which each rank writes its own shards (no gathering: for full finetuning of large models). Written
+    under a temporary name and renamed when complete, so a crash never leaves half a resume state."""
+    options = StateDictOptions(full_state_dict=not sharded, cpu_offload=True, ignore_frozen_params=True)
+    weights, optimizer_state = get_state_dict(unwrap(model), unwrap(optimizer), options=options)
+    meta = {**counters, "world_size": fabric.world_size, "rng": gather_rng_states(fabric)}
     tmp = path.with_name(path.name + ".tmp")
-    to_save = {**state, "rng": torch.get_rng_state()}
-    keep = None if trainable is None else {"model": lambda name, _: name in trainable}
-    fabric.save(tmp, to_save, filter=keep)
+    if sharded:
+        dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        if fabric.global_rank == 0:
+            torch.save(meta, tmp / RESUME_META)
+    elif fabric.global_rank == 0:
+        torch.save({"model": weights, "optimizer": optimizer_state, **meta}, tmp)
     fabric.barrier()
     if fabric.global_rank == 0:
-        if path.is_dir():  # sharded (FSDP) checkpoints are folders
+        if path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
     fabric.barrier()
+
+
+def load_resume_state(
+    fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path
+) -> Dict[str, Any]:
+    """Restores what `save_resume_state` wrote (a file or a sharded folder, on any strategy) into the set-up
+    model and optimizer, and this rank's random generators; returns the counters. Only tensors and plain
+    values are read (`weights_only`): a resume file cannot run code."""
+    try:
+        if path.is_dir():
+            # the set-up model's own (sharded) state dicts are the templates the shards are read into
+            weights, optimizer_state = get_state_dict(
+                unwrap(model), unwrap(optimizer), options=StateDictOptions(ignore_frozen_params=True)
+            )
+            saved = {"model": weights, "optimizer": optimizer_state}
+            dcp.load(saved, checkpoint_id=path)
+            meta = torch.load(path / RESUME_META, weights_only=True)
+            options = StateDictOptions(ignore_frozen_params=True)
+        else:
+            saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            meta = saved
+            options = StateDictOptions(full_state_dict=True, strict=False)  # frozen weights are not in it
+    except Exception as e:  # noqa: BLE001 - any unreadable resume state is the user's file
+        raise UserError(f"--resume: {path} is not a resume state this version can read ({type(e).__name__}: {e})")
+    if not isinstance(meta, dict) or "world_size" not in meta or "rng" not in meta:
+        raise UserError(f"--resume: {path} was written by an older version; start a new run in another --out_dir")
+    if meta["world_size"] != fabric.world_size:
+        raise UserError(
+            f"--resume: {path} was written by {meta['world_size']} processes; resume it with as many "
+            f"(--devices x --num_nodes), not {fabric.world_size}"
+        )
+    trainable = {name for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    if set(saved["model"]) != trainable:
+        unexpected = sorted(set(saved["model"]) ^ trainable)
+        raise UserError(f"--resume: {path} holds the weights of another model or method (e.g. {unexpected[0]!r})")
+    set_state_dict(
+        unwrap(model), unwrap(optimizer), model_state_dict=saved["model"],
+        optim_state_dict=saved["optimizer"], options=options,
+    )
+    rng = meta["rng"][fabric.global_rank]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and fabric.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], fabric.device)
+    return {key: meta[key] for key in ("iter_num", "step_count", "tokens", "train_seconds")}
+
+
+def gather_rng_states(fabric: L.Fabric) -> List[Dict[str, torch.Tensor]]:
+    """Every rank's CPU (and CUDA) random generator state, in rank order: LoRA dropout draws from the
+    generator of the device it runs on, and each rank has its own."""
+    mine = {"cpu": torch.get_rng_state()}
+    if fabric.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(fabric.device)
+    if fabric.world_size == 1:
+        return [mine]
+    states: List[Any] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
+    """The model's weights (or only those that train), whole, in CPU memory on rank 0; the other ranks get
+    an empty dict. Under FSDP they are gathered from the shards, so every rank must call this."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(unwrap(model), options=options)
+
+
+def save_sharded_weights(fabric: L.Fabric, model: torch.nn.Module, path: Path) -> None:
+    """A torch.distributed.checkpoint folder of the weights (under "model"; each rank writes its shards, no
+    gathering), written under a temporary name and renamed when complete. generate/full.py reads it."""
+    tmp = path.with_name(path.name + ".tmp")
+    dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def unwrap(obj: Any) -> Any:
+    """The model or optimizer itself, from Fabric's wrapper (under FSDP2 the model is sharded in place)."""
+    if isinstance(obj, _FabricModule):
+        return obj.module
+    if isinstance(obj, _FabricOptimizer):
+        return obj.optimizer
+    return obj
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -296,19 +408,74 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def make_fabric(
-    devices: int, num_nodes: int, strategy: Any, precision: str, out_dir: Path
+    devices: int, num_nodes: int, strategy: str, precision: str, out_dir: Path, cpu_offload: bool = False
 ) -> L.Fabric:
+    """Fabric with the devices, strategy (see `choose_strategy`), precision and CSV logger of a run."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
+    if devices < 1 or num_nodes < 1:
+        raise UserError(f"--devices and --num_nodes must be at least 1, got {devices} and {num_nodes}")
     if devices > available and num_nodes == 1:
         raise UserError(f"--devices {devices} is more than the {available} devices available on this machine")
     logger = CSVLogger(root_dir=out_dir, name="logs", flush_logs_every_n_steps=10)
     return L.Fabric(
         devices=devices,
         num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
+        strategy=choose_strategy(strategy, devices, num_nodes, precision, cpu_offload),
+        # the scripts load the weights in their dtype themselves (with the trainable ones in float32, see
+        # setup_model_and_optimizer): Fabric's "-true" precisions would cast every weight once more
+        precision="32-true" if precision.endswith("-true") else precision,
         loggers=logger,
     )
+
+
+def choose_strategy(
+    strategy: str, devices: int, num_nodes: int, precision: str, cpu_offload: bool = False
+) -> Union[str, Strategy]:
+    """--strategy as Fabric takes it. auto: FSDP over several devices, nothing to distribute on one. ddp:
+    every device holds the whole model and its AdamW states; gradients are averaged. fsdp: FSDP2 sharding
+    (see `shard_model`), also on one device, over NCCL on GPUs or gloo on CPUs."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    fsdp = strategy == "fsdp" or (strategy == "auto" and devices * num_nodes > 1)
+    if cpu_offload and not fsdp:
+        raise UserError("--cpu_offload needs FSDP: add --strategy fsdp")
+    if not fsdp:
+        return strategy
+    if precision == "16-mixed":
+        raise UserError("--precision 16-mixed does not work with FSDP (its gradient scaler cannot unscale sharded "
+                        "gradients): use bf16-mixed, bf16-true or 32-true")
+    # bf16-mixed: float32 shards, gathered for computation in bf16 (half the traffic and memory of float32)
+    param_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
+    parallelize = partial(shard_model, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    return ModelParallelStrategy(parallelize, data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
+
+
+def shard_model(
+    model: torch.nn.Module, device_mesh: Any, param_dtype: Optional[torch.dtype], cpu_offload: bool
+) -> torch.nn.Module:
+    """FSDP2: every transformer block is one unit, gathered whole only while it runs (forward, and again in
+    backward), then the root unit holds the rest (embedding, final norm, output layer). Weights, gradients
+    and AdamW states are split among all processes. Each shard keeps its weight's dtype, so LoRA and adapter
+    weights stay float32 beside a bf16 base; gradients are averaged in float32. With `cpu_offload` the
+    shards (and the AdamW step) live in CPU memory and each block is copied to the GPU when it runs."""
+    mesh = device_mesh["data_parallel"]
+    options: Dict[str, Any] = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype, torch.float32)}
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for block in model.transformer.h:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_fsdp(fabric: L.Fabric) -> bool:
+    return isinstance(fabric.strategy, ModelParallelStrategy)
+
+
+def load_device(fabric: L.Fabric) -> torch.device:
+    """Where a script loads the weights: under FSDP into CPU memory, from which sharding moves each block's
+    shard to its device (no GPU ever holds the whole model); else straight onto the device."""
+    return torch.device("cpu") if is_fsdp(fabric) else fabric.device
 
 
 def check_data_fits(data: List[Sample], vocab_size: int, data_dir: Path) -> None:
@@ -345,14 +512,13 @@ def load_tokenizer_and_data(
 def setup_model_and_optimizer(
     fabric: L.Fabric, model: torch.nn.Module, config: TrainingConfig
 ) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Hands the model to Fabric (devices, precision, strategy) and builds AdamW over what trains. When
+    """Hands the model to Fabric (devices, strategy, precision) and builds AdamW over what trains. When
     only some weights train (LoRA, adapter), those are kept in float32."""
-    frozen_some = any(not p.requires_grad for p in model.parameters())
-    if config.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy):  # FSDP has its own
-        model.activation_checkpointing = True
-    model = fabric.setup_module(model)
-    if frozen_some:
+    if any(not p.requires_grad for p in model.parameters()):
+        # before Fabric wraps the model: DDP's gradient buckets and FSDP's shards take the dtypes they find
         keep_trainable_in_fp32(model)
+    model.activation_checkpointing = config.activation_checkpointing
+    model = fabric.setup_module(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     return model, fabric.setup_optimizers(optimizer)

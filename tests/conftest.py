@@ -15,6 +15,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from lit_llama.model import Config, LLaMA  # noqa: E402
 from lit_llama.tokenizer import train_from_texts  # noqa: E402
 
+# what the finetune scripts set when run as `python SCRIPT`: runs made here in-process then compute exactly
+# as those started as subprocesses (on CPUs with fast reduced-precision units it changes float32 matmuls)
+torch.set_float32_matmul_precision("high")
+
 WORDS = (
     "the a model weight decay learning rate explain how why what is are train data token answer question "
     "please write list give three tips healthy sleep water code python function number sum color sky blue"

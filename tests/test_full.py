@@ -1,8 +1,6 @@
-"""finetune/full.py and generate/full.py end to end on CPU, with a tiny model: one process, two processes
-(DDP over gloo: FSDP does not run on CPU), resuming, and bad input."""
+"""finetune/full.py and generate/full.py end to end on CPU, with a tiny model: one process, resuming, and bad
+input. Several processes (FSDP and DDP) are in test_fsdp.py."""
 
-import csv
-import math
 import subprocess
 import sys
 import warnings
@@ -13,7 +11,6 @@ from conftest import assert_clean_error, interrupt_at_iteration, load_script, ma
 
 from lit_llama.data import prepare_dataset
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import load_model, resolve_checkpoint
 
 FINAL = "lit-llama-full-finetuned.pth"
 # 6 iterations of 2 examples = 3 optimizer steps of 4; validation and a checkpoint after step 2
@@ -78,22 +75,6 @@ def test_every_weight_trains_and_the_checkpoint_generates(base, trained):
         assert torch.equal(tensor, after[name]), name
 
 
-def test_two_processes_train_like_one(base, trained, tmp_path):
-    """--devices 2: each process takes 2 examples per step, so 3 iterations make the same 3 steps of 4."""
-    checkpoint_dir, data_dir = base
-    out_dir = tmp_path / "out"
-    run_script("finetune/full.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir, "--out_dir", out_dir,
-               *flags(**{**SETTINGS, "max_iters": 3, "devices": 2}))
-    model = load_model(resolve_checkpoint(None, out_dir / FINAL), torch.device("cpu"), torch.float32)
-    one_process = torch.load(trained / FINAL)
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, one_process[name], atol=1e-6, rtol=0)
-    (metrics,) = out_dir.glob("logs/version_*/metrics.csv")
-    with open(metrics) as f:
-        val_losses = [float(row["val_loss"]) for row in csv.DictReader(f) if row["val_loss"]]
-    assert len(val_losses) == 3 and all(math.isfinite(v) for v in val_losses)  # eval_iters 1 < 2 devices
-
-
 def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsys):
     checkpoint_dir, data_dir = base
     finetune = load_script("finetune/full.py")
@@ -139,9 +120,16 @@ def test_bad_input(base, trained, tmp_path, capsys, monkeypatch):
     proc = run_in_process("finetune/full.py", *common, "--state_dict_type", "consolidated", capsys=capsys,
                           monkeypatch=monkeypatch)
     assert_clean_error(proc, "--state_dict_type 'consolidated'")
-    if not torch.cuda.is_available():  # FSDP does not run on CPU: several processes use DDP, never sharded
-        assert load_script("finetune/full.py").choose_strategy("auto", 2, 1, "full") == "ddp"
-        proc = run_in_process("finetune/full.py", *common, "--devices", 2, "--state_dict_type", "sharded",
-                              capsys=capsys, monkeypatch=monkeypatch)
-        assert_clean_error(proc, "needs FSDP")
+    proc = run_in_process("finetune/full.py", *common, "--state_dict_type", "sharded", capsys=capsys,
+                          monkeypatch=monkeypatch)  # one device, no FSDP
+    assert_clean_error(proc, "--state_dict_type sharded needs FSDP")
+    proc = run_in_process("finetune/full.py", *common, "--strategy", "deepspeed", capsys=capsys,
+                          monkeypatch=monkeypatch)
+    assert_clean_error(proc, "--strategy 'deepspeed' is not one of auto, ddp, fsdp")
+    proc = run_in_process("finetune/full.py", *common, "--cpu_offload", "true", capsys=capsys,
+                          monkeypatch=monkeypatch)
+    assert_clean_error(proc, "--cpu_offload needs FSDP")
+    proc = run_in_process("finetune/full.py", *common, "--strategy", "fsdp", "--precision", "16-mixed",
+                          capsys=capsys, monkeypatch=monkeypatch)
+    assert_clean_error(proc, "--precision 16-mixed does not work with FSDP")
     assert not (tmp_path / "out").exists()
