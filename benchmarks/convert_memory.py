@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results import add_rows
 from lit_llama.convert import expected_hf_shapes
 from lit_llama.model import Config
 from lit_llama.tokenizer import train_from_texts
@@ -317,30 +318,19 @@ def report(
 
 
 def append_result(results_file: Path, row: str) -> None:
-    """Appends (never rewrites: others append to the same file) the row, under this section's heading and
-    table header unless the file already ends with this table."""
-    text = results_file.read_text() if results_file.is_file() else ""
-    at = text.rfind(TABLE_HEADER)
-    after = text[at + len(TABLE_HEADER):].splitlines() if at >= 0 else []
-    columns = TABLE_HEADER.split("\n")[0].count("|")
-    if at >= 0 and text.endswith("\n") and all(line.startswith("|") and line.count("|") == columns for line in after):
-        block = row  # our table is the last thing in the file: extend it
-    else:
-        block = (
-            f"\n{HEADING}\n\n"
-            "`python benchmarks/convert_memory.py`: scripts/convert_hf_checkpoint.py on a random float32 Hugging "
-            "Face checkpoint (sharded safetensors), converted to bfloat16. Peak RSS is the converter process's "
-            "ru_maxrss; sampled from /proc at the peak, it splits into anonymous memory (the converted tensors, held until torch.save, plus the "
-            "Python/torch baseline) and file-backed pages of the memory-mapped input shard being read (clean page "
-            "cache, reclaimable, released when the shard is closed). The RAM actually needed is about the "
-            "anonymous part. Baseline: a process that only imports the converter's modules. Input in the page "
-            "cache (just written).\n\n"
-            + TABLE_HEADER + row
-        )
-        if text and not text.endswith("\n"):
-            block = "\n" + block
-    with open(results_file, "a") as f:
-        f.write(block)
+    """Adds the row to this section's table (the section and its header first, if the file lacks them)."""
+    section = (
+        f"{HEADING}\n\n"
+        "`python benchmarks/convert_memory.py`: scripts/convert_hf_checkpoint.py on a random float32 Hugging "
+        "Face checkpoint (sharded safetensors), converted to bfloat16. Peak RSS is the converter process's "
+        "ru_maxrss; sampled from /proc at the peak, it splits into anonymous memory (the converted tensors, held until torch.save, plus the "
+        "Python/torch baseline) and file-backed pages of the memory-mapped input shard being read (clean page "
+        "cache, reclaimable, released when the shard is closed). The RAM actually needed is about the "
+        "anonymous part. Baseline: a process that only imports the converter's modules. Input in the page "
+        "cache (just written).\n\n"
+        + TABLE_HEADER
+    )
+    add_rows(results_file, section, [row])
 
 
 if __name__ == "__main__":

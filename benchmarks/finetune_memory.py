@@ -25,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results import add_rows
 from lit_llama.adapter import AdapterConfig, AdapterLLaMA, mark_only_adapter_as_trainable
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
@@ -180,13 +181,8 @@ def row(model_size, method, precision, micro_batch_size, length, checkpointing, 
 
 
 def write_rows(rows: List[str], results_file: Optional[Path]) -> None:
-    if not results_file:
-        return
-    text = results_file.read_text() if results_file.exists() else ""
-    with open(results_file, "a") as f:
-        if "## Finetuning step: peak memory and speed" not in text:
-            f.write(RESULTS_HEADER)
-        f.write("\n".join(rows) + "\n")
+    if results_file:
+        add_rows(results_file, RESULTS_HEADER, rows)
 
 
 def device_name(dev: torch.device) -> str:

@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results import add_rows
 from lit_llama.convert import lit_to_hf
 from lit_llama.data import prepare_sample
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
@@ -58,8 +59,8 @@ def main(
     precision: str = "32-true",
     data: str = "alpaca",
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
-) -> None:
-    """Times LoRA training steps of lit-llama and of PEFT side by side.
+) -> Dict[str, float]:
+    """Times LoRA training steps of lit-llama and of PEFT side by side; returns the tokens/s of each.
 
     Args:
         model_size: A named size from lit_llama/model.py (e.g. 7B); default: a 4-layer, 512-wide LLaMA.
@@ -144,15 +145,12 @@ def main(
           f"{peak_memory_gb(dev):.2f} GB ({'GPU' if dev.type == 'cuda' else 'process RSS, both models'})")
     if results_file:
         machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        if "## LoRA finetuning speed" not in (results_file.read_text() if results_file.exists() else ""):
-            with open(results_file, "a") as f:
-                f.write(RESULTS_HEADER)
-        with open(results_file, "a") as f:
-            f.write(
-                f"| {date.today()} | {machine} | {shape} | {precision} | {micro_batch_size} | {source} | "
-                f"{rate['lit-llama']:.0f} | {rate['peft']:.0f} | {rate['lit-llama'] / rate['peft']:.2f}x | "
-                f"{first_loss['lit-llama']:.4f} / {first_loss['peft']:.4f} |\n"
-            )
+        add_rows(results_file, RESULTS_HEADER, [
+            f"| {date.today()} | {machine} | {shape} | {precision} | {micro_batch_size} | {source} | "
+            f"{rate['lit-llama']:.0f} | {rate['peft']:.0f} | {rate['lit-llama'] / rate['peft']:.2f}x | "
+            f"{first_loss['lit-llama']:.4f} / {first_loss['peft']:.4f} |"
+        ])
+    return rate
 
 
 def make_batches(config: Config, micro_batch_size: int, max_seq_length: int, n: int, data: str) -> Tuple[list, str]:

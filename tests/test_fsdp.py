@@ -222,3 +222,26 @@ def test_files_written_under_fsdp_load_in_generate_and_merge(base, two_process_f
     base_weights = load_state_dict(checkpoint_dir / "lit-llama.pth")
     assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"],
                            base_weights["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_lora_in_bf16_with_dropout_resumes_exactly(base, tmp_path):
+    """The 24 GB recipe's dtypes under FSDP: the frozen base in bf16, the LoRA weights (and the file written)
+    in float32. With dropout, a resumed run equals the uninterrupted one only if every rank's random
+    generator is restored: the resume state holds one per rank."""
+    script, final, _ = METHODS["lora"]
+    runs = {}
+    for name in ("uninterrupted", "resumed"):
+        out_dir = tmp_path / name
+        args = flags(**{**common_args(base, "lora", out_dir), "lora_dropout": 0.1},
+                     **{**TWO_PROCESSES, "precision": "bf16-true"}, strategy="fsdp")
+        if name == "resumed":
+            run_interrupted(script, args, at_iteration=2)
+            resume_state = torch.load(out_dir / "resume.pth", weights_only=True)
+            assert resume_state["world_size"] == 2 and len(resume_state["rng"]) == 2
+            assert all(rng["cpu"].dtype == torch.uint8 for rng in resume_state["rng"])
+            args += ["--resume", "true"]
+        run_script(script, *args)
+        runs[name] = tensors(out_dir / final)[0]
+    assert all(t.dtype == torch.float32 for t in runs["uninterrupted"].values())
+    for name, tensor in runs["uninterrupted"].items():
+        assert torch.equal(runs["resumed"][name], tensor), name

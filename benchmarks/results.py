@@ -1,0 +1,32 @@
+"""Adds result rows to their own table in benchmarks/RESULTS.md (not simply at the end of the file, where
+they would land under whichever table happens to be last)."""
+
+from pathlib import Path
+from typing import List
+
+
+def add_rows(results_file: Path, section: str, rows: List[str]) -> None:
+    """`section` is a table's whole heading block: its "## title" line, a description and the table's header
+    and separator rows. The rows go right after the last row of that table; a file without the section
+    gets it, with the rows, at its end. Nothing else in the file changes."""
+    results_file = Path(results_file)
+    section = section.strip("\n") + "\n"
+    title = section.splitlines()[0]
+    text = results_file.read_text() if results_file.is_file() else ""
+    rows_text = "".join(row.rstrip("\n") + "\n" for row in rows)
+    lines = text.splitlines(keepends=True)
+    if title not in (line.rstrip("\n") for line in lines):
+        separator = "" if not text else ("\n" if text.endswith("\n") else "\n\n")
+        results_file.write_text(text + separator + section + rows_text)
+        return
+    start = [line.rstrip("\n") for line in lines].index(title)
+    # the table: the first run of "|" lines after the title; rows go after its last line
+    i = start + 1
+    while i < len(lines) and not lines[i].startswith("|"):
+        i += 1
+    while i < len(lines) and lines[i].startswith("|"):
+        i += 1
+    if i > 0 and not lines[i - 1].endswith("\n"):
+        lines[i - 1] += "\n"
+    lines.insert(i, rows_text)
+    results_file.write_text("".join(lines))

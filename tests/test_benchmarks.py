@@ -1,0 +1,44 @@
+"""benchmarks/: the GPU suite's code runs end to end (on the CPU, tiny shapes), refuses a machine without
+CUDA in one line, and rows land in their own table of RESULTS.md."""
+
+import pytest
+import torch
+from conftest import assert_clean_error, run_script
+
+from benchmarks.results import add_rows
+
+TABLE_A = "## Table A\n\nwhat A measures\n\n| date | a |\n|---|---|\n"
+TABLE_B = "## Table B\n\nwhat B measures\n\n| date | b |\n|---|---|\n"
+
+
+def test_rows_land_in_their_own_table(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nintro\n")
+    add_rows(results, TABLE_A, ["| 1 | a1 |"])
+    add_rows(results, TABLE_B, ["| 1 | b1 |"])
+    add_rows(results, TABLE_A, ["| 2 | a2 |", "| 3 | a3 |"])  # A is no longer the last table
+    assert results.read_text() == (
+        "# Benchmark results\n\nintro\n\n"
+        + TABLE_A + "| 1 | a1 |\n| 2 | a2 |\n| 3 | a3 |\n\n"
+        + TABLE_B + "| 1 | b1 |\n"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_suite_refuses_a_machine_without_cuda():
+    proc = run_script("benchmarks/gpu_suite.py", check=False)
+    assert_clean_error(proc, "no CUDA GPU")
+
+
+def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
+    """Every stage's code on the CPU with tiny shapes, so a GPU session spends its minutes measuring."""
+    results = tmp_path / "RESULTS.md"
+    proc = run_script("benchmarks/gpu_suite.py", "--smoke", "--results_file", results, "--work_dir", tmp_path)
+    assert "failed" not in proc.stderr, proc.stderr
+    text = results.read_text()
+    for title in ("## Finetuning step: peak memory and speed", "## LoRA finetuning speed: lit-llama vs Hugging Face PEFT",
+                  "## Full finetuning under FSDP (GPU suite)", "## Generation speed (GPU suite)"):
+        assert text.count(title) == 1, title
+    rows = [line for line in text.splitlines() if line.startswith("| 20")]
+    assert len(rows) == 4 + 2 + 1 + 1 + 3  # lora 2x2, adapter v1/v2, peft, fsdp, generate base/unmerged/merged
+    assert not list(tmp_path.glob("tmp*")), "the suite's temporary checkpoints are removed"
