@@ -2,7 +2,7 @@
 
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,29 +37,72 @@ def generate(
     """Returns the prompt (1-D tensor of token ids) followed by up to `max_new_tokens` new tokens,
     stopping after `eos_id`. Without the KV cache every step re-reads the whole sequence (slow; tests
     use it to check that the cache changes nothing)."""
-    max_seq_length = min(prompt.size(0) + max_new_tokens, model.config.block_size)
-    if prompt.size(0) >= max_seq_length:
-        raise ValueError(f"the prompt has {prompt.size(0)} tokens; the model's block size is {model.config.block_size}")
-    tokens = prompt.unsqueeze(0)
     if use_kv_cache:
-        model.set_kv_cache(batch_size=1, max_seq_length=max_seq_length, device=prompt.device)
-    try:
-        input_pos = torch.arange(prompt.size(0), device=prompt.device)
-        next_input = tokens
-        while tokens.size(1) < max_seq_length:
-            if use_kv_cache:
-                logits = model(next_input, input_pos)
-            else:
-                logits = model(tokens)
-            next_token = sample(logits[:, -1], temperature, top_k)
-            tokens = torch.cat((tokens, next_token), dim=1)
-            if eos_id is not None and next_token.item() == eos_id:
-                break
-            next_input, input_pos = next_token, input_pos[-1:] + 1
-    finally:
-        if use_kv_cache:
-            model.clear_kv_cache()
+        return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, eos_id)[0]
+    max_seq_length = check_prompt_lengths(model, [prompt.size(0)], max_new_tokens)
+    tokens = prompt.unsqueeze(0)
+    while tokens.size(1) < max_seq_length:
+        next_token = sample(model(tokens)[:, -1], temperature, top_k)
+        tokens = torch.cat((tokens, next_token), dim=1)
+        if eos_id is not None and next_token.item() == eos_id:
+            break
     return tokens[0]
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LLaMA,
+    prompts: List[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    eos_id: Optional[int] = None,
+) -> List[torch.Tensor]:
+    """`generate` for several prompts of different lengths at once: returns, per prompt, the prompt followed
+    by up to `max_new_tokens` new tokens, each row stopping after its own `eos_id`.
+
+    The prompts are right-padded into one batch and prefilled together at positions 0..T-1: padding comes
+    after every real token, so the causal mask keeps it out of sight. Then each row decodes at its own
+    position (`input_pos` of shape (B, 1)): its first new token overwrites its first padding slot in the KV
+    cache, and so on, so no row ever attends to padding. Rows that are done wait (re-writing one slot)
+    until the last one is."""
+    lengths = [p.size(0) for p in prompts]
+    max_seq_length = check_prompt_lengths(model, lengths, max_new_tokens)
+    device, B = prompts[0].device, len(prompts)
+    limits = [min(max_new_tokens, max_seq_length - length) for length in lengths]  # new tokens per row
+    padded = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
+    for b, prompt in enumerate(prompts):
+        padded[b, : lengths[b]] = prompt
+    new_tokens: List[List[int]] = [[] for _ in range(B)]
+    done = [limit == 0 for limit in limits]
+    model.set_kv_cache(batch_size=B, max_seq_length=max_seq_length, device=device)
+    try:
+        logits = model(padded, torch.arange(padded.size(1), device=device))
+        position = torch.tensor(lengths, device=device) - 1  # each row's last prompt token
+        logits = logits[torch.arange(B, device=device), position]
+        while not all(done):
+            next_token = sample(logits, temperature, top_k)  # (B, 1)
+            for b, token in enumerate(next_token.view(-1).tolist()):  # one host sync per step
+                if not done[b]:
+                    new_tokens[b].append(token)
+                    done[b] = token == eos_id or len(new_tokens[b]) == limits[b]
+            if all(done):
+                break
+            # the new token goes at the slot after the row's last one; rows that are done stay where they are
+            position = position + torch.tensor([not d for d in done], device=device)
+            logits = model(next_token, position.unsqueeze(1))[:, -1]
+    finally:
+        model.clear_kv_cache()
+    return [torch.cat((prompt, torch.tensor(new, dtype=prompt.dtype, device=device)))
+            for prompt, new in zip(prompts, new_tokens)]
+
+
+def check_prompt_lengths(model: LLaMA, lengths: List[int], max_new_tokens: int) -> int:
+    """The sequence length to allocate: the longest prompt plus `max_new_tokens`, at most the block size."""
+    block_size = model.config.block_size
+    if max(lengths) >= block_size:
+        raise ValueError(f"the prompt has {max(lengths)} tokens; the model's block size is {block_size}")
+    return min(max(lengths) + max_new_tokens, block_size)
 
 
 def setup_generation(paths: CheckpointPaths, precision: Optional[str]) -> Tuple[Tokenizer, torch.device, torch.dtype]:
@@ -94,6 +137,23 @@ def generate_response(
     output = generate(model, prompt, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id)
     model.train(was_training)
     return tokenizer.decode(output[prompt.size(0) :]).strip()
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    requests: Sequence[Tuple[str, str]],
+    device: Optional[torch.device] = None,
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+) -> List[str]:
+    """`generate_response` for several (instruction, input) pairs in one batch (`generate_batch`): the
+    response texts, in order."""
+    prompts = [tokenizer.encode(generate_prompt(instruction, input), bos=True, device=device)
+               for instruction, input in requests]
+    outputs = generate_batch(model, prompts, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id)
+    return [tokenizer.decode(output[prompt.size(0) :]).strip() for prompt, output in zip(prompts, outputs)]
 
 
 def respond_and_report(

@@ -106,6 +106,19 @@ class LoRALinear(nn.Linear):
         deltas = [b @ a for a, b in zip(self.lora_A.split(self.r), self.lora_B.split(self.adapted_sizes))]
         return self._scatter([d.T for d in deltas], self.weight.new_empty(self.in_features, 0)).T * self.scaling
 
+    def factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The whole update as one low-rank product: (A, B) with B @ A == delta_weight(). A is (k*r, in), the
+        k adapted blocks' A_i stacked; B is (out, k*r): block i's (alpha/r) B_i at its rows and its own r
+        columns, zeros elsewhere (several adapters on one base use this form, see lit_llama/multi_lora.py)."""
+        B = self.lora_B.new_zeros(self.out_features, self.lora_A.size(0))
+        blocks, row, column = iter(self.lora_B.split(self.adapted_sizes)), 0, 0
+        for size, adapted in self.parts:
+            if adapted:
+                B[row : row + size, column : column + self.r] = next(blocks) * self.scaling
+                column += self.r
+            row += size
+        return self.lora_A, B
+
     @torch.no_grad()
     def merge(self) -> None:
         """W += (alpha/r) B A; the forward pass then skips the LoRA branch."""

@@ -140,7 +140,8 @@ class LLaMA(nn.Module):
     def forward(
         self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, output_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) positions when decoding with the KV cache, else None.
+        """idx: (B, T) token ids. input_pos: positions when decoding with the KV cache, else None: (T,) shared
+        by every row, or (B, T), one per row (a batch of prompts of different lengths, each at its own place).
         output_mask: (B, T) bool; if given, logits only for those positions, flattened to (N, vocab_size)
         (training skips the prompt positions it does not score: less compute and memory in the output layer).
 
@@ -157,6 +158,8 @@ class LLaMA(nn.Module):
             if self.mask_cache is None or self.mask_cache.device != idx.device:
                 self.mask_cache = torch.ones(max_len, max_len, dtype=torch.bool, device=idx.device).tril()
             cos, sin, mask = cos[input_pos], sin[input_pos], self.mask_cache[input_pos]
+            if input_pos.dim() == 2:  # per row: (B, T, ...) -> (B, 1, T, ...), broadcast over the heads
+                cos, sin, mask = cos.unsqueeze(1), sin.unsqueeze(1), mask.unsqueeze(1)
 
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
@@ -270,8 +273,13 @@ class KVCache(nn.Module):
 
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         B = k.size(0)
-        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        if input_pos.dim() == 1:  # the same positions in every row
+            self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:  # (B, T): row b writes at its own positions input_pos[b]
+            rows = torch.arange(B, device=k.device).unsqueeze(1)
+            self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[:B], self.v[:B]
 
 

@@ -1,0 +1,143 @@
+"""Answer a file of requests, each with its own LoRA adapter (or the base model), on one base model in batches.
+
+    python generate/multi_lora.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b \
+        --lora alpaca=out/lora/alpaca/lit-llama-lora-finetuned.pth --lora dolly=out/lora/dolly/lit-llama-lora-finetuned.pth \
+        --requests requests.jsonl
+
+Each line of the requests file is {"adapter": NAME or "base", "instruction": ..., "input": ...} ("input"
+optional). The base weights are loaded once and never merged; every batch mixes requests for different
+adapters, each row computed with its own (lit_llama/multi_lora.py). Prints one JSON line per request, in
+the file's order: {"adapter", "instruction", "response"}. Greedy output (--temperature 0) is what
+generate/lora.py gives for the same instruction with that adapter merged.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from lit_llama.data import generate_prompt
+from lit_llama.generation import generate_responses, setup_generation
+from lit_llama.multi_lora import BASE, MultiLoRALLaMA
+from lit_llama.utils import UserError, load_model, resolve_checkpoint, run_cli
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
+    lora: List[str] = [],
+    requests: Path = Path("requests.jsonl"),
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    batch_size: int = 8,
+    seed: int = 1234,
+    precision: Optional[str] = None,
+) -> None:
+    """Responds to every request of a JSON-lines file with the adapter it names.
+
+    Args:
+        checkpoint_dir: The base model folder every LoRA file was trained on.
+        lora: NAME=PATH of a LoRA file written by finetune/lora.py; repeat the flag for each adapter.
+        requests: JSON-lines file, one {"adapter", "instruction", "input"} object per line.
+        max_new_tokens: The most tokens per response.
+        temperature: Sampling temperature; 0 is greedy decoding.
+        top_k: Sample only among the k most likely tokens.
+        batch_size: Requests answered together in one batch (whatever their adapters).
+        seed: Random seed, for repeatable samples.
+        precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+    """
+    adapters = parse_adapters(lora)
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    records = read_requests(requests, adapters)
+    paths = resolve_checkpoint(checkpoint_dir)
+    tokenizer, device, dtype = setup_generation(paths, precision)
+    for number, record in enumerate(records, 1):
+        length = len(tokenizer.encode(generate_prompt(record["instruction"], record["input"]), bos=True))
+        if length >= paths.config.block_size:
+            raise UserError(f"{requests} line {number}: the prompt has {length} tokens, the model's context "
+                            f"is {paths.config.block_size}")
+
+    model = load_model(paths, device, dtype, MultiLoRALLaMA).eval()
+    for name, lora_path in adapters.items():
+        model.add_adapter(name, lora_path)
+
+    torch.manual_seed(seed)
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        model.select([r["adapter"] for r in batch])
+        responses = generate_responses(model, tokenizer, [(r["instruction"], r["input"]) for r in batch], device,
+                                       max_new_tokens, temperature, top_k)
+        for record, response in zip(batch, responses):
+            print(json.dumps({"adapter": record["adapter"], "instruction": record["instruction"],
+                              "response": response}), flush=True)
+
+
+def parse_adapters(lora: List[str]) -> Dict[str, Path]:
+    adapters = {}
+    for item in lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--lora {item!r}: expected NAME=PATH")
+        if name == BASE:
+            raise UserError(f"--lora {item!r}: the name {BASE!r} means no adapter; choose another")
+        if name in adapters:
+            raise UserError(f"--lora {item!r}: the name {name!r} is given twice")
+        if not Path(path).is_file():
+            raise UserError(f"--lora {item!r}: {path} does not exist")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def read_requests(path: Path, adapters: Dict[str, Path]) -> List[Dict[str, str]]:
+    """The requests file's records, checked: valid JSON objects with a string "instruction" and an adapter
+    that was loaded (or "base")."""
+    if not Path(path).is_file():
+        raise UserError(f"--requests {path} does not exist")
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {number} is not valid JSON: {e}")
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise UserError(f'{path} line {number}: expected an object with a string "instruction"')
+        adapter = record.get("adapter", BASE)
+        if adapter != BASE and adapter not in adapters:
+            known = ", ".join([BASE, *adapters])
+            raise UserError(f"{path} line {number}: unknown adapter {adapter!r} (loaded: {known})")
+        if not isinstance(record.get("input", ""), str):
+            raise UserError(f'{path} line {number}: "input" must be a string')
+        records.append({"adapter": adapter, "instruction": record["instruction"], "input": record.get("input", "")})
+    if not records:
+        raise UserError(f"--requests {path} holds no requests")
+    return records
+
+
+def normalize_repeated_flag(argv: List[str], flag: str) -> List[str]:
+    """`--lora A --lora B` as one `--lora ["A", "B"]`: jsonargparse reads a list flag given once as a JSON list."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+        elif argv[i].startswith(flag + "="):
+            values.append(argv[i][len(flag) + 1 :])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, json.dumps(values)] if values else [])
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *normalize_repeated_flag(sys.argv[1:], "--lora")]
+    run_cli(main)

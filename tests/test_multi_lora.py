@@ -1,0 +1,171 @@
+"""Several LoRA adapters on one base (lit_llama/multi_lora.py), mixed-adapter batches, batched generation
+(lit_llama/generation.py) and generate/multi_lora.py, against the one-adapter, one-prompt paths."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_clean_error, load_script
+
+from lit_llama.generation import generate, generate_batch
+from lit_llama.lora import LoRAConfig, LoRALinear, LoRALLaMA, load_lora_model, lora_state_dict
+from lit_llama.model import LLaMA
+from lit_llama.multi_lora import MultiLoRALLaMA
+from lit_llama.utils import UserError, load_model, resolve_checkpoint
+
+CPU, FP32 = torch.device("cpu"), torch.float32
+ADAPTERS = {  # different ranks and targets, in one batch
+    "qv": LoRAConfig(r=4, alpha=8),
+    "wide": LoRAConfig(r=8, alpha=32, key=True, projection=True, mlp=True, head=True),
+    "keys": LoRAConfig(r=2, alpha=2, query=False, key=True, value=False),
+}
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_checkpoint_dir, tmp_path_factory):
+    """LoRA files as finetune/lora.py writes them, with random (not zero) B: a trained adapter."""
+    root, paths = tmp_path_factory.mktemp("loras"), resolve_checkpoint(tiny_checkpoint_dir)
+    files = {}
+    for i, (name, lora) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(10 + i)
+        model = load_model(paths, CPU, FP32, LoRALLaMA, lora=lora)
+        with torch.no_grad():
+            for layer in model.lora_layers():
+                layer.lora_B.normal_(std=0.2)
+        files[name] = root / f"{name}.pth"
+        torch.save(lora_state_dict(model), files[name])
+    return files
+
+
+def multi_model(tiny_checkpoint_dir, lora_files) -> MultiLoRALLaMA:
+    model = load_model(resolve_checkpoint(tiny_checkpoint_dir), CPU, FP32, MultiLoRALLaMA).eval()
+    for name, path in lora_files.items():
+        model.add_adapter(name, path)
+    return model
+
+
+def merged_model(tiny_checkpoint_dir, lora_files, name) -> LLaMA:
+    paths = resolve_checkpoint(tiny_checkpoint_dir)
+    if name == "base":
+        return load_model(paths, CPU, FP32).eval()
+    return load_lora_model(paths, lora_files[name], CPU, FP32, merge=True).eval()
+
+
+def test_factors_give_the_whole_update():
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 24, r=2, alpha=6, parts=[(8, True), (8, False), (8, True)])
+    torch.nn.init.normal_(layer.lora_B)
+    A, B = layer.factors()
+    assert A.shape == (4, 16) and B.shape == (24, 4)
+    torch.testing.assert_close(B @ A, layer.delta_weight(), atol=1e-6, rtol=0)
+
+
+def test_mixed_batch_equals_each_adapter_merged(tiny_checkpoint_dir, lora_files):
+    model = multi_model(tiny_checkpoint_dir, lora_files)
+    rows = ["wide", "base", "qv", "keys", "qv", None]
+    x = torch.randint(0, 512, (len(rows), 12), generator=torch.Generator().manual_seed(0))
+    model.select(rows)
+    with torch.no_grad():
+        mixed = model(x)
+        references = {name: merged_model(tiny_checkpoint_dir, lora_files, name) for name in {*ADAPTERS, "base"}}
+        for i, name in enumerate(rows):
+            expected = references[name or "base"](x[i : i + 1])[0]
+            torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
+        # the adapters do change the output: a test that could not fail otherwise
+        assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)
+
+
+def test_swapping_never_touches_the_base_weights(tiny_checkpoint_dir, lora_files):
+    model = multi_model(tiny_checkpoint_dir, lora_files)
+    digest = lambda: hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+    before = digest()
+    x = torch.randint(0, 512, (3, 8))
+    with torch.no_grad():
+        for rows in (["qv"] * 3, ["wide", "keys", "base"], None, ["keys"] * 3):
+            model.select(rows)
+            model(x)
+    model.add_adapter("qv", lora_files["wide"])  # hot reload under an existing name
+    model.select(["qv"])
+    with torch.no_grad():
+        reloaded = model(x[:1])
+        model.select(["wide"])
+        torch.testing.assert_close(reloaded, model(x[:1]), atol=0, rtol=0)
+    assert digest() == before
+    assert set(model.state_dict()) == set(LLaMA(model.config).state_dict())  # adapters are not base weights
+    with pytest.raises(UserError, match="unknown adapter 'nope'"):
+        model.select(["qv", "nope"])
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_checkpoint_dir, lora_files):
+    model = multi_model(tiny_checkpoint_dir, lora_files)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=g) for n in (5, 17, 1, 9)]
+    rows = ["wide", "qv", "base", "keys"]
+    model.select(rows)
+    batched = generate_batch(model, prompts, max_new_tokens=12, temperature=0)
+    for prompt, name, output in zip(prompts, rows, batched):
+        alone = generate(merged_model(tiny_checkpoint_dir, lora_files, name), prompt, 12, temperature=0)
+        assert torch.equal(output, alone), name
+    # each row stops at its own end-of-text token: make row 1's 4th new token the stop token
+    eos = int(batched[1][prompts[1].size(0) + 3])
+    stopped = generate_batch(model, prompts, max_new_tokens=12, temperature=0, eos_id=eos)
+    assert torch.equal(stopped[1], batched[1][: prompts[1].size(0) + 4])
+    for prompt, full, cut in zip(prompts, batched, stopped):
+        new = full[prompt.size(0) :].tolist()
+        expected = new[: new.index(eos) + 1] if eos in new else new
+        assert cut[prompt.size(0) :].tolist() == expected
+
+
+def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"adapter": "wide", "instruction": "Explain the sky."},
+             {"adapter": "base", "instruction": "Give three tips.", "input": "healthy sleep"},
+             {"adapter": "qv", "instruction": "Write a python function."},
+             {"instruction": "What is a token?"}]  # no adapter: the base model
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    script = load_script("generate/multi_lora.py")
+    lora = [f"{name}={path}" for name, path in lora_files.items()]
+    script.main(checkpoint_dir=tiny_checkpoint_dir, lora=lora, requests=requests, max_new_tokens=8, temperature=0,
+                batch_size=3, precision="32-true")
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(o["adapter"], o["instruction"]) for o in out] == [
+        (line.get("adapter", "base"), line["instruction"]) for line in lines]
+
+    # each response is what generate/lora.py prints for it (merged LoRA, greedy)
+    from lit_llama.generation import generate_response
+    from lit_llama.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_checkpoint_dir / "tokenizer.model")
+    for line, answer in zip(lines, out):
+        model = merged_model(tiny_checkpoint_dir, lora_files, line.get("adapter", "base"))
+        expected = generate_response(model, tokenizer, line["instruction"], line.get("input", ""), CPU, 8, 0.0)
+        assert answer["response"] == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora", "qv"], "--lora 'qv': expected NAME=PATH"),
+    (["--lora", "base=x.pth"], "the name 'base' means no adapter"),
+    (["--lora", "other=missing.pth"], "missing.pth does not exist"),
+    (["--requests", "BAD_JSON"], "line 2 is not valid JSON"),
+    (["--requests", "UNKNOWN_ADAPTER"], "line 1: unknown adapter 'other'"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+])
+def test_generate_multi_lora_bad_input(tiny_checkpoint_dir, lora_files, tmp_path, args, message, capsys,
+                                       monkeypatch):
+    files = {"GOOD": [{"adapter": "qv", "instruction": "hi"}], "BAD_JSON": [{"instruction": "hi"}, "{not json"],
+             "UNKNOWN_ADAPTER": [{"adapter": "other", "instruction": "hi"}]}
+    for name, lines in files.items():
+        (tmp_path / name).write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    args = [str(tmp_path / a) if a in files else a for a in args]
+    argv = ["--checkpoint_dir", str(tiny_checkpoint_dir), "--lora", f"qv={lora_files['qv']}",
+            "--requests", str(tmp_path / "GOOD"), *args]
+    script = load_script("generate/multi_lora.py")
+    monkeypatch.setattr(sys, "argv", ["generate/multi_lora.py", *script.normalize_repeated_flag(argv, "--lora")])
+    with pytest.raises(SystemExit) as exit_info:
+        script.run_cli(script.main)
+    out, err = capsys.readouterr()
+    assert_clean_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), message)
+    assert out == ""
