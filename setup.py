@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
-        "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml"],
+        "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml", "torchao"],
         # the reference implementations the tests and benchmarks compare against
         "test": ["pytest", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib"],
     },

@@ -472,10 +472,11 @@ def is_fsdp(fabric: L.Fabric) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def load_device(fabric: L.Fabric) -> torch.device:
-    """Where a script loads the weights: under FSDP into CPU memory, from which sharding moves each block's
-    shard to its device (no GPU ever holds the whole model); else straight onto the device."""
-    return torch.device("cpu") if is_fsdp(fabric) else fabric.device
+def load_device(fabric: L.Fabric, quantize: Optional[str] = None) -> torch.device:
+    """Where a script loads the weights: under FSDP (or to quantize them) into CPU memory, from which sharding
+    (or quantization) moves each block to its device, so no GPU ever holds the whole model at full size;
+    else straight onto the device."""
+    return torch.device("cpu") if is_fsdp(fabric) or quantize else fabric.device
 
 
 def check_data_fits(data: List[Sample], vocab_size: int, data_dir: Path) -> None:

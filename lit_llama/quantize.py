@@ -1,0 +1,90 @@
+"""Quantized frozen weights: QLoRA's 4-bit NormalFloat (NF4) base under LoRA or adapter training.
+
+QLoRA (Dettmers et al., 2023) stores each frozen weight of the transformer blocks in 4 bits: blocks of 64
+values share one scale, each value is the nearest of 16 levels spaced as quantiles of a normal distribution,
+and the scales themselves are quantized to 8 bits ("double quantization"): about 0.52 bytes per weight
+instead of 2 in bf16. In the forward pass each weight is dequantized to the input's dtype for its matmul;
+the trainable LoRA / adapter weights stay float32, and gradients flow through the dequantized weights.
+
+The NF4 tensor is torchao's (`NF4Tensor`, the implementation torchtune uses), which runs on CPUs as well as
+GPUs. Only the linear layers inside the transformer blocks are quantized; the embedding, the norms and the
+output layer keep their precision. The model file does not change: `F.linear` dispatches on the tensor.
+"""
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lit_llama.utils import UserError
+
+QUANTIZE_MODES = ("nf4",)
+NF4_BLOCK_SIZE = 64  # values sharing one scale (QLoRA's)
+NF4_SCALER_BLOCK_SIZE = 256  # scales sharing one second-level scale (QLoRA's)
+
+
+def check_quantize(quantize: Any, num_devices: int = 1, strategy: str = "auto") -> None:
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE_MODES:
+        raise UserError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
+    if num_devices > 1 or strategy != "auto":
+        raise UserError(f"--quantize {quantize} trains on one device: drop --devices, --num_nodes and --strategy")
+    _to_nf4()  # torchao is there (or one line saying how to get it)
+
+
+def quantize_frozen_linears(model: nn.Module, device: torch.device) -> None:
+    """Replaces the frozen weight of every nn.Linear inside the transformer blocks by its NF4 form on
+    `device`, one layer at a time (so the device never holds more than one full-precision layer), then
+    moves the rest of the model there. Call it on a model loaded into CPU memory, after marking what trains."""
+    to_nf4 = _to_nf4()
+    for block in model.transformer.h:
+        for layer in block.modules():
+            if isinstance(layer, nn.Linear) and not layer.weight.requires_grad:
+                weight = layer.weight.detach().to(device)
+                layer.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK_SIZE, scaler_block_size(weight)),
+                                            requires_grad=False)
+    model.to(device)
+
+
+def scaler_block_size(weight: torch.Tensor) -> int:
+    """QLoRA's 256 scales per second-level scale, or the largest divisor of the number of blocks below it
+    (small test models have fewer blocks than that)."""
+    if weight.numel() % NF4_BLOCK_SIZE:
+        raise UserError(f"a weight of shape {tuple(weight.shape)} cannot be stored in NF4: its size is not a "
+                        f"multiple of {NF4_BLOCK_SIZE}")
+    blocks = weight.numel() // NF4_BLOCK_SIZE
+    return max(d for d in range(1, NF4_SCALER_BLOCK_SIZE + 1) if blocks % d == 0)
+
+
+def frozen_weight_bytes(model: nn.Module) -> float:
+    """Bytes per frozen weight value of the quantized layers' storage (4-bit codes plus their scales)."""
+    values = stored = 0
+    for param in model.parameters():
+        if type(param).__name__ == "NF4Tensor":
+            values += param.numel()
+            inner = (param.quantized_data, param.quantized_scalers, param.quantization_factor, param.scaler_mean,
+                     param.nf4)
+            stored += sum(t.numel() * t.element_size() for t in inner)
+    return stored / max(values, 1)
+
+
+def _to_nf4():
+    # importing torchao logs warnings about its optional GPU kernels and torch.compile registrations, which
+    # read like errors but concern nothing used here
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        except ImportError:  # torchao before 0.15
+            from torchao.dtypes.nf4tensor import to_nf4
+    except ImportError:
+        raise UserError("--quantize nf4 needs torchao: pip install torchao")
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return to_nf4

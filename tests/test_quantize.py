@@ -1,0 +1,143 @@
+"""QLoRA: the frozen base in NF4 (lit_llama/quantize.py, torchao's NF4Tensor) under LoRA and the adapter, on CPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_clean_error, interrupt_at_iteration, load_script
+
+from lit_llama.data import prepare_dataset
+from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
+from lit_llama.model import Config
+from lit_llama.quantize import frozen_weight_bytes, quantize_frozen_linears
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import load_model, load_state_dict, resolve_checkpoint
+
+pytest.importorskip("torchao")
+NF4 = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor.NF4Tensor"
+SETTINGS = dict(precision="32-true", batch_size=8, micro_batch_size=4, max_iters=24, eval_interval=3, eval_iters=2,
+                save_interval=3, warmup_iters=1, learning_rate=1e-2)
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    return f"{type(t).__module__}.{type(t).__name__}" == NF4
+
+
+def test_nf4_model_computes_with_its_dequantized_weights():
+    """The NF4 model's logits are exactly those of the model whose frozen weights are the dequantized NF4
+    ones: the only difference from the full-precision model is the quantization error of the weights."""
+    torch.manual_seed(0)
+    config = Config.from_name("tiny")
+    model = LoRALLaMA(config, LoRAConfig(mlp=True, dropout=0.0)).eval()
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for layer in model.lora_layers():
+            layer.lora_B.normal_(std=0.1)
+    full_precision = LoRALLaMA(config, LoRAConfig(mlp=True, dropout=0.0)).eval()
+    full_precision.load_state_dict(model.state_dict())
+    quantize_frozen_linears(model, torch.device("cpu"))
+
+    quantized = [name for name, p in model.named_parameters() if is_nf4(p)]
+    assert len(quantized) == config.n_layer * 5  # c_attn, c_proj, c_fc1, c_fc2, mlp c_proj
+    assert all(p.dtype == torch.float32 and p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert 0.5 < frozen_weight_bytes(model) < 0.56  # 4-bit codes and their scales
+
+    dequantized = LoRALLaMA(config, LoRAConfig(mlp=True, dropout=0.0)).eval()
+    dequantized.load_state_dict({n: p.get_original_weight() if is_nf4(p) else p.detach()
+                                 for n, p in model.named_parameters()})
+    x = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        logits, reference, exact = model(x), dequantized(x), full_precision(x)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    error = (logits - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 0.2, error
+
+    # gradients reach the LoRA weights through the quantized base
+    model.train()
+    model(x).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from conftest import make_checkpoint_dir
+
+    root = tmp_path_factory.mktemp("qlora")
+    checkpoint_dir = make_checkpoint_dir(root / "checkpoint")
+    records = [{"instruction": f"Add {i % 7} and {i // 7}.", "input": "", "output": str(i % 7 + i // 7)}
+               for i in range(48)]
+    prepare_dataset(records, Tokenizer(checkpoint_dir / "tokenizer.model"), root / "data", test_split_size=8,
+                    seed=42, max_seq_length=128)
+    return checkpoint_dir, root / "data"
+
+
+def summary(out_dir):
+    import csv
+
+    (metrics,) = out_dir.glob("logs/version_*/metrics.csv")
+    with open(metrics) as f:
+        return [float(row["val_loss"]) for row in csv.DictReader(f) if row["val_loss"]]
+
+
+@pytest.mark.parametrize("script", ["finetune/lora.py", "finetune/adapter.py"])
+def test_qlora_run_trains_and_its_file_is_the_usual_one(script, base, tmp_path, capsys):
+    checkpoint_dir, data_dir = base
+    out_dir = tmp_path / "out"
+    extra = {"adapter_start_layer": 1, "learning_rate": 0.1} if "adapter" in script else {}
+    load_script(script).setup(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, quantize="nf4",
+                              **{**SETTINGS, **extra})
+    assert "bytes per weight" in capsys.readouterr().out
+    val_losses = summary(out_dir)
+    assert val_losses[-1] < val_losses[0] - 0.1, val_losses  # learning happened through the NF4 base
+
+    final = next(out_dir.glob("lit-llama-*-finetuned.pth"))
+    checkpoint = load_state_dict(final)
+    tensors = checkpoint.get("state_dict", checkpoint)
+    assert all(t.dtype == torch.float32 for t in tensors.values() if isinstance(t, torch.Tensor))
+    if "lora" in script:  # the same file as a full-precision run writes: it merges into the full-precision base
+        paths = resolve_checkpoint(checkpoint_dir)
+        template = load_model(paths, torch.device("cpu"), torch.float32, LoRALLaMA, lora=LoRAConfig())
+        assert set(checkpoint) == set(lora_state_dict(template))
+        assert set(tensors) == set(lora_state_dict(template)["state_dict"])
+        merged_dir = tmp_path / "merged"
+        load_script("scripts/merge_lora.py").main(lora_path=final, checkpoint_dir=checkpoint_dir,
+                                                  output_dir=merged_dir)
+        merged, original = load_state_dict(merged_dir / "lit-llama.pth"), load_state_dict(paths.weights)
+        assert merged["transformer.h.0.attn.c_attn.weight"].dtype == original["transformer.h.0.attn.c_attn.weight"].dtype
+        assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"],
+                               original["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_qlora_resume_equals_uninterrupted(base, tmp_path, monkeypatch):
+    checkpoint_dir, data_dir = base
+    finetune = load_script("finetune/lora.py")
+    runs = {}
+    for name in ("uninterrupted", "resumed"):
+        args = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=tmp_path / name, quantize="nf4",
+                    **{**SETTINGS, "max_iters": 12})
+        if name == "resumed":
+            interrupt_at_iteration(monkeypatch, 7, finetune.setup, **args)
+            args["resume"] = True
+        finetune.setup(**args)
+        runs[name] = load_state_dict(tmp_path / name / "lit-llama-lora-finetuned.pth")["state_dict"]
+    for key, tensor in runs["uninterrupted"].items():
+        assert torch.equal(runs["resumed"][key], tensor), key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "nf3"], "--quantize 'nf3' is not one of nf4"),
+    (["--quantize", "nf4", "--devices", "2"], "--quantize nf4 trains on one device"),
+    (["--quantize", "nf4", "--strategy", "fsdp"], "--quantize nf4 trains on one device"),
+])
+def test_quantize_bad_input(args, message, base, tmp_path, capsys, monkeypatch):
+    checkpoint_dir, data_dir = base
+    argv = ["--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "o"),
+            *args]
+    module = load_script("finetune/lora.py")
+    monkeypatch.setattr(sys, "argv", ["finetune/lora.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_cli(module.setup)
+    out, err = capsys.readouterr()
+    assert_clean_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), message)
+    assert not (tmp_path / "o").exists()
