@@ -29,6 +29,7 @@ from benchmarks.results import add_rows
 from lit_llama.adapter import AdapterConfig, AdapterLLaMA, mark_only_adapter_as_trainable
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
+from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.training import compute_loss, keep_trainable_in_fp32
 from lit_llama.utils import UserError, default_dtype, num_parameters, precision_dtype, run_cli
 
@@ -53,6 +54,7 @@ def main(
     steps: int = 5,
     estimate: bool = False,
     activation_checkpointing: bool = False,
+    quantize: Optional[str] = None,
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
 ) -> None:
     """Measures finetuning steps of one method at one model size.
@@ -69,6 +71,7 @@ def main(
             model of the same width on this device, extrapolate to all layers, and add the weights and the
             optimizer state. A lower bound of the GPU peak (no allocator slack or transient buffers).
         activation_checkpointing: As finetune/lora.py --activation_checkpointing.
+        quantize: nf4: the frozen block weights in NF4, as finetune/lora.py --quantize nf4 (QLoRA).
         results_file: Markdown file to append the rows to (none: print only).
     """
     if device == "cuda" and not torch.cuda.is_available():
@@ -78,7 +81,11 @@ def main(
     if estimate:
         return estimate_memory(config, model_size, method, dev, dtype, precision, micro_batch_size, seq_lengths,
                                activation_checkpointing, results_file)
+    check_quantize(quantize)
     model = build(config, method, dev, dtype)
+    if quantize:
+        quantize_frozen_linears(model, dev)
+        print(f"frozen block weights in {quantize}: {frozen_weight_bytes(model):.4f} bytes per weight")
     model.activation_checkpointing = activation_checkpointing
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     trainable = num_parameters(model, requires_grad=True)
@@ -101,8 +108,8 @@ def main(
                 times.append(sync_time(dev) - t0)
         peak = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else float("nan")
         rate = micro_batch_size * length / statistics.median(times)
-        rows.append(row(model_size, method, precision, micro_batch_size, length, activation_checkpointing, name,
-                        f"{peak:.2f} GB", f"{rate:.0f}", trainable))
+        rows.append(row(model_size, method + (f" + {quantize}" if quantize else ""), precision, micro_batch_size,
+                        length, activation_checkpointing, name, f"{peak:.2f} GB", f"{rate:.0f}", trainable))
         print(rows[-1])
     write_rows(rows, results_file)
 

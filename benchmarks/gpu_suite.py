@@ -4,13 +4,14 @@
     python benchmarks/gpu_suite.py --smoke         # the same code on a CPU with tiny shapes (the tests run it)
 
 Random weights of the real shapes (7B, TinyLlama-1.1B): they cost the same memory and time as real ones, and
-no download is needed. Installs nothing: it needs torch with CUDA, lightning, sentencepiece and tqdm, and for
-the PEFT stage transformers and peft (that stage alone fails, with one line, if they are missing). It calls
-the finetune scripts' functions in-process, so jsonargparse is not needed either.
+no download is needed. Installs nothing: it needs torch with CUDA, lightning, sentencepiece and tqdm; the
+qlora stage needs torchao and the peft stage transformers and peft (a stage whose package is missing fails
+alone, with one line). It calls the finetune scripts' functions in-process, so jsonargparse is not needed.
 
 Stages, each adding its rows to its own table of benchmarks/RESULTS.md with the GPU's name:
   lora     7B LoRA (query and value, r 8), micro batch 4, 256 and 512 tokens, with and without activation
            checkpointing: peak memory and tokens/s of a training step (benchmarks/finetune_memory.py)
+  qlora    the same with the frozen base in NF4 (finetune/lora.py --quantize nf4; needs torchao)
   adapter  7B LLaMA-Adapter v1 and v2 at 256 tokens (the same)
   peft     ours vs Hugging Face PEFT LoRA on the same 7B model and batches (benchmarks/lora_vs_peft.py)
   fsdp     full finetuning of a TinyLlama-1.1B shape through finetune/full.py --strategy fsdp on one GPU
@@ -21,6 +22,7 @@ A stage that fails prints one line and the others still run; the exit code is th
 """
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import sys
@@ -45,7 +47,7 @@ from lit_llama.model import LLaMA, Config  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.utils import default_dtype  # noqa: E402
 
-STAGES = ("lora", "adapter", "peft", "fsdp", "generate")
+STAGES = ("lora", "qlora", "adapter", "peft", "fsdp", "generate")
 
 FSDP_SECTION = """
 ## Full finetuning under FSDP (GPU suite)
@@ -134,11 +136,11 @@ class Suite:
         import lightning
 
         versions = f"torch {torch.__version__}, lightning {lightning.__version__}"
-        for name in ("transformers", "peft"):
+        for name, stage in (("transformers", "peft"), ("peft", "peft"), ("torchao", "qlora")):
             try:
-                versions += f", {name} {__import__(name).__version__}"
-            except ImportError:
-                versions += f", {name} missing (the peft stage will fail)"
+                versions += f", {name} {importlib.metadata.version(name)}"
+            except importlib.metadata.PackageNotFoundError:
+                versions += f", {name} missing (the {stage} stage will fail)"
         device = "CPU smoke run (tiny shapes; no figures)" if self.smoke else torch.cuda.get_device_name()
         return f"GPU suite on {device}; {versions}"
 
@@ -153,6 +155,11 @@ class Suite:
                                  seq_lengths=self.lengths, steps=5, activation_checkpointing=checkpointing,
                                  results_file=self.results_file)
             self.free_memory()
+
+    def qlora(self, work_dir: Path) -> None:
+        """LoRA on a base in NF4 (finetune/lora.py --quantize nf4)."""
+        finetune_memory.main(self.size_7b, "lora", self.device.type, self.precision, micro_batch_size=4,
+                             seq_lengths=self.lengths, steps=5, quantize="nf4", results_file=self.results_file)
 
     def adapter(self, work_dir: Path) -> None:
         for method in ("adapter", "adapter_v2"):

@@ -40,5 +40,5 @@ def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
                   "## Full finetuning under FSDP (GPU suite)", "## Generation speed (GPU suite)"):
         assert text.count(title) == 1, title
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    assert len(rows) == 4 + 2 + 1 + 1 + 3  # lora 2x2, adapter v1/v2, peft, fsdp, generate base/unmerged/merged
+    assert len(rows) == 6 + 2 + 1 + 1 + 3  # lora 2x2 + nf4 x2, adapter v1/v2, peft, fsdp, generate x3
     assert not list(tmp_path.glob("tmp*")), "the suite's temporary checkpoints are removed"
