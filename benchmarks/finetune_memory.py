@@ -78,10 +78,10 @@ def main(
         raise UserError("--device cuda: no CUDA GPU here (use --device cpu with a small --model_size)")
     dev, dtype = torch.device(device), precision_dtype(precision)
     config = Config.from_name(model_size)
+    check_quantize(quantize)
     if estimate:
         return estimate_memory(config, model_size, method, dev, dtype, precision, micro_batch_size, seq_lengths,
-                               activation_checkpointing, results_file)
-    check_quantize(quantize)
+                               activation_checkpointing, results_file, quantize)
     model = build(config, method, dev, dtype)
     if quantize:
         quantize_frozen_linears(model, dev)
@@ -150,11 +150,19 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> i
 
 
 def estimate_memory(config, model_size, method, dev, dtype, precision, micro_batch_size, seq_lengths,
-                    activation_checkpointing, results_file) -> None:
+                    activation_checkpointing, results_file, quantize=None) -> None:
     with torch.device("meta"):
         full = build(config, method, torch.device("meta"), dtype)
     trainable = num_parameters(full, requires_grad=True)
     frozen_bytes = (num_parameters(full) - trainable) * dtype.itemsize
+    if quantize:  # the blocks' linear weights at the bytes per weight measured on one real block
+        one_block = build(replace(config, n_layer=1), method, dev, dtype)
+        quantize_frozen_linears(one_block, dev)
+        bytes_per_weight = frozen_weight_bytes(one_block)
+        linear = sum(m.weight.numel() for m in full.transformer.h.modules()
+                     if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+        frozen_bytes -= linear * (dtype.itemsize - bytes_per_weight)
+        del one_block
     optimizer_bytes = trainable * 16  # float32 weight, gradient and two AdamW moments
     rows = []
     for length in seq_lengths:
@@ -175,8 +183,11 @@ def estimate_memory(config, model_size, method, dev, dtype, precision, micro_bat
         total = frozen_bytes + optimizer_bytes + activations
         note = (f"estimate: {frozen_bytes / 1e9:.1f} weights + {optimizer_bytes / 1e9:.2f} trainable/AdamW + "
                 f"{activations / 1e9:.1f} activations ({per_layer / 1e6:.0f} MB/layer)")
-        rows.append(row(model_size, method, precision, micro_batch_size, length, activation_checkpointing,
-                        f"{device_name(dev)}, {note}", f">= {total / 1e9:.1f} GB", "-", trainable))
+        if quantize:
+            note += f"; frozen block weights in {quantize}: {bytes_per_weight:.3f} bytes/weight, measured on one block"
+        rows.append(row(model_size, method + (f" + {quantize}" if quantize else ""), precision, micro_batch_size,
+                        length, activation_checkpointing, f"{device_name(dev)}, {note}", f">= {total / 1e9:.1f} GB",
+                        "-", trainable))
         print(rows[-1])
     write_rows(rows, results_file)
 
