@@ -52,6 +52,7 @@ METHODS: Dict[str, Dict[str, Any]] = {
                        final="lit-llama-adapter-finetuned.pth"),
     "full": dict(script="finetune/full.py", args=[], final="lit-llama-full-finetuned.pth"),
 }
+SETTINGS_NAME = "compare_settings.json"  # beside each run compare.py trains: what it was trained with
 PROMPTS = ["Please explain how weight decay works", "What food do llamas eat?", "Name three primary colors."]
 
 
@@ -125,9 +126,15 @@ def main(
         finished = (run_dir / "summary.json").is_file() and final.is_file()
         if method in run_dirs and not finished:
             raise UserError(f"--run_dirs: {run_dir} holds no finished {method} run (summary.json and {final.name})")
+        flags = shared_flags + shlex.split(method_args.get(method, "")) + METHODS[method]["args"]
+        wanted = run_settings(method, checkpoint_dir, data_dir, flags)
         if not finished or (retrain and method not in run_dirs):
-            train(method, run_dir, shared_flags + shlex.split(method_args.get(method, "")), fresh=retrain)
-        else:
+            train(method, run_dir, flags, fresh=retrain)
+            (run_dir / SETTINGS_NAME).write_text(json.dumps(wanted, indent=2) + "\n")
+        elif method in run_dirs:
+            print(f"{method}: reading the finished run in {run_dir} (--run_dirs: trained elsewhere)")
+        else:  # a run compare.py trained before: reused only if it was trained exactly as asked now
+            check_same_settings(method, run_dir, wanted)
             print(f"{method}: reading the finished run in {run_dir}")
         runs[method] = read_run(run_dir, final)
 
@@ -143,13 +150,65 @@ def main(
     print(f"Wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'} and {out_dir / 'compare.json'}")
 
 
+def run_settings(method: str, checkpoint_dir: Path, data_dir: Path, flags: List[Any]) -> Dict[str, Any]:
+    """What a run was trained from and with: the base checkpoint and the data (by path, size and time of their
+    files, and the prepare settings) and every flag of the finetune script."""
+    paths = resolve_checkpoint(checkpoint_dir)
+
+    def identity(path: Path) -> str:
+        stat = path.stat()
+        return f"{path.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
+
+    data_files = [Path(data_dir) / name for name in ("train.pt", "test.pt", "prepare_config.json")]
+    return {
+        "method": method,
+        "checkpoint": identity(paths.weights),
+        "data": [identity(f) for f in data_files if f.is_file()],
+        "flags": [str(flag) for flag in flags],
+    }
+
+
+def check_same_settings(method: str, run_dir: Path, wanted: Dict[str, Any]) -> None:
+    """A finished run in --out_dir is reused only when it was trained from the same checkpoint and data with
+    the same flags; otherwise one line says what differs."""
+    settings_file = run_dir / SETTINGS_NAME
+    if not settings_file.is_file():
+        raise UserError(f"{run_dir} holds a finished {method} run whose settings were not recorded: pass "
+                        "--retrain true to train it again with these settings, or choose another --out_dir")
+    recorded = json.loads(settings_file.read_text())
+    differences = []
+    if recorded.get("checkpoint") != wanted["checkpoint"]:
+        differences.append(f"base checkpoint {recorded.get('checkpoint')}")
+    if recorded.get("data") != wanted["data"]:
+        differences.append("other data (--data_dir or its files changed)")
+    old_flags, new_flags = flag_values(recorded.get("flags", [])), flag_values(wanted["flags"])
+    for flag in sorted(set(old_flags) | set(new_flags)):
+        if old_flags.get(flag) != new_flags.get(flag):
+            differences.append(f"{flag} {old_flags.get(flag, '(not given)')} (now {new_flags.get(flag, '(not given)')})")
+    if differences:
+        raise UserError(f"{run_dir} holds a {method} run trained with {'; '.join(differences[:3])}: pass "
+                        "--retrain true to train it again with the settings asked now, or choose another --out_dir")
+
+
+def flag_values(flags: List[str]) -> Dict[str, str]:
+    """["--a", "1", "--b", "x"] -> {"--a": "1", "--b": "x"} (a flag given twice: the last value counts)."""
+    values, current = {}, None
+    for item in flags:
+        if item.startswith("--"):
+            current = item
+            values[current] = ""
+        elif current is not None:
+            values[current] = f"{values[current]} {item}".strip()
+    return values
+
+
 def train(method: str, run_dir: Path, flags: List[Any], fresh: bool) -> None:
     """Runs the method's finetune script as a user would; its progress bar shows through."""
     if fresh and run_dir.exists():
-        for old in list(run_dir.glob("*.pth")) + [run_dir / "summary.json"]:
+        for old in list(run_dir.glob("*.pth")) + [run_dir / "summary.json", run_dir / SETTINGS_NAME]:
             old.unlink(missing_ok=True)  # --retrain: the finetune scripts refuse a folder with checkpoints
     spec = METHODS[method]
-    cmd = [sys.executable, str(REPO / spec["script"]), *map(str, flags), *spec["args"], "--out_dir", str(run_dir)]
+    cmd = [sys.executable, str(REPO / spec["script"]), *map(str, flags), "--out_dir", str(run_dir)]
     print(f"\n=== {method}: {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise UserError(f"{method}: {spec['script']} failed (its error is printed above)")
@@ -161,8 +220,10 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
     train_losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
     last = train_losses[-max(1, len(train_losses) // 10) :]  # the last tenth: one micro-batch is noisy
     checkpoint = load_state_dict(final)
+    settings_file = run_dir / SETTINGS_NAME
     return {
         "run_dir": str(run_dir),
+        "settings": json.loads(settings_file.read_text()) if settings_file.is_file() else None,
         "final": str(final),
         # the final file holds exactly the trained tensors (LoRA, adapter, or every weight for full)
         "trainable_params": count_tensor_elements(checkpoint),
@@ -224,7 +285,7 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
     lines = [
         "# Finetuning methods compared",
         "",
-        f"Machine: {machine}. Shared settings: `{' '.join(map(str, flags))}`.",
+        f"Machine: {machine}. Settings asked for: `{' '.join(map(str, flags))}`.",
         "",
         "| method | trainable params | checkpoint | peak memory | train time | tokens/s | train loss (ppl) "
         "| val loss (ppl) |",
@@ -236,7 +297,13 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
             f"| {r['train_seconds']:.1f} s | {r['tokens_per_sec']:.0f} | {r['train_loss']:.3f} "
             f"({perplexity(r['train_loss'])}) | {r['val_loss']:.3f} ({perplexity(r['val_loss'])}) |"
         )
-    lines += ["", "Peak memory is GPU memory allocated on a GPU, the process's peak RSS on a CPU.", ""]
+    lines += ["", "Peak memory is GPU memory allocated on a GPU, the process's peak RSS on a CPU.", "",
+              "Each row was trained with:", ""]
+    for method, r in runs.items():
+        settings = r.get("settings")
+        trained_with = " ".join(settings["flags"]) if settings else "(trained elsewhere: settings not recorded)"
+        lines.append(f"- **{method}** ({r['run_dir']}): `{trained_with}`")
+    lines.append("")
     for i, prompt in enumerate(prompts):
         lines += [f"### {prompt}", ""]
         for method, r in runs.items():

@@ -35,3 +35,21 @@ def test_compare_writes_table_and_plot(tiny_checkpoint_dir, tmp_path):
 
     proc = run_script("scripts/compare.py", *args[:6], "--methods", '["lora", "qlora"]', check=False)
     assert_clean_error(proc, "qlora")
+
+    # a finished run is reused only with the settings it was trained with: never a table under a wrong header
+    table_before = (out / "compare.md").read_text()
+    assert "Each row was trained with:" in table_before and "--max_iters 8" in table_before
+    changed = [*args, "--max_iters", 16]
+    proc = run_script("scripts/compare.py", *changed, check=False)
+    assert_clean_error(proc, "holds a lora run trained with --max_iters 8 (now 16)", "--retrain true")
+    other_data = tmp_path / "other_data"
+    prepare_dataset(records[:40], Tokenizer(tiny_checkpoint_dir / "tokenizer.model"), other_data, 8, 42, 128)
+    proc = run_script("scripts/compare.py", *args[:3], other_data, *args[4:], check=False)
+    assert_clean_error(proc, "other data")
+    assert (out / "compare.md").read_text() == table_before  # nothing rewritten
+
+    retrained = run_script("scripts/compare.py", *changed, "--methods", '["lora"]', "--retrain", "true")
+    assert "reading" not in retrained.stdout
+    assert "--max_iters 16" in (out / "compare.md").read_text()
+    flags = json.loads((out / "lora" / "compare_settings.json").read_text())["flags"]
+    assert flags[flags.index("--max_iters") + 1] == "16"
