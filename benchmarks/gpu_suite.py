@@ -170,8 +170,14 @@ class Suite:
     def peft(self, work_dir: Path) -> None:
         lora_vs_peft.main(self.size_7b, micro_batch_size=4, max_seq_length=self.lengths[0],
                           steps=2 if self.smoke else 10, warmup_steps=1 if self.smoke else 3,
-                          device=self.device.type, precision=self.precision, data="alpaca",
+                          device=self.device.type, precision=self.precision, data=self.peft_data(),
                           results_file=self.results_file)
+
+    def peft_data(self) -> str:
+        """Real Alpaca records where ../shared is beside the repository (and the vocabulary is LLaMA's)."""
+        shared = REPO.parent / "shared"
+        have = (shared / "data" / "alpaca_sample.json").is_file() and (shared / "tokenizers" / "llama").is_dir()
+        return "alpaca" if have and not self.smoke else "random"
 
     def fsdp(self, work_dir: Path) -> None:
         """finetune/full.py --strategy fsdp --devices 1 on a random checkpoint of the 1.1B shape."""

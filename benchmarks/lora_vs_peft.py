@@ -32,7 +32,7 @@ from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import compute_loss, keep_trainable_in_fp32, pad_batch, peak_memory_gb
-from lit_llama.utils import default_dtype, precision_dtype, run_cli
+from lit_llama.utils import UserError, default_dtype, precision_dtype, run_cli
 
 RESULTS_HEADER = """
 ## LoRA finetuning speed: lit-llama vs Hugging Face PEFT
@@ -58,6 +58,8 @@ def main(
     device: str = "cpu",
     precision: str = "32-true",
     data: str = "alpaca",
+    data_file: Path = SHARED / "data" / "alpaca_sample.json",
+    tokenizer_path: Path = SHARED / "tokenizers" / "llama" / "tokenizer.model",
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
 ) -> Dict[str, float]:
     """Times LoRA training steps of lit-llama and of PEFT side by side; returns the tokens/s of each.
@@ -72,16 +74,23 @@ def main(
         precision: 32-true, or bf16-true (frozen weights in bf16; our LoRA weights stay float32).
         data: alpaca (real records, loss on the response only, as finetune/lora.py trains by default) or
             random (random tokens, loss on every position: no prompt positions for us to skip).
+        data_file: With --data alpaca: Alpaca-format JSON records (default: ../shared's sample, beside the repo).
+        tokenizer_path: With --data alpaca: the LLaMA tokenizer (32,000 pieces; default: ../shared's).
         results_file: Markdown file to append the result row to (none: print only).
     """
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    try:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        raise UserError(f"this benchmark compares against Hugging Face PEFT: pip install transformers peft ({e})")
 
     torch.manual_seed(0)
     dev, dtype = torch.device(device), precision_dtype(precision)
     config = Config.from_name(model_size) if model_size else Config(**SMALL)
     lora = LoRAConfig(r=8, alpha=16, dropout=0.05)
-    batches, source = make_batches(config, micro_batch_size, max_seq_length, warmup_steps + steps, data)
+    batches, source = make_batches(config, micro_batch_size, max_seq_length, warmup_steps + steps, data, data_file,
+                                   tokenizer_path)
+    print(f"data: {source}")
 
     with dev, default_dtype(dtype):
         ours = LoRALLaMA(config, lora)
@@ -153,18 +162,27 @@ def main(
     return rate
 
 
-def make_batches(config: Config, micro_batch_size: int, max_seq_length: int, n: int, data: str) -> Tuple[list, str]:
-    """Padded (input_ids, labels, lengths) micro-batches, from real Alpaca records when available."""
-    tokenizer_path, data_path = SHARED / "tokenizers/llama/tokenizer.model", SHARED / "data/alpaca_sample.json"
+def make_batches(
+    config: Config, micro_batch_size: int, max_seq_length: int, n: int, data: str, data_file: Path,
+    tokenizer_path: Path,
+) -> Tuple[list, str]:
+    """Padded (input_ids, labels, lengths) micro-batches of real Alpaca records or of random tokens."""
     samples: List[dict]
-    if data == "alpaca" and tokenizer_path.is_file() and data_path.is_file() and config.vocab_size == 32000:
+    if data == "alpaca":
+        for path, flag in ((data_file, "--data_file"), (tokenizer_path, "--tokenizer_path")):
+            if not Path(path).is_file():
+                raise UserError(f"--data alpaca: {flag} {path} not found; give the Alpaca records and the LLaMA "
+                                "tokenizer, or use --data random")
         import json
 
         tokenizer = Tokenizer(tokenizer_path)
-        records = [{"input": "", **r} for r in json.loads(data_path.read_text())]
+        if tokenizer.vocab_size > config.vocab_size:
+            raise UserError(f"--tokenizer_path {tokenizer_path} has {tokenizer.vocab_size} tokens, the model "
+                            f"{config.vocab_size}")
+        records = [{"input": "", **r} for r in json.loads(Path(data_file).read_text())]
         samples = [prepare_sample(r, tokenizer, max_seq_length) for r in records]
-        source = "real Alpaca records, response-only loss"
-    else:
+        source = f"real Alpaca records ({Path(data_file).name}), response-only loss"
+    elif data == "random":
         g = torch.Generator().manual_seed(0)
         lengths = torch.randint(60, max_seq_length, (n * micro_batch_size,), generator=g)
         samples = []
@@ -172,6 +190,8 @@ def make_batches(config: Config, micro_batch_size: int, max_seq_length: int, n: 
             ids = torch.randint(3, config.vocab_size, (length,), generator=g)
             samples.append({"input_ids": ids, "labels": ids.clone()})
         source = "random tokens, loss on all positions"
+    else:
+        raise UserError(f"--data {data!r} is not one of alpaca, random")
     batches = []
     for i in range(n):
         chunk = [samples[(i * micro_batch_size + j) % len(samples)] for j in range(micro_batch_size)]

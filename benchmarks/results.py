@@ -2,14 +2,20 @@
 they would land under whichever table happens to be last)."""
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
+
+from lit_llama.utils import UserError
 
 
-def add_rows(results_file: Path, section: str, rows: List[str]) -> None:
+def add_rows(results_file: Optional[Path], section: str, rows: List[str]) -> None:
     """`section` is a table's whole heading block: its "## title" line, a description and the table's header
     and separator rows. The rows go right after the last row of that table; a file without the section
     gets it, with the rows, at its end. Nothing else in the file changes."""
+    if not results_file or Path(results_file) == Path(""):  # --results_file "": print only
+        return
     results_file = Path(results_file)
+    if results_file.is_dir():
+        raise UserError(f"--results_file {results_file} is a directory; give a Markdown file (or \"\" for none)")
     section = section.strip("\n") + "\n"
     title = section.splitlines()[0]
     text = results_file.read_text() if results_file.is_file() else ""
