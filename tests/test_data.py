@@ -214,6 +214,10 @@ def test_download_failure_is_a_user_error(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial file is left to be taken for the data
     target.write_text("[]")
     assert download_if_missing("http://127.0.0.1:9/x.json", target) == target  # present: no download
+    # a data folder the failed download would have created is not left behind, empty
+    with pytest.raises(UserError, match="could not download"):
+        download_if_missing("http://127.0.0.1:9/x.json", tmp_path / "data" / "alpaca" / "x.json", timeout=5)
+    assert not (tmp_path / "data" / "alpaca").exists()
 
 
 def test_load_prepared_without_data_says_what_to_run(tmp_path):
