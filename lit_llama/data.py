@@ -301,7 +301,8 @@ def download_if_missing(url: str, path: Path, timeout: float = 30.0) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    created = not path.parent.exists()  # removed again if the download fails: nothing half-made is left
+    # folders this creates are removed again if the download fails: nothing half-made is left behind
+    created = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     try:
@@ -313,8 +314,9 @@ def download_if_missing(url: str, path: Path, timeout: float = 30.0) -> Path:
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError) as e:  # HTTPError and timeouts are subclasses
         tmp.unlink(missing_ok=True)
-        if created and not any(path.parent.iterdir()):
-            path.parent.rmdir()
+        for folder in created:  # innermost first
+            if not any(folder.iterdir()):
+                folder.rmdir()
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"could not download {url} ({reason}): this step needs network access; "
