@@ -210,7 +210,7 @@ def train(method: str, run_dir: Path, flags: List[Any], fresh: bool) -> None:
     spec = METHODS[method]
     cmd = [sys.executable, str(REPO / spec["script"]), *map(str, flags), "--out_dir", str(run_dir)]
     print(f"\n=== {method}: {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+    if subprocess.run(cmd).returncode != 0:  # in the caller's folder: relative paths mean what they said
         raise UserError(f"{method}: {spec['script']} failed (its error is printed above)")
 
 

@@ -104,8 +104,8 @@ def step(title: str) -> None:
 def run(script: str, *args, quiet: bool = False) -> str:
     """Runs a repository script as a user would; stops the demo with its error if it fails."""
     cmd = [sys.executable, str(REPO / script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE,
-                          text=True)
+    # in the caller's folder, like the user's own commands: --out_dir and the paths under it mean what they said
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}): {(proc.stderr or '').strip()[-500:]}")
     if not quiet:

@@ -1,0 +1,198 @@
+"""Every command of the README's and howto/'s bash blocks runs as written, in order, in one working folder, on
+a tiny model.
+
+The only changes to the commands are these stand-ins, for a machine without network, GPUs or time:
+- `scripts/download.py` is not run (no network): its stand-in is a tiny random Hugging Face LLaMA written
+  where the download would put it (checkpoints/hf/<repo_id>). Meta's folder `/path/to/llama/7B` is a tiny
+  model in Meta's format.
+- `prepare_alpaca.py` / `prepare_dolly.py` get `--data_file` (a local copy instead of the download); the
+  user's own `mine.json` is a small file of records.
+- Fewer iterations: the finetune scripts get `--max_iters 4 --batch_size 4 --micro_batch_size 2
+  --eval_iters 2 --save_interval 1`, compare.py `--max_iters 4` (and the same batch sizes), the demo
+  `--max_iters 8`, every generate script `--max_new_tokens 8`; `--devices 4` runs as `--devices 2` (two CPU
+  processes); a checkpoint name of a save that fewer iterations do not reach is the run's last save.
+- Not run here: `pip install` and `pytest` (CI runs those), and the cluster launchers `torchrun` / `srun`
+  (tests/test_fsdp.py runs a two-node torchrun launch).
+A command that appears again in a later guide, unchanged, runs once (running it again would be refused:
+its --out_dir already holds checkpoints).
+"""
+
+import json
+import os
+import re
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_corpus
+
+from lit_llama.tokenizer import train_from_texts
+
+transformers = pytest.importorskip("transformers")
+
+# the README first (it makes what the guides start from), then every guide
+DOCS = ["README.md", "howto/download_weights.md", "howto/finetune_lora.md", "howto/finetune_adapter.md",
+        "howto/finetune_full.md", "howto/inference.md", "howto/compare.md", "howto/multi_gpu.md",
+        "howto/multi_lora.md"]
+NOT_RUN = {"pip", "pytest", "torchrun", "srun"}
+FEWER_ITERATIONS = ["--max_iters", "4", "--batch_size", "4", "--micro_batch_size", "2", "--eval_iters", "2",
+                    "--save_interval", "1"]
+META_FOLDER = "/path/to/llama/7B"
+
+
+def commands(doc: Path) -> List[str]:
+    """The commands of a Markdown file's ```bash blocks: continuation lines joined, heredocs kept whole."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+        lines = block.replace("\\\n", " ").splitlines()
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            heredoc = re.search(r"<<'?(\w+)'?", line)
+            if heredoc:
+                end = lines.index(heredoc.group(1), i + 1)
+                found.append("\n".join(lines[i : end + 1]))
+                i = end + 1
+                continue
+            if shlex.split(line, comments=True):
+                found.append(line)
+            i += 1
+    return found
+
+
+def test_every_guide_is_run():
+    assert set(DOCS) == {"README.md", *(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "howto").glob("*.md"))}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """The user's working folder, with what the network would have given: the downloaded weights and data."""
+    work = tmp_path_factory.mktemp("user")
+    stand_ins = work / "stand-ins"
+    tokenizer = train_from_texts(tiny_corpus(), stand_ins / "tokenizer", vocab_size=512)
+
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config)
+    downloaded = work / "checkpoints" / "hf" / "openlm-research" / "open_llama_3b"
+    hf_model.save_pretrained(downloaded)
+    shutil.copy(tokenizer, downloaded / "tokenizer.model")
+
+    from test_convert import save_meta_checkpoint
+
+    save_meta_checkpoint(hf_model, stand_ins / "llama" / "7B", n_shards=1)
+    shutil.copy(tokenizer, stand_ins / "llama" / "tokenizer.model")
+
+    records = [{"instruction": f"Add {i % 9} and {i // 9}.", "input": "", "output": str(i % 9 + i // 9)}
+               for i in range(60)]
+    (stand_ins / "alpaca.json").write_text(json.dumps(records))
+    (stand_ins / "dolly.jsonl").write_text("\n".join(
+        json.dumps({"instruction": r["instruction"], "context": "", "response": r["output"], "category": "math"})
+        for r in records))
+    (work / "mine.json").write_text(json.dumps(records[:40]))  # the user's own records (howto/multi_lora.md)
+    return work
+
+
+def stand_in(argv: List[str], work: Path) -> Optional[List[str]]:
+    """The command with this file's stand-ins (see the docstring); None: not run here."""
+    script, args = argv[1], list(argv[2:])
+
+    def has(flag: str) -> bool:
+        return flag in args
+
+    def set_flag(flag: str, value: str) -> None:
+        if has(flag):
+            args[args.index(flag) + 1] = value
+        else:
+            args.extend([flag, value])
+
+    if script == "scripts/download.py":
+        return None  # the stand-in download is in place (workspace fixture)
+    args = [str(work / "stand-ins" / "llama" / "7B") if a == META_FOLDER else a for a in args]
+    if script in ("scripts/prepare_alpaca.py", "scripts/prepare_dolly.py") and not has("--data_file"):
+        name = "dolly.jsonl" if "dolly" in script else "alpaca.json"
+        args += ["--data_file", str(work / "stand-ins" / name)]
+    if script.startswith("finetune/"):
+        for flag, value in zip(FEWER_ITERATIONS[::2], FEWER_ITERATIONS[1::2]):
+            set_flag(flag, value)
+    if script == "scripts/compare.py":
+        for flag, value in (("--max_iters", "4"), ("--batch_size", "4"), ("--micro_batch_size", "2"),
+                            ("--eval_iters", "1"), ("--max_new_tokens", "8")):
+            set_flag(flag, value)
+    if script == "scripts/demo.py":
+        set_flag("--max_iters", "8")
+    if script.startswith("generate") or script == "generate.py":
+        set_flag("--max_new_tokens", "8")
+    if has("--devices") and int(args[args.index("--devices") + 1]) > 2:
+        set_flag("--devices", "2")
+    for i, arg in enumerate(args):  # a save that fewer iterations do not reach: the run's last one
+        if re.search(r"iter-\d{6}-ckpt\.pth$", arg) and not (work / arg).exists():
+            args[i] = str(max((work / arg).parent.glob("iter-*-ckpt.pth")))
+    return [argv[0], script, *args]
+
+
+def run(argv: List[str], work: Path, capsys) -> None:
+    """`python SCRIPT ARGS` in the user's folder: in this process (as `python` would run it: its __main__
+    block), or as a real process when it starts several (--devices > 1)."""
+    script = str(REPO_ROOT / argv[1])
+    several = "--devices" in argv and int(argv[argv.index("--devices") + 1]) > 1
+    if several:
+        proc = subprocess.run([sys.executable, script, *argv[2:]], cwd=work, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        return
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv, code = [script, *argv[2:]], 0
+    os.chdir(work)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    out, err = capsys.readouterr()
+    assert code == 0, f"{shlex.join(argv)} failed ({code}):\n{out[-2000:]}\n{err[-3000:]}"
+    assert "Traceback" not in err, err
+
+
+def test_readme_and_guides_work_as_written(workspace, capsys):
+    done = set()
+    ran = []
+    for doc in DOCS:
+        for command in commands(REPO_ROOT / doc):
+            if "<<" in command:  # a file the guide writes with a heredoc
+                subprocess.run(["bash", "-c", command], cwd=workspace, check=True)
+                continue
+            argv = shlex.split(command, comments=True)
+            if argv[0] in NOT_RUN:
+                continue
+            assert argv[0] == "python", f"{doc}: a command this test does not know how to run: {command}"
+            key = tuple(argv)
+            if key in done:
+                continue
+            done.add(key)
+            adapted = stand_in(argv, workspace)
+            if adapted is not None:
+                start = time.perf_counter()
+                run(adapted, workspace, capsys)
+                ran.append(f"{time.perf_counter() - start:5.1f} s  {doc}: {shlex.join(argv[1:4])}")
+    with capsys.disabled():
+        print(f"\nran {len(ran)} commands:\n" + "\n".join(ran))
+    # what the guides promise exists afterwards
+    for path in ("checkpoints/lit-llama/open_llama_3b/lit-llama.pth", "data/alpaca/train.pt",
+                 "out/lora/alpaca/lit-llama-lora-finetuned.pth", "out/adapter/alpaca/lit-llama-adapter-finetuned.pth",
+                 "out/full/alpaca/lit-llama-full-finetuned.pth", "checkpoints/lit-llama/open_llama_3b-alpaca-lora/lit-llama.pth",
+                 "out/compare/compare.md", "out/lora/alpaca-nf4/lit-llama-lora-finetuned.pth", "out/lora/mine",
+                 "checkpoints/lit-llama/7B/lit-llama.pth", "checkpoints/hf-export/open_llama_3b-alpaca-lora"):
+        assert (workspace / path).exists(), path
