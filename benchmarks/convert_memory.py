@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results import add_rows
+from benchmarks.common import add_rows
 from lit_llama.convert import expected_hf_shapes
 from lit_llama.model import Config
 from lit_llama.tokenizer import train_from_texts

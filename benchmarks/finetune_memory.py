@@ -14,7 +14,6 @@ benchmarks/RESULTS.md with the device's name.
 import platform
 import statistics
 import sys
-import time
 from datetime import date
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results import add_rows
+from benchmarks.common import add_rows, sync_time
 from lit_llama.adapter import AdapterConfig, AdapterLLaMA, mark_only_adapter_as_trainable
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
@@ -208,11 +207,6 @@ def device_name(dev: torch.device) -> str:
         return torch.cuda.get_device_name(dev)
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
 
-
-def sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

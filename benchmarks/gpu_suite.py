@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import finetune_memory, lora_vs_peft  # noqa: E402
-from benchmarks.results import add_rows  # noqa: E402
+from benchmarks.common import add_rows, sync_time  # noqa: E402
 from lit_llama.data import prepare_dataset  # noqa: E402
 from lit_llama.generation import generate  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA  # noqa: E402
@@ -284,11 +284,6 @@ def load_script(path: Path):
     spec.loader.exec_module(module)
     return module
 
-
-def sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ step-0 losses (they must agree: same model) and peak memory, and appends a row t
 import platform
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results import add_rows
+from benchmarks.common import add_rows, sync_time
 from lit_llama.convert import lit_to_hf
 from lit_llama.data import prepare_sample
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
@@ -212,11 +211,6 @@ def copy_lora_weights(ours: LoRALLaMA, theirs, config: Config) -> None:
                 hf_params[f"{prefix}.{proj}.lora_A.default.weight"].copy_(A)
                 hf_params[f"{prefix}.{proj}.lora_B.default.weight"].copy_(B)
 
-
-def sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

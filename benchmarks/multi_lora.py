@@ -19,7 +19,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from typing import List, Optional
@@ -29,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results import add_rows  # noqa: E402
+from benchmarks.common import add_rows, sync_time  # noqa: E402
 from lit_llama.generation import generate_batch  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict  # noqa: E402
 from lit_llama.model import Config, LLaMA  # noqa: E402
@@ -173,11 +172,6 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
-
-def sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import assert_clean_error, run_script
 
-from benchmarks.results import add_rows
+from benchmarks.common import add_rows
 
 TABLE_A = "## Table A\n\nwhat A measures\n\n| date | a |\n|---|---|\n"
 TABLE_B = "## Table B\n\nwhat B measures\n\n| date | b |\n|---|---|\n"

@@ -1,8 +1,11 @@
-"""Adds result rows to their own table in benchmarks/RESULTS.md (not simply at the end of the file, where
-they would land under whichever table happens to be last)."""
+"""What the benchmarks share: adding result rows to their own table in benchmarks/RESULTS.md (not simply at
+the end of the file, where they would land under whichever table happens to be last), and timing."""
 
+import time
 from pathlib import Path
 from typing import List, Optional
+
+import torch
 
 from lit_llama.utils import UserError
 
@@ -36,3 +39,10 @@ def add_rows(results_file: Optional[Path], section: str, rows: List[str]) -> Non
         lines[i - 1] += "\n"
     lines.insert(i, rows_text)
     results_file.write_text("".join(lines))
+
+
+def sync_time(device: torch.device) -> float:
+    """The time after the device finished its queued work (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
