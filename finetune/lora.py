@@ -7,6 +7,7 @@ Writes LoRA-only checkpoints (a few MB) and metrics.csv to --out_dir; see howto/
 """
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -18,12 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.training import (
     TrainingConfig,
-    check_out_dir,
+    claim_out_dir,
     fit,
     full_state_dict,
     load_device,
     load_tokenizer_and_data,
     make_fabric,
+    resolve_max_seq_length,
     setup_model_and_optimizer,
 )
 from lit_llama.utils import (
@@ -57,7 +59,7 @@ def setup(
     epochs: float = 5,
     warmup_iters: int = 100,
     weight_decay: float = 0.0,
-    block_size: int = 512,
+    max_seq_length: Optional[int] = None,
     lora_r: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
@@ -76,6 +78,7 @@ def setup(
     resume: bool = False,
     pretrained_path: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
+    block_size: Optional[int] = None,
 ) -> None:
     """Finetunes a pretrained checkpoint with LoRA. Defaults are the article's (7B on one 24 GB GPU).
 
@@ -100,7 +103,8 @@ def setup(
         epochs: Passes over the training set when --max_iters is not given.
         warmup_iters: Optimizer steps of linear learning-rate warmup (then cosine decay).
         weight_decay: AdamW weight decay.
-        block_size: Longest training sequence in tokens; longer examples are cut.
+        max_seq_length: Longest training sequence in tokens; longer examples are cut. Default: 512, or the
+            model's context if shorter.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha; updates are scaled by alpha / r.
         lora_dropout: Dropout on the LoRA branch's input.
@@ -120,6 +124,7 @@ def setup(
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+        block_size: Deprecated name of --max_seq_length.
     """
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     try:
@@ -127,14 +132,19 @@ def setup(
                           lora_mlp, lora_head)
     except ValueError as e:
         raise UserError(str(e))
-    training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
-                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed,
-                              activation_checkpointing)
+    training = TrainingConfig(
+        learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, max_iters=max_iters,
+        epochs=epochs, warmup_iters=warmup_iters, weight_decay=weight_decay,
+        max_seq_length=resolve_max_seq_length(max_seq_length, block_size, paths.config),
+        eval_interval=eval_interval, eval_iters=eval_iters, save_interval=save_interval, log_interval=log_interval,
+        seed=seed, activation_checkpointing=activation_checkpointing,
+    )
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
-    check_out_dir(out_dir, resume)
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
-    fabric.launch(main, paths, dtype, lora, training, data_dir, out_dir, resume)
+    run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora)}
+    with claim_out_dir(out_dir, resume, run_info):
+        fabric.launch(main, paths, dtype, lora, training, data_dir, out_dir, resume)
 
 
 def main(

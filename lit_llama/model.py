@@ -5,6 +5,7 @@ Read top to bottom: `Config` (sizes), `LLaMA` (embedding -> blocks -> norm -> he
 `MLP` (SwiGLU), `RMSNorm`, and the rotary-embedding helpers.
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -85,10 +86,34 @@ class Config:
 
     @classmethod
     def from_json(cls, path: Path) -> "Config":
-        return cls(**json.loads(Path(path).read_text()))
+        """Reads a config written by `to_json`; a field of the wrong type or value is a ValueError naming it."""
+        try:
+            fields = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"not valid JSON ({e})")
+        if not isinstance(fields, dict):
+            raise ValueError("expected a JSON object of config fields")
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, value in fields.items():
+            if name not in known:
+                raise ValueError(f"unknown field {name!r}")
+            optional = "Optional" in str(known[name])
+            number = float if "float" in str(known[name]) else int
+            if value is None and optional:
+                continue
+            # JSON has one number type: 1 is a fine float, 1.5 is not an int; true/false are not numbers
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and value != int(value)):
+                raise ValueError(f"field {name!r} is {value!r}, expected {'an integer' if number is int else 'a number'}")
+            if number is int and value < 1 or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"field {name!r} is {value!r}, expected a positive number")
+            fields[name] = number(value)
+        return cls(**fields)
+
+    def to_json_text(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
 
     def to_json(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        Path(path).write_text(self.to_json_text())
 
 
 _llama_7b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008)

@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +33,13 @@ import torch
 from lit_llama.adapter import load_adapter_model
 from lit_llama.generation import generate_response
 from lit_llama.lora import load_lora_model
+from lit_llama.checks import check_at_least, check_out_dir
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import METRICS_NAME
 from lit_llama.utils import (
     UserError,
     default_device,
+    deprecated_flag,
     load_model,
     load_state_dict,
     precision_dtype,
@@ -66,7 +70,7 @@ def main(
     warmup_iters: Optional[int] = None,
     eval_interval: Optional[int] = None,
     eval_iters: int = 20,
-    block_size: int = 512,
+    max_seq_length: Optional[int] = None,
     precision: Optional[str] = None,
     devices: int = 1,
     seed: int = 1337,
@@ -75,6 +79,7 @@ def main(
     retrain: bool = False,
     prompts: List[str] = PROMPTS,
     max_new_tokens: int = 100,
+    block_size: Optional[int] = None,
 ) -> None:
     """Trains (or reads) one run per method and writes the comparison.
 
@@ -90,7 +95,8 @@ def main(
         warmup_iters: Optimizer steps of warmup for every method (default: a tenth of the steps).
         eval_interval: Optimizer steps between validations (default: ten validations per run).
         eval_iters: Validation micro-batches per validation.
-        block_size: Longest training sequence.
+        max_seq_length: Longest training sequence in tokens; longer examples are cut (default: the finetune
+            scripts', 512 or the model's context if shorter).
         precision: Passed to every finetune script (default: theirs: bf16-true on a GPU, 32-true on CPU).
         devices: Passed to every finetune script.
         seed: Random seed for every method.
@@ -99,10 +105,21 @@ def main(
         retrain: Train again even where <out_dir>/<method> already holds a finished run.
         prompts: Instructions every method answers greedily for the table.
         max_new_tokens: The most tokens per response.
+        block_size: Deprecated name of --max_seq_length.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    max_seq_length = deprecated_flag("max_seq_length", max_seq_length, "block_size", block_size)
+    for flag, value, low in [("max_iters", max_iters, 1), ("batch_size", batch_size, 1),
+                             ("micro_batch_size", micro_batch_size, 1), ("eval_iters", eval_iters, 1),
+                             ("devices", devices, 1),
+                             ("max_new_tokens", max_new_tokens, 1)]:
+        check_at_least(flag, value, low)
+    check_at_least("max_seq_length", max_seq_length, 2, optional=True)
+    check_at_least("warmup_iters", warmup_iters, 0, optional=True)
+    check_at_least("eval_interval", eval_interval, 1, optional=True)
+    check_out_dir(out_dir)
     steps = max_iters * devices * micro_batch_size // batch_size
     if steps < 1:
         raise UserError(f"--max_iters {max_iters} makes no optimizer step of --batch_size {batch_size}")
@@ -111,8 +128,10 @@ def main(
         "--batch_size", batch_size, "--micro_batch_size", micro_batch_size,
         "--warmup_iters", warmup_iters if warmup_iters is not None else max(1, steps // 10),
         "--eval_interval", eval_interval or max(1, steps // 10), "--eval_iters", eval_iters,
-        "--save_interval", 0, "--block_size", block_size, "--devices", devices, "--seed", seed,
+        "--save_interval", 0, "--devices", devices, "--seed", seed,
     ]
+    if max_seq_length is not None:
+        shared_flags += ["--max_seq_length", max_seq_length]
     if precision:
         shared_flags += ["--precision", precision]
     run_dirs = dict(run_dirs or {})
@@ -147,7 +166,8 @@ def train(method: str, run_dir: Path, flags: List[Any], fresh: bool) -> None:
     """Runs the method's finetune script as a user would; its progress bar shows through."""
     if fresh and run_dir.exists():
         for old in list(run_dir.glob("*.pth")) + [run_dir / "summary.json"]:
-            old.unlink(missing_ok=True)  # --retrain: the finetune scripts refuse a folder with checkpoints
+            # --retrain: the finetune scripts refuse a folder with checkpoints (a sharded one is a folder)
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     spec = METHODS[method]
     cmd = [sys.executable, str(REPO / spec["script"]), *map(str, flags), *spec["args"], "--out_dir", str(run_dir)]
     print(f"\n=== {method}: {' '.join(cmd[1:])}", flush=True)
@@ -178,11 +198,8 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, str]]:
-    rows: List[Dict[str, str]] = []
-    for metrics in sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
-        with open(metrics) as f:
-            rows.extend(csv.DictReader(f))  # a resumed run continues in the next version folder
-    return rows
+    with open(run_dir / METRICS_NAME, newline="") as f:
+        return list(csv.DictReader(f))  # one file, also for a resumed run
 
 
 def count_tensor_elements(checkpoint: Any) -> int:

@@ -114,8 +114,7 @@ def run(script: str, *args, quiet: bool = False) -> str:
 
 
 def validation_losses(run_dir: Path) -> List[float]:
-    (metrics,) = sorted(run_dir.glob("logs/version_*/metrics.csv"))[-1:]
-    with open(metrics) as f:
+    with open(run_dir / "metrics.csv") as f:
         return [float(row["val_loss"]) for row in csv.DictReader(f) if row.get("val_loss")]
 
 

@@ -82,9 +82,8 @@ def two_process_fsdp(base, tmp_path_factory):
 
 
 def metrics(out_dir):
-    """Train loss per iteration and the validation losses, from the CSV of the run's latest (or only) part."""
-    path = max(out_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    with open(path) as f:
+    """Train loss per iteration and the validation losses, from the run's CSV (one file over resumed parts)."""
+    with open(out_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     train = {int(row["iter"]): float(row["train_loss"]) for row in rows if row.get("train_loss")}
     val = [float(row["val_loss"]) for row in rows if row.get("val_loss")]
