@@ -170,6 +170,19 @@ def resolve_test_split_size(requested: Optional[int], num_records: int, default:
     return size
 
 
+def check_prepare_flags(
+    out_dir: Path, data_file: Optional[Path], test_split_size: Optional[int], max_seq_length: int, seed: int
+) -> None:
+    """What scripts/prepare_*.py are given, checked before anything is read or downloaded."""
+    from lit_llama.checks import check_at_least, check_file, check_out_dir, check_range
+
+    check_out_dir(out_dir)
+    check_file(data_file, "data_file")
+    check_at_least("test_split_size", test_split_size, 1, optional=True)
+    check_at_least("max_seq_length", max_seq_length, 2)
+    check_range("seed", seed, 0, 2**63 - 1)
+
+
 def prepare_dataset(
     records: Sequence[Dict[str, str]],
     tokenizer: Tokenizer,

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
+from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
 
 
 @dataclass
@@ -205,6 +205,7 @@ def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Pat
                 f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)} "
                 "(other rank or model size?)"
             )
+    check_finite(tensors, Path(path))
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)

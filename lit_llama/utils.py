@@ -327,7 +327,10 @@ def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
 
 
 def check_output_dir(output_dir: Path, overwrite: bool = False, filename: str = WEIGHTS_NAME) -> None:
-    """Refuses to replace an existing checkpoint unless asked to."""
+    """`--out_dir` can be written, and an existing checkpoint in it is replaced only when asked to."""
+    from lit_llama.checks import check_out_dir  # lit_llama.checks imports this module
+
+    check_out_dir(output_dir)
     if (Path(output_dir) / filename).exists() and not overwrite:
         raise UserError(f"{Path(output_dir) / filename} already exists; pass --overwrite true to replace it")
 
