@@ -10,7 +10,7 @@ Writes adapter-only checkpoints (a few MB) and metrics.csv to --out_dir; see how
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -147,13 +147,14 @@ def setup(
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
     run_info = {"method": "adapter", "model": asdict(paths.config), "adapter": asdict(adapter)}
     with claim_out_dir(out_dir, resume, run_info):
-        fabric.launch(main, paths, dtype, adapter, training, data_dir, out_dir, resume)
+        fabric.launch(main, paths, dtype, run_info, adapter, training, data_dir, out_dir, resume)
 
 
 def main(
     fabric: L.Fabric,
     paths: CheckpointPaths,
     dtype: torch.dtype,
+    run_info: Dict[str, Any],
     adapter: AdapterConfig,
     training: TrainingConfig,
     data_dir: Path,
@@ -179,7 +180,8 @@ def main(
             save_atomic(adapter_state_dict(adapter_model, trainable), path)
             fabric.print(f"Saved adapter weights to {path}")
 
-    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume)
+    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume,
+        run_info=run_info)
 
 
 if __name__ == "__main__":

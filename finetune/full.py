@@ -11,7 +11,7 @@ else; see howto/finetune_full.md.
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -139,7 +139,7 @@ def setup(
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
     run_info = {"method": "full", "model": asdict(paths.config)}
     with claim_out_dir(out_dir, resume, run_info):
-        fabric.launch(main, paths, dtype, training, data_dir, out_dir, resume, sharded)
+        fabric.launch(main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)
 
 
 def default_training_precision() -> str:
@@ -154,6 +154,7 @@ def main(
     fabric: L.Fabric,
     paths: CheckpointPaths,
     dtype: torch.dtype,
+    run_info: Dict[str, Any],
     training: TrainingConfig,
     data_dir: Path,
     out_dir: Path,
@@ -182,7 +183,7 @@ def main(
         fabric.print(f"Saved the finetuned weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_full, FINAL_NAME, resume,
-        sharded_resume=sharded)
+        sharded_resume=sharded, run_info=run_info)
 
 
 if __name__ == "__main__":

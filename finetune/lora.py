@@ -9,7 +9,7 @@ Writes LoRA-only checkpoints (a few MB) and metrics.csv to --out_dir; see howto/
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -128,10 +128,10 @@ def setup(
     """
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     try:
-        lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                          lora_mlp, lora_head)
+        lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
+                          value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head)
     except ValueError as e:
-        raise UserError(str(e))
+        raise UserError(f"--lora_{e}")  # LoRAConfig's messages start with the field's (= the flag's) name
     training = TrainingConfig(
         learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, max_iters=max_iters,
         epochs=epochs, warmup_iters=warmup_iters, weight_decay=weight_decay,
@@ -144,13 +144,14 @@ def setup(
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
     run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora)}
     with claim_out_dir(out_dir, resume, run_info):
-        fabric.launch(main, paths, dtype, lora, training, data_dir, out_dir, resume)
+        fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume)
 
 
 def main(
     fabric: L.Fabric,
     paths: CheckpointPaths,
     dtype: torch.dtype,
+    run_info: Dict[str, Any],
     lora: LoRAConfig,
     training: TrainingConfig,
     data_dir: Path,
@@ -173,7 +174,8 @@ def main(
             save_atomic(lora_state_dict(lora_model, trainable), path)
             fabric.print(f"Saved LoRA weights to {path}")
 
-    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume)
+    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume,
+        run_info=run_info)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from lit_llama.utils import (
     default_dtype,
     WeightsOnlyReader,
     check_finite,
+    describe_exception,
     load_model,
     read_dcp_metadata,
     resolve_checkpoint,
@@ -114,7 +115,7 @@ def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtyp
     try:
         metadata = read_dcp_metadata(paths.weights)  # refuses anything but metadata: a crafted file runs no code
     except Exception as e:  # noqa: BLE001 - any unreadable folder is the user's input
-        raise UserError(f"{paths.weights} is not a sharded checkpoint folder ({type(e).__name__}: {e})")
+        raise UserError(f"{paths.weights} is not a sharded checkpoint folder ({describe_exception(e)})")
     with torch.device("meta"), default_dtype(dtype):
         model = LLaMA(paths.config)
     stored = {  # the shapes of the stored weights, as empty tensors, to check them like a .pth file's
@@ -132,7 +133,7 @@ def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtyp
         try:
             dcp_load(state, storage_reader=reader, planner=WeightsOnlyReader.planner(), no_dist=True)
         except Exception as e:  # noqa: BLE001 - any unreadable shard is the user's input
-            raise UserError(f"{paths.weights} has unreadable shards ({type(e).__name__}: {str(e).splitlines()[0]})")
+            raise UserError(f"{paths.weights} has unreadable shards ({describe_exception(e)})")
     model.load_state_dict(state["model"])
     check_finite(state["model"], paths.weights)
     return model

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import TOKENIZER_NAME, UserError, save_atomic, write_text_atomic
+from lit_llama.utils import TOKENIZER_NAME, UserError, describe_exception, save_atomic, write_text_atomic
 
 # PyTorch's `cross_entropy(ignore_index=-100)` default: label positions with this value add no loss
 IGNORE_INDEX = -100
@@ -275,7 +275,7 @@ def load_prepared(
         try:
             split = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-            raise UserError(f"{path} is not a readable prepared dataset ({type(e).__name__}: {e}): {hint}")
+            raise UserError(f"{path} is not a readable prepared dataset ({describe_exception(e)}): {hint}")
         if not isinstance(split, list) or not split or not isinstance(split[0], dict) or "input_ids" not in split[0]:
             raise UserError(f"{path} does not hold a list of samples: {hint}")
         splits.append(split)

@@ -63,7 +63,9 @@ def generate(
     return tokens[0]
 
 
-def check_sampling_flags(num_samples: int, max_new_tokens: int, temperature: float, top_k: Optional[int], seed: int) -> None:
+def check_sampling_flags(
+    num_samples: int, max_new_tokens: int, temperature: float, top_k: Optional[int], seed: int
+) -> None:
     """The flags every generate script shares, checked before anything is loaded."""
     check_at_least("num_samples", num_samples, 1)
     check_at_least("max_new_tokens", max_new_tokens, 1)
@@ -84,7 +86,7 @@ def setup_generation(
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of {context} tokens")
     prompt_tokens = len(tokenizer.encode(prompt, bos=True))
     if prompt_tokens >= context:
-        raise UserError(f"--prompt is {prompt_tokens} tokens: the model's context is {context}, with room for the answer")
+        raise UserError(f"--prompt is {prompt_tokens} tokens: the model's context is {context} (with the answer)")
     return tokenizer, default_device(), precision_dtype(precision)
 
 

@@ -102,8 +102,10 @@ class Config:
             if value is None and optional:
                 continue
             # JSON has one number type: 1 is a fine float, 1.5 is not an int; true/false are not numbers
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and value != int(value)):
-                raise ValueError(f"field {name!r} is {value!r}, expected {'an integer' if number is int else 'a number'}")
+            wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+            if wrong_type or (number is int and value != int(value)):
+                expected = "an integer" if number is int else "a number"
+                raise ValueError(f"field {name!r} is {value!r}, expected {expected}")
             if number is int and value < 1 or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"field {name!r} is {value!r}, expected a positive number")
             fields[name] = number(value)

@@ -48,6 +48,7 @@ from lit_llama.utils import (
     check_finite,
     check_vocab,
     deprecated_flag,
+    describe_exception,
     disk_errors,
     write_text_atomic,
 )
@@ -190,11 +191,13 @@ def fit(
     final_name: str,
     resume: bool = False,
     sharded_resume: bool = False,
+    run_info: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, float]:
     """Trains for `config.total_iters(...)` micro-batch iterations. `save_weights(path)` writes the
     method's own checkpoint (LoRA-only, adapter-only or full weights) and is called on every rank (under
     FSDP the weights are gathered); `final_name` is the last one's file name. `sharded_resume` writes the
-    resume state as one folder of per-rank shards instead of one file. Returns the final metrics."""
+    resume state as one folder of per-rank shards instead of one file. `run_info` (method, model config, method
+    settings) goes to run.json, for `--resume` to check (see `claim_out_dir`). Returns the final metrics."""
     world = fabric.world_size
     accumulation = config.gradient_accumulation_iters(world)
     max_iters = config.total_iters(len(train_data), world)
@@ -217,6 +220,8 @@ def fit(
         fabric.print(f"Resuming from iteration {state['iter_num']} (step {state['step_count']})")
     elif resume:  # see claim_out_dir: the run was stopped before its first resume state
         fabric.print(f"No resume state in {out_dir} yet: starting that run from the beginning")
+    if fabric.global_rank == 0 and run_info is not None:
+        write_text_atomic(json.dumps(run_info, indent=2) + "\n", out_dir / RUN_NAME)
     # rows after the resumed iteration were logged by the interrupted part after its last save: they come again
     metrics_log.start(keep_until=state["iter_num"])
     resumed_finished = state["iter_num"] >= max_iters  # stopped between the final resume state and the summary
@@ -325,7 +330,8 @@ class MetricsLog:
         kept = []
         if keep_until > 0 and self.path.is_file():
             with open(self.path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if row.get("iter", "").isdigit() and int(row["iter"]) <= keep_until]
+                rows = csv.DictReader(f)
+                kept = [row for row in rows if row.get("iter", "").isdigit() and int(row["iter"]) <= keep_until]
         write_text_atomic(",".join(METRICS_FIELDS) + "\n", self.path)
         self.pending = kept
         self.flush()
@@ -424,7 +430,7 @@ def load_resume_state(
             meta = saved
             options = StateDictOptions(full_state_dict=True, strict=False)  # frozen weights are not in it
     except Exception as e:  # noqa: BLE001 - any unreadable resume state is the user's file
-        raise UserError(f"--resume: {path} is not a resume state this version can read ({type(e).__name__}: {e})")
+        raise UserError(f"--resume: {path} is not a resume state this version can read ({describe_exception(e)})")
     if not isinstance(meta, dict) or "world_size" not in meta or "rng" not in meta:
         raise UserError(f"--resume: {path} was written by an older version; start a new run in another --out_dir")
     if meta["world_size"] != fabric.world_size:
@@ -584,30 +590,31 @@ def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iter
     """Makes `out_dir` this run's own for as long as the run lasts. The folder must be writable; a lock file
     keeps a second run out while this one runs (the lock goes with the process, also when it is killed). A
     new run refuses a folder with checkpoints in it; `--resume` refuses a folder whose `run.json` describes
-    another method, model or method settings. `run_info` (method, model config, method settings) is what
-    this run writes there. Only the launching process (global rank 0) does this: the processes Fabric
-    starts for the other devices run the script again and skip it."""
+    another method, model or method settings than `run_info` (`fit` writes it when training starts). Only
+    the launching process (global rank 0) does this: the processes Fabric starts for the other devices run
+    the script again and skip it."""
     check_writable_dir(out_dir)
     if not is_launching_process():
         yield
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with disk_errors(out_dir / LOCK_NAME), open(out_dir / LOCK_NAME, "a+") as lock:
+    with disk_errors(out_dir / LOCK_NAME):  # only the lock's own writing: not the run it guards
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / LOCK_NAME, "a+")
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             owner = lock.read().strip() or "another process"
             raise UserError(
-                f"--out_dir {out_dir} is in use by another run ({owner}): wait for it to end or choose another --out_dir"
+                f"--out_dir {out_dir} is in use by another run ({owner}): wait for it to end or choose another "
+                "--out_dir"
             ) from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
         lock.flush()
         check_run_dir(out_dir, resume, run_info)
-        if not resume:
-            write_text_atomic(json.dumps(run_info, indent=2) + "\n", out_dir / RUN_NAME)
         try:
             yield
         finally:
@@ -643,7 +650,7 @@ def check_run_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> None
         if theirs == ours:
             continue
         if key == "method":
-            raise UserError(f"--resume: {out_dir} holds a {theirs} run, not a {ours} run")
+            raise UserError(f"--resume: {out_dir} holds a run of finetune/{theirs}.py, not of finetune/{ours}.py")
         if isinstance(theirs, dict) and isinstance(ours, dict):  # name only the settings that differ
             differ = [k for k in {**theirs, **ours} if theirs.get(k) != ours.get(k)]
             theirs = ", ".join(f"{k}={theirs.get(k)}" for k in differ)

@@ -28,6 +28,12 @@ class UserError(Exception):
 MIN_TORCH_VERSION = (2, 6)
 
 
+def describe_exception(e: BaseException) -> str:
+    """"Type: first line of the message": torch's loading errors run over many lines of advice."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def check_torch_version(version: str = torch.__version__) -> None:
     numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
     if numbers < MIN_TORCH_VERSION:
@@ -136,7 +142,7 @@ def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(str(path), mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_exception(e)})")
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} does not hold a state dict")
     return state_dict

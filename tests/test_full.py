@@ -1,13 +1,18 @@
 """finetune/full.py and generate/full.py end to end on CPU, with a tiny model: one process, resuming, and bad
 input. Several processes (FSDP and DDP) are in test_fsdp.py."""
 
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_checkpoint_dir, run_script
+from conftest import (
+    assert_clean_error,
+    interrupt_at_iteration,
+    load_script,
+    make_checkpoint_dir,
+    run_in_process,
+    run_script,
+)
 
 from lit_llama.data import prepare_dataset
 from lit_llama.tokenizer import Tokenizer
@@ -90,17 +95,6 @@ def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsy
     resumed, uninterrupted = torch.load(tmp_path / "out" / FINAL), torch.load(trained / FINAL)
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
-
-
-def run_in_process(script: str, *args, capsys, monkeypatch) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` through the script's own `run_cli`, without starting another Python (which would
-    import Lightning again): for errors raised before any work starts."""
-    module = load_script(script)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        module.run_cli(module.setup)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess([script, *args], exit_info.value.code, out, err)
 
 
 def test_bad_input(base, trained, tmp_path, capsys, monkeypatch):
