@@ -61,4 +61,4 @@ def check_out_dir(path: Path, flag: str = "out_dir") -> None:
 def check_file(path: Optional[Path], flag: str) -> None:
     """An input file the user named exists and is a file."""
     if path is not None and not Path(path).is_file():
-        raise UserError(f"--{flag} {path} does not exist or is not a file")
+        raise UserError(f"--{flag} {path} {'is not a file' if Path(path).exists() else 'not found'}")
