@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["lit_llama", "lit_llama.*"]),
     package_data={"lit_llama": ["demo_instructions.json"]},  # the offline demo's instruction set
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # dataclass(kw_only=True)
     install_requires=[
         "torch>=2.2",
         "lightning>=2.2",

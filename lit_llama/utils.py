@@ -5,7 +5,7 @@ import os
 import pickle
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
@@ -321,15 +321,28 @@ def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
             if Path(tmp).is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                Path(tmp).unlink(missing_ok=True)
-        reason = DISK_ERRORS.get(getattr(e, "errno", None))
+                with suppress(OSError):  # on a read-only file system there is none (and none can be removed)
+                    Path(tmp).unlink(missing_ok=True)
+        reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(Path(path))
         if reason is None and isinstance(e, RuntimeError):
             if "write" not in str(e).lower():
-                raise
-            reason = "the write failed (is the disk full?)"
+                raise  # not a failed write: a bug, keep its traceback
+            reason = "the write failed"
         if reason is None:
             reason = getattr(e, "strerror", None) or str(e)
         raise UserError(f"could not write {path}: {reason}") from None
+
+
+def disk_state(path: Path) -> Optional[str]:
+    """Why nothing can be written where `path` goes, if the file system says so."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stats = os.statvfs(path)
+    if stats.f_flag & os.ST_RDONLY:
+        return DISK_ERRORS[errno.EROFS]
+    if stats.f_bavail * stats.f_frsize < 1 << 20:  # less than 1 MB left
+        return DISK_ERRORS[errno.ENOSPC]
+    return None
 
 
 def check_output_dir(output_dir: Path, overwrite: bool = False, filename: str = WEIGHTS_NAME) -> None:
