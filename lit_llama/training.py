@@ -638,6 +638,8 @@ def check_run_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> None
         return
     run_file = out_dir / RUN_NAME
     if not run_file.is_file():
+        if (out_dir / RESUME_NAME).exists():
+            return  # written before run.json existed: load_resume_state still checks what it holds
         raise UserError(f"--resume: {out_dir} holds no run to continue (no {RUN_NAME}); start without --resume")
     try:
         there = json.loads(run_file.read_text())

@@ -19,7 +19,7 @@ from jsonargparse.typing import SecretStr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.checks import check_out_dir
-from lit_llama.utils import UserError, run_cli
+from lit_llama.utils import UserError, deprecated_flag, run_cli
 
 # the converter reads these; tokenizer.model is LLaMA's SentencePiece tokenizer
 REQUIRED_FILES = ("config.json", "tokenizer.model")
@@ -33,7 +33,8 @@ WEIGHT_PATTERNS = (
 def main(
     repo_id: str = "openlm-research/open_llama_3b",
     access_token: Optional[SecretStr] = None,
-    checkpoint_dir: Path = Path("checkpoints/hf"),
+    out_dir: Path = Path("checkpoints/hf"),
+    checkpoint_dir: Optional[Path] = None,
 ) -> None:
     """Downloads config.json, tokenizer.model and the weights of a Hugging Face model repository.
 
@@ -42,13 +43,15 @@ def main(
             TinyLlama/TinyLlama-1.1B-Chat-v1.0.
         access_token: A Hugging Face token, needed for gated models such as Meta's Llama 2 (default: the
             HF_TOKEN environment variable). Never printed, also not by --print_config.
-        checkpoint_dir: The folder to download into; the files go to <checkpoint_dir>/<repo_id>.
+        out_dir: The folder to download into; the files go to <out_dir>/<repo_id>.
+        checkpoint_dir: Deprecated name of --out_dir.
     """
     from huggingface_hub import HfApi, snapshot_download
 
-    check_out_dir(checkpoint_dir, "checkpoint_dir")
+    out_dir = deprecated_flag("out_dir", out_dir, "checkpoint_dir", checkpoint_dir)
+    check_out_dir(out_dir)
     token = access_token.get_secret_value() if access_token is not None else os.getenv("HF_TOKEN")
-    local_dir = Path(checkpoint_dir) / repo_id
+    local_dir = Path(out_dir) / repo_id
     check_hub_resolves(repo_id)
     with hub_errors(repo_id, token):
         files = HfApi().list_repo_files(repo_id, token=token)

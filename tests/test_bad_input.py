@@ -440,7 +440,12 @@ OTHER_CASES = [
     ("compare", COMPARE + ["--devices", 0], ["--devices"]),
     ("compare", COMPARE[:4] + ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
     ("compare", COMPARE + ["--run_dirs", json.dumps({"lora": "/nonexistent/run"})], ["--run_dirs", "/nonexistent/run"]),
-    ("download", ["--checkpoint_dir", w("a_file")], ["--checkpoint_dir", "is a file"]),
+    ("download", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
+    ("demo", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
+    ("demo", ["--out_dir", w("data")], ["already exists", "--overwrite"]),
+    ("demo", ["--out_dir", w("data"), "--overwrite", "true"], ["holds 'prepare_config.json'", "not replacing it"]),
+    ("demo", ["--out_dir", w("demo"), "--max_iters", 0], ["--max_iters"]),
+    ("demo", ["--out_dir", w("demo"), "--model_size", "huge"], ["--model_size 'huge'"]),
 ]
 
 
@@ -448,7 +453,7 @@ OTHER_CASES = [
                          ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[-40:]}" for c in OTHER_CASES])
 def test_other_scripts(world, script, flags, fragments, capsys, monkeypatch):
     check_case(world, f"scripts/{script}.py", flags, fragments, capsys, monkeypatch)
-    assert not (world / "compared").exists()
+    assert not (world / "compared").exists() and not (world / "demo").exists()
 
 
 def test_number_of_cases():
