@@ -238,58 +238,61 @@ def fit(
     metrics: Dict[str, float] = {}
     bar = tqdm(total=max_iters, initial=state["iter_num"], disable=fabric.global_rank != 0, desc="finetune")
     window_tokens, window_seconds = 0, 0.0  # training throughput, validation and saving excluded
-    for iter_num in range(state["iter_num"], max_iters):
-        iter_start = time.perf_counter()
-        lr = get_lr(state["step_count"], config.learning_rate, warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world, config.seed)
-        input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
-        input_ids, labels = fabric.to_device((input_ids, labels))
+    try:  # closed also when a step fails: its error line then starts a line of its own
+        for iter_num in range(state["iter_num"], max_iters):
+            iter_start = time.perf_counter()
+            lr = get_lr(state["step_count"], config.learning_rate, warmup_steps, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world,
+                                config.seed)
+            input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
+            input_ids, labels = fabric.to_device((input_ids, labels))
 
-        is_accumulating = (iter_num + 1) % accumulation != 0
-        # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
-        skip_sync = is_accumulating and not is_fsdp(fabric)
-        with fabric.no_backward_sync(model, enabled=skip_sync):
-            loss = compute_loss(model, input_ids, labels)
-            fabric.backward(loss / accumulation)
-        batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
-        window_tokens += batch_tokens
-        state["tokens"] += batch_tokens
-        state["iter_num"] = iter_num + 1
+            is_accumulating = (iter_num + 1) % accumulation != 0
+            # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
+            skip_sync = is_accumulating and not is_fsdp(fabric)
+            with fabric.no_backward_sync(model, enabled=skip_sync):
+                loss = compute_loss(model, input_ids, labels)
+                fabric.backward(loss / accumulation)
+            batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
+            window_tokens += batch_tokens
+            state["tokens"] += batch_tokens
+            state["iter_num"] = iter_num + 1
 
-        row: Dict[str, float] = {}
-        if not is_accumulating:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step_count"] += 1
-        window_seconds += time.perf_counter() - iter_start
-        state["train_seconds"] += time.perf_counter() - iter_start
-        step = state["step_count"]
-        if not is_accumulating and config.eval_interval and step % config.eval_interval == 0 and step < max_steps:
-            row["val_loss"] = validate(fabric, model, val_data, config)
-            fabric.print(f"\nstep {step}: val loss {row['val_loss']:.4f}")
-            print_sample(fabric, model, tokenizer, val_data[0])
+            row: Dict[str, float] = {}
+            if not is_accumulating:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step_count"] += 1
+            window_seconds += time.perf_counter() - iter_start
+            state["train_seconds"] += time.perf_counter() - iter_start
+            step = state["step_count"]
+            if not is_accumulating and config.eval_interval and step % config.eval_interval == 0 and step < max_steps:
+                row["val_loss"] = validate(fabric, model, val_data, config)
+                fabric.print(f"\nstep {step}: val loss {row['val_loss']:.4f}")
+                print_sample(fabric, model, tokenizer, val_data[0])
 
-        if (iter_num + 1) % config.log_interval == 0 or row:
-            row.update(
-                iter=iter_num + 1,
-                tokens=state["tokens"],
-                train_loss=loss.item(),
-                lr=lr,
-                tokens_per_sec=window_tokens / window_seconds,
-                peak_memory=peak_memory_gb(fabric.device),
-            )
-            metrics_log.log(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-            metrics.update(row)
-            window_tokens, window_seconds = 0, 0.0
-        if not is_accumulating and config.save_interval and step % config.save_interval == 0 and step < max_steps:
-            metrics_log.flush()  # before the checkpoint: a run resumed from it has every row up to it
-            save_weights(out_dir / f"iter-{iter_num + 1:06d}-ckpt.pth")
-            save_resume_state(fabric, model, optimizer, state, resume_path, sharded_resume)
-        bar.update(1)
-    bar.close()
+            if (iter_num + 1) % config.log_interval == 0 or row:
+                row.update(
+                    iter=iter_num + 1,
+                    tokens=state["tokens"],
+                    train_loss=loss.item(),
+                    lr=lr,
+                    tokens_per_sec=window_tokens / window_seconds,
+                    peak_memory=peak_memory_gb(fabric.device),
+                )
+                metrics_log.log(row)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                metrics.update(row)
+                window_tokens, window_seconds = 0, 0.0
+            if not is_accumulating and config.save_interval and step % config.save_interval == 0 and step < max_steps:
+                metrics_log.flush()  # before the checkpoint: a run resumed from it has every row up to it
+                save_weights(out_dir / f"iter-{iter_num + 1:06d}-ckpt.pth")
+                save_resume_state(fabric, model, optimizer, state, resume_path, sharded_resume)
+            bar.update(1)
+    finally:
+        bar.close()
 
     val_loss = validate(fabric, model, val_data, config)
     if not resumed_finished:  # else that row is in the file already
@@ -478,12 +481,13 @@ def save_sharded_weights(fabric: L.Fabric, model: torch.nn.Module, path: Path) -
     """A torch.distributed.checkpoint folder of the weights (under "model"; each rank writes its shards, no
     gathering), written under a temporary name and renamed when complete. generate/full.py reads it."""
     tmp = path.with_name(path.name + ".tmp")
-    dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
-    fabric.barrier()
-    if fabric.global_rank == 0:
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    with disk_errors(path, tmp):
+        dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
+        fabric.barrier()
+        if fabric.global_rank == 0:
+            if path.is_dir():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     fabric.barrier()
 
 

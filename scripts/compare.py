@@ -45,6 +45,7 @@ from lit_llama.utils import (
     precision_dtype,
     resolve_checkpoint,
     run_cli,
+    write_text_atomic,
 )
 
 # method -> its finetune script, extra flags, and the name of its final checkpoint
@@ -157,7 +158,7 @@ def main(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_markdown(runs, prompts, out_dir / "compare.md", shared_flags)
     plot(runs, out_dir / "compare.png")
-    (out_dir / "compare.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    write_text_atomic(json.dumps(runs, indent=2, default=str) + "\n", out_dir / "compare.json")
     print((out_dir / "compare.md").read_text())
     print(f"Wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'} and {out_dir / 'compare.json'}")
 
@@ -260,7 +261,7 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
             response = r["responses"][i].replace("\n", " ").replace("|", "\\|")
             lines.append(f"- **{method}**: {response}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    write_text_atomic("\n".join(lines), path)
 
 
 def size(megabytes: float) -> str:

@@ -30,10 +30,10 @@ from lit_llama.convert import (
 )
 from lit_llama.model import Config
 from lit_llama.utils import (
-    deprecated_flag,
     TOKENIZER_NAME,
     UserError,
     check_output_dir,
+    deprecated_flag,
     load_state_dict,
     run_cli,
     save_checkpoint_dir,

@@ -22,16 +22,17 @@ from lit_llama.convert import QKV, lit_to_hf
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
-    deprecated_flag,
     UserError,
     check_output_dir,
     check_state_dict_fits,
     copy_tokenizer,
+    deprecated_flag,
     is_extra_parameter,
     load_state_dict,
     resolve_checkpoint,
     run_cli,
     save_atomic,
+    write_text_atomic,
 )
 
 WEIGHTS_FILE = "model.safetensors"
@@ -78,7 +79,7 @@ def convert(
     tokenizer = Tokenizer(paths.tokenizer)
     save_atomic(hf_state_dict, out_dir / WEIGHTS_FILE, lambda sd, tmp: save_file(sd, str(tmp), {"format": "pt"}))
     hf_config = hf_config_from(config, dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    write_text_atomic(json.dumps(hf_config, indent=2) + "\n", out_dir / "config.json")
     copy_tokenizer(paths.tokenizer, out_dir)
     n_params = sum(t.numel() for t in hf_state_dict.values())
     print(f"Converted {n_params:,} parameters ({str(dtype).removeprefix('torch.')}) to {out_dir}")

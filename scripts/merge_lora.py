@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from lit_llama.lora import load_lora_model
 from lit_llama.utils import (
-    deprecated_flag,
     UserError,
     check_output_dir,
+    deprecated_flag,
     is_extra_parameter,
     load_state_dict,
     resolve_checkpoint,

@@ -4,6 +4,7 @@ full or read-only disk, secrets on the command line, deprecated flag names, any 
 
 import csv
 import errno
+import gc
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Interrupted, interrupt_at_iteration, load_script, run_in_process
+from conftest import Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_in_process
 
 import lit_llama.training as training
 from lit_llama.checks import check_out_dir
@@ -184,3 +185,20 @@ def test_adapter_on_a_two_layer_model_with_default_settings(tiny_checkpoint_dir,
                    save_interval=0)
     saved = torch.load(tmp_path / "out" / "lit-llama-adapter-finetuned.pth")
     assert saved["adapter_config"]["adapter_start_layer"] == 1
+
+
+def test_finetune_on_a_full_disk_and_a_read_only_one(small_tmpfs, tiny_checkpoint_dir, data_dir, capsys, monkeypatch):
+    """Full finetuning of the tiny model writes more than the 1 MB there is: one line saying so, no temporary
+    file; then the same file system read-only: refused before any work."""
+    args = ["--checkpoint_dir", tiny_checkpoint_dir, "--data_dir", data_dir, "--out_dir", small_tmpfs / "out",
+            "--precision", "32-true", "--batch_size", 2, "--micro_batch_size", 2, "--max_iters", 2,
+            "--eval_interval", 0, "--eval_iters", 1, "--save_interval", 1]
+    proc = run_in_process("finetune/full.py", *args, capsys=capsys, monkeypatch=monkeypatch)
+    assert_clean_error(proc, "could not write", "the disk is full")
+    assert not [p for p in small_tmpfs.rglob("*") if ".tmp" in p.name]
+
+    gc.collect()  # the failed write's file object, still open until collected, would keep the remount busy
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    proc = run_in_process("finetune/full.py", *args[:4], "--out_dir", small_tmpfs / "other", *args[6:],
+                          capsys=capsys, monkeypatch=monkeypatch)
+    assert_clean_error(proc, "--out_dir", "is on a read-only file system")
