@@ -274,7 +274,7 @@ def test_download_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     proc = run_script("scripts/download.py", "--repo_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--out_dir",
-                      tmp_path, check=False, timeout=120)
+                      tmp_path, check=False, timeout=120, isolated=True)
     assert_clean_error(proc, "could not reach the Hugging Face hub", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
                        "network access")
     assert not any(tmp_path.iterdir())
