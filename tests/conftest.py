@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random models and tokenizers built on the fly, and ../shared data when present."""
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,19 +130,6 @@ def load_script(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def run_in_process(script: str, *args, capsys, monkeypatch) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` through the script's own `run_cli`, without starting another Python (which would
-    import Lightning again): for errors raised before any work starts."""
-    module = load_script(script)
-    # the function the script hands to run_cli in its `if __name__ == "__main__":` block
-    entry_point = re.search(r"run_cli\((\w+)\)\s*$", (REPO_ROOT / script).read_text()).group(1)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        module.run_cli(getattr(module, entry_point))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess([script, *args], exit_info.value.code, out, err)
 
 
 class Interrupted(Exception):

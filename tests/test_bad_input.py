@@ -2,8 +2,8 @@
 non-zero exit, exactly one `error:` line naming the culprit, no traceback, and every file the user had
 unchanged. Files that would run code when unpickled must not (the marker file they would create stays absent).
 
-The scripts run in-process (`run_in_process`: their own `run_cli`, without another Python start), so that a
-case costs milliseconds; a traceback would show as an exception escaping the test.
+The scripts run in-process (conftest's `run_script`: as `__main__`, without another Python start), so that a
+case costs milliseconds.
 """
 
 import fcntl
@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, NamedTuple
 
 import pytest
 import torch
-from conftest import assert_clean_error, load_script, make_checkpoint_dir, run_in_process, tiny_corpus
+from conftest import assert_clean_error, load_script, make_checkpoint_dir, run_script, tiny_corpus
 
 from lit_llama.adapter import AdapterLLaMA, adapter_state_dict
 from lit_llama.data import prepare_dataset
@@ -137,10 +137,9 @@ def snapshot(root: Path) -> Dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "run.lock"}
 
 
-def check_case(world: World, script: str, args: List, fragments: List[str], capsys, monkeypatch) -> None:
+def check_case(world: World, script: str, args: List, fragments: List[str]) -> None:
     before = snapshot(world.root)
-    proc = run_in_process(script, *[a(world) if callable(a) else a for a in args], capsys=capsys,
-                          monkeypatch=monkeypatch)
+    proc = run_script(script, *[a(world) if callable(a) else a for a in args], check=False)
     assert_clean_error(proc, *fragments)
     after = snapshot(world.root)
     changed = [name for name, digest in before.items() if after.get(name) != digest]
@@ -247,18 +246,18 @@ FINETUNE_CASES = [
 
 @pytest.mark.parametrize("script, flags, fragments", FINETUNE_CASES,
                          ids=[f"{c[0]}:{' '.join(map(str, c[1]))[:60]}" for c in FINETUNE_CASES])
-def test_finetune(world, script, flags, fragments, capsys, monkeypatch):
+def test_finetune(world, script, flags, fragments):
     out = [] if "--out_dir" in flags else NEW
-    check_case(world, f"finetune/{script}.py", BASE + out + flags, fragments, capsys, monkeypatch)
+    check_case(world, f"finetune/{script}.py", BASE + out + flags, fragments)
     assert not any((world / "new_out").glob("*.pth"))
 
 
-def test_finetune_lock(world, capsys, monkeypatch):
+def test_finetune_lock(world):
     """A second run on a folder that a running one holds stops at once, saying so."""
     with open(world / "lora_run_locked" / "run.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         check_case(world, "finetune/lora.py", BASE + ["--out_dir", w("lora_run_locked"), "--resume", "true"],
-                   ["lora_run_locked is in use by another run"], capsys, monkeypatch)
+                   ["lora_run_locked is in use by another run"])
 
 
 # --- generate.py, generate/lora.py, generate/adapter.py, generate/full.py ---------------------------------
@@ -309,10 +308,10 @@ GENERATE_CASES = [
 
 @pytest.mark.parametrize("script, flags, fragments", GENERATE_CASES,
                          ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[:50]}" for c in GENERATE_CASES])
-def test_generate(world, script, flags, fragments, capsys, monkeypatch):
+def test_generate(world, script, flags, fragments):
     if script == "generate.py" and "--checkpoint_dir" not in flags and "--checkpoint_path" not in flags:
         flags = ["--checkpoint_dir", w("ckpt")] + flags
-    check_case(world, script, flags, fragments, capsys, monkeypatch)
+    check_case(world, script, flags, fragments)
 
 
 # --- scripts/prepare_alpaca.py, scripts/prepare_dolly.py -------------------------------------------------
@@ -348,8 +347,8 @@ PREPARE_CASES = [
 
 @pytest.mark.parametrize("script, flags, fragments", PREPARE_CASES,
                          ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[:50]}" for c in PREPARE_CASES])
-def test_prepare(world, script, flags, fragments, capsys, monkeypatch):
-    check_case(world, f"scripts/prepare_{script}.py", PREPARE + flags, fragments, capsys, monkeypatch)
+def test_prepare(world, script, flags, fragments):
+    check_case(world, f"scripts/prepare_{script}.py", PREPARE + flags, fragments)
     assert not (world / "prepared").exists()
 
 
@@ -422,8 +421,8 @@ CONVERT_CASES = [
 
 @pytest.mark.parametrize("script, flags, fragments", CONVERT_CASES,
                          ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[-40:]}" for c in CONVERT_CASES])
-def test_convert(world, hf_dirs, script, flags, fragments, capsys, monkeypatch):
-    check_case(world, f"scripts/{script}.py", flags, fragments, capsys, monkeypatch)
+def test_convert(world, hf_dirs, script, flags, fragments):
+    check_case(world, f"scripts/{script}.py", flags, fragments)
     assert not any(p.name.endswith(".tmp") for p in world.root.rglob("*"))
 
 
@@ -452,8 +451,8 @@ OTHER_CASES = [
 
 @pytest.mark.parametrize("script, flags, fragments", OTHER_CASES,
                          ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[-40:]}" for c in OTHER_CASES])
-def test_other_scripts(world, script, flags, fragments, capsys, monkeypatch):
-    check_case(world, f"scripts/{script}.py", flags, fragments, capsys, monkeypatch)
+def test_other_scripts(world, script, flags, fragments):
+    check_case(world, f"scripts/{script}.py", flags, fragments)
     assert not (world / "compared").exists() and not (world / "demo").exists()
 
 

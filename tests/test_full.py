@@ -10,7 +10,6 @@ from conftest import (
     interrupt_at_iteration,
     load_script,
     make_checkpoint_dir,
-    run_in_process,
     run_script,
 )
 
@@ -97,7 +96,7 @@ def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsy
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
-def test_bad_input(base, trained, tmp_path, capsys, monkeypatch):
+def test_bad_input(base, trained, tmp_path):
     checkpoint_dir, data_dir = base
     # a finetuned checkpoint with a weight missing
     state_dict = torch.load(trained / FINAL)
@@ -109,21 +108,16 @@ def test_bad_input(base, trained, tmp_path, capsys, monkeypatch):
     assert_clean_error(proc, "broken.pth", "'transformer.h.1.mlp.c_fc2.weight'")
 
     common = ["--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir, "--out_dir", tmp_path / "out"]
-    proc = run_in_process("finetune/full.py", *common, "--devices", 999, capsys=capsys, monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--devices", 999, check=False)
     assert_clean_error(proc, "--devices 999")
-    proc = run_in_process("finetune/full.py", *common, "--state_dict_type", "consolidated", capsys=capsys,
-                          monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--state_dict_type", "consolidated", check=False)
     assert_clean_error(proc, "--state_dict_type 'consolidated'")
-    proc = run_in_process("finetune/full.py", *common, "--state_dict_type", "sharded", capsys=capsys,
-                          monkeypatch=monkeypatch)  # one device, no FSDP
+    proc = run_script("finetune/full.py", *common, "--state_dict_type", "sharded", check=False)  # no FSDP
     assert_clean_error(proc, "--state_dict_type sharded needs FSDP")
-    proc = run_in_process("finetune/full.py", *common, "--strategy", "deepspeed", capsys=capsys,
-                          monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--strategy", "deepspeed", check=False)
     assert_clean_error(proc, "--strategy 'deepspeed' is not one of auto, ddp, fsdp")
-    proc = run_in_process("finetune/full.py", *common, "--cpu_offload", "true", capsys=capsys,
-                          monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--cpu_offload", "true", check=False)
     assert_clean_error(proc, "--cpu_offload needs FSDP")
-    proc = run_in_process("finetune/full.py", *common, "--strategy", "fsdp", "--precision", "16-mixed",
-                          capsys=capsys, monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--strategy", "fsdp", "--precision", "16-mixed", check=False)
     assert_clean_error(proc, "--precision 16-mixed does not work with FSDP")
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_in_process
+from conftest import Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_script
 
 import lit_llama.training as training
 from lit_llama.checks import check_out_dir
@@ -155,9 +155,8 @@ def test_real_full_and_read_only_file_system(small_tmpfs):
     assert list(small_tmpfs.iterdir()) == []
 
 
-def test_access_token_is_never_printed(capsys, monkeypatch):
-    proc = run_in_process("scripts/download.py", "--access_token", "hf_TopSecret123", "--print_config",
-                          capsys=capsys, monkeypatch=monkeypatch)
+def test_access_token_is_never_printed():
+    proc = run_script("scripts/download.py", "--access_token", "hf_TopSecret123", "--print_config", check=False)
     assert proc.returncode == 0
     assert "access_token" in proc.stdout and "hf_TopSecret123" not in proc.stdout + proc.stderr
 
@@ -187,18 +186,17 @@ def test_adapter_on_a_two_layer_model_with_default_settings(tiny_checkpoint_dir,
     assert saved["adapter_config"]["adapter_start_layer"] == 1
 
 
-def test_finetune_on_a_full_disk_and_a_read_only_one(small_tmpfs, tiny_checkpoint_dir, data_dir, capsys, monkeypatch):
+def test_finetune_on_a_full_disk_and_a_read_only_one(small_tmpfs, tiny_checkpoint_dir, data_dir):
     """Full finetuning of the tiny model writes more than the 1 MB there is: one line saying so, no temporary
     file; then the same file system read-only: refused before any work."""
     args = ["--checkpoint_dir", tiny_checkpoint_dir, "--data_dir", data_dir, "--out_dir", small_tmpfs / "out",
             "--precision", "32-true", "--batch_size", 2, "--micro_batch_size", 2, "--max_iters", 2,
             "--eval_interval", 0, "--eval_iters", 1, "--save_interval", 1]
-    proc = run_in_process("finetune/full.py", *args, capsys=capsys, monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *args, check=False)
     assert_clean_error(proc, "could not write", "the disk is full")
     assert not [p for p in small_tmpfs.rglob("*") if ".tmp" in p.name]
 
     gc.collect()  # the failed write's file object, still open until collected, would keep the remount busy
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
-    proc = run_in_process("finetune/full.py", *args[:4], "--out_dir", small_tmpfs / "other", *args[6:],
-                          capsys=capsys, monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *args[:4], "--out_dir", small_tmpfs / "other", *args[6:], check=False)
     assert_clean_error(proc, "--out_dir", "is on a read-only file system")
