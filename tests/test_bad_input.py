@@ -361,13 +361,16 @@ def hf_dirs(world) -> Path:
     base = world / "hf"
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176}
-    for name in ("no_config", "gpt2", "bad_json", "no_weights", "evil_bin", "garbage_safetensors"):
+    for name in ("no_config", "gpt2", "bad_json", "no_weights", "evil_bin", "garbage_safetensors", "str_size",
+                 "negative_layers"):
         (base / name).mkdir(parents=True)
         shutil.copy(world.ckpt / "tokenizer.model", base / name / "tokenizer.model")
         (base / name / "config.json").write_text(json.dumps(config))
     (base / "no_config" / "config.json").unlink()
     (base / "gpt2" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": []}))
     (base / "bad_json" / "config.json").write_text("{")
+    (base / "str_size" / "config.json").write_text(json.dumps({**config, "hidden_size": "64"}))
+    (base / "negative_layers" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -2}))
     torch.save(Evil(world / MARKER), base / "evil_bin" / "pytorch_model.bin")
     (base / "garbage_safetensors" / "model.safetensors").write_bytes(b"\xff" * 64)
     (world / "meta" / "no_params").mkdir(parents=True)
@@ -391,6 +394,8 @@ CONVERT_CASES = [
     ("convert_hf_checkpoint", ["--checkpoint_dir", h("gpt2")], ["not a LLaMA-architecture model"]),
     ("convert_hf_checkpoint", ["--checkpoint_dir", h("bad_json")], ["config.json"]),
     ("convert_hf_checkpoint", ["--checkpoint_dir", h("no_weights")], ["has no weights"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("str_size")], ["config.json", "'hidden_size' is '64'"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("negative_layers")], ["'num_hidden_layers' is -2"]),
     ("convert_hf_checkpoint", ["--checkpoint_dir", h("evil_bin")], ["pytorch_model.bin is not a readable"]),
     ("convert_hf_checkpoint", ["--checkpoint_dir", h("garbage_safetensors")], ["model.safetensors"]),
     ("convert_hf_checkpoint", ["--checkpoint_dir", h("no_weights"), "--dtype", "float8"], ["--dtype 'float8'"]),
