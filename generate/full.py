@@ -28,8 +28,8 @@ from lit_llama.utils import (
     UserError,
     check_state_dict_fits,
     default_dtype,
-    WeightsOnlyReader,
     check_finite,
+    dcp_load_weights_only,
     describe_exception,
     load_model,
     read_dcp_metadata,
@@ -109,7 +109,6 @@ def resolve_finetuned(
 def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtype) -> LLaMA:
     """Reads the folder of an FSDP sharded checkpoint (torch.distributed.checkpoint format, the weights under
     "model") in a single process, straight into the model's tensors."""
-    from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
@@ -129,9 +128,8 @@ def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtyp
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         # fills the tensors in place, casting them to dtype; one process reads every shard
-        reader = WeightsOnlyReader.storage_reader(paths.weights)
         try:
-            dcp_load(state, storage_reader=reader, planner=WeightsOnlyReader.planner(), no_dist=True)
+            dcp_load_weights_only(state, paths.weights, no_dist=True)
         except Exception as e:  # noqa: BLE001 - any unreadable shard is the user's input
             raise UserError(f"{paths.weights} has unreadable shards ({describe_exception(e)})")
     model.load_state_dict(state["model"])

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from lit_llama.checks import check_at_least, check_positive, check_range
@@ -44,9 +45,9 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
     CheckpointPaths,
     UserError,
-    WeightsOnlyReader,
     check_finite,
     check_vocab,
+    dcp_load_weights_only,
     deprecated_flag,
     describe_exception,
     disk_errors,
@@ -425,7 +426,7 @@ def load_resume_state(
                 unwrap(model), unwrap(optimizer), options=StateDictOptions(ignore_frozen_params=True)
             )
             saved = {"model": weights, "optimizer": optimizer_state}
-            dcp.load(saved, storage_reader=WeightsOnlyReader.storage_reader(path), planner=WeightsOnlyReader.planner())
+            dcp_load_weights_only(saved, path)
             meta = torch.load(path / RESUME_META, weights_only=True)
             options = StateDictOptions(ignore_frozen_params=True)
         else:
@@ -445,7 +446,7 @@ def load_resume_state(
     if set(saved["model"]) != trainable:
         unexpected = sorted(set(saved["model"]) ^ trainable)
         raise UserError(f"--resume: {path} holds the weights of another model or method (e.g. {unexpected[0]!r})")
-    check_finite({name: getattr(t, "_local_tensor", t) for name, t in saved["model"].items()}, path)
+    check_finite({name: t.to_local() if isinstance(t, DTensor) else t for name, t in saved["model"].items()}, path)
     set_state_dict(
         unwrap(model), unwrap(optimizer), model_state_dict=saved["model"],
         optim_state_dict=saved["optimizer"], options=options,
@@ -626,8 +627,8 @@ def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iter
 
 
 def is_launching_process() -> bool:
-    """The process a user started (global rank 0), not one Fabric or torchrun started for another device."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """The process a user started (global rank 0), not one Fabric, torchrun or SLURM started for another device."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def check_run_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> None:

@@ -156,47 +156,40 @@ def check_finite(tensors: Dict[str, Any], path: Path) -> None:
             raise UserError(f"{path} is corrupted: tensor {name!r} holds NaN or infinite values")
 
 
-class WeightsOnlyReader:
-    """Reads torch.distributed.checkpoint folders (FSDP sharded checkpoints and resume states) without
-    unpickling: torch's own reader unpickles the `.metadata` file and the non-tensor values with full
-    pickle, which runs whatever code a crafted file holds. Here the metadata may only name the classes
-    torch writes there, and values are read with `weights_only=True`."""
+def dcp_load_weights_only(state: Dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """`torch.distributed.checkpoint.load` of a folder (an FSDP sharded checkpoint or resume state) into
+    `state`, without unpickling: torch's own reader unpickles the `.metadata` file and the non-tensor values
+    with full pickle, which runs whatever code a crafted file holds. Here the metadata may only name the
+    classes torch writes there (`read_dcp_metadata`), and values are read with `weights_only=True`."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+    from torch.distributed.checkpoint._traverse import set_element
 
-    @staticmethod
-    def storage_reader(path: Path) -> Any:
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import StorageMeta
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_dcp_metadata(path)
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
-        class Reader(FileSystemReader):
-            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-                with open(Path(path) / ".metadata", "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-                if getattr(metadata, "storage_meta", None) is None:
-                    metadata.storage_meta = StorageMeta()
-                metadata.storage_meta.load_id = self.load_id
-                return metadata
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
 
-        return Reader(str(path))
-
-    @staticmethod
-    def planner() -> Any:
-        from torch.distributed.checkpoint import DefaultLoadPlanner
-        from torch.distributed.checkpoint._traverse import set_element
-
-        class Planner(DefaultLoadPlanner):
-            def load_bytes(self, read_item: Any, value: Any) -> None:
-                obj = torch.load(value, weights_only=True)
-                if self.flatten_state_dict:
-                    set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-                else:
-                    self.state_dict[read_item.dest_index.fqn] = obj
-
-        return Planner()
+    load(state, storage_reader=Reader(str(path)), planner=Planner(), no_dist=no_dist)
 
 
 def read_dcp_metadata(path: Path) -> Any:
     """The `.metadata` of a torch.distributed.checkpoint folder, read without running code."""
-    return WeightsOnlyReader.storage_reader(path).read_metadata()
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    with open(Path(path) / ".metadata", "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
 
 
 class _MetadataUnpickler(pickle.Unpickler):
