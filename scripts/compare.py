@@ -142,9 +142,11 @@ def main(
     for method in methods:
         run_dir = Path(run_dirs.get(method, out_dir / method))
         final = run_dir / METHODS[method]["final"]
-        finished = (run_dir / "summary.json").is_file() and final.is_file()
+        finished = all((run_dir / name).is_file() for name in ("summary.json", METRICS_NAME, final.name))
         if method in run_dirs and not finished:
-            raise UserError(f"--run_dirs: {run_dir} holds no finished {method} run (summary.json and {final.name})")
+            raise UserError(
+                f"--run_dirs: {run_dir} holds no finished {method} run (summary.json, {METRICS_NAME} and {final.name})"
+            )
         if not finished or (retrain and method not in run_dirs):
             train(method, run_dir, shared_flags + shlex.split(method_args.get(method, "")), fresh=retrain)
         else:

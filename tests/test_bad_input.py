@@ -433,6 +433,13 @@ def test_convert(world, hf_dirs, script, flags, fragments):
 
 # --- scripts/compare.py, scripts/download.py ----------------------------------------------------------------
 
+class adapter_run(w):
+    """--run_dirs '{"adapter": "<a folder in the world>"}'."""
+
+    def __call__(self, world: World) -> str:
+        return json.dumps({"adapter": str(world / self.name)})
+
+
 COMPARE = ["--checkpoint_dir", w("ckpt"), "--data_dir", w("data"), "--out_dir", w("compared")]
 OTHER_CASES = [
     ("compare", COMPARE + ["--methods", '["lora", "qlora"]'], ["--methods", "qlora"]),
@@ -445,6 +452,8 @@ OTHER_CASES = [
     ("compare", COMPARE + ["--devices", 0], ["--devices"]),
     ("compare", COMPARE[:4] + ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
     ("compare", COMPARE + ["--run_dirs", json.dumps({"lora": "/nonexistent/run"})], ["--run_dirs", "/nonexistent/run"]),
+    ("compare", COMPARE + ["--methods", '["adapter"]', "--run_dirs", adapter_run("lora_run")],
+     ["--run_dirs", "lora_run holds no finished adapter run"]),
     ("download", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
     ("demo", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
     ("demo", ["--out_dir", w("data")], ["already exists", "--overwrite"]),
