@@ -136,7 +136,7 @@ def setup(
     if sharded and choose_strategy(strategy, devices, num_nodes, precision) in ("auto", "ddp"):
         raise UserError("--state_dict_type sharded needs FSDP (--strategy fsdp, or --devices > 1); without it "
                         "checkpoints are always one full file")
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
     run_info = {"method": "full", "model": asdict(paths.config)}
     with claim_out_dir(out_dir, resume, run_info):
         fabric.launch(main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)

@@ -141,7 +141,7 @@ def setup(
     )
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
     run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora)}
     with claim_out_dir(out_dir, resume, run_info):
         fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume)

@@ -512,12 +512,12 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def make_fabric(
-    devices: int, num_nodes: int, strategy: str, precision: str, out_dir: Path, cpu_offload: bool = False
+    devices: int, num_nodes: int, strategy: str, precision: str, cpu_offload: bool = False
 ) -> L.Fabric:
     """Fabric with the devices, strategy (see `choose_strategy`) and precision of a run."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
-    if devices < 1 or num_nodes < 1:
-        raise UserError(f"--devices and --num_nodes must be at least 1, got {devices} and {num_nodes}")
+    check_at_least("devices", devices, 1)
+    check_at_least("num_nodes", num_nodes, 1)
     if devices > available and num_nodes == 1:
         raise UserError(f"--devices {devices} is more than the {available} devices available on this machine")
     return L.Fabric(
