@@ -30,6 +30,8 @@ MIN_TORCH_VERSION = (2, 6)
 
 def describe_exception(e: BaseException) -> str:
     """"Type: first line of the message": torch's loading errors run over many lines of advice."""
+    if isinstance(e, pickle.UnpicklingError):  # what weights_only refuses; torch's advice is to load it anyway
+        return "it holds Python objects other than tensors, which could run code when loaded: refused"
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
