@@ -17,7 +17,14 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import TOKENIZER_NAME, UserError, describe_exception, save_atomic, write_text_atomic
+from lit_llama.utils import (
+    TOKENIZER_NAME,
+    UserError,
+    describe_exception,
+    save_atomic,
+    verify_checksums,
+    write_text_atomic,
+)
 
 # PyTorch's `cross_entropy(ignore_index=-100)` default: label positions with this value add no loss
 IGNORE_INDEX = -100
@@ -272,6 +279,7 @@ def load_prepared(
             raise UserError(f"{path} not found: {hint}")
     splits = []
     for path in paths:
+        verify_checksums(path)
         try:
             split = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input

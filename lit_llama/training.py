@@ -51,6 +51,7 @@ from lit_llama.utils import (
     deprecated_flag,
     describe_exception,
     disk_errors,
+    verify_checksums,
     write_text_atomic,
 )
 
@@ -419,6 +420,8 @@ def load_resume_state(
     """Restores what `save_resume_state` wrote (a file or a sharded folder, on any strategy) into the set-up
     model and optimizer, and this rank's random generators; returns the counters. Only tensors and plain
     values are read (`weights_only`): a resume file cannot run code."""
+    if path.is_file():
+        verify_checksums(path)
     try:
         if path.is_dir():
             # the set-up model's own (sharded) state dicts are the templates the shards are read into

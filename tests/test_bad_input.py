@@ -12,6 +12,7 @@ import json
 import pathlib
 import pickle
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple
@@ -64,6 +65,8 @@ def world(tmp_path_factory) -> World:
     train_from_texts(tiny_corpus(seed=1)[::-1], root / "other_tokenizer", vocab_size=config.vocab_size)
     prepare_dataset(records(), Tokenizer(root / "other_tokenizer" / "tokenizer.model"), root / "data_other_tok", 4,
                     42, 128)
+    shutil.copytree(root / "data", root / "data_bitflip")
+    flip_a_bit(root / "data_bitflip" / "train.pt")
     # a checkpoint of another shape (grouped-query attention) for --resume
     make_checkpoint_dir(root / "ckpt_gqa", "tiny-gqa")
 
@@ -78,6 +81,7 @@ def world(tmp_path_factory) -> World:
     broken("ckpt_nan", "lit-llama.pth", lambda p: torch.save(nan_state, p))
     broken("ckpt_truncated", "lit-llama.pth", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))
     broken("ckpt_evil", "lit-llama.pth", lambda p: torch.save(Evil(root / MARKER), p))
+    broken("ckpt_bitflip", "lit-llama.pth", flip_a_bit)
     broken("ckpt_bad_tokenizer", "tokenizer.model", lambda p: p.write_bytes(b"\x00garbage" * 100))
     broken("ckpt_config_json", "lit_config.json", lambda p: p.write_text("{n_layer: 2"))
     for name, field, value in [("type", "n_layer", "2"), ("field", "n_layers", 2), ("float", "n_embd", 64.5)]:
@@ -118,12 +122,22 @@ def world(tmp_path_factory) -> World:
                    batch_size=2, micro_batch_size=2, max_iters=4, eval_interval=0, eval_iters=1, save_interval=2,
                    warmup_iters=1)
     for name, change in [("lora_run_evil", lambda p: torch.save(Evil(root / MARKER), p)),
+                         ("lora_run_bitflip", flip_a_bit),
                          ("lora_run_nan", lambda p: torch.save(nan_resume(p), p)),
                          ("lora_run_truncated", lambda p: p.write_bytes(p.read_bytes()[:1000]))]:
         shutil.copytree(root / "lora_run", root / name)
         change(root / name / "resume.pth")
     shutil.copytree(root / "lora_run", root / "lora_run_locked")
     return World(root, ckpt, root / "data", root / "lora_run")
+
+
+def flip_a_bit(path: Path) -> None:
+    """One flipped mantissa bit in the first tensor's bytes: a finite value, caught only by the checksum."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(path.read_bytes())
+    data[record.header_offset + 30 + len(record.filename) + len(record.extra) + 64] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 def nan_resume(path: Path) -> dict:
@@ -222,6 +236,7 @@ FINETUNE_CASES = [
     ("lora", ["--data_dir", w("missing")], ["data directory", "missing"]),
     ("lora", ["--data_dir", w("ckpt")], ["train.pt not found"]),
     ("full", ["--data_dir", w("data_other_tok")], ["data_other_tok was prepared with another tokenizer"]),
+    ("adapter", ["--data_dir", w("data_bitflip")], ["data_bitflip/train.pt is corrupted", "checksum"]),
     ("lora", ["--checkpoint_dir", w("ckpt_bad_tokenizer")], ["tokenizer.model is not a SentencePiece tokenizer"]),
     ("lora", ["--checkpoint_dir", w("ckpt_config_type")], ["lit_config.json", "'n_layer'", "expected an integer"]),
     ("adapter", ["--checkpoint_dir", w("ckpt_config_json")], ["lit_config.json", "not valid JSON"]),
@@ -240,6 +255,8 @@ FINETUNE_CASES = [
      ["--resume", "n_query_groups=4", "n_query_groups=2"]),
     ("lora", ["--out_dir", w("lora_run_evil"), "--resume", "true"], ["lora_run_evil/resume.pth is not a resume state"]),
     ("lora", ["--out_dir", w("lora_run_nan"), "--resume", "true"], ["lora_run_nan/resume.pth is corrupted"]),
+    ("lora", ["--out_dir", w("lora_run_bitflip"), "--resume", "true"], ["resume.pth is corrupted", "checksum"]),
+    ("full", ["--checkpoint_dir", w("ckpt_bitflip")], ["ckpt_bitflip/lit-llama.pth is corrupted", "checksum"]),
     ("lora", ["--out_dir", w("lora_run_truncated"), "--resume", "true"], ["resume.pth is not a resume state"]),
 ]
 
@@ -282,6 +299,7 @@ GENERATE_CASES = [
     ("generate.py", ["--checkpoint_path", w("missing.pth")], ["--checkpoint_path", "missing.pth"]),
     ("generate.py", ["--tokenizer_path", w("ckpt_bad_tokenizer/tokenizer.model")], ["is not a SentencePiece"]),
     ("generate.py", ["--checkpoint_dir", w("ckpt_nan")], ["lit-llama.pth is corrupted"]),
+    ("generate.py", ["--checkpoint_dir", w("ckpt_bitflip")], ["lit-llama.pth is corrupted", "checksum"]),
     ("generate.py", ["--checkpoint_dir", w("ckpt_evil")], ["lit-llama.pth is not a readable PyTorch checkpoint"]),
     ("generate.py", ["--checkpoint_dir", w("ckpt_config_type")], ["'n_layer'"]),
     ("generate.py", ["--bogus", 1], ["bogus"]),
