@@ -121,6 +121,7 @@ def main(
     check_at_least("warmup_iters", warmup_iters, 0, optional=True)
     check_at_least("eval_interval", eval_interval, 1, optional=True)
     check_out_dir(out_dir)
+    precision_dtype(precision)  # checked here, not by each finetune script in turn
     steps = max_iters * devices * micro_batch_size // batch_size
     if steps < 1:
         raise UserError(f"--max_iters {max_iters} makes no optimizer step of --batch_size {batch_size}")

@@ -468,6 +468,7 @@ OTHER_CASES = [
     ("compare", COMPARE + ["--max_new_tokens", 0], ["--max_new_tokens"]),
     ("compare", COMPARE + ["--max_seq_length", 1], ["--max_seq_length"]),
     ("compare", COMPARE + ["--devices", 0], ["--devices"]),
+    ("compare", COMPARE + ["--precision", "fp8"], ["--precision 'fp8'"]),
     ("compare", COMPARE[:4] + ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
     ("compare", COMPARE + ["--run_dirs", json.dumps({"lora": "/nonexistent/run"})], ["--run_dirs", "/nonexistent/run"]),
     ("compare", COMPARE + ["--methods", '["adapter"]', "--run_dirs", adapter_run("lora_run")],
