@@ -8,6 +8,7 @@ checkpointing, resuming, the progress bar and CSV metrics.
 
 import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -337,9 +338,11 @@ class MetricsLog:
             with open(self.path, newline="") as f:
                 rows = csv.DictReader(f)
                 kept = [row for row in rows if row.get("iter", "").isdigit() and int(row["iter"]) <= keep_until]
-        write_text_atomic(",".join(METRICS_FIELDS) + "\n", self.path)
-        self.pending = kept
-        self.flush()
+        text = io.StringIO()  # header and kept rows replace the file in one piece: a kill now loses no row
+        writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text_atomic(text.getvalue(), self.path)
 
     def log(self, row: Dict[str, Any]) -> None:
         if self.enabled:
