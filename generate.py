@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
 
-from lit_llama.generation import generate, report_speed, setup_generation
+from lit_llama.generation import check_sampling_flags, generate, report_speed, setup_generation
 from lit_llama.utils import load_model, resolve_checkpoint, run_cli
 
 
@@ -42,8 +42,9 @@ def main(
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
     """
+    check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     paths = resolve_checkpoint(checkpoint_dir, checkpoint_path, tokenizer_path)
-    tokenizer, device, dtype = setup_generation(paths, precision)
+    tokenizer, device, dtype = setup_generation(paths, precision, prompt, max_new_tokens)
 
     t0 = time.perf_counter()
     model = load_model(paths, device, dtype).eval()

@@ -11,9 +11,9 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["lit_llama", "lit_llama.*"]),
     package_data={"lit_llama": ["demo_instructions.json"]},  # the offline demo's instruction set
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # dataclass(kw_only=True)
     install_requires=[
-        "torch>=2.2",
+        "torch>=2.6",  # torch.load reads only tensors by default: a checkpoint cannot run code
         "lightning>=2.2",
         "sentencepiece",
         "tqdm",
@@ -23,6 +23,6 @@ setup(
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
         "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml", "torchao"],
         # the reference implementations the tests and benchmarks compare against
-        "test": ["pytest", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib"],
+        "test": ["pytest", "hypothesis", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib"],
     },
 )

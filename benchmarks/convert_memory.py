@@ -111,7 +111,7 @@ def main(
         baseline = measure([sys.executable, "-c", IMPORTS_ONLY], root / "baseline.log", sample_interval)
         command = [
             sys.executable, str(REPO / "scripts" / "convert_hf_checkpoint.py"),
-            "--checkpoint_dir", str(hf_dir), "--output_dir", str(out_dir), "--dtype", dtype,
+            "--checkpoint_dir", str(hf_dir), "--out_dir", str(out_dir), "--dtype", dtype,
         ]
         print("running", " ".join(command))
         run = measure(command, root / "convert.log", sample_interval)

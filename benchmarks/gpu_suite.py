@@ -193,7 +193,7 @@ class Suite:
             checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, precision=precision, devices=1,
             strategy="fsdp", batch_size=micro_batch_size * 4, micro_batch_size=micro_batch_size,
             max_iters=iterations, warmup_iters=2, eval_interval=0, eval_iters=2, save_interval=0,
-            block_size=self.lengths[1],
+            max_seq_length=self.lengths[1],
         )
         summary = json.loads((out_dir / "summary.json").read_text())
         row = (f"| {date.today()} | {self.device_name()} | {self.size_1b} | 1 | {precision} | {micro_batch_size} | "

@@ -8,9 +8,9 @@ Writes adapter-only checkpoints (a few MB) and metrics.csv to --out_dir; see how
 """
 
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -21,12 +21,13 @@ from lit_llama.adapter import AdapterConfig, AdapterLLaMA, adapter_state_dict, m
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.training import (
     TrainingConfig,
-    check_out_dir,
+    claim_out_dir,
     fit,
     full_state_dict,
     load_device,
     load_tokenizer_and_data,
     make_fabric,
+    resolve_max_seq_length,
     setup_model_and_optimizer,
 )
 from lit_llama.utils import (
@@ -43,6 +44,7 @@ from lit_llama.utils import (
 
 FINAL_NAME = "lit-llama-adapter-finetuned.pth"
 WARMUP_EPOCHS = 2  # the article's (and LLaMA-Adapter's) default warmup
+DEFAULT_START_LAYER = 2  # the article's: the two lowest layers keep plain attention
 
 
 def setup(
@@ -62,9 +64,9 @@ def setup(
     epochs: float = 5,
     warmup_iters: Optional[int] = None,
     weight_decay: float = 0.02,
-    block_size: int = 512,
+    max_seq_length: Optional[int] = None,
     adapter_prompt_length: int = 10,
-    adapter_start_layer: int = 2,
+    adapter_start_layer: Optional[int] = None,
     adapter_version: int = 1,
     eval_interval: int = 100,
     eval_iters: int = 100,
@@ -75,6 +77,7 @@ def setup(
     resume: bool = False,
     pretrained_path: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
+    block_size: Optional[int] = None,
 ) -> None:
     """Finetunes a pretrained checkpoint with LLaMA-Adapter. Defaults are the article's (7B on one GPU).
 
@@ -103,9 +106,11 @@ def setup(
         warmup_iters: Optimizer steps of linear learning-rate warmup (then cosine decay); default: 2 epochs'
             worth (2 x training examples / --batch_size), never more than the run's optimizer steps.
         weight_decay: AdamW weight decay.
-        block_size: Longest training sequence in tokens; longer examples are cut.
+        max_seq_length: Longest training sequence in tokens; longer examples are cut. Default: 512, or the
+            model's context if shorter.
         adapter_prompt_length: Learnable prompt vectors per adapted layer.
-        adapter_start_layer: First layer with a prompt (0-based); the layers below keep plain attention.
+        adapter_start_layer: First layer with a prompt (0-based); the layers below keep plain attention. Default:
+            2 (the article's), or the last layer of a model with fewer than 3 layers.
         adapter_version: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter v2: also a scale and bias on every linear
             layer of the blocks and trainable RMSNorm weights).
         eval_interval: Optimizer steps between validation (loss and one greedy sample).
@@ -118,8 +123,11 @@ def setup(
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+        block_size: Deprecated name of --max_seq_length.
     """
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
+    if adapter_start_layer is None:
+        adapter_start_layer = min(DEFAULT_START_LAYER, paths.config.n_layer - 1)
     try:
         adapter = AdapterConfig.from_config(
             paths.config,
@@ -131,21 +139,27 @@ def setup(
         raise UserError(f"--{e}")  # AdapterConfig's messages start with the field's (= the flag's) name
     if out_dir is None:
         out_dir = Path("out/adapter/alpaca" if adapter_version == 1 else "out/adapter_v2/alpaca")
-    training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
-                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed,
-                              activation_checkpointing)
+    training = TrainingConfig(
+        learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, max_iters=max_iters,
+        epochs=epochs, warmup_iters=warmup_iters, weight_decay=weight_decay,
+        max_seq_length=resolve_max_seq_length(max_seq_length, block_size, paths.config),
+        eval_interval=eval_interval, eval_iters=eval_iters, save_interval=save_interval, log_interval=log_interval,
+        seed=seed, activation_checkpointing=activation_checkpointing,
+    )
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
-    check_out_dir(out_dir, resume)
     check_quantize(quantize, devices * num_nodes, strategy)
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
-    fabric.launch(main, paths, dtype, adapter, training, data_dir, out_dir, resume, quantize)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
+    run_info = {"method": "adapter", "model": asdict(paths.config), "adapter": asdict(adapter), "quantize": quantize}
+    with claim_out_dir(out_dir, resume, run_info):
+        fabric.launch(main, paths, dtype, run_info, adapter, training, data_dir, out_dir, resume, quantize)
 
 
 def main(
     fabric: L.Fabric,
     paths: CheckpointPaths,
     dtype: torch.dtype,
+    run_info: Dict[str, Any],
     adapter: AdapterConfig,
     training: TrainingConfig,
     data_dir: Path,
@@ -175,7 +189,8 @@ def main(
             save_atomic(adapter_state_dict(adapter_model, trainable), path)
             fabric.print(f"Saved adapter weights to {path}")
 
-    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume)
+    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume,
+        run_info=run_info)
 
 
 if __name__ == "__main__":

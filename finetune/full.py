@@ -9,8 +9,9 @@ else; see howto/finetune_full.md.
 """
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -19,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from lit_llama.training import (
     TrainingConfig,
-    check_out_dir,
+    claim_out_dir,
     choose_strategy,
     fit,
     full_state_dict,
     load_device,
     load_tokenizer_and_data,
     make_fabric,
+    resolve_max_seq_length,
     save_sharded_weights,
     setup_model_and_optimizer,
 )
@@ -41,6 +43,7 @@ from lit_llama.utils import (
     resolve_checkpoint,
     run_cli,
     save_atomic,
+    write_text_atomic,
 )
 
 FINAL_NAME = "lit-llama-full-finetuned.pth"
@@ -64,7 +67,7 @@ def setup(
     epochs: float = 5,
     warmup_iters: int = 100,
     weight_decay: float = 0.0,
-    block_size: int = 512,
+    max_seq_length: Optional[int] = None,
     eval_interval: int = 100,
     eval_iters: int = 100,
     save_interval: int = 100,
@@ -74,6 +77,7 @@ def setup(
     resume: bool = False,
     pretrained_path: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
+    block_size: Optional[int] = None,
 ) -> None:
     """Finetunes all weights of a pretrained checkpoint. Defaults are the article's (7B on 4 GPUs with FSDP).
 
@@ -102,7 +106,8 @@ def setup(
         epochs: Passes over the training set when --max_iters is not given.
         warmup_iters: Optimizer steps of linear learning-rate warmup (then cosine decay).
         weight_decay: AdamW weight decay.
-        block_size: Longest training sequence in tokens; longer examples are cut.
+        max_seq_length: Longest training sequence in tokens; longer examples are cut. Default: 512, or the
+            model's context if shorter.
         eval_interval: Optimizer steps between validation (loss and one greedy sample).
         eval_iters: Validation micro-batches per validation.
         save_interval: Optimizer steps between checkpoints.
@@ -113,22 +118,28 @@ def setup(
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+        block_size: Deprecated name of --max_seq_length.
     """
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
-                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed,
-                              activation_checkpointing)
+    training = TrainingConfig(
+        learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, max_iters=max_iters,
+        epochs=epochs, warmup_iters=warmup_iters, weight_decay=weight_decay,
+        max_seq_length=resolve_max_seq_length(max_seq_length, block_size, paths.config),
+        eval_interval=eval_interval, eval_iters=eval_iters, save_interval=save_interval, log_interval=log_interval,
+        seed=seed, activation_checkpointing=activation_checkpointing,
+    )
     precision = precision or default_training_precision()
     dtype = precision_dtype(precision)  # the dtype the weights are loaded (and trained) in
-    check_out_dir(out_dir, resume)
     if state_dict_type not in STATE_DICT_TYPES:
         raise UserError(f"--state_dict_type {state_dict_type!r} is not one of {', '.join(STATE_DICT_TYPES)}")
     sharded = state_dict_type == "sharded"
     if sharded and choose_strategy(strategy, devices, num_nodes, precision) in ("auto", "ddp"):
         raise UserError("--state_dict_type sharded needs FSDP (--strategy fsdp, or --devices > 1); without it "
                         "checkpoints are always one full file")
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
-    fabric.launch(main, paths, dtype, training, data_dir, out_dir, resume, sharded)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
+    run_info = {"method": "full", "model": asdict(paths.config)}
+    with claim_out_dir(out_dir, resume, run_info):
+        fabric.launch(main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)
 
 
 def default_training_precision() -> str:
@@ -143,6 +154,7 @@ def main(
     fabric: L.Fabric,
     paths: CheckpointPaths,
     dtype: torch.dtype,
+    run_info: Dict[str, Any],
     training: TrainingConfig,
     data_dir: Path,
     out_dir: Path,
@@ -157,7 +169,7 @@ def main(
 
     if fabric.global_rank == 0:  # so that the checkpoints in out_dir describe themselves
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths.config.to_json(out_dir / CONFIG_NAME)
+        write_text_atomic(paths.config.to_json_text(), out_dir / CONFIG_NAME)
         copy_tokenizer(paths.tokenizer, out_dir)
 
     def save_full(path: Path) -> None:
@@ -171,7 +183,7 @@ def main(
         fabric.print(f"Saved the finetuned weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_full, FINAL_NAME, resume,
-        sharded_resume=sharded)
+        sharded_resume=sharded, run_info=run_info)
 
 
 if __name__ == "__main__":

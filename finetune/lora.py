@@ -7,8 +7,9 @@ Writes LoRA-only checkpoints (a few MB) and metrics.csv to --out_dir; see howto/
 """
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -19,12 +20,13 @@ from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lor
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.training import (
     TrainingConfig,
-    check_out_dir,
+    claim_out_dir,
     fit,
     full_state_dict,
     load_device,
     load_tokenizer_and_data,
     make_fabric,
+    resolve_max_seq_length,
     setup_model_and_optimizer,
 )
 from lit_llama.utils import (
@@ -59,7 +61,7 @@ def setup(
     epochs: float = 5,
     warmup_iters: int = 100,
     weight_decay: float = 0.0,
-    block_size: int = 512,
+    max_seq_length: Optional[int] = None,
     lora_r: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
@@ -78,6 +80,7 @@ def setup(
     resume: bool = False,
     pretrained_path: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
+    block_size: Optional[int] = None,
 ) -> None:
     """Finetunes a pretrained checkpoint with LoRA. Defaults are the article's (7B on one 24 GB GPU).
 
@@ -104,7 +107,8 @@ def setup(
         epochs: Passes over the training set when --max_iters is not given.
         warmup_iters: Optimizer steps of linear learning-rate warmup (then cosine decay).
         weight_decay: AdamW weight decay.
-        block_size: Longest training sequence in tokens; longer examples are cut.
+        max_seq_length: Longest training sequence in tokens; longer examples are cut. Default: 512, or the
+            model's context if shorter.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha; updates are scaled by alpha / r.
         lora_dropout: Dropout on the LoRA branch's input.
@@ -124,28 +128,35 @@ def setup(
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
+        block_size: Deprecated name of --max_seq_length.
     """
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     try:
-        lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                          lora_mlp, lora_head)
+        lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
+                          value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head)
     except ValueError as e:
-        raise UserError(str(e))
-    training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,
-                              weight_decay, block_size, eval_interval, eval_iters, save_interval, log_interval, seed,
-                              activation_checkpointing)
+        raise UserError(f"--lora_{e}")  # LoRAConfig's messages start with the field's (= the flag's) name
+    training = TrainingConfig(
+        learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, max_iters=max_iters,
+        epochs=epochs, warmup_iters=warmup_iters, weight_decay=weight_decay,
+        max_seq_length=resolve_max_seq_length(max_seq_length, block_size, paths.config),
+        eval_interval=eval_interval, eval_iters=eval_iters, save_interval=save_interval, log_interval=log_interval,
+        seed=seed, activation_checkpointing=activation_checkpointing,
+    )
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
-    check_out_dir(out_dir, resume)
     check_quantize(quantize, devices * num_nodes, strategy)
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
-    fabric.launch(main, paths, dtype, lora, training, data_dir, out_dir, resume, quantize)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
+    run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize}
+    with claim_out_dir(out_dir, resume, run_info):
+        fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
 
 
 def main(
     fabric: L.Fabric,
     paths: CheckpointPaths,
     dtype: torch.dtype,
+    run_info: Dict[str, Any],
     lora: LoRAConfig,
     training: TrainingConfig,
     data_dir: Path,
@@ -172,7 +183,8 @@ def main(
             save_atomic(lora_state_dict(lora_model, trainable), path)
             fabric.print(f"Saved LoRA weights to {path}")
 
-    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume)
+    fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume,
+        run_info=run_info)
 
 
 if __name__ == "__main__":

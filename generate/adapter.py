@@ -16,7 +16,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.adapter import load_adapter_model
-from lit_llama.generation import respond_and_report, setup_generation
+from lit_llama.data import generate_prompt
+from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.utils import (
     resolve_checkpoint,
     run_cli,
@@ -54,8 +55,9 @@ def main(
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
     """
+    check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    tokenizer, device, dtype = setup_generation(paths, precision)
+    tokenizer, device, dtype = setup_generation(paths, precision, generate_prompt(prompt, input), max_new_tokens)
 
     model = load_adapter_model(paths, adapter_path, device, dtype)
     model.eval()

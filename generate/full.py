@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.generation import respond_and_report, setup_generation
+from lit_llama.data import generate_prompt
+from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.model import Config, LLaMA
 from lit_llama.utils import (
     CONFIG_NAME,
@@ -27,7 +28,11 @@ from lit_llama.utils import (
     UserError,
     check_state_dict_fits,
     default_dtype,
+    check_finite,
+    dcp_load_weights_only,
+    describe_exception,
     load_model,
+    read_dcp_metadata,
     resolve_checkpoint,
     run_cli,
 )
@@ -63,8 +68,9 @@ def main(
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
     """
+    check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     paths = resolve_finetuned(checkpoint_path, checkpoint_dir, tokenizer_path)
-    tokenizer, device, dtype = setup_generation(paths, precision)
+    tokenizer, device, dtype = setup_generation(paths, precision, generate_prompt(prompt, input), max_new_tokens)
 
     if paths.weights.is_dir():
         model = load_sharded(paths, device, dtype)
@@ -103,14 +109,12 @@ def resolve_finetuned(
 def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtype) -> LLaMA:
     """Reads the folder of an FSDP sharded checkpoint (torch.distributed.checkpoint format, the weights under
     "model") in a single process, straight into the model's tensors."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(paths.weights).read_metadata()
+        metadata = read_dcp_metadata(paths.weights)  # refuses anything but metadata: a crafted file runs no code
     except Exception as e:  # noqa: BLE001 - any unreadable folder is the user's input
-        raise UserError(f"{paths.weights} is not a sharded checkpoint folder ({type(e).__name__}: {e})")
+        raise UserError(f"{paths.weights} is not a sharded checkpoint folder ({describe_exception(e)})")
     with torch.device("meta"), default_dtype(dtype):
         model = LLaMA(paths.config)
     stored = {  # the shapes of the stored weights, as empty tensors, to check them like a .pth file's
@@ -124,8 +128,12 @@ def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtyp
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         # fills the tensors in place, casting them to dtype; one process reads every shard
-        dcp_load(state, storage_reader=FileSystemReader(paths.weights), no_dist=True)
+        try:
+            dcp_load_weights_only(state, paths.weights, no_dist=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable shard is the user's input
+            raise UserError(f"{paths.weights} has unreadable shards ({describe_exception(e)})")
     model.load_state_dict(state["model"])
+    check_finite(state["model"], paths.weights)
     return model
 
 

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.data import generate_prompt
-from lit_llama.generation import generate_responses, setup_generation
+from lit_llama.checks import check_at_least
+from lit_llama.generation import check_sampling_flags, generate_responses, setup_generation
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA
 from lit_llama.utils import UserError, load_model, resolve_checkpoint, run_cli
 
@@ -51,13 +52,11 @@ def main(
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
     """
     adapters = parse_adapters(lora)
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_sampling_flags(1, max_new_tokens, temperature, top_k, seed)
+    check_at_least("batch_size", batch_size, 1)
     records = read_requests(requests, adapters)
     paths = resolve_checkpoint(checkpoint_dir)
-    tokenizer, device, dtype = setup_generation(paths, precision)
+    tokenizer, device, dtype = setup_generation(paths, precision, "", max_new_tokens)  # prompts: checked below
     for number, record in enumerate(records, 1):
         length = len(tokenizer.encode(generate_prompt(record["instruction"], record["input"]), bos=True))
         if length >= paths.config.block_size:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
-from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
+from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
 
 # what an adapter checkpoint records about the model it belongs to (see adapter_state_dict)
 ADAPTER_FIELDS = ("adapter_version", "adapter_prompt_length", "adapter_start_layer")
@@ -242,6 +242,7 @@ def load_adapter_state_dict(model: AdapterLLaMA, checkpoint: Dict[str, Any], pat
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    check_finite(tensors, Path(path))
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)

@@ -17,7 +17,14 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import TOKENIZER_NAME, UserError, save_atomic
+from lit_llama.utils import (
+    TOKENIZER_NAME,
+    UserError,
+    describe_exception,
+    save_atomic,
+    verify_checksums,
+    write_text_atomic,
+)
 
 # PyTorch's `cross_entropy(ignore_index=-100)` default: label positions with this value add no loss
 IGNORE_INDEX = -100
@@ -26,6 +33,7 @@ IGNORE_INDEX = -100
 DEFAULT_TOKENIZER_PATH = Path("checkpoints/lit-llama") / TOKENIZER_NAME
 
 FIELDS = ("instruction", "input", "output")
+PREPARE_CONFIG_NAME = "prepare_config.json"  # the settings and the tokenizer the data was prepared with
 
 
 def generate_prompt(instruction: str, input: str = "") -> str:
@@ -169,6 +177,19 @@ def resolve_test_split_size(requested: Optional[int], num_records: int, default:
     return size
 
 
+def check_prepare_flags(
+    out_dir: Path, data_file: Optional[Path], test_split_size: Optional[int], max_seq_length: int, seed: int
+) -> None:
+    """What scripts/prepare_*.py are given, checked before anything is read or downloaded."""
+    from lit_llama.checks import check_at_least, check_file, check_out_dir, check_range
+
+    check_out_dir(out_dir)
+    check_file(data_file, "data_file")
+    check_at_least("test_split_size", test_split_size, 1, optional=True)
+    check_at_least("max_seq_length", max_seq_length, 2)
+    check_range("seed", seed, 0, 2**63 - 1)
+
+
 def prepare_dataset(
     records: Sequence[Dict[str, str]],
     tokenizer: Tokenizer,
@@ -215,6 +236,7 @@ def prepare_dataset(
     truncated = sum(s["truncated"] for s in samples)
     config = {
         **{k: str(v.resolve()) if isinstance(v, Path) else v for k, v in (extra_config or {}).items()},
+        "tokenizer_sha256": tokenizer.sha256,  # load_prepared refuses this data with any other tokenizer
         "max_seq_length": max_seq_length,
         "mask_inputs": mask_inputs,
         "seed": seed,
@@ -232,7 +254,7 @@ def prepare_dataset(
             print(f"note: replacing the existing {destination_path / name}", file=sys.stderr)
     for name, split in outputs.items():
         save_atomic(split, destination_path / name)
-    _write_text_atomic(json.dumps(config, indent=2) + "\n", destination_path / "prepare_config.json")
+    write_text_atomic(json.dumps(config, indent=2) + "\n", destination_path / PREPARE_CONFIG_NAME)
 
     print(f"train: {len(train)} samples, test: {len(test)} samples -> {destination_path}")
     print(f"truncated to --max_seq_length {max_seq_length}: {truncated} of {len(samples)}")
@@ -240,34 +262,47 @@ def prepare_dataset(
     return train, test
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    """Like `save_atomic`, for a text file: never half a file, an old one replaced only by a complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_prepared(data_dir: Path) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """Reads the (train, test) sample lists written by `prepare_dataset`."""
+def load_prepared(
+    data_dir: Path, tokenizer: Optional[Tokenizer] = None
+) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Reads the (train, test) sample lists written by `prepare_dataset`. With `tokenizer`, refuses data that
+    `prepare_config.json` says was prepared with another one (its token ids would mean other words)."""
     data_dir = Path(data_dir)
     hint = "run scripts/prepare_alpaca.py (or prepare_dolly.py) first"
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist: {hint}")
+    if tokenizer is not None:
+        check_prepared_tokenizer(data_dir, tokenizer)
     paths = [data_dir / "train.pt", data_dir / "test.pt"]
     for path in paths:
         if not path.is_file():
             raise UserError(f"{path} not found: {hint}")
     splits = []
     for path in paths:
+        verify_checksums(path)
         try:
             split = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-            raise UserError(f"{path} is not a readable prepared dataset ({type(e).__name__}: {e}): {hint}")
+            raise UserError(f"{path} is not a readable prepared dataset ({describe_exception(e)}): {hint}")
         if not isinstance(split, list) or not split or not isinstance(split[0], dict) or "input_ids" not in split[0]:
             raise UserError(f"{path} does not hold a list of samples: {hint}")
         splits.append(split)
     return splits[0], splits[1]
+
+
+def check_prepared_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
+    config_path = Path(data_dir) / PREPARE_CONFIG_NAME
+    if not config_path.is_file():
+        return  # data prepared elsewhere: the token-id range check of the finetune scripts still applies
+    try:
+        recorded = json.loads(config_path.read_text()).get("tokenizer_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{config_path} is not a valid prepare config ({e})")
+    if recorded is not None and recorded != tokenizer.sha256:
+        raise UserError(
+            f"{data_dir} was prepared with another tokenizer than {tokenizer.path}: prepare the data again "
+            "with this checkpoint's tokenizer"
+        )
 
 
 def load_tokenizer(
@@ -289,10 +324,7 @@ def load_tokenizer(
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found")
-    try:
-        return Tokenizer(tokenizer_path), tokenizer_path
-    except (RuntimeError, OSError) as e:
-        raise UserError(f"{tokenizer_path} is not a SentencePiece tokenizer ({e})")
+    return Tokenizer(tokenizer_path), tokenizer_path
 
 
 def download_if_missing(url: str, path: Path, timeout: float = 30.0) -> Path:

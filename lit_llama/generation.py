@@ -6,10 +6,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from lit_llama.checks import check_at_least, check_range
 from lit_llama.data import generate_prompt
 from lit_llama.model import LLaMA
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import CheckpointPaths, check_vocab, default_device, precision_dtype
+from lit_llama.utils import CheckpointPaths, UserError, check_vocab, default_device, precision_dtype
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -105,10 +106,30 @@ def check_prompt_lengths(model: LLaMA, lengths: List[int], max_new_tokens: int) 
     return min(max(lengths) + max_new_tokens, block_size)
 
 
-def setup_generation(paths: CheckpointPaths, precision: Optional[str]) -> Tuple[Tokenizer, torch.device, torch.dtype]:
-    """The checkpoint's tokenizer (checked against the model), the device and the weights' dtype."""
+def check_sampling_flags(
+    num_samples: int, max_new_tokens: int, temperature: float, top_k: Optional[int], seed: int
+) -> None:
+    """The flags every generate script shares, checked before anything is loaded."""
+    check_at_least("num_samples", num_samples, 1)
+    check_at_least("max_new_tokens", max_new_tokens, 1)
+    check_range("temperature", temperature, 0, 100)  # 0 is greedy; far above 1 is noise
+    check_at_least("top_k", top_k, 1, optional=True)
+    check_range("seed", seed, 0, 2**63 - 1)
+
+
+def setup_generation(
+    paths: CheckpointPaths, precision: Optional[str], prompt: str, max_new_tokens: int
+) -> Tuple[Tokenizer, torch.device, torch.dtype]:
+    """The checkpoint's tokenizer (checked against the model), the device and the weights' dtype; and the
+    `prompt` (as the model will read it) checked to leave room in the model's context, before any weights load."""
     tokenizer = Tokenizer(paths.tokenizer)
     check_vocab(tokenizer, paths)
+    context = paths.config.block_size
+    if max_new_tokens > context:
+        raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of {context} tokens")
+    prompt_tokens = len(tokenizer.encode(prompt, bos=True))
+    if prompt_tokens >= context:
+        raise UserError(f"--prompt is {prompt_tokens} tokens: the model's context is {context} (with the answer)")
     return tokenizer, default_device(), precision_dtype(precision)
 
 

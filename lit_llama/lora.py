@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
+from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
 
 
 @dataclass
@@ -36,10 +36,15 @@ class LoRAConfig:
     head: bool = False  # the output layer (lm_head)
 
     def __post_init__(self) -> None:
+        # each message starts with the field's name: finetune/lora.py puts "--lora_" before it
         if self.r <= 0:
-            raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+            raise ValueError(f"r (the LoRA rank) must be positive, got {self.r}")
+        if not (0 < self.alpha < float("inf")):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head)):
-            raise ValueError("LoRA needs at least one target (query, key, value, projection, mlp, head)")
+            raise ValueError("query, key, value, projection, mlp and head are all false: LoRA needs a target")
 
     @property
     def scaling(self) -> float:
@@ -218,6 +223,7 @@ def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Pat
                 f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)} "
                 "(other rank or model size?)"
             )
+    check_finite(tensors, Path(path))
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)

@@ -5,6 +5,7 @@ Read top to bottom: `Config` (sizes), `LLaMA` (embedding -> blocks -> norm -> he
 `MLP` (SwiGLU), `RMSNorm`, and the rotary-embedding helpers.
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +31,20 @@ class Config:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        # every size is a positive number of its type, whichever file it came from (a ValueError naming it)
+        for field in dataclasses.fields(Config):
+            value = getattr(self, field.name)
+            if value is None and "Optional" in str(field.type):
+                continue
+            number = float if "float" in str(field.type) else int
+            # JSON has one number type: 1 is a fine float, 1.5 is not an int; true/false are not numbers
+            wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+            if wrong_type or (number is int and value != int(value)):
+                expected = "an integer" if number is int else "a number"
+                raise ValueError(f"field {field.name!r} is {value!r}, expected {expected}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"field {field.name!r} is {value!r}, expected a positive number")
+            setattr(self, field.name, number(value))
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.n_embd % self.n_head:
@@ -68,6 +83,9 @@ class Config:
             raise ValueError("tied input/output embeddings are not supported")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise ValueError("attention or MLP biases are not supported")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+                raise ValueError(f"field {key!r} is {hf[key]!r}, expected a positive integer")
         n_head = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
             raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
@@ -85,10 +103,24 @@ class Config:
 
     @classmethod
     def from_json(cls, path: Path) -> "Config":
-        return cls(**json.loads(Path(path).read_text()))
+        """Reads a config written by `to_json`; a field of the wrong type or value is a ValueError naming it."""
+        try:
+            fields = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"not valid JSON ({e})")
+        if not isinstance(fields, dict):
+            raise ValueError("expected a JSON object of config fields")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [name for name in fields if name not in known]
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}")
+        return cls(**fields)  # __post_init__ checks each value
+
+    def to_json_text(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
 
     def to_json(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        Path(path).write_text(self.to_json_text())
 
 
 _llama_7b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008)

@@ -1,18 +1,30 @@
 """SentencePiece tokenizer of LLaMA (32,000 pieces, bos 1, eos 2), plus a `train()` for tiny test tokenizers."""
 
+import hashlib
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
+from lit_llama.utils import UserError
+
 
 class Tokenizer:
     def __init__(self, model_path: Path) -> None:
         model_path = Path(model_path)
         if not model_path.is_file():
-            raise FileNotFoundError(f"tokenizer {model_path} not found")
-        self.processor = SentencePieceProcessor(model_file=str(model_path))
+            raise UserError(f"tokenizer {model_path} not found")
+        data = model_path.read_bytes()
+        try:
+            if not data:
+                raise RuntimeError("empty")
+            self.processor = SentencePieceProcessor(model_proto=data)
+        except RuntimeError:  # SentencePiece's message is a C++ parse failure: say what the file is not
+            raise UserError(f"{model_path} is not a SentencePiece tokenizer model") from None
+        # what prepared data records, so that it is never used with another tokenizer (see lit_llama.data)
+        self.path = model_path
+        self.sha256 = hashlib.sha256(data).hexdigest()
         self.bos_id = self.processor.bos_id()
         self.eos_id = self.processor.eos_id()
         self.pad_id = self.processor.pad_id()

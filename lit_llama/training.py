@@ -6,22 +6,25 @@ the batch), the learning-rate schedule, gradient accumulation, validation with a
 checkpointing, resuming, the progress bar and CSV metrics.
 """
 
+import csv
+import fcntl
+import io
 import json
 import math
 import os
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from lightning.fabric.loggers import CSVLogger
 from lightning.fabric.strategies import ModelParallelStrategy, Strategy
 from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
 from torch.distributed.checkpoint.state_dict import (
@@ -31,20 +34,39 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from lit_llama.checks import check_at_least, check_positive, check_range
+from lit_llama.checks import check_out_dir as check_writable_dir
 from lit_llama.data import IGNORE_INDEX, load_prepared
 from lit_llama.generation import generate_response
+from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import CheckpointPaths, UserError, check_vocab
+from lit_llama.utils import (
+    CheckpointPaths,
+    UserError,
+    check_finite,
+    check_vocab,
+    dcp_load_weights_only,
+    deprecated_flag,
+    describe_exception,
+    disk_errors,
+    verify_checksums,
+    write_text_atomic,
+)
 
 Sample = Dict[str, Any]
 RESUME_NAME = "resume.pth"  # trainable weights, optimizer, counters and RNG of the last save
 RESUME_META = "meta.pth"  # in a sharded resume folder: the counters and RNG beside the shards
+RUN_NAME = "run.json"  # what the run in a folder is (method, model, method settings): --resume compares it
+LOCK_NAME = "run.lock"  # held by the running process: a second run on the same folder stops at once
+METRICS_NAME = "metrics.csv"  # one row per logged iteration, every row once, over all resumed parts
+METRICS_FIELDS = ("iter", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "peak_memory")
 STRATEGIES = ("auto", "ddp", "fsdp")  # what every finetune script offers; the tests run each one
 
 
-@dataclass
+@dataclass(kw_only=True)  # 14 settings: named where built, never by position
 class TrainingConfig:
     learning_rate: float
     batch_size: int  # examples per optimizer step, over all devices
@@ -61,11 +83,27 @@ class TrainingConfig:
     seed: int = 1337
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
 
-    def gradient_accumulation_iters(self, world_size: int) -> int:
+    def __post_init__(self) -> None:
+        """Every value is checked when the config is built, before any work: one line naming the flag."""
+        check_range("learning_rate", self.learning_rate, 0, 1, low_inclusive=False)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("micro_batch_size", self.micro_batch_size, 1)
         if self.micro_batch_size > self.batch_size:
             raise UserError(
                 f"--micro_batch_size {self.micro_batch_size} is larger than --batch_size {self.batch_size}"
             )
+        check_at_least("max_iters", self.max_iters, 1, optional=True)
+        check_positive("epochs", self.epochs)
+        check_at_least("warmup_iters", self.warmup_iters, 0, optional=True)  # None: the script's default
+        check_range("weight_decay", self.weight_decay, 0, 1)
+        check_at_least("max_seq_length", self.max_seq_length, 2)  # an input token and the one it predicts
+        check_at_least("eval_interval", self.eval_interval, 0)
+        check_at_least("eval_iters", self.eval_iters, 1)
+        check_at_least("save_interval", self.save_interval, 0)
+        check_at_least("log_interval", self.log_interval, 1)
+        check_range("seed", self.seed, 0, 2**63 - 1)
+
+    def gradient_accumulation_iters(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
         if self.batch_size % per_step:
             raise UserError(
@@ -77,6 +115,23 @@ class TrainingConfig:
         if self.max_iters is not None:
             return self.max_iters
         return int(self.epochs * train_size) // (self.micro_batch_size * world_size)
+
+
+DEFAULT_MAX_SEQ_LENGTH = 512  # the article's
+
+
+def resolve_max_seq_length(max_seq_length: Optional[int], block_size: Optional[int], config: Config) -> int:
+    """--max_seq_length (or its deprecated name --block_size); by default 512, or the model's context if that
+    is shorter. A longer value than the model's context is refused: the model has no positions for it."""
+    max_seq_length = deprecated_flag("max_seq_length", max_seq_length, "block_size", block_size)
+    if max_seq_length is None:
+        return min(DEFAULT_MAX_SEQ_LENGTH, config.block_size)
+    if max_seq_length > config.block_size:
+        raise UserError(
+            f"--max_seq_length {max_seq_length} is longer than the model's context ({config.block_size} tokens, "
+            "block_size in lit_config.json)"
+        )
+    return max_seq_length
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -139,11 +194,13 @@ def fit(
     final_name: str,
     resume: bool = False,
     sharded_resume: bool = False,
+    run_info: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, float]:
     """Trains for `config.total_iters(...)` micro-batch iterations. `save_weights(path)` writes the
     method's own checkpoint (LoRA-only, adapter-only or full weights) and is called on every rank (under
     FSDP the weights are gathered); `final_name` is the last one's file name. `sharded_resume` writes the
-    resume state as one folder of per-rank shards instead of one file. Returns the final metrics."""
+    resume state as one folder of per-rank shards instead of one file. `run_info` (method, model config, method
+    settings) goes to run.json, for `--resume` to check (see `claim_out_dir`). Returns the final metrics."""
     world = fabric.world_size
     accumulation = config.gradient_accumulation_iters(world)
     max_iters = config.total_iters(len(train_data), world)
@@ -160,11 +217,17 @@ def fit(
     state = {"iter_num": 0, "step_count": 0, "tokens": 0, "train_seconds": 0.0}  # what --resume restores
     fit_start = time.perf_counter()
     resume_path = out_dir / RESUME_NAME
-    if resume:
-        if not resume_path.exists():
-            raise UserError(f"--resume: {resume_path} not found; there is no earlier run to continue")
+    metrics_log = MetricsLog(out_dir / METRICS_NAME, enabled=fabric.global_rank == 0)
+    if resume and resume_path.exists():
         state = load_resume_state(fabric, model, optimizer, resume_path)
         fabric.print(f"Resuming from iteration {state['iter_num']} (step {state['step_count']})")
+    elif resume:  # see claim_out_dir: the run was stopped before its first resume state
+        fabric.print(f"No resume state in {out_dir} yet: starting that run from the beginning")
+    if fabric.global_rank == 0 and run_info is not None:
+        write_text_atomic(json.dumps(run_info, indent=2) + "\n", out_dir / RUN_NAME)
+    # rows after the resumed iteration were logged by the interrupted part after its last save: they come again
+    metrics_log.start(keep_until=state["iter_num"])
+    resumed_finished = state["iter_num"] >= max_iters  # stopped between the final resume state and the summary
 
     fabric.print(
         f"Training {max_iters} iterations ({max_steps} optimizer steps of {config.batch_size} examples, "
@@ -172,73 +235,76 @@ def fit(
     )
     if state["iter_num"] == 0:
         val_loss = validate(fabric, model, val_data, config)
-        fabric.log_dict({"iter": 0, "tokens": 0, "val_loss": val_loss}, step=0)
+        metrics_log.log({"iter": 0, "tokens": 0, "val_loss": val_loss})
         fabric.print(f"Validation loss before training: {val_loss:.4f}")
 
     metrics: Dict[str, float] = {}
     bar = tqdm(total=max_iters, initial=state["iter_num"], disable=fabric.global_rank != 0, desc="finetune")
     window_tokens, window_seconds = 0, 0.0  # training throughput, validation and saving excluded
-    for iter_num in range(state["iter_num"], max_iters):
-        iter_start = time.perf_counter()
-        lr = get_lr(state["step_count"], config.learning_rate, warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world, config.seed)
-        input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
-        input_ids, labels = fabric.to_device((input_ids, labels))
+    try:  # closed also when a step fails: its error line then starts a line of its own
+        for iter_num in range(state["iter_num"], max_iters):
+            iter_start = time.perf_counter()
+            lr = get_lr(state["step_count"], config.learning_rate, warmup_steps, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world,
+                                config.seed)
+            input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
+            input_ids, labels = fabric.to_device((input_ids, labels))
 
-        is_accumulating = (iter_num + 1) % accumulation != 0
-        # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
-        skip_sync = is_accumulating and not is_fsdp(fabric)
-        with fabric.no_backward_sync(model, enabled=skip_sync):
-            loss = compute_loss(model, input_ids, labels)
-            fabric.backward(loss / accumulation)
-        batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
-        window_tokens += batch_tokens
-        state["tokens"] += batch_tokens
-        state["iter_num"] = iter_num + 1
+            is_accumulating = (iter_num + 1) % accumulation != 0
+            # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
+            skip_sync = is_accumulating and not is_fsdp(fabric)
+            with fabric.no_backward_sync(model, enabled=skip_sync):
+                loss = compute_loss(model, input_ids, labels)
+                fabric.backward(loss / accumulation)
+            batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
+            window_tokens += batch_tokens
+            state["tokens"] += batch_tokens
+            state["iter_num"] = iter_num + 1
 
-        row: Dict[str, float] = {}
-        if not is_accumulating:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step_count"] += 1
-        window_seconds += time.perf_counter() - iter_start
-        state["train_seconds"] += time.perf_counter() - iter_start
-        if not is_accumulating:
+            row: Dict[str, float] = {}
+            if not is_accumulating:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step_count"] += 1
+            window_seconds += time.perf_counter() - iter_start
+            state["train_seconds"] += time.perf_counter() - iter_start
             step = state["step_count"]
-            if config.eval_interval and step % config.eval_interval == 0 and step < max_steps:
+            if not is_accumulating and config.eval_interval and step % config.eval_interval == 0 and step < max_steps:
                 row["val_loss"] = validate(fabric, model, val_data, config)
                 fabric.print(f"\nstep {step}: val loss {row['val_loss']:.4f}")
                 print_sample(fabric, model, tokenizer, val_data[0])
-            if config.save_interval and step % config.save_interval == 0 and step < max_steps:
+
+            if (iter_num + 1) % config.log_interval == 0 or row:
+                row.update(
+                    iter=iter_num + 1,
+                    tokens=state["tokens"],
+                    train_loss=loss.item(),
+                    lr=lr,
+                    tokens_per_sec=window_tokens / window_seconds,
+                    peak_memory=peak_memory_gb(fabric.device),
+                )
+                metrics_log.log(row)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                metrics.update(row)
+                window_tokens, window_seconds = 0, 0.0
+            if not is_accumulating and config.save_interval and step % config.save_interval == 0 and step < max_steps:
+                metrics_log.flush()  # before the checkpoint: a run resumed from it has every row up to it
                 save_weights(out_dir / f"iter-{iter_num + 1:06d}-ckpt.pth")
                 save_resume_state(fabric, model, optimizer, state, resume_path, sharded_resume)
-
-        if (iter_num + 1) % config.log_interval == 0 or row:
-            row.update(
-                iter=iter_num + 1,
-                tokens=state["tokens"],
-                train_loss=loss.item(),
-                lr=lr,
-                tokens_per_sec=window_tokens / window_seconds,
-                peak_memory=peak_memory_gb(fabric.device),
-            )
-            fabric.log_dict(row, step=iter_num + 1)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-            metrics.update(row)
-            window_tokens, window_seconds = 0, 0.0
-        bar.update(1)
-    bar.close()
+            bar.update(1)
+    finally:
+        bar.close()
 
     val_loss = validate(fabric, model, val_data, config)
-    fabric.log_dict({"iter": max_iters, "tokens": state["tokens"], "val_loss": val_loss}, step=max_iters)
+    if not resumed_finished:  # else that row is in the file already
+        metrics_log.log({"iter": max_iters, "tokens": state["tokens"], "val_loss": val_loss})
+    metrics_log.flush()
     fabric.print(f"Validation loss after training: {val_loss:.4f}")
     print_sample(fabric, model, tokenizer, val_data[0])
     save_weights(out_dir / final_name)
     save_resume_state(fabric, model, optimizer, state, resume_path, sharded_resume)
-    for logger in fabric.loggers:
-        logger.finalize("success")
     summary = {
         "iters": max_iters,
         "tokens": state["tokens"],
@@ -251,8 +317,47 @@ def fit(
         "devices": world,
     }
     if fabric.global_rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
     return summary
+
+
+class MetricsLog:
+    """`metrics.csv` in the run's folder: one row per logged iteration, with fixed columns, appended in
+    place. A resumed run keeps the rows up to the iteration it resumes from and logs the rest again, so the
+    file has every row once. Only rank 0 writes (`enabled`)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled, self.pending = path, enabled, []
+
+    def start(self, keep_until: int) -> None:
+        """Keeps the rows of iterations up to `keep_until` (none for a new run) and drops the others."""
+        if not self.enabled:
+            return
+        kept = []
+        if keep_until > 0 and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = csv.DictReader(f)
+                kept = [row for row in rows if row.get("iter", "").isdigit() and int(row["iter"]) <= keep_until]
+        text = io.StringIO()  # header and kept rows replace the file in one piece: a kill now loses no row
+        writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text_atomic(text.getvalue(), self.path)
+
+    def log(self, row: Dict[str, Any]) -> None:
+        if self.enabled:
+            self.pending.append(row)
+            if len(self.pending) >= 10:  # now and then, for a look at a running job
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self.pending:
+            return
+        with disk_errors(self.path), open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRICS_FIELDS, extrasaction="ignore").writerows(self.pending)
+            f.flush()
+            os.fsync(f.fileno())
+        self.pending = []
 
 
 @torch.no_grad()
@@ -297,17 +402,18 @@ def save_resume_state(
     weights, optimizer_state = get_state_dict(unwrap(model), unwrap(optimizer), options=options)
     meta = {**counters, "world_size": fabric.world_size, "rng": gather_rng_states(fabric)}
     tmp = path.with_name(path.name + ".tmp")
-    if sharded:
-        dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    with disk_errors(path, tmp):
+        if sharded:
+            dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
+            if fabric.global_rank == 0:
+                torch.save(meta, tmp / RESUME_META)
+        elif fabric.global_rank == 0:
+            torch.save({"model": weights, "optimizer": optimizer_state, **meta}, tmp)
+        fabric.barrier()
         if fabric.global_rank == 0:
-            torch.save(meta, tmp / RESUME_META)
-    elif fabric.global_rank == 0:
-        torch.save({"model": weights, "optimizer": optimizer_state, **meta}, tmp)
-    fabric.barrier()
-    if fabric.global_rank == 0:
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     fabric.barrier()
 
 
@@ -317,6 +423,8 @@ def load_resume_state(
     """Restores what `save_resume_state` wrote (a file or a sharded folder, on any strategy) into the set-up
     model and optimizer, and this rank's random generators; returns the counters. Only tensors and plain
     values are read (`weights_only`): a resume file cannot run code."""
+    if path.is_file():
+        verify_checksums(path)
     try:
         if path.is_dir():
             # the set-up model's own (sharded) state dicts are the templates the shards are read into
@@ -324,7 +432,7 @@ def load_resume_state(
                 unwrap(model), unwrap(optimizer), options=StateDictOptions(ignore_frozen_params=True)
             )
             saved = {"model": weights, "optimizer": optimizer_state}
-            dcp.load(saved, checkpoint_id=path)
+            dcp_load_weights_only(saved, path)
             meta = torch.load(path / RESUME_META, weights_only=True)
             options = StateDictOptions(ignore_frozen_params=True)
         else:
@@ -332,7 +440,7 @@ def load_resume_state(
             meta = saved
             options = StateDictOptions(full_state_dict=True, strict=False)  # frozen weights are not in it
     except Exception as e:  # noqa: BLE001 - any unreadable resume state is the user's file
-        raise UserError(f"--resume: {path} is not a resume state this version can read ({type(e).__name__}: {e})")
+        raise UserError(f"--resume: {path} is not a resume state this version can read ({describe_exception(e)})")
     if not isinstance(meta, dict) or "world_size" not in meta or "rng" not in meta:
         raise UserError(f"--resume: {path} was written by an older version; start a new run in another --out_dir")
     if meta["world_size"] != fabric.world_size:
@@ -344,6 +452,7 @@ def load_resume_state(
     if set(saved["model"]) != trainable:
         unexpected = sorted(set(saved["model"]) ^ trainable)
         raise UserError(f"--resume: {path} holds the weights of another model or method (e.g. {unexpected[0]!r})")
+    check_finite({name: t.to_local() if isinstance(t, DTensor) else t for name, t in saved["model"].items()}, path)
     set_state_dict(
         unwrap(model), unwrap(optimizer), model_state_dict=saved["model"],
         optim_state_dict=saved["optimizer"], options=options,
@@ -379,12 +488,13 @@ def save_sharded_weights(fabric: L.Fabric, model: torch.nn.Module, path: Path) -
     """A torch.distributed.checkpoint folder of the weights (under "model"; each rank writes its shards, no
     gathering), written under a temporary name and renamed when complete. generate/full.py reads it."""
     tmp = path.with_name(path.name + ".tmp")
-    dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
-    fabric.barrier()
-    if fabric.global_rank == 0:
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    with disk_errors(path, tmp):
+        dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
+        fabric.barrier()
+        if fabric.global_rank == 0:
+            if path.is_dir():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     fabric.barrier()
 
 
@@ -408,15 +518,14 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def make_fabric(
-    devices: int, num_nodes: int, strategy: str, precision: str, out_dir: Path, cpu_offload: bool = False
+    devices: int, num_nodes: int, strategy: str, precision: str, cpu_offload: bool = False
 ) -> L.Fabric:
-    """Fabric with the devices, strategy (see `choose_strategy`), precision and CSV logger of a run."""
+    """Fabric with the devices, strategy (see `choose_strategy`) and precision of a run."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
-    if devices < 1 or num_nodes < 1:
-        raise UserError(f"--devices and --num_nodes must be at least 1, got {devices} and {num_nodes}")
+    check_at_least("devices", devices, 1)
+    check_at_least("num_nodes", num_nodes, 1)
     if devices > available and num_nodes == 1:
         raise UserError(f"--devices {devices} is more than the {available} devices available on this machine")
-    logger = CSVLogger(root_dir=out_dir, name="logs", flush_logs_every_n_steps=10)
     return L.Fabric(
         devices=devices,
         num_nodes=num_nodes,
@@ -424,7 +533,6 @@ def make_fabric(
         # the scripts load the weights in their dtype themselves (with the trainable ones in float32, see
         # setup_model_and_optimizer): Fabric's "-true" precisions would cast every weight once more
         precision="32-true" if precision.endswith("-true") else precision,
-        loggers=logger,
     )
 
 
@@ -489,13 +597,79 @@ def check_data_fits(data: List[Sample], vocab_size: int, data_dir: Path) -> None
         )
 
 
-def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """A finished or interrupted run in `out_dir` is never overwritten by a new one."""
-    if not resume and out_dir.is_dir() and any(out_dir.glob("*.pth")):
-        raise UserError(
-            f"--out_dir {out_dir} already holds checkpoints: pass --resume true to continue that run, "
-            "or choose another --out_dir"
-        )
+@contextmanager
+def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iterator[None]:
+    """Makes `out_dir` this run's own for as long as the run lasts. The folder must be writable; a lock file
+    keeps a second run out while this one runs (the lock goes with the process, also when it is killed). A
+    new run refuses a folder with checkpoints in it; `--resume` refuses a folder whose `run.json` describes
+    another method, model or method settings than `run_info` (`fit` writes it when training starts). Only
+    the launching process (global rank 0) does this: the processes Fabric starts for the other devices run
+    the script again and skip it."""
+    check_writable_dir(out_dir)
+    if not is_launching_process():
+        yield
+        return
+    with disk_errors(out_dir / LOCK_NAME):  # only the lock's own writing: not the run it guards
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / LOCK_NAME, "a+")
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            raise UserError(
+                f"--out_dir {out_dir} is in use by another run ({owner}): wait for it to end or choose another "
+                "--out_dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        lock.flush()
+        check_run_dir(out_dir, resume, run_info)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def is_launching_process() -> bool:
+    """The process a user started (global rank 0), not one Fabric, torchrun or SLURM started for another device."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def check_run_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> None:
+    """A finished or interrupted run in `out_dir` is never overwritten by a new one, and only the same kind of
+    run continues it."""
+    if not resume:
+        if any(out_dir.glob("*.pth")):
+            raise UserError(
+                f"--out_dir {out_dir} already holds checkpoints: pass --resume true to continue that run, "
+                "or choose another --out_dir"
+            )
+        return
+    run_file = out_dir / RUN_NAME
+    if not run_file.is_file():
+        if (out_dir / RESUME_NAME).exists():
+            return  # written before run.json existed: load_resume_state still checks what it holds
+        raise UserError(f"--resume: {out_dir} holds no run to continue (no {RUN_NAME}); start without --resume")
+    try:
+        there = json.loads(run_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--resume: {run_file} is not valid JSON ({e})")
+    if not isinstance(there, dict):
+        raise UserError(f"--resume: {run_file} is not a run description")
+    for key, ours in run_info.items():
+        theirs = there.get(key)
+        if theirs == ours:
+            continue
+        if key == "method":
+            raise UserError(f"--resume: {out_dir} holds a run of finetune/{theirs}.py, not of finetune/{ours}.py")
+        if isinstance(theirs, dict) and isinstance(ours, dict):  # name only the settings that differ
+            differ = [k for k in {**theirs, **ours} if theirs.get(k) != ours.get(k)]
+            theirs = ", ".join(f"{k}={theirs.get(k)}" for k in differ)
+            ours = ", ".join(f"{k}={ours.get(k)}" for k in differ)
+        raise UserError(f"--resume: {out_dir} holds a run with {key} {theirs}; this run has {ours}")
 
 
 def load_tokenizer_and_data(
@@ -505,7 +679,7 @@ def load_tokenizer_and_data(
     fabric.seed_everything(seed)
     tokenizer = Tokenizer(paths.tokenizer)
     check_vocab(tokenizer, paths)
-    train_data, val_data = load_prepared(data_dir)
+    train_data, val_data = load_prepared(data_dir, tokenizer)
     check_data_fits(train_data, paths.config.vocab_size, data_dir)
     return tokenizer, train_data, val_data
 

@@ -1,9 +1,13 @@
 """Checkpoint I/O, precision helpers and the command-line error handling every script shares."""
 
+import errno
 import os
+import pickle
 import shutil
 import sys
-from contextlib import contextmanager
+import zipfile
+import zlib
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
@@ -21,11 +25,34 @@ class UserError(Exception):
     """A mistake in the user's input (a path, a flag, a file): printed as one line, exit code 1."""
 
 
+# from 2.6 on, `torch.load` reads only tensors and plain values unless told otherwise; every load here also
+# says `weights_only=True`, but an older torch would unpickle (run code from) files inside its own helpers
+MIN_TORCH_VERSION = (2, 6)
+
+
+def describe_exception(e: BaseException) -> str:
+    """"Type: first line of the message": torch's loading errors run over many lines of advice."""
+    if isinstance(e, pickle.UnpicklingError):  # what weights_only refuses; torch's advice is to load it anyway
+        return "it holds Python objects other than tensors, which could run code when loaded: refused"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def check_torch_version(version: str = torch.__version__) -> None:
+    numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if numbers < MIN_TORCH_VERSION:
+        raise UserError(
+            f"torch {version} is too old: lit-llama needs torch >= {'.'.join(map(str, MIN_TORCH_VERSION))}, "
+            "whose torch.load cannot run code from a checkpoint (pip install -U torch)"
+        )
+
+
 def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """`jsonargparse.CLI(fn)` that turns `UserError`s into one clear line on stderr and exit code 1."""
     from jsonargparse import CLI
 
     try:
+        check_torch_version()
         return CLI(fn, *args, **kwargs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -33,6 +60,14 @@ def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def deprecated_flag(new: str, value: Any, old: str, old_value: Any) -> Any:
+    """The value of `--new`, or of its deprecated old name `--old` when that was given (with a note)."""
+    if old_value is None:
+        return value
+    print(f"note: --{old} is deprecated: use --{new}", file=sys.stderr)
+    return old_value
 
 
 @dataclass
@@ -106,14 +141,100 @@ def check_vocab(tokenizer: Any, paths: CheckpointPaths) -> None:
 
 
 def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    """Memory-maps a `.pth` file: tensors are read from disk only when used, never all copied to RAM."""
+    """Memory-maps a `.pth` file: tensors are read from disk only when used, never all copied to RAM.
+    Only tensors and plain values are read (`weights_only`): a checkpoint cannot run code. The file's
+    checksums are verified first (see `verify_checksums`)."""
+    verify_checksums(path)
     try:
         state_dict = torch.load(str(path), mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_exception(e)})")
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} does not hold a state dict")
     return state_dict
+
+
+def verify_checksums(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 of every tensor's bytes, which torch.load never checks:
+    a flipped bit in a weight loads silently. Checking them reads the file once (a few seconds for 7B; the
+    pages then stay cached for the load)."""
+    if not zipfile.is_zipfile(path):
+        return  # an old-style checkpoint without checksums, or not a checkpoint: torch.load says which
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError):
+        return  # a damaged archive: torch.load names the problem
+    if bad is not None:
+        raise UserError(f"{path} is corrupted: its record {bad} does not match its checksum")
+
+
+def check_finite(tensors: Dict[str, Any], path: Path) -> None:
+    """Corrupted bytes in a checkpoint mostly show up as NaN or infinite weights (a flipped exponent bit);
+    a trained model has none. Call it on the weights once they are in memory (it reads every value)."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path} is corrupted: tensor {name!r} holds NaN or infinite values")
+
+
+def dcp_load_weights_only(state: Dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """`torch.distributed.checkpoint.load` of a folder (an FSDP sharded checkpoint or resume state) into
+    `state`, without unpickling: torch's own reader unpickles the `.metadata` file and the non-tensor values
+    with full pickle, which runs whatever code a crafted file holds. Here the metadata may only name the
+    classes torch writes there (`read_dcp_metadata`), and values are read with `weights_only=True`."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_dcp_metadata(path)
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    load(state, storage_reader=Reader(str(path)), planner=Planner(), no_dist=no_dist)
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """The `.metadata` of a torch.distributed.checkpoint folder, read without running code."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    with open(Path(path) / ".metadata", "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only what torch.distributed.checkpoint writes into `.metadata`: its dataclasses, sizes,
+    dtypes, layouts and paths. Anything else (os.system, ...) is refused."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "TensorStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+            "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex", "StorageMeta",
+        },
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self.ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
 
 
 def load_model(
@@ -135,6 +256,8 @@ def load_model(
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name in state_dict:
                 tensor.copy_(state_dict[name])
+        # in memory now: one more pass over the loaded weights, no more disk reads
+        check_finite({name: t for name, t in model.state_dict().items() if name in state_dict}, paths.weights)
         # LoRA / adapter parameters are not in a base checkpoint: give them their initial values
         for module in model.modules():
             if hasattr(module, "reset_extra_parameters"):
@@ -177,16 +300,70 @@ def is_extra_parameter(name: str) -> bool:
 
 def save_atomic(obj: Any, path: Path, save: Callable[[Any, Path], None] = torch.save) -> None:
     """`save(obj, temporary name)`, then rename: an interrupted save never leaves half a file, and an
-    existing file is only replaced by a complete one."""
+    existing file is only replaced by a complete one. A full or read-only disk is one clear error, with the
+    temporary file removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save(obj, tmp)
-    os.replace(tmp, path)
+    with disk_errors(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(obj, tmp)
+        os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Like `save_atomic`, for a text file."""
+    save_atomic(text, path, lambda text, tmp: Path(tmp).write_text(text))
+
+
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+@contextmanager
+def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
+    """Turns a failed write of `path` (full disk, read-only file system, no permission) into one line, and
+    removes the `temporary` files the write left. torch.save reports a failed write as a RuntimeError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        for tmp in temporary:
+            if Path(tmp).is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with suppress(OSError):  # on a read-only file system there is none (and none can be removed)
+                    Path(tmp).unlink(missing_ok=True)
+        reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(Path(path))
+        if reason is None and isinstance(e, RuntimeError):
+            if "write" not in str(e).lower():
+                raise  # not a failed write: a bug, keep its traceback
+            reason = "the write failed"
+        if reason is None:
+            reason = getattr(e, "strerror", None) or str(e)
+        raise UserError(f"could not write {path}: {reason}") from None
+
+
+def disk_state(path: Path) -> Optional[str]:
+    """Why nothing can be written where `path` goes, if the file system says so."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stats = os.statvfs(path)
+    if stats.f_flag & os.ST_RDONLY:
+        return DISK_ERRORS[errno.EROFS]
+    if stats.f_bavail * stats.f_frsize < 1 << 20:  # less than 1 MB left
+        return DISK_ERRORS[errno.ENOSPC]
+    return None
 
 
 def check_output_dir(output_dir: Path, overwrite: bool = False, filename: str = WEIGHTS_NAME) -> None:
-    """Refuses to replace an existing checkpoint unless asked to."""
+    """`--out_dir` can be written, and an existing checkpoint in it is replaced only when asked to."""
+    from lit_llama.checks import check_out_dir  # lit_llama.checks imports this module
+
+    check_out_dir(output_dir)
     if (Path(output_dir) / filename).exists() and not overwrite:
         raise UserError(f"{Path(output_dir) / filename} already exists; pass --overwrite true to replace it")
 
@@ -197,13 +374,13 @@ def save_checkpoint_dir(
     """Writes a self-describing checkpoint folder: weights, model config and tokenizer."""
     output_dir = Path(output_dir)
     save_atomic(state_dict, output_dir / WEIGHTS_NAME)
-    config.to_json(output_dir / CONFIG_NAME)
+    write_text_atomic(config.to_json_text(), output_dir / CONFIG_NAME)
     copy_tokenizer(tokenizer_path, output_dir)
 
 
 def copy_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
     if Path(tokenizer_path).resolve() != (Path(output_dir) / TOKENIZER_NAME).resolve():  # may be the same folder
-        shutil.copyfile(tokenizer_path, Path(output_dir) / TOKENIZER_NAME)
+        save_atomic(tokenizer_path, Path(output_dir) / TOKENIZER_NAME, shutil.copyfile)
 
 
 PRECISION_DTYPES = {

@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,15 +33,19 @@ import torch
 from lit_llama.adapter import load_adapter_model
 from lit_llama.generation import generate_response
 from lit_llama.lora import load_lora_model
+from lit_llama.checks import check_at_least, check_out_dir
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import METRICS_NAME
 from lit_llama.utils import (
     UserError,
     default_device,
+    deprecated_flag,
     load_model,
     load_state_dict,
     precision_dtype,
     resolve_checkpoint,
     run_cli,
+    write_text_atomic,
 )
 
 # method -> its finetune script, extra flags, and the name of its final checkpoint
@@ -67,7 +72,7 @@ def main(
     warmup_iters: Optional[int] = None,
     eval_interval: Optional[int] = None,
     eval_iters: int = 20,
-    block_size: int = 512,
+    max_seq_length: Optional[int] = None,
     precision: Optional[str] = None,
     devices: int = 1,
     seed: int = 1337,
@@ -76,6 +81,7 @@ def main(
     retrain: bool = False,
     prompts: List[str] = PROMPTS,
     max_new_tokens: int = 100,
+    block_size: Optional[int] = None,
 ) -> None:
     """Trains (or reads) one run per method and writes the comparison.
 
@@ -91,7 +97,8 @@ def main(
         warmup_iters: Optimizer steps of warmup for every method (default: a tenth of the steps).
         eval_interval: Optimizer steps between validations (default: ten validations per run).
         eval_iters: Validation micro-batches per validation.
-        block_size: Longest training sequence.
+        max_seq_length: Longest training sequence in tokens; longer examples are cut (default: the finetune
+            scripts', 512 or the model's context if shorter).
         precision: Passed to every finetune script (default: theirs: bf16-true on a GPU, 32-true on CPU).
         devices: Passed to every finetune script.
         seed: Random seed for every method.
@@ -100,10 +107,22 @@ def main(
         retrain: Train again even where <out_dir>/<method> already holds a finished run.
         prompts: Instructions every method answers greedily for the table.
         max_new_tokens: The most tokens per response.
+        block_size: Deprecated name of --max_seq_length.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    max_seq_length = deprecated_flag("max_seq_length", max_seq_length, "block_size", block_size)
+    for flag, value, low in [("max_iters", max_iters, 1), ("batch_size", batch_size, 1),
+                             ("micro_batch_size", micro_batch_size, 1), ("eval_iters", eval_iters, 1),
+                             ("devices", devices, 1),
+                             ("max_new_tokens", max_new_tokens, 1)]:
+        check_at_least(flag, value, low)
+    check_at_least("max_seq_length", max_seq_length, 2, optional=True)
+    check_at_least("warmup_iters", warmup_iters, 0, optional=True)
+    check_at_least("eval_interval", eval_interval, 1, optional=True)
+    check_out_dir(out_dir)
+    precision_dtype(precision)  # checked here, not by each finetune script in turn
     steps = max_iters * devices * micro_batch_size // batch_size
     if steps < 1:
         raise UserError(f"--max_iters {max_iters} makes no optimizer step of --batch_size {batch_size}")
@@ -112,8 +131,10 @@ def main(
         "--batch_size", batch_size, "--micro_batch_size", micro_batch_size,
         "--warmup_iters", warmup_iters if warmup_iters is not None else max(1, steps // 10),
         "--eval_interval", eval_interval or max(1, steps // 10), "--eval_iters", eval_iters,
-        "--save_interval", 0, "--block_size", block_size, "--devices", devices, "--seed", seed,
+        "--save_interval", 0, "--devices", devices, "--seed", seed,
     ]
+    if max_seq_length is not None:
+        shared_flags += ["--max_seq_length", max_seq_length]
     if precision:
         shared_flags += ["--precision", precision]
     run_dirs = dict(run_dirs or {})
@@ -123,9 +144,11 @@ def main(
     for method in methods:
         run_dir = Path(run_dirs.get(method, out_dir / method))
         final = run_dir / METHODS[method]["final"]
-        finished = (run_dir / "summary.json").is_file() and final.is_file()
+        finished = all((run_dir / name).is_file() for name in ("summary.json", METRICS_NAME, final.name))
         if method in run_dirs and not finished:
-            raise UserError(f"--run_dirs: {run_dir} holds no finished {method} run (summary.json and {final.name})")
+            raise UserError(
+                f"--run_dirs: {run_dir} holds no finished {method} run (summary.json, {METRICS_NAME} and {final.name})"
+            )
         flags = shared_flags + shlex.split(method_args.get(method, "")) + METHODS[method]["args"]
         wanted = run_settings(method, checkpoint_dir, data_dir, flags)
         if not finished or (retrain and method not in run_dirs):
@@ -145,7 +168,7 @@ def main(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_markdown(runs, prompts, out_dir / "compare.md", shared_flags)
     plot(runs, out_dir / "compare.png")
-    (out_dir / "compare.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    write_text_atomic(json.dumps(runs, indent=2, default=str) + "\n", out_dir / "compare.json")
     print((out_dir / "compare.md").read_text())
     print(f"Wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'} and {out_dir / 'compare.json'}")
 
@@ -206,7 +229,8 @@ def train(method: str, run_dir: Path, flags: List[Any], fresh: bool) -> None:
     """Runs the method's finetune script as a user would; its progress bar shows through."""
     if fresh and run_dir.exists():
         for old in list(run_dir.glob("*.pth")) + [run_dir / "summary.json", run_dir / SETTINGS_NAME]:
-            old.unlink(missing_ok=True)  # --retrain: the finetune scripts refuse a folder with checkpoints
+            # --retrain: the finetune scripts refuse a folder with checkpoints (a sharded one is a folder)
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     spec = METHODS[method]
     cmd = [sys.executable, str(REPO / spec["script"]), *map(str, flags), "--out_dir", str(run_dir)]
     print(f"\n=== {method}: {' '.join(cmd[1:])}", flush=True)
@@ -239,11 +263,8 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, str]]:
-    rows: List[Dict[str, str]] = []
-    for metrics in sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
-        with open(metrics) as f:
-            rows.extend(csv.DictReader(f))  # a resumed run continues in the next version folder
-    return rows
+    with open(run_dir / METRICS_NAME, newline="") as f:
+        return list(csv.DictReader(f))  # one file, also for a resumed run
 
 
 def count_tensor_elements(checkpoint: Any) -> int:
@@ -310,7 +331,7 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
             response = r["responses"][i].replace("\n", " ").replace("|", "\\|")
             lines.append(f"- **{method}**: {response}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    write_text_atomic("\n".join(lines), path)
 
 
 def size(megabytes: float) -> str:

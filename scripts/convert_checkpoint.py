@@ -33,6 +33,7 @@ from lit_llama.utils import (
     TOKENIZER_NAME,
     UserError,
     check_output_dir,
+    deprecated_flag,
     load_state_dict,
     run_cli,
     save_checkpoint_dir,
@@ -41,30 +42,33 @@ from lit_llama.utils import (
 
 def convert(
     checkpoint_dir: Optional[Path] = None,
-    output_dir: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
     dtype: str = "bfloat16",
     block_size: Optional[int] = None,
     overwrite: bool = False,
+    output_dir: Optional[Path] = None,
 ) -> None:
     """Converts Meta's consolidated.*.pth shards to lit-llama.pth + lit_config.json + tokenizer.model.
 
     Args:
         checkpoint_dir: Meta's model folder (e.g. llama/7B or llama-2-7b) holding params.json and
             consolidated.00.pth, consolidated.01.pth, ...; tokenizer.model is taken from it or its parent.
-        output_dir: Where to write the converted checkpoint (default: checkpoints/lit-llama/<checkpoint_dir name>).
+        out_dir: Where to write the converted checkpoint (default: checkpoints/lit-llama/<checkpoint_dir name>).
         dtype: The precision to store the weights in: bfloat16, float16 or float32.
         block_size: The context length, which params.json does not record (default: 4096 for Llama 2,
             recognised by its norm_eps of 1e-5, else LLaMA 1's 2048).
-        overwrite: Replace an existing converted checkpoint in output_dir.
+        overwrite: Replace an existing converted checkpoint in out_dir.
+        output_dir: Deprecated name of --out_dir.
     """
+    out_dir = deprecated_flag("out_dir", out_dir, "output_dir", output_dir)
     torch_dtype = parse_dtype(dtype)
     if checkpoint_dir is None:
         raise UserError("give --checkpoint_dir (Meta's model folder with params.json and consolidated.*.pth)")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory")
-    output_dir = Path(output_dir) if output_dir is not None else Path("checkpoints/lit-llama") / checkpoint_dir.name
-    check_output_dir(output_dir, overwrite)
+    out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints/lit-llama") / checkpoint_dir.name
+    check_output_dir(out_dir, overwrite)
 
     params = read_params(checkpoint_dir / "params.json")
     tokenizer = find_tokenizer(checkpoint_dir)
@@ -107,9 +111,9 @@ def convert(
     state_dict = dict(hf_to_lit(hf_tensors()))
     check_complete(seen, expected, checkpoint_dir)
 
-    save_checkpoint_dir(output_dir, state_dict, config, tokenizer)
+    save_checkpoint_dir(out_dir, state_dict, config, tokenizer)
     n_params = sum(t.numel() for t in state_dict.values())
-    print(f"Converted {n_params:,} parameters ({dtype}) from {len(shards)} shard(s) to {output_dir}")
+    print(f"Converted {n_params:,} parameters ({dtype}) from {len(shards)} shard(s) to {out_dir}")
 
 
 def read_params(path: Path) -> Dict[str, Any]:

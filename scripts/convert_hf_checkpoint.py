@@ -29,6 +29,7 @@ from lit_llama.utils import (
     TOKENIZER_NAME,
     UserError,
     check_output_dir,
+    deprecated_flag,
     load_state_dict,
     run_cli,
     save_checkpoint_dir,
@@ -37,19 +38,22 @@ from lit_llama.utils import (
 
 def convert(
     checkpoint_dir: Path = Path("checkpoints/hf/openlm-research/open_llama_3b"),
-    output_dir: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
     dtype: str = "bfloat16",
     overwrite: bool = False,
+    output_dir: Optional[Path] = None,
 ) -> None:
     """Converts a Hugging Face LlamaForCausalLM checkpoint to lit-llama.pth + lit_config.json + tokenizer.model.
 
     Args:
         checkpoint_dir: The Hugging Face model folder: config.json, tokenizer.model and the weights as
             *.safetensors or pytorch_model*.bin, in one file or sharded with its *.index.json.
-        output_dir: Where to write the converted checkpoint (default: checkpoints/lit-llama/<checkpoint_dir name>).
+        out_dir: Where to write the converted checkpoint (default: checkpoints/lit-llama/<checkpoint_dir name>).
         dtype: The precision to store the weights in: bfloat16, float16 or float32.
-        overwrite: Replace an existing converted checkpoint in output_dir.
+        overwrite: Replace an existing converted checkpoint in out_dir.
+        output_dir: Deprecated name of --out_dir.
     """
+    out_dir = deprecated_flag("out_dir", out_dir, "output_dir", output_dir)
     torch_dtype = parse_dtype(dtype)
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -57,8 +61,8 @@ def convert(
             f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory "
             "(download a model with scripts/download.py)"
         )
-    output_dir = Path(output_dir) if output_dir is not None else Path("checkpoints/lit-llama") / checkpoint_dir.name
-    check_output_dir(output_dir, overwrite)
+    out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints/lit-llama") / checkpoint_dir.name
+    check_output_dir(out_dir, overwrite)
 
     config = read_hf_config(checkpoint_dir / "config.json")
     tokenizer = checkpoint_dir / TOKENIZER_NAME
@@ -84,9 +88,9 @@ def convert(
     state_dict = dict(hf_to_lit(checked_tensors()))
     check_complete(seen, expected, checkpoint_dir)
 
-    save_checkpoint_dir(output_dir, state_dict, config, tokenizer)
+    save_checkpoint_dir(out_dir, state_dict, config, tokenizer)
     n_params = sum(t.numel() for t in state_dict.values())
-    print(f"Converted {n_params:,} parameters ({dtype}) to {output_dir}")
+    print(f"Converted {n_params:,} parameters ({dtype}) to {out_dir}")
 
 
 def read_hf_config(path: Path) -> Config:

@@ -26,11 +26,13 @@ from lit_llama.utils import (
     check_output_dir,
     check_state_dict_fits,
     copy_tokenizer,
+    deprecated_flag,
     is_extra_parameter,
     load_state_dict,
     resolve_checkpoint,
     run_cli,
     save_atomic,
+    write_text_atomic,
 )
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,21 +40,24 @@ WEIGHTS_FILE = "model.safetensors"
 
 def convert(
     checkpoint_dir: Path = Path("checkpoints/lit-llama/open_llama_3b"),
-    output_dir: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
     overwrite: bool = False,
+    output_dir: Optional[Path] = None,
 ) -> None:
     """Converts a lit-llama checkpoint to model.safetensors + config.json + tokenizer.model.
 
     Args:
         checkpoint_dir: The lit-llama checkpoint folder (lit-llama.pth, lit_config.json, tokenizer.model).
-        output_dir: Where to write the Hugging Face folder (default: checkpoints/hf-export/<checkpoint_dir name>).
-        overwrite: Replace an existing model.safetensors in output_dir.
+        out_dir: Where to write the Hugging Face folder (default: checkpoints/hf-export/<checkpoint_dir name>).
+        overwrite: Replace an existing model.safetensors in out_dir.
+        output_dir: Deprecated name of --out_dir.
     """
+    out_dir = deprecated_flag("out_dir", out_dir, "output_dir", output_dir)
     paths = resolve_checkpoint(checkpoint_dir)
-    if output_dir is None:
-        output_dir = Path("checkpoints/hf-export") / Path(checkpoint_dir).name
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, WEIGHTS_FILE)
+    if out_dir is None:
+        out_dir = Path("checkpoints/hf-export") / Path(checkpoint_dir).name
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite, WEIGHTS_FILE)
     config = paths.config
 
     lit_state_dict = load_state_dict(paths.weights)  # memory-mapped
@@ -72,12 +77,12 @@ def convert(
     dtype = hf_state_dict["lm_head.weight"].dtype
 
     tokenizer = Tokenizer(paths.tokenizer)
-    save_atomic(hf_state_dict, output_dir / WEIGHTS_FILE, lambda sd, tmp: save_file(sd, str(tmp), {"format": "pt"}))
+    save_atomic(hf_state_dict, out_dir / WEIGHTS_FILE, lambda sd, tmp: save_file(sd, str(tmp), {"format": "pt"}))
     hf_config = hf_config_from(config, dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    (output_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    copy_tokenizer(paths.tokenizer, output_dir)
+    write_text_atomic(json.dumps(hf_config, indent=2) + "\n", out_dir / "config.json")
+    copy_tokenizer(paths.tokenizer, out_dir)
     n_params = sum(t.numel() for t in hf_state_dict.values())
-    print(f"Converted {n_params:,} parameters ({str(dtype).removeprefix('torch.')}) to {output_dir}")
+    print(f"Converted {n_params:,} parameters ({str(dtype).removeprefix('torch.')}) to {out_dir}")
 
 
 def hf_config_from(config: Config, dtype: torch.dtype, bos_token_id: int, eos_token_id: int) -> Dict[str, Any]:

@@ -22,12 +22,14 @@ sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
 import torch
 
+from lit_llama.checks import check_at_least, check_out_dir, check_range
 from lit_llama.data import load_records
-from lit_llama.model import Config, LLaMA
+from lit_llama.model import Config, LLaMA, llama_configs
 from lit_llama.tokenizer import train_from_texts
 from lit_llama.utils import CONFIG_NAME, WEIGHTS_NAME, UserError, run_cli
 
 DEMO_DATA = REPO / "lit_llama" / "demo_instructions.json"
+DEMO_FOLDERS = ("checkpoint", "data", "lora", "checkpoint-lora")  # what a demo run writes in --out_dir
 PROMPTS = ["What is the opposite of hot?", "What color is a strawberry?"]
 
 
@@ -47,9 +49,17 @@ def main(
         seed: Random seed of the model, the split and the training.
         overwrite: Replace an earlier demo run in --out_dir.
     """
+    check_out_dir(out_dir)
+    check_at_least("max_iters", max_iters, 1)
+    check_range("seed", seed, 0, 2**63 - 1)
+    if model_size not in llama_configs:
+        raise UserError(f"--model_size {model_size!r} is not one of {', '.join(llama_configs)}")
     if out_dir.exists():
         if not overwrite:
             raise UserError(f"{out_dir} already exists; pass --overwrite true to run the demo again there")
+        unknown = sorted(p.name for p in out_dir.iterdir() if p.name not in DEMO_FOLDERS)
+        if unknown:  # --overwrite replaces an earlier demo, never a folder that holds anything else
+            raise UserError(f"--out_dir {out_dir} holds {unknown[0]!r}, which the demo did not write: not replacing it")
         shutil.rmtree(out_dir)
     start = time.perf_counter()
     checkpoint_dir, data_dir, lora_dir = out_dir / "checkpoint", out_dir / "data", out_dir / "lora"
@@ -65,7 +75,7 @@ def main(
 
     step("2/5 python scripts/prepare_alpaca.py")
     run("scripts/prepare_alpaca.py", "--checkpoint_dir", checkpoint_dir, "--data_file", DEMO_DATA,
-        "--destination_path", data_dir, "--test_split_size", 20, "--seed", seed)
+        "--out_dir", data_dir, "--test_split_size", 20, "--seed", seed)
 
     step("3/5 python finetune/lora.py")
     # A random base knows nothing, so LoRA adapts every layer with a larger rank and learning rate
@@ -86,7 +96,7 @@ def main(
     step("5/5 python scripts/merge_lora.py, then generate.py on the merged checkpoint")
     merged_dir = out_dir / "checkpoint-lora"
     run("scripts/merge_lora.py", "--checkpoint_dir", checkpoint_dir, "--lora_path", lora_path,
-        "--output_dir", merged_dir)
+        "--out_dir", merged_dir)
     run("generate.py", "--checkpoint_dir", merged_dir, "--prompt", "The opposite of", "--temperature", 0,
         "--max_new_tokens", 10)
 
@@ -114,8 +124,7 @@ def run(script: str, *args, quiet: bool = False) -> str:
 
 
 def validation_losses(run_dir: Path) -> List[float]:
-    (metrics,) = sorted(run_dir.glob("logs/version_*/metrics.csv"))[-1:]
-    with open(metrics) as f:
+    with open(run_dir / "metrics.csv") as f:
         return [float(row["val_loss"]) for row in csv.DictReader(f) if row.get("val_loss")]
 
 

@@ -14,9 +14,12 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from jsonargparse.typing import SecretStr
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.utils import UserError, run_cli
+from lit_llama.checks import check_out_dir
+from lit_llama.utils import UserError, deprecated_flag, run_cli
 
 # the converter reads these; tokenizer.model is LLaMA's SentencePiece tokenizer
 REQUIRED_FILES = ("config.json", "tokenizer.model")
@@ -29,8 +32,9 @@ WEIGHT_PATTERNS = (
 
 def main(
     repo_id: str = "openlm-research/open_llama_3b",
-    access_token: Optional[str] = None,
-    checkpoint_dir: Path = Path("checkpoints/hf"),
+    access_token: Optional[SecretStr] = None,
+    out_dir: Path = Path("checkpoints/hf"),
+    checkpoint_dir: Optional[Path] = None,
 ) -> None:
     """Downloads config.json, tokenizer.model and the weights of a Hugging Face model repository.
 
@@ -38,18 +42,21 @@ def main(
         repo_id: The repository, e.g. openlm-research/open_llama_3b, meta-llama/Llama-2-7b-hf or
             TinyLlama/TinyLlama-1.1B-Chat-v1.0.
         access_token: A Hugging Face token, needed for gated models such as Meta's Llama 2 (default: the
-            HF_TOKEN environment variable).
-        checkpoint_dir: The folder to download into; the files go to <checkpoint_dir>/<repo_id>.
+            HF_TOKEN environment variable). Never printed, also not by --print_config.
+        out_dir: The folder to download into; the files go to <out_dir>/<repo_id>.
+        checkpoint_dir: Deprecated name of --out_dir.
     """
     from huggingface_hub import HfApi, snapshot_download
 
-    token = access_token or os.getenv("HF_TOKEN")
-    local_dir = Path(checkpoint_dir) / repo_id
+    out_dir = deprecated_flag("out_dir", out_dir, "checkpoint_dir", checkpoint_dir)
+    check_out_dir(out_dir)
+    token = access_token.get_secret_value() if access_token is not None else os.getenv("HF_TOKEN")
+    local_dir = Path(out_dir) / repo_id
     check_hub_resolves(repo_id)
-    with hub_errors(repo_id):
+    with hub_errors(repo_id, token):
         files = HfApi().list_repo_files(repo_id, token=token)
     patterns = download_patterns(repo_id, files)
-    with hub_errors(repo_id):
+    with hub_errors(repo_id, token):
         snapshot_download(repo_id, local_dir=local_dir, allow_patterns=patterns, token=token)
     print(f"Downloaded {repo_id} to {local_dir}")
     print(f"Next: python scripts/convert_hf_checkpoint.py --checkpoint_dir {local_dir}")
@@ -69,8 +76,9 @@ def download_patterns(repo_id: str, files: List[str]) -> List[str]:
 
 
 @contextmanager
-def hub_errors(repo_id: str) -> Iterator[None]:
-    """Turns the hub's exceptions into one line: unreachable, gated, not found or refused."""
+def hub_errors(repo_id: str, token: Optional[str] = None) -> Iterator[None]:
+    """Turns the hub's exceptions into one line: unreachable, gated, not found or refused. The access
+    token never shows, even where the hub's message repeats the request."""
     from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
@@ -84,6 +92,8 @@ def hub_errors(repo_id: str) -> Iterator[None]:
         raise UserError(f"{repo_id} not found on the Hugging Face hub (private? pass --access_token)") from None
     except HfHubHTTPError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if token:
+            reason = reason.replace(token, "**********")
         raise UserError(f"the Hugging Face hub refused to give {repo_id}: {reason}") from None
     except Exception as e:  # noqa: BLE001 - re-raised unless it is a network failure
         if not is_network_error(e):

@@ -1,7 +1,7 @@
 """Merge LoRA weights into the base model: W' = W + (alpha / r) * B A.
 
     python scripts/merge_lora.py --checkpoint_dir checkpoints/lit-llama/7B \
-        --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --output_dir checkpoints/lit-llama/7B-alpaca-lora
+        --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --out_dir checkpoints/lit-llama/7B-alpaca-lora
 
 The output is an ordinary checkpoint folder: generate.py, the finetune scripts and
 convert_lit_checkpoint.py take it like any converted model.
@@ -19,6 +19,7 @@ from lit_llama.lora import load_lora_model
 from lit_llama.utils import (
     UserError,
     check_output_dir,
+    deprecated_flag,
     is_extra_parameter,
     load_state_dict,
     resolve_checkpoint,
@@ -30,34 +31,37 @@ from lit_llama.utils import (
 def main(
     lora_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
     checkpoint_dir: Optional[Path] = Path("checkpoints/lit-llama/7B"),
-    output_dir: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
     pretrained_path: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
     overwrite: bool = False,
+    output_dir: Optional[Path] = None,
 ) -> None:
     """Writes base + LoRA as one checkpoint folder, in the base weights' dtype.
 
     Args:
         lora_path: The LoRA checkpoint written by finetune/lora.py.
         checkpoint_dir: The base model folder the LoRA weights were trained on.
-        output_dir: Where the merged folder goes (default: <checkpoint_dir>-lora).
+        out_dir: Where the merged folder goes (default: <checkpoint_dir>-lora).
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
-        overwrite: Replace an existing merged checkpoint in --output_dir.
+        overwrite: Replace an existing merged checkpoint in --out_dir.
+        output_dir: Deprecated name of --out_dir.
     """
+    out_dir = deprecated_flag("out_dir", out_dir, "output_dir", output_dir)
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    output_dir = Path(output_dir or f"{paths.weights.parent}-lora")
-    if output_dir.resolve() == paths.weights.parent.resolve():
-        raise UserError(f"--output_dir {output_dir} is the base checkpoint's folder: choose another")
-    check_output_dir(output_dir, overwrite)
+    out_dir = Path(out_dir or f"{paths.weights.parent}-lora")
+    if out_dir.resolve() == paths.weights.parent.resolve():
+        raise UserError(f"--out_dir {out_dir} is the base checkpoint's folder: choose another")
+    check_output_dir(out_dir, overwrite)
 
     base_dtype = next(iter(load_state_dict(paths.weights).values())).dtype
     model = load_lora_model(paths, lora_path, torch.device("cpu"), base_dtype, merge=True)
     lora = model.lora_config
 
     merged = {name: t for name, t in model.state_dict().items() if not is_extra_parameter(name)}
-    save_checkpoint_dir(output_dir, merged, paths.config, paths.tokenizer)
-    print(f"Merged {lora_path} (r={lora.r}, alpha={lora.alpha}) into {output_dir} ({base_dtype})")
+    save_checkpoint_dir(out_dir, merged, paths.config, paths.tokenizer)
+    print(f"Merged {lora_path} (r={lora.r}, alpha={lora.alpha}) into {out_dir} ({base_dtype})")
 
 
 if __name__ == "__main__":

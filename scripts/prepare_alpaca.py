@@ -12,31 +12,39 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.data import download_if_missing, load_records, load_tokenizer, prepare_dataset, resolve_test_split_size
-from lit_llama.utils import run_cli
+from lit_llama.data import (
+    check_prepare_flags,
+    download_if_missing,
+    load_records,
+    load_tokenizer,
+    prepare_dataset,
+    resolve_test_split_size,
+)
+from lit_llama.utils import deprecated_flag, run_cli
 
 DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data.json"
-DATA_FILE_NAME = "alpaca_data.json"  # the download's name in --destination_path
+DATA_FILE_NAME = "alpaca_data.json"  # the download's name in --out_dir
 DESTINATION_PATH = Path("data/alpaca")
 TEST_SPLIT_SIZE = 2000
 
 
 def prepare(
     data_file: Optional[Path] = None,
-    destination_path: Path = DESTINATION_PATH,
+    out_dir: Path = DESTINATION_PATH,
     checkpoint_dir: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
     test_split_size: Optional[int] = None,
     max_seq_length: int = 256,
     mask_inputs: bool = True,
     seed: int = 42,
+    destination_path: Optional[Path] = None,
 ) -> None:
     """Tokenizes Alpaca into a train and a test split.
 
     Args:
         data_file: A local Alpaca-format JSON file (a list of {"instruction", "input", "output"}; "input" may
-            be absent). Default: download alpaca_data.json into --destination_path.
-        destination_path: Where to write train.pt, test.pt and prepare_config.json (and alpaca_data.json when
+            be absent). Default: download alpaca_data.json into --out_dir.
+        out_dir: Where to write train.pt, test.pt and prepare_config.json (and alpaca_data.json when
             downloading).
         checkpoint_dir: A converted checkpoint folder; only its tokenizer.model is used.
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer.model itself (instead of --checkpoint_dir).
@@ -46,13 +54,16 @@ def prepare(
             of Alpaca examples whole; the summary prints the lengths and how many were cut.
         mask_inputs: Compute the loss on the response only, not on the instruction and input.
         seed: Random seed of the train/test split (the same seed and file give the same split).
+        destination_path: Deprecated name of --out_dir.
     """
+    out_dir = deprecated_flag("out_dir", out_dir, "destination_path", destination_path)
+    check_prepare_flags(out_dir, data_file, test_split_size, max_seq_length, seed)
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
-    data_file = data_file or download_if_missing(DATA_URL, destination_path / DATA_FILE_NAME)
+    data_file = data_file or download_if_missing(DATA_URL, out_dir / DATA_FILE_NAME)
     records = load_records(data_file)
     test_split_size = resolve_test_split_size(test_split_size, len(records), TEST_SPLIT_SIZE)
     sources = {"data_file": data_file, "tokenizer_path": tokenizer_path}  # recorded in prepare_config.json
-    prepare_dataset(records, tokenizer, destination_path, test_split_size, seed, max_seq_length, mask_inputs, sources)
+    prepare_dataset(records, tokenizer, out_dir, test_split_size, seed, max_seq_length, mask_inputs, sources)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,18 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.data import download_if_missing, load_records, load_tokenizer, prepare_dataset, resolve_test_split_size
-from lit_llama.utils import run_cli
+from lit_llama.data import (
+    check_prepare_flags,
+    download_if_missing,
+    load_records,
+    load_tokenizer,
+    prepare_dataset,
+    resolve_test_split_size,
+)
+from lit_llama.utils import deprecated_flag, run_cli
 
 DATA_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
-DATA_FILE_NAME = "databricks-dolly-15k.jsonl"  # the download's name in --destination_path
+DATA_FILE_NAME = "databricks-dolly-15k.jsonl"  # the download's name in --out_dir
 FIELD_MAP = {"instruction": "instruction", "input": "context", "output": "response"}  # ours -> Dolly's
 DESTINATION_PATH = Path("data/dolly")
 TEST_SPLIT_SIZE = 1000
@@ -25,21 +32,22 @@ TEST_SPLIT_SIZE = 1000
 
 def prepare(
     data_file: Optional[Path] = None,
-    destination_path: Path = DESTINATION_PATH,
+    out_dir: Path = DESTINATION_PATH,
     checkpoint_dir: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
     test_split_size: Optional[int] = None,
     max_seq_length: int = 256,
     mask_inputs: bool = True,
     seed: int = 42,
+    destination_path: Optional[Path] = None,
 ) -> None:
     """Tokenizes Dolly into a train and a test split.
 
     Args:
         data_file: A local Dolly-format JSON Lines file (one {"instruction", "context", "response"} object
             per line; "context" may be empty). Default: download databricks-dolly-15k.jsonl into
-            --destination_path.
-        destination_path: Where to write train.pt, test.pt and prepare_config.json (and
+            --out_dir.
+        out_dir: Where to write train.pt, test.pt and prepare_config.json (and
             databricks-dolly-15k.jsonl when downloading).
         checkpoint_dir: A converted checkpoint folder; only its tokenizer.model is used.
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer.model itself (instead of --checkpoint_dir).
@@ -49,13 +57,16 @@ def prepare(
             closed QA and summarization) can be long: raise it if the summary reports many cut examples.
         mask_inputs: Train on the response tokens only; the prompt, with its context, gets no loss.
         seed: Random seed of the train/test split (the same seed and file give the same split).
+        destination_path: Deprecated name of --out_dir.
     """
+    out_dir = deprecated_flag("out_dir", out_dir, "destination_path", destination_path)
+    check_prepare_flags(out_dir, data_file, test_split_size, max_seq_length, seed)
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
-    data_file = data_file or download_if_missing(DATA_URL, destination_path / DATA_FILE_NAME)
+    data_file = data_file or download_if_missing(DATA_URL, out_dir / DATA_FILE_NAME)
     records = load_records(data_file, FIELD_MAP)
     test_split_size = resolve_test_split_size(test_split_size, len(records), TEST_SPLIT_SIZE)
     sources = {"data_file": data_file, "tokenizer_path": tokenizer_path}  # recorded in prepare_config.json
-    prepare_dataset(records, tokenizer, destination_path, test_split_size, seed, max_seq_length, mask_inputs, sources)
+    prepare_dataset(records, tokenizer, out_dir, test_split_size, seed, max_seq_length, mask_inputs, sources)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ def data_dir(tmp_path_factory, tiny_checkpoint_dir) -> Path:
 
 
 def read_metrics(out_dir: Path):
-    (metrics_file,) = sorted(out_dir.glob("logs/version_*/metrics.csv"))[-1:]
-    with open(metrics_file) as f:
+    with open(out_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -130,7 +129,7 @@ def test_bad_adapter_settings(tiny_checkpoint_dir, data_dir, tmp_path):
     finetune = load_script("finetune/adapter.py")
     args = dict(checkpoint_dir=tiny_checkpoint_dir, data_dir=data_dir, out_dir=tmp_path / "o")
     with pytest.raises(UserError, match=r"^--adapter_start_layer must be in \[0, n_layer=2\), got 2$"):
-        finetune.setup(**args)  # the default start layer 2: tiny has only layers 0 and 1
+        finetune.setup(**args, adapter_start_layer=2)  # tiny has only layers 0 and 1
     with pytest.raises(UserError, match=r"^--adapter_version must be 1 or 2, got 3$"):
         finetune.setup(**args, adapter_start_layer=1, adapter_version=3)
     with pytest.raises(UserError, match=r"^--adapter_prompt_length must be at least 1, got 0$"):

@@ -13,7 +13,6 @@ def test_compare_writes_table_and_plot(tiny_checkpoint_dir, tmp_path):
     out = tmp_path / "compare"
     args = ["--checkpoint_dir", tiny_checkpoint_dir, "--data_dir", tmp_path / "data", "--out_dir", out,
             "--max_iters", 8, "--batch_size", 8, "--micro_batch_size", 4, "--eval_iters", 1, "--precision", "32-true",
-            "--method_args", json.dumps({"adapter": "--adapter_start_layer 1", "adapter_v2": "--adapter_start_layer 1"}),
             "--prompts", '["Add 1 and 2.", "Add 3 and 3."]', "--max_new_tokens", 5]
     proc = run_script("scripts/compare.py", *args)
 

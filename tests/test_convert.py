@@ -270,10 +270,11 @@ def test_convert_other_scripts_bad_input(tmp_path, hf_dirs, converted):
 
 def test_download_offline(tmp_path, monkeypatch):
     # never touch the real network: offline mode, and an endpoint where nothing listens should it be ignored
+    # (a subprocess: huggingface_hub reads both when it is imported)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    proc = run_script("scripts/download.py", "--repo_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--checkpoint_dir",
-                      tmp_path, check=False, timeout=120)
+    proc = run_script("scripts/download.py", "--repo_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--out_dir",
+                      tmp_path, check=False, timeout=120, isolated=True)
     assert_clean_error(proc, "could not reach the Hugging Face hub", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
                        "network access")
     assert not any(tmp_path.iterdir())

@@ -238,3 +238,47 @@ def test_demo_dataset_is_valid():
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj))
     return path
+
+
+# --- properties of record parsing (hypothesis): any file gives records or one UserError, never a crash ------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)  # no lone surrogates: not UTF-8
+record = st.fixed_dictionaries(
+    {"instruction": text.filter(str.strip), "output": text.filter(str.strip)}, optional={"input": text}
+)
+json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+                          max_leaves=12)
+# tmp_path is shared by a test's examples: each one writes its own file over the last one's
+PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
+                             suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY_SETTINGS
+@given(records=st.lists(record, min_size=1, max_size=8), lines=st.booleans())
+def test_valid_records_round_trip(records, lines, tmp_path):
+    """Records written as a JSON list or as JSON Lines read back as they were (input "" when absent)."""
+    path = tmp_path / ("d.jsonl" if lines else "d.json")
+    path.write_text("\n".join(json.dumps(r) for r in records) if lines else json.dumps(records), encoding="utf-8")
+    assert load_records(path) == [{"input": "", **r} for r in records]
+
+
+@PROPERTY_SETTINGS
+@given(content=st.binary(max_size=200) | json_value.map(lambda v: json.dumps(v).encode()), suffix=st.sampled_from(
+    [".json", ".jsonl"]))
+def test_any_file_gives_records_or_one_user_error(content, suffix, tmp_path):
+    """Whatever bytes a data file holds, load_records returns checked records or raises a UserError naming the
+    file: never another exception, never a record with a missing or non-string field."""
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(content)
+    try:
+        records = load_records(path)
+    except UserError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    for r in records:
+        assert set(r) == {"instruction", "input", "output"} and all(isinstance(v, str) for v in r.values())
+        assert r["instruction"].strip() and r["output"].strip()

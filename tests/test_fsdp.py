@@ -76,15 +76,15 @@ def two_process_fsdp(base, tmp_path_factory):
     runs = {}
     for method, (script, _, _) in METHODS.items():
         out_dir = tmp_path_factory.mktemp(f"{method}-fsdp") / "out"
-        run_script(script, *flags(**common_args(base, method, out_dir), **TWO_PROCESSES, strategy="fsdp"))
+        run_script(script, *flags(**common_args(base, method, out_dir), **TWO_PROCESSES, strategy="fsdp"),
+                   isolated=True)
         runs[method] = out_dir
     return runs
 
 
 def metrics(out_dir):
-    """Train loss per iteration and the validation losses, from the CSV of the run's latest (or only) part."""
-    path = max(out_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    with open(path) as f:
+    """Train loss per iteration and the validation losses, from the run's CSV (one file over resumed parts)."""
+    with open(out_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     train = {int(row["iter"]): float(row["train_loss"]) for row in rows if row.get("train_loss")}
     val = [float(row["val_loss"]) for row in rows if row.get("val_loss")]
@@ -132,7 +132,7 @@ def test_two_fsdp_processes_train_like_one(method, one_process, two_process_fsdp
 def test_two_ddp_processes_train_like_one(method, base, one_process, tmp_path):
     script, final, _ = METHODS[method]
     out_dir = tmp_path / "out"
-    run_script(script, *flags(**common_args(base, method, out_dir), **TWO_PROCESSES, strategy="ddp"))
+    run_script(script, *flags(**common_args(base, method, out_dir), **TWO_PROCESSES, strategy="ddp"), isolated=True)
     assert_same_training(one_process[method], out_dir)
     weights_one, _ = tensors(one_process[method] / final)
     for name, tensor in tensors(out_dir / final)[0].items():
@@ -162,7 +162,7 @@ def test_interrupted_fsdp_run_resumes_where_it_stopped(method, base, two_process
     run_interrupted(script, args, at_iteration=2)  # after the checkpoint of step 2, before step 3
     assert not (out_dir / final).exists() and (out_dir / "resume.pth").exists()
 
-    proc = run_script(script, *args, "--resume", "true")
+    proc = run_script(script, *args, "--resume", "true", isolated=True)
     assert "Resuming from iteration 2 (step 2)" in proc.stdout
     uninterrupted = two_process_fsdp[method]
     assert metrics(out_dir)[1][-1] == metrics(uninterrupted)[1][-1]  # the final validation loss

@@ -1,13 +1,17 @@
 """finetune/full.py and generate/full.py end to end on CPU, with a tiny model: one process, resuming, and bad
 input. Several processes (FSDP and DDP) are in test_fsdp.py."""
 
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_checkpoint_dir, run_script
+from conftest import (
+    assert_clean_error,
+    interrupt_at_iteration,
+    load_script,
+    make_checkpoint_dir,
+    run_script,
+)
 
 from lit_llama.data import prepare_dataset
 from lit_llama.tokenizer import Tokenizer
@@ -92,18 +96,7 @@ def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsy
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
-def run_in_process(script: str, *args, capsys, monkeypatch) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` through the script's own `run_cli`, without starting another Python (which would
-    import Lightning again): for errors raised before any work starts."""
-    module = load_script(script)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        module.run_cli(module.setup)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess([script, *args], exit_info.value.code, out, err)
-
-
-def test_bad_input(base, trained, tmp_path, capsys, monkeypatch):
+def test_bad_input(base, trained, tmp_path):
     checkpoint_dir, data_dir = base
     # a finetuned checkpoint with a weight missing
     state_dict = torch.load(trained / FINAL)
@@ -115,21 +108,16 @@ def test_bad_input(base, trained, tmp_path, capsys, monkeypatch):
     assert_clean_error(proc, "broken.pth", "'transformer.h.1.mlp.c_fc2.weight'")
 
     common = ["--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir, "--out_dir", tmp_path / "out"]
-    proc = run_in_process("finetune/full.py", *common, "--devices", 999, capsys=capsys, monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--devices", 999, check=False)
     assert_clean_error(proc, "--devices 999")
-    proc = run_in_process("finetune/full.py", *common, "--state_dict_type", "consolidated", capsys=capsys,
-                          monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--state_dict_type", "consolidated", check=False)
     assert_clean_error(proc, "--state_dict_type 'consolidated'")
-    proc = run_in_process("finetune/full.py", *common, "--state_dict_type", "sharded", capsys=capsys,
-                          monkeypatch=monkeypatch)  # one device, no FSDP
+    proc = run_script("finetune/full.py", *common, "--state_dict_type", "sharded", check=False)  # no FSDP
     assert_clean_error(proc, "--state_dict_type sharded needs FSDP")
-    proc = run_in_process("finetune/full.py", *common, "--strategy", "deepspeed", capsys=capsys,
-                          monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--strategy", "deepspeed", check=False)
     assert_clean_error(proc, "--strategy 'deepspeed' is not one of auto, ddp, fsdp")
-    proc = run_in_process("finetune/full.py", *common, "--cpu_offload", "true", capsys=capsys,
-                          monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--cpu_offload", "true", check=False)
     assert_clean_error(proc, "--cpu_offload needs FSDP")
-    proc = run_in_process("finetune/full.py", *common, "--strategy", "fsdp", "--precision", "16-mixed",
-                          capsys=capsys, monkeypatch=monkeypatch)
+    proc = run_script("finetune/full.py", *common, "--strategy", "fsdp", "--precision", "16-mixed", check=False)
     assert_clean_error(proc, "--precision 16-mixed does not work with FSDP")
     assert not (tmp_path / "out").exists()

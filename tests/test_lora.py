@@ -156,8 +156,7 @@ FAST = ["--precision", "32-true", "--batch_size", 8, "--micro_batch_size", 4, "-
 
 
 def read_metrics(out_dir: Path):
-    (metrics_file,) = sorted(out_dir.glob("logs/version_*/metrics.csv"))[-1:]
-    with open(metrics_file) as f:
+    with open(out_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 

@@ -151,7 +151,7 @@ def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, c
     (["--lora", "other=missing.pth"], "missing.pth does not exist"),
     (["--requests", "BAD_JSON"], "line 2 is not valid JSON"),
     (["--requests", "UNKNOWN_ADAPTER"], "line 1: unknown adapter 'other'"),
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--batch_size", "0"], "--batch_size must be in [1, inf], got 0"),
 ])
 def test_generate_multi_lora_bad_input(tiny_checkpoint_dir, lora_files, tmp_path, args, message, capsys,
                                        monkeypatch):

@@ -75,8 +75,7 @@ def base(tmp_path_factory):
 def summary(out_dir):
     import csv
 
-    (metrics,) = out_dir.glob("logs/version_*/metrics.csv")
-    with open(metrics) as f:
+    with open(out_dir / "metrics.csv") as f:
         return [float(row["val_loss"]) for row in csv.DictReader(f) if row["val_loss"]]
 
 

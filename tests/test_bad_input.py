@@ -1,0 +1,495 @@
+"""What a new user's mistakes and an attacker's files get, script family by script family: for every case a
+non-zero exit, exactly one `error:` line naming the culprit, no traceback, and every file the user had
+unchanged. Files that would run code when unpickled must not (the marker file they would create stays absent).
+
+The scripts run in-process (conftest's `run_script`: as `__main__`, without another Python start), so that a
+case costs milliseconds.
+"""
+
+import fcntl
+import hashlib
+import json
+import pathlib
+import pickle
+import shutil
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple
+
+import pytest
+import torch
+from conftest import assert_clean_error, load_script, make_checkpoint_dir, run_script, tiny_corpus
+
+from lit_llama.adapter import AdapterLLaMA, adapter_state_dict
+from lit_llama.data import prepare_dataset
+from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict
+from lit_llama.model import Config
+from lit_llama.tokenizer import Tokenizer, train_from_texts
+
+MARKER = "pwned"  # what an unpickled malicious file would create in the world folder
+
+
+class Evil:
+    """Unpickling this creates a file: stands for any code a crafted checkpoint could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+class World(NamedTuple):
+    root: Path
+    ckpt: Path  # the tiny base checkpoint folder
+    data: Path  # data prepared with its tokenizer
+    lora_run: Path  # a finished 4-iteration LoRA run (run.json, resume.pth, checkpoints, metrics.csv)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+
+def records(n: int = 24) -> List[Dict[str, str]]:
+    return [{"instruction": f"Add {i % 5} and {i // 5}.", "input": "", "output": str(i % 5 + i // 5)} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("bad_input")
+    ckpt = make_checkpoint_dir(root / "ckpt")
+    config = Config.from_json(ckpt / "lit_config.json")
+    prepare_dataset(records(), Tokenizer(ckpt / "tokenizer.model"), root / "data", 4, 42, 128)
+
+    # another tokenizer of the same vocabulary size, and data prepared with it
+    train_from_texts(tiny_corpus(seed=1)[::-1], root / "other_tokenizer", vocab_size=config.vocab_size)
+    prepare_dataset(records(), Tokenizer(root / "other_tokenizer" / "tokenizer.model"), root / "data_other_tok", 4,
+                    42, 128)
+    shutil.copytree(root / "data", root / "data_bitflip")
+    flip_a_bit(root / "data_bitflip" / "train.pt")
+    # a checkpoint of another shape (grouped-query attention) for --resume
+    make_checkpoint_dir(root / "ckpt_gqa", "tiny-gqa")
+
+    # broken copies of the base checkpoint: each differs from ckpt in one file
+    def broken(name: str, file: str, write: Callable[[Path], None]) -> None:
+        shutil.copytree(ckpt, root / name)
+        write(root / name / file)
+
+    state = torch.load(ckpt / "lit-llama.pth")
+    nan_state = {k: v.clone() for k, v in state.items()}
+    nan_state["transformer.h.0.mlp.c_fc1.weight"][0, 0] = float("nan")
+    broken("ckpt_nan", "lit-llama.pth", lambda p: torch.save(nan_state, p))
+    broken("ckpt_truncated", "lit-llama.pth", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))
+    broken("ckpt_evil", "lit-llama.pth", lambda p: torch.save(Evil(root / MARKER), p))
+    broken("ckpt_bitflip", "lit-llama.pth", flip_a_bit)
+    broken("ckpt_bad_tokenizer", "tokenizer.model", lambda p: p.write_bytes(b"\x00garbage" * 100))
+    broken("ckpt_config_json", "lit_config.json", lambda p: p.write_text("{n_layer: 2"))
+    for name, field, value in [("type", "n_layer", "2"), ("field", "n_layers", 2), ("float", "n_embd", 64.5)]:
+        broken(f"ckpt_config_{name}", "lit_config.json",
+               lambda p: p.write_text(json.dumps({**asdict(config), field: value})))
+
+    # LoRA and adapter files
+    lora_model = LoRALLaMA(config, lora=LoRAConfig())
+    torch.save(lora_state_dict(lora_model), root / "lora.pth")
+    lora_nan = lora_state_dict(lora_model)
+    next(iter(lora_nan["state_dict"].values()))[0, 0] = float("inf")
+    torch.save(lora_nan, root / "lora_inf.pth")
+    torch.save(Evil(root / MARKER), root / "evil.pth")
+    torch.save(adapter_state_dict(AdapterLLaMA(config, adapter_start_layer=1)), root / "adapter.pth")
+
+    # an FSDP sharded checkpoint folder whose metadata is a malicious pickle
+    (root / "sharded_evil").mkdir()
+    (root / "sharded_evil" / ".metadata").write_bytes(pickle.dumps(Evil(root / MARKER)))
+    shutil.copy(ckpt / "lit_config.json", root / "sharded_evil" / "lit_config.json")
+    shutil.copy(ckpt / "tokenizer.model", root / "sharded_evil" / "tokenizer.model")
+
+    # data files for the prepare scripts
+    (root / "good.json").write_text(json.dumps(records()))
+    (root / "not_json.json").write_text("[{'instruction': 'single quotes'}]")
+    (root / "not_list.json").write_text(json.dumps({"instruction": "a", "output": "b"}))
+    (root / "missing_output.json").write_text(json.dumps([{"instruction": "a", "input": ""}]))
+    (root / "number_output.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": 3}]))
+    (root / "empty_list.json").write_text("[]")
+    (root / "latin1.json").write_bytes('[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1"))
+    (root / "empty_instruction.json").write_text(json.dumps([{"instruction": " ", "output": "b"}]))
+    (root / "bad_line.jsonl").write_text('{"instruction": "a", "context": "", "response": "b"}\n{"instruction": \n')
+    (root / "a_file").write_text("not a folder")
+    (root / "tiny_data.json").write_text(json.dumps(records(3)))
+
+    # a real LoRA run to resume: 4 iterations of 2 examples, a checkpoint after every optimizer step
+    finetune = load_script("finetune/lora.py")
+    finetune.setup(checkpoint_dir=ckpt, data_dir=root / "data", out_dir=root / "lora_run", precision="32-true",
+                   batch_size=2, micro_batch_size=2, max_iters=4, eval_interval=0, eval_iters=1, save_interval=2,
+                   warmup_iters=1)
+    for name, change in [("lora_run_evil", lambda p: torch.save(Evil(root / MARKER), p)),
+                         ("lora_run_bitflip", flip_a_bit),
+                         ("lora_run_nan", lambda p: torch.save(nan_resume(p), p)),
+                         ("lora_run_truncated", lambda p: p.write_bytes(p.read_bytes()[:1000]))]:
+        shutil.copytree(root / "lora_run", root / name)
+        change(root / name / "resume.pth")
+    shutil.copytree(root / "lora_run", root / "lora_run_locked")
+    return World(root, ckpt, root / "data", root / "lora_run")
+
+
+def flip_a_bit(path: Path) -> None:
+    """One flipped mantissa bit in the first tensor's bytes: a finite value, caught only by the checksum."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(path.read_bytes())
+    data[record.header_offset + 30 + len(record.filename) + len(record.extra) + 64] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def nan_resume(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)
+    next(iter(state["model"].values())).fill_(float("nan"))
+    return state
+
+
+def snapshot(root: Path) -> Dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "run.lock"}
+
+
+def check_case(world: World, script: str, args: List, fragments: List[str]) -> None:
+    before = snapshot(world.root)
+    proc = run_script(script, *[a(world) if callable(a) else a for a in args], check=False)
+    assert_clean_error(proc, *fragments)
+    after = snapshot(world.root)
+    changed = [name for name, digest in before.items() if after.get(name) != digest]
+    assert not changed, f"{script} changed the user's files: {changed}"
+    assert not (world.root / MARKER).exists(), "a file ran code when it was loaded"
+
+
+class w:
+    """A path in the world folder, resolved when the case runs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, world: World) -> Path:
+        return world / self.name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def case_id(case) -> str:
+    return f"{case[0]}:{' '.join(map(repr, case[1][-4:]))}"[:70]
+
+
+# --- finetune/lora.py, finetune/adapter.py, finetune/full.py ----------------------------------------------
+
+BASE = ["--checkpoint_dir", w("ckpt"), "--data_dir", w("data"), "--precision", "32-true", "--max_iters", 4,
+        "--batch_size", 2, "--micro_batch_size", 2, "--eval_iters", 1]
+NEW = ["--out_dir", w("new_out")]  # a folder no case may leave behind a checkpoint in
+
+FINETUNE_CASES = [
+    # (script, extra flags, fragments the error line must name)
+    ("lora", ["--micro_batch_size", 0], ["--micro_batch_size", "got 0"]),
+    ("lora", ["--micro_batch_size", -1], ["--micro_batch_size"]),
+    ("lora", ["--batch_size", 0], ["--batch_size"]),
+    ("lora", ["--batch_size", 2, "--micro_batch_size", 4], ["--micro_batch_size 4 is larger than --batch_size 2"]),
+    ("lora", ["--batch_size", 3], ["--batch_size 3 must be a multiple"]),
+    ("lora", ["--max_seq_length", 0], ["--max_seq_length"]),
+    ("lora", ["--max_seq_length", 100000], ["--max_seq_length 100000 is longer than the model's context"]),
+    ("lora", ["--block_size", 1], ["--max_seq_length"]),  # the deprecated name
+    ("lora", ["--eval_iters", 0], ["--eval_iters"]),
+    ("lora", ["--eval_interval", -1], ["--eval_interval"]),
+    ("lora", ["--save_interval", -5], ["--save_interval"]),
+    ("lora", ["--log_interval", 0], ["--log_interval"]),
+    ("lora", ["--warmup_iters", -1], ["--warmup_iters"]),
+    ("lora", ["--learning_rate", 0], ["--learning_rate"]),
+    ("lora", ["--learning_rate", -0.1], ["--learning_rate"]),
+    ("lora", ["--learning_rate", 50], ["--learning_rate must be in (0, 1]"]),
+    ("lora", ["--learning_rate", "nan"], ["learning_rate"]),  # refused by jsonargparse, in its words
+    ("lora", ["--learning_rate", "inf"], ["learning_rate"]),
+    ("lora", ["--learning_rate", "fast"], ["learning_rate"]),  # not a number: jsonargparse's own line
+    ("lora", ["--weight_decay", -1], ["--weight_decay"]),
+    ("lora", ["--epochs", 0], ["--epochs"]),
+    ("lora", ["--max_iters", 0], ["--max_iters"]),
+    ("lora", ["--max_iters", 1, "--batch_size", 4], ["--max_iters 1 is fewer than one optimizer step"]),
+    ("lora", ["--devices", 0], ["--devices"]),
+    ("lora", ["--devices", 999], ["--devices 999"]),
+    ("lora", ["--num_nodes", 0], ["--num_nodes"]),
+    ("lora", ["--seed", -1], ["--seed"]),
+    ("lora", ["--precision", "64-true"], ["--precision '64-true'"]),
+    ("lora", ["--strategy", "deepspeed"], ["--strategy 'deepspeed'"]),
+    ("lora", ["--cpu_offload", "true"], ["--cpu_offload needs FSDP"]),
+    ("lora", ["--lora_r", 0], ["--lora_r"]),
+    ("lora", ["--lora_alpha", 0], ["--lora_alpha"]),
+    ("lora", ["--lora_dropout", 1.5], ["--lora_dropout"]),
+    ("lora", ["--lora_query", "false", "--lora_value", "false"], ["--lora_query"]),
+    ("lora", ["--unknown_flag", 1], ["unknown_flag"]),
+    ("adapter", ["--adapter_version", 3], ["--adapter_version"]),
+    ("adapter", ["--adapter_prompt_length", 0], ["--adapter_prompt_length"]),
+    ("adapter", ["--adapter_start_layer", 5], ["--adapter_start_layer", "n_layer=2"]),
+    ("adapter", ["--adapter_start_layer", -1], ["--adapter_start_layer"]),
+    ("full", ["--state_dict_type", "consolidated"], ["--state_dict_type 'consolidated'"]),
+    ("full", ["--state_dict_type", "sharded"], ["--state_dict_type sharded needs FSDP"]),
+    ("full", ["--strategy", "fsdp", "--precision", "16-mixed"], ["--precision 16-mixed does not work with FSDP"]),
+    # folders and files
+    ("lora", ["--out_dir", w("a_file")], ["--out_dir", "a_file is a file"]),
+    ("lora", ["--out_dir", w("a_file/sub")], ["--out_dir", "is a file, not a folder"]),
+    ("lora", ["--checkpoint_dir", w("missing")], ["--checkpoint_dir", "missing"]),
+    ("lora", ["--checkpoint_dir", w("data")], ["has no lit-llama.pth"]),
+    ("lora", ["--data_dir", w("missing")], ["data directory", "missing"]),
+    ("lora", ["--data_dir", w("ckpt")], ["train.pt not found"]),
+    ("full", ["--data_dir", w("data_other_tok")], ["data_other_tok was prepared with another tokenizer"]),
+    ("adapter", ["--data_dir", w("data_bitflip")], ["data_bitflip/train.pt is corrupted", "checksum"]),
+    ("lora", ["--checkpoint_dir", w("ckpt_bad_tokenizer")], ["tokenizer.model is not a SentencePiece tokenizer"]),
+    ("lora", ["--checkpoint_dir", w("ckpt_config_type")], ["lit_config.json", "'n_layer'", "expected an integer"]),
+    ("adapter", ["--checkpoint_dir", w("ckpt_config_json")], ["lit_config.json", "not valid JSON"]),
+    ("full", ["--checkpoint_dir", w("ckpt_config_field")], ["lit_config.json", "unknown field 'n_layers'"]),
+    ("lora", ["--checkpoint_dir", w("ckpt_config_float")], ["lit_config.json", "'n_embd'"]),
+    ("full", ["--checkpoint_dir", w("ckpt_nan")], ["ckpt_nan/lit-llama.pth is corrupted", "NaN"]),
+    ("lora", ["--checkpoint_dir", w("ckpt_truncated")], ["lit-llama.pth is not a readable PyTorch checkpoint"]),
+    ("adapter", ["--checkpoint_dir", w("ckpt_evil")], ["ckpt_evil/lit-llama.pth is not a readable"]),
+    # run folders: another run's, an interrupted one, a busy one, crafted resume states
+    ("lora", ["--out_dir", w("lora_run")], ["already holds checkpoints", "--resume"]),
+    ("lora", ["--out_dir", w("data"), "--resume", "true"], ["--resume", "holds no run to continue"]),
+    ("adapter", ["--out_dir", w("lora_run"), "--resume", "true"], ["holds a run of finetune/lora.py"]),
+    ("full", ["--out_dir", w("lora_run"), "--resume", "true"], ["holds a run of finetune/lora.py"]),
+    ("lora", ["--out_dir", w("lora_run"), "--resume", "true", "--lora_r", 4], ["--resume", "lora r=8", "r=4"]),
+    ("lora", ["--out_dir", w("lora_run"), "--resume", "true", "--checkpoint_dir", w("ckpt_gqa")],
+     ["--resume", "n_query_groups=4", "n_query_groups=2"]),
+    ("lora", ["--out_dir", w("lora_run_evil"), "--resume", "true"], ["lora_run_evil/resume.pth is not a resume state"]),
+    ("lora", ["--out_dir", w("lora_run_nan"), "--resume", "true"], ["lora_run_nan/resume.pth is corrupted"]),
+    ("lora", ["--out_dir", w("lora_run_bitflip"), "--resume", "true"], ["resume.pth is corrupted", "checksum"]),
+    ("full", ["--checkpoint_dir", w("ckpt_bitflip")], ["ckpt_bitflip/lit-llama.pth is corrupted", "checksum"]),
+    ("lora", ["--out_dir", w("lora_run_truncated"), "--resume", "true"], ["resume.pth is not a resume state"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", FINETUNE_CASES,
+                         ids=[f"{c[0]}:{' '.join(map(str, c[1]))[:60]}" for c in FINETUNE_CASES])
+def test_finetune(world, script, flags, fragments):
+    out = [] if "--out_dir" in flags else NEW
+    check_case(world, f"finetune/{script}.py", BASE + out + flags, fragments)
+    assert not any((world / "new_out").glob("*.pth"))
+
+
+def test_finetune_lock(world):
+    """A second run on a folder that a running one holds stops at once, saying so."""
+    with open(world / "lora_run_locked" / "run.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        check_case(world, "finetune/lora.py", BASE + ["--out_dir", w("lora_run_locked"), "--resume", "true"],
+                   ["lora_run_locked is in use by another run"])
+
+
+# --- generate.py, generate/lora.py, generate/adapter.py, generate/full.py ---------------------------------
+
+LORA = ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth")]
+ADAPTER = ["--checkpoint_dir", w("ckpt"), "--adapter_path", w("adapter.pth")]
+GENERATE_CASES = [
+    ("generate.py", ["--num_samples", 0], ["--num_samples"]),
+    ("generate.py", ["--num_samples", -3], ["--num_samples"]),
+    ("generate.py", ["--max_new_tokens", 0], ["--max_new_tokens"]),
+    ("generate.py", ["--max_new_tokens", 100000], ["--max_new_tokens 100000 is more than the model's context"]),
+    ("generate.py", ["--temperature", -1], ["--temperature"]),
+    ("generate.py", ["--temperature", "nan"], ["temperature"]),
+    ("generate.py", ["--temperature", 1000], ["--temperature"]),
+    ("generate.py", ["--top_k", 0], ["--top_k"]),
+    ("generate.py", ["--top_k", -5], ["--top_k"]),
+    ("generate.py", ["--top_k", "many"], ["top_k"]),
+    ("generate.py", ["--seed", -1], ["--seed"]),
+    ("generate.py", ["--prompt", "water " * 300], ["--prompt is", "the model's context is 256"]),
+    ("generate.py", ["--precision", "int4"], ["--precision 'int4'"]),
+    ("generate.py", ["--checkpoint_dir", w("missing")], ["--checkpoint_dir", "missing"]),
+    ("generate.py", ["--checkpoint_path", w("missing.pth")], ["--checkpoint_path", "missing.pth"]),
+    ("generate.py", ["--tokenizer_path", w("ckpt_bad_tokenizer/tokenizer.model")], ["is not a SentencePiece"]),
+    ("generate.py", ["--checkpoint_dir", w("ckpt_nan")], ["lit-llama.pth is corrupted"]),
+    ("generate.py", ["--checkpoint_dir", w("ckpt_bitflip")], ["lit-llama.pth is corrupted", "checksum"]),
+    ("generate.py", ["--checkpoint_dir", w("ckpt_evil")], ["lit-llama.pth is not a readable PyTorch checkpoint"]),
+    ("generate.py", ["--checkpoint_dir", w("ckpt_config_type")], ["'n_layer'"]),
+    ("generate.py", ["--bogus", 1], ["bogus"]),
+    ("generate/lora.py", LORA + ["--num_samples", 0], ["--num_samples"]),
+    ("generate/lora.py", LORA + ["--temperature", -0.5], ["--temperature"]),
+    ("generate/lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("missing.pth")], ["missing.pth"]),
+    ("generate/lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora_inf.pth")],
+     ["lora_inf.pth is corrupted"]),
+    ("generate/lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("evil.pth")], ["evil.pth is not a readable"]),
+    ("generate/lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("adapter.pth")], ["adapter.pth"]),
+    ("generate/lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("ckpt/lit-llama.pth")], ["lit-llama.pth"]),
+    ("generate/lora.py", LORA + ["--prompt", "sleep " * 300], ["--prompt is"]),
+    ("generate/adapter.py", ADAPTER + ["--top_k", 0], ["--top_k"]),
+    ("generate/adapter.py", ADAPTER + ["--max_new_tokens", -1], ["--max_new_tokens"]),
+    ("generate/adapter.py", ["--checkpoint_dir", w("ckpt"), "--adapter_path", w("lora.pth")], ["lora.pth"]),
+    ("generate/adapter.py", ["--checkpoint_dir", w("ckpt"), "--adapter_path", w("evil.pth")], ["evil.pth"]),
+    ("generate/full.py", ["--checkpoint_path", w("ckpt/lit-llama.pth"), "--seed", -2], ["--seed"]),
+    ("generate/full.py", ["--checkpoint_path", w("missing.pth")], ["missing.pth"]),
+    ("generate/full.py", ["--checkpoint_path", w("sharded_evil"), "--checkpoint_dir", w("ckpt")],
+     ["sharded_evil is not a sharded checkpoint", "could run code"]),
+    ("generate/full.py", ["--checkpoint_path", w("ckpt_evil/lit-llama.pth")], ["is not a readable"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", GENERATE_CASES,
+                         ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[:50]}" for c in GENERATE_CASES])
+def test_generate(world, script, flags, fragments):
+    if script == "generate.py" and "--checkpoint_dir" not in flags and "--checkpoint_path" not in flags:
+        flags = ["--checkpoint_dir", w("ckpt")] + flags
+    check_case(world, script, flags, fragments)
+
+
+# --- scripts/prepare_alpaca.py, scripts/prepare_dolly.py -------------------------------------------------
+
+PREPARE = ["--checkpoint_dir", w("ckpt"), "--out_dir", w("prepared")]
+PREPARE_CASES = [
+    ("alpaca", ["--data_file", w("missing.json")], ["--data_file", "missing.json"]),
+    ("alpaca", ["--data_file", w("not_json.json")], ["not_json.json is not valid JSON"]),
+    ("alpaca", ["--data_file", w("not_list.json")], ["not_list.json"]),
+    ("alpaca", ["--data_file", w("missing_output.json")], ["record 0", "'output' is missing"]),
+    ("alpaca", ["--data_file", w("number_output.json")], ["record 0", "'output' is a number"]),
+    ("alpaca", ["--data_file", w("empty_list.json")], ["empty_list.json holds no records"]),
+    ("alpaca", ["--data_file", w("latin1.json")], ["latin1.json is not UTF-8"]),
+    ("alpaca", ["--data_file", w("empty_instruction.json")], ["'instruction' is empty"]),
+    ("alpaca", ["--data_file", w("good.json"), "--max_seq_length", 0], ["--max_seq_length"]),
+    ("alpaca", ["--data_file", w("good.json"), "--max_seq_length", 1], ["--max_seq_length"]),
+    ("alpaca", ["--data_file", w("good.json"), "--max_seq_length", 10], ["--max_seq_length 10"]),
+    ("alpaca", ["--data_file", w("good.json"), "--test_split_size", 0], ["--test_split_size"]),
+    ("alpaca", ["--data_file", w("good.json"), "--test_split_size", 500], ["--test_split_size 500"]),
+    ("alpaca", ["--data_file", w("good.json"), "--seed", -1], ["--seed"]),
+    ("alpaca", ["--data_file", w("good.json"), "--out_dir", w("a_file")], ["--out_dir", "is a file"]),
+    ("alpaca", ["--data_file", w("good.json"), "--tokenizer_path", w("ckpt_bad_tokenizer/tokenizer.model")],
+     ["is not a SentencePiece tokenizer"]),
+    ("alpaca", ["--data_file", w("good.json"), "--checkpoint_dir", w("missing")], ["--checkpoint_dir", "missing"]),
+    ("alpaca", ["--data_file", w("good.json"), "--tokenizer_path", w("missing.model")], ["missing.model"]),
+    ("dolly", ["--data_file", w("bad_line.jsonl")], ["bad_line.jsonl", "record 1 (line 2) is not valid JSON"]),
+    ("dolly", ["--data_file", w("good.json")], ["'response' is missing"]),
+    ("alpaca", ["--data_file", w("tiny_data.json"), "--test_split_size", 3], ["--test_split_size 3"]),
+    ("dolly", ["--data_file", w("good.json"), "--out_dir", w("a_file/x")],
+     ["--out_dir", "not a folder"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", PREPARE_CASES,
+                         ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[:50]}" for c in PREPARE_CASES])
+def test_prepare(world, script, flags, fragments):
+    check_case(world, f"scripts/prepare_{script}.py", PREPARE + flags, fragments)
+    assert not (world / "prepared").exists()
+
+
+# --- scripts/convert_hf_checkpoint.py, convert_checkpoint.py, convert_lit_checkpoint.py, merge_lora.py ----
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(world) -> Path:
+    """Hugging Face style folders, each wrong in one way."""
+    base = world / "hf"
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176}
+    for name in ("no_config", "gpt2", "bad_json", "no_weights", "evil_bin", "garbage_safetensors", "str_size",
+                 "negative_layers"):
+        (base / name).mkdir(parents=True)
+        shutil.copy(world.ckpt / "tokenizer.model", base / name / "tokenizer.model")
+        (base / name / "config.json").write_text(json.dumps(config))
+    (base / "no_config" / "config.json").unlink()
+    (base / "gpt2" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": []}))
+    (base / "bad_json" / "config.json").write_text("{")
+    (base / "str_size" / "config.json").write_text(json.dumps({**config, "hidden_size": "64"}))
+    (base / "negative_layers" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -2}))
+    torch.save(Evil(world / MARKER), base / "evil_bin" / "pytorch_model.bin")
+    (base / "garbage_safetensors" / "model.safetensors").write_bytes(b"\xff" * 64)
+    (world / "meta" / "no_params").mkdir(parents=True)
+    (world / "meta" / "evil").mkdir(parents=True)
+    (world / "meta" / "evil" / "params.json").write_text(json.dumps(
+        {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 512, "norm_eps": 1e-5, "multiple_of": 16}))
+    shutil.copy(world.ckpt / "tokenizer.model", world / "meta" / "evil" / "tokenizer.model")
+    torch.save(Evil(world / MARKER), world / "meta" / "evil" / "consolidated.00.pth")
+    (world / "meta" / "bad_params").mkdir(parents=True)
+    (world / "meta" / "bad_params" / "params.json").write_text('{"dim": "sixty-four"}')
+    return base
+
+
+def h(name: str) -> w:
+    return w(f"hf/{name}")
+
+
+CONVERT_CASES = [
+    ("convert_hf_checkpoint", ["--checkpoint_dir", w("missing")], ["--checkpoint_dir", "missing"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("no_config")], ["config.json"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("gpt2")], ["not a LLaMA-architecture model"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("bad_json")], ["config.json"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("no_weights")], ["has no weights"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("str_size")], ["config.json", "'hidden_size' is '64'"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("negative_layers")], ["'num_hidden_layers' is -2"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("evil_bin")], ["pytorch_model.bin is not a readable"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("garbage_safetensors")], ["model.safetensors"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("no_weights"), "--dtype", "float8"], ["--dtype 'float8'"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("no_weights"), "--out_dir", w("a_file")], ["--out_dir", "a file"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", h("no_weights"), "--out_dir", w("ckpt")],
+     ["lit-llama.pth already exists", "--overwrite"]),
+    ("convert_checkpoint", ["--checkpoint_dir", w("meta/no_params")], ["params.json"]),
+    ("convert_checkpoint", ["--checkpoint_dir", w("meta/bad_params")], ["params.json"]),
+    ("convert_checkpoint", ["--checkpoint_dir", w("meta/evil"), "--out_dir", w("converted")],
+     ["consolidated.00.pth is not a readable"]),
+    ("convert_checkpoint", [], ["--checkpoint_dir"]),
+    ("convert_lit_checkpoint", ["--checkpoint_dir", w("missing")], ["missing"]),
+    ("convert_lit_checkpoint", ["--checkpoint_dir", w("ckpt_evil"), "--out_dir", w("exported")], ["not a readable"]),
+    ("convert_lit_checkpoint", ["--checkpoint_dir", w("ckpt"), "--out_dir", w("a_file")], ["--out_dir", "a file"]),
+    ("convert_lit_checkpoint", ["--checkpoint_dir", w("ckpt"), "--out_dir", w("ckpt"), "--dtype", "int3"], ["--dtype"]),
+    ("merge_lora", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("missing.pth"), "--out_dir", w("merged")],
+     ["missing.pth"]),
+    ("merge_lora", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth"), "--out_dir", w("ckpt")],
+     ["is the base checkpoint's folder"]),
+    ("merge_lora", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("evil.pth"), "--out_dir", w("merged")],
+     ["evil.pth is not a readable"]),
+    ("merge_lora", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora_inf.pth"), "--out_dir", w("merged")],
+     ["lora_inf.pth is corrupted"]),
+    ("merge_lora", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth"), "--out_dir", w("a_file")],
+     ["--out_dir", "a file"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", CONVERT_CASES,
+                         ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[-40:]}" for c in CONVERT_CASES])
+def test_convert(world, hf_dirs, script, flags, fragments):
+    check_case(world, f"scripts/{script}.py", flags, fragments)
+    assert not any(p.name.endswith(".tmp") for p in world.root.rglob("*"))
+
+
+# --- scripts/compare.py, scripts/download.py ----------------------------------------------------------------
+
+class adapter_run(w):
+    """--run_dirs '{"adapter": "<a folder in the world>"}'."""
+
+    def __call__(self, world: World) -> str:
+        return json.dumps({"adapter": str(world / self.name)})
+
+
+COMPARE = ["--checkpoint_dir", w("ckpt"), "--data_dir", w("data"), "--out_dir", w("compared")]
+OTHER_CASES = [
+    ("compare", COMPARE + ["--methods", '["lora", "qlora"]'], ["--methods", "qlora"]),
+    ("compare", COMPARE + ["--max_iters", 0], ["--max_iters"]),
+    ("compare", COMPARE + ["--batch_size", 0], ["--batch_size"]),
+    ("compare", COMPARE + ["--micro_batch_size", -2], ["--micro_batch_size"]),
+    ("compare", COMPARE + ["--eval_iters", 0], ["--eval_iters"]),
+    ("compare", COMPARE + ["--max_new_tokens", 0], ["--max_new_tokens"]),
+    ("compare", COMPARE + ["--max_seq_length", 1], ["--max_seq_length"]),
+    ("compare", COMPARE + ["--devices", 0], ["--devices"]),
+    ("compare", COMPARE + ["--precision", "fp8"], ["--precision 'fp8'"]),
+    ("compare", COMPARE[:4] + ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
+    ("compare", COMPARE + ["--run_dirs", json.dumps({"lora": "/nonexistent/run"})], ["--run_dirs", "/nonexistent/run"]),
+    ("compare", COMPARE + ["--methods", '["adapter"]', "--run_dirs", adapter_run("lora_run")],
+     ["--run_dirs", "lora_run holds no finished adapter run"]),
+    ("download", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
+    ("demo", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
+    ("demo", ["--out_dir", w("data")], ["already exists", "--overwrite"]),
+    ("demo", ["--out_dir", w("data"), "--overwrite", "true"], ["holds 'prepare_config.json'", "not replacing it"]),
+    ("demo", ["--out_dir", w("demo"), "--max_iters", 0], ["--max_iters"]),
+    ("demo", ["--out_dir", w("demo"), "--model_size", "huge"], ["--model_size 'huge'"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", OTHER_CASES,
+                         ids=[f"{c[0]}:{' '.join(map(str, c[1][-2:]))[-40:]}" for c in OTHER_CASES])
+def test_other_scripts(world, script, flags, fragments):
+    check_case(world, f"scripts/{script}.py", flags, fragments)
+    assert not (world / "compared").exists() and not (world / "demo").exists()
+
+
+def test_number_of_cases():
+    """The issue asks for at least 80 bad inputs."""
+    cases = FINETUNE_CASES + GENERATE_CASES + PREPARE_CASES + CONVERT_CASES + OTHER_CASES
+    assert len(cases) + 1 >= 80  # + test_finetune_lock
