@@ -240,7 +240,7 @@ def test_lora_in_bf16_with_dropout_resumes_exactly(base, tmp_path):
             assert resume_state["world_size"] == 2 and len(resume_state["rng"]) == 2
             assert all(rng["cpu"].dtype == torch.uint8 for rng in resume_state["rng"])
             args += ["--resume", "true"]
-        run_script(script, *args)
+        run_script(script, *args, isolated=True)
         runs[name] = tensors(out_dir / final)[0]
     assert all(t.dtype == torch.float32 for t in runs["uninterrupted"].values())
     for name, tensor in runs["uninterrupted"].items():
