@@ -204,7 +204,7 @@ FINETUNE_CASES = [
     ("lora", ["--learning_rate", 50], ["--learning_rate must be in (0, 1]"]),
     ("lora", ["--learning_rate", "nan"], ["learning_rate"]),  # refused by jsonargparse, in its words
     ("lora", ["--learning_rate", "inf"], ["learning_rate"]),
-    ("lora", ["--learning_rate", "fast"], ["learning_rate"]),  # not a number: jsonargparse's own line
+    ("lora", ["--learning_rate", "fast"], ["--learning_rate 'fast' is not a valid float"]),
     ("lora", ["--weight_decay", -1], ["--weight_decay"]),
     ("lora", ["--epochs", 0], ["--epochs"]),
     ("lora", ["--max_iters", 0], ["--max_iters"]),
@@ -291,7 +291,7 @@ GENERATE_CASES = [
     ("generate.py", ["--temperature", 1000], ["--temperature"]),
     ("generate.py", ["--top_k", 0], ["--top_k"]),
     ("generate.py", ["--top_k", -5], ["--top_k"]),
-    ("generate.py", ["--top_k", "many"], ["top_k"]),
+    ("generate.py", ["--top_k", "many"], ["--top_k 'many' is not a valid int or null"]),
     ("generate.py", ["--seed", -1], ["--seed"]),
     ("generate.py", ["--prompt", "water " * 300], ["--prompt is", "the model's context is 256"]),
     ("generate.py", ["--precision", "int4"], ["--precision 'int4'"]),

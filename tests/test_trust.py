@@ -104,6 +104,7 @@ def test_resumed_run_has_every_metric_row_once_in_one_file(lora_args, tmp_path, 
 def test_resume_state_written_with_the_run_is_read(lora_args, tmp_path):
     """run.json names the method, model and LoRA settings; the lock file is released when a run ends."""
     finetune = load_script("finetune/lora.py")
+    lora_args.update(max_iters=2, eval_interval=0, save_interval=0)
     finetune.setup(out_dir=tmp_path / "out", **lora_args)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["method"] == "lora" and run["lora"]["r"] == 8 and run["model"]["n_layer"] == 2
