@@ -148,7 +148,7 @@ def nan_resume(path: Path) -> dict:
 
 def snapshot(root: Path) -> Dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "run.lock"}
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def check_case(world: World, script: str, args: List, fragments: List[str]) -> None:
@@ -158,6 +158,7 @@ def check_case(world: World, script: str, args: List, fragments: List[str]) -> N
     after = snapshot(world.root)
     changed = [name for name, digest in before.items() if after.get(name) != digest]
     assert not changed, f"{script} changed the user's files: {changed}"
+    assert not [name for name in after if name not in before and "new_out" not in name], "files left behind"
     assert not (world.root / MARKER).exists(), "a file ran code when it was loaded"
 
 
@@ -248,6 +249,7 @@ FINETUNE_CASES = [
     # run folders: another run's, an interrupted one, a busy one, crafted resume states
     ("lora", ["--out_dir", w("lora_run")], ["already holds checkpoints", "--resume"]),
     ("lora", ["--out_dir", w("data"), "--resume", "true"], ["--resume", "holds no run to continue"]),
+    ("lora", ["--out_dir", w("typo"), "--resume", "true"], ["--resume", "typo does not exist"]),
     ("adapter", ["--out_dir", w("lora_run"), "--resume", "true"], ["holds a run of finetune/lora.py"]),
     ("full", ["--out_dir", w("lora_run"), "--resume", "true"], ["holds a run of finetune/lora.py"]),
     ("lora", ["--out_dir", w("lora_run"), "--resume", "true", "--lora_r", 4], ["--resume", "lora r=8", "r=4"]),

@@ -108,7 +108,8 @@ def test_resume_state_written_with_the_run_is_read(lora_args, tmp_path):
     finetune.setup(out_dir=tmp_path / "out", **lora_args)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["method"] == "lora" and run["lora"]["r"] == 8 and run["model"]["n_layer"] == 2
-    finetune.setup(out_dir=tmp_path / "out", resume=True, **lora_args)  # the lock is free again
+    assert not (tmp_path / "out" / "run.lock").exists()  # released and removed when the run ended
+    finetune.setup(out_dir=tmp_path / "out", resume=True, **lora_args)
 
 
 def test_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
