@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_script
+from conftest import REPO_ROOT, Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_script
 
 import lit_llama.training as training
 from lit_llama.checks import check_out_dir
@@ -202,3 +202,27 @@ def test_finetune_on_a_full_disk_and_a_read_only_one(small_tmpfs, tiny_checkpoin
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     proc = run_script("finetune/full.py", *args[:4], "--out_dir", small_tmpfs / "other", *args[6:], check=False)
     assert_clean_error(proc, "--out_dir", "is on a read-only file system")
+
+
+def test_readme_install_command_installs_what_the_tests_need():
+    """The README's first two commands, in order, on a fresh machine: the install names extras that hold
+    pytest and hypothesis (and every library the tests import lazily); the CPU-only torch command is given."""
+    import ast
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    install = next(line for line in block.splitlines() if line.startswith("pip install -e"))
+    extras = re.search(r'"\.\[([\w,]+)\]"', install).group(1).split(",")
+    assert block.index("pip install -e") < block.index("pytest tests")
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in block
+
+    setup = ast.parse((REPO_ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+                if k.arg in ("install_requires", "extras_require")}
+    installed = {re.split(r"[<>=\[]", r)[0] for r in keywords["install_requires"]}
+    installed |= {re.split(r"[<>=\[]", r)[0] for extra in extras for r in keywords["extras_require"][extra]}
+    needed = {"pytest", "hypothesis", "transformers", "peft", "safetensors", "matplotlib", "pyyaml", "huggingface_hub",
+              "torch", "lightning", "sentencepiece", "jsonargparse"}
+    assert needed <= installed, needed - installed
