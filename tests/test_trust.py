@@ -1,6 +1,7 @@
 """Files are checked, not trusted; a run's folder is its own: the safety properties of issue 11 that need more
 than one bad input each (test_bad_input.py has those): a kill at the worst moment, a resumed run's metrics, a
-full or read-only disk, secrets on the command line, deprecated flag names, any model depth."""
+full or read-only disk, secrets on the command line, deprecated flag names, any model depth, the README's
+install command."""
 
 import csv
 import errno
