@@ -193,7 +193,7 @@ def check_prepare_flags(
 def prepare_dataset(
     records: Sequence[Dict[str, str]],
     tokenizer: Tokenizer,
-    destination_path: Path,
+    out_dir: Path,
     test_split_size: int,
     seed: int,
     max_seq_length: int,
@@ -201,11 +201,11 @@ def prepare_dataset(
     extra_config: Optional[Dict[str, Any]] = None,
 ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """Tokenizes `records`, splits them at random (repeatably, by `seed`) and writes `train.pt`, `test.pt`
-    (lists of `prepare_sample` dicts) and `prepare_config.json` (the settings used) to `destination_path`.
+    (lists of `prepare_sample` dicts) and `prepare_config.json` (the settings used) to `out_dir`.
     `extra_config` is recorded in the config too (where the data and the tokenizer came from; paths are
     written resolved). Prints the split sizes, how many examples were truncated and their token lengths.
     Returns (train, test)."""
-    destination_path = Path(destination_path)
+    out_dir = Path(out_dir)
     if max_seq_length < 1:
         raise UserError(f"--max_seq_length must be positive, got {max_seq_length}")
     samples = [prepare_sample(r, tokenizer, max_seq_length, mask_inputs) for r in tqdm(records, desc="tokenizing")]
@@ -250,13 +250,13 @@ def prepare_dataset(
 
     outputs = {"train.pt": train, "test.pt": test}
     for name in [*outputs, "prepare_config.json"]:
-        if (destination_path / name).exists():
-            print(f"note: replacing the existing {destination_path / name}", file=sys.stderr)
+        if (out_dir / name).exists():
+            print(f"note: replacing the existing {out_dir / name}", file=sys.stderr)
     for name, split in outputs.items():
-        save_atomic(split, destination_path / name)
-    write_text_atomic(json.dumps(config, indent=2) + "\n", destination_path / PREPARE_CONFIG_NAME)
+        save_atomic(split, out_dir / name)
+    write_text_atomic(json.dumps(config, indent=2) + "\n", out_dir / PREPARE_CONFIG_NAME)
 
-    print(f"train: {len(train)} samples, test: {len(test)} samples -> {destination_path}")
+    print(f"train: {len(train)} samples, test: {len(test)} samples -> {out_dir}")
     print(f"truncated to --max_seq_length {max_seq_length}: {truncated} of {len(samples)}")
     print("tokens per record (before truncation): " + ", ".join(f"{k} {v}" for k, v in percentiles.items()))
     return train, test

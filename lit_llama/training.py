@@ -15,7 +15,7 @@ import os
 import resource
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -609,6 +609,8 @@ def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iter
     if not is_launching_process():
         yield
         return
+    if resume and not out_dir.is_dir():
+        raise UserError(f"--resume: {out_dir} does not exist: there is no run to continue")
     with disk_errors(out_dir / LOCK_NAME):  # only the lock's own writing: not the run it guards
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / LOCK_NAME, "a+")
@@ -626,10 +628,13 @@ def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iter
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
         lock.flush()
-        check_run_dir(out_dir, resume, run_info)
         try:
+            check_run_dir(out_dir, resume, run_info)
             yield
         finally:
+            # removed while still held: a run starting now creates a new lock file, and this one is done
+            with suppress(OSError):
+                (out_dir / LOCK_NAME).unlink()
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

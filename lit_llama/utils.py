@@ -3,6 +3,7 @@
 import errno
 import os
 import pickle
+import re
 import shutil
 import sys
 import zipfile
@@ -48,18 +49,37 @@ def check_torch_version(version: str = torch.__version__) -> None:
 
 
 def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """`jsonargparse.CLI(fn)` that turns `UserError`s into one clear line on stderr and exit code 1."""
+    """`jsonargparse.CLI(fn)` that turns `UserError`s into one clear line on stderr and exit code 1, and a
+    flag it cannot parse (unknown, or a value of the wrong type) into one line and exit code 2."""
+    from argparse import ArgumentError
+
     from jsonargparse import CLI
 
     try:
         check_torch_version()
-        return CLI(fn, *args, **kwargs)
+        return CLI(fn, *args, exit_on_error=False, **kwargs)
+    except ArgumentError as e:
+        print(f"error: {describe_argument_error(e)} (--help lists the flags)", file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def describe_argument_error(e: Exception) -> str:
+    """jsonargparse's multi-line message in one line: `--top_k 'many' is not a valid int or null`."""
+    text = str(e)
+    key = re.match(r'Parser key "([^"]+)"', text)
+    value = re.search(r"(?:Given|Got) value: (.*)", text)
+    if not key or not value:
+        return " ".join(line.strip() for line in text.splitlines())
+    expected_part = re.sub(r"Given value type: .*", "", text)  # the type of what was given is not expected
+    types = dict.fromkeys(re.findall(r"<class '(\w+)'>", expected_part))  # in order, once each
+    expected = " or ".join("null" if t == "NoneType" else t for t in types) or "value"
+    return f"--{key.group(1)} {value.group(1).strip()!r} is not a valid {expected}"
 
 
 def deprecated_flag(new: str, value: Any, old: str, old_value: Any) -> Any:

@@ -80,7 +80,7 @@ def converted(hf_dirs, tmp_path_factory) -> Dict[str, Path]:
     out = tmp_path_factory.mktemp("lit")
     result = {}
     for kind, folder in hf_dirs["dirs"].items():
-        proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", folder, "--output_dir", out / kind,
+        proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", folder, "--out_dir", out / kind,
                           "--dtype", "float32")
         assert f"to {out / kind}" in proc.stdout
         result[kind] = out / kind
@@ -121,7 +121,7 @@ def test_hf_conversion_matches_transformers(kind, hf_dirs, converted):
 
 def test_round_trip_to_hf(hf_dirs, converted, tmp_path):
     kind = "gqa-sharded"  # q/k/v of different sizes: the harder case of splitting c_attn
-    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", converted[kind], "--output_dir", tmp_path)
+    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", converted[kind], "--out_dir", tmp_path)
     assert (tmp_path / "tokenizer.model").is_file()
     loaded, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
@@ -179,7 +179,7 @@ def test_meta_conversion_matches_transformers(tmp_path, tokenizer_file):
     shutil.copy(tokenizer_file, tmp_path / "llama" / "tokenizer.model")  # beside the model folder, as Meta ships it
     out = tmp_path / "lit"
     proc = run_script("scripts/convert_checkpoint.py", "--checkpoint_dir", tmp_path / "llama" / "tiny",
-                      "--output_dir", out, "--dtype", "float32")
+                      "--out_dir", out, "--dtype", "float32")
     assert "from 2 shard(s)" in proc.stdout
     model = lit_model(out)
     assert model.config.intermediate_size == 176 and model.config.vocab_size == 512
@@ -231,7 +231,7 @@ def test_convert_hf_bad_input(tmp_path, hf_dirs, converted):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    assert_clean_error(run_script(script, "--checkpoint_dir", gpt2, "--output_dir", tmp_path / "out", check=False),
+    assert_clean_error(run_script(script, "--checkpoint_dir", gpt2, "--out_dir", tmp_path / "out", check=False),
                        "config.json", "gpt2")
 
     # a tensor is missing: one shard of a sharded checkpoint, without its index
@@ -239,13 +239,13 @@ def test_convert_hf_bad_input(tmp_path, hf_dirs, converted):
     shutil.copytree(hf_dirs["dirs"]["gqa-sharded"], partial)
     next(partial.glob("model-00002-*.safetensors")).unlink()
     (partial / "model.safetensors.index.json").unlink()
-    assert_clean_error(run_script(script, "--checkpoint_dir", partial, "--output_dir", tmp_path / "out", check=False),
+    assert_clean_error(run_script(script, "--checkpoint_dir", partial, "--out_dir", tmp_path / "out", check=False),
                        "missing")
 
     # never silently overwrites; --overwrite true does, here in the default dtype
     existing = converted["mha-safetensors"]
     before = (existing / "lit-llama.pth").stat().st_mtime_ns
-    args = ("--checkpoint_dir", hf_dirs["dirs"]["mha-safetensors"], "--output_dir", existing)
+    args = ("--checkpoint_dir", hf_dirs["dirs"]["mha-safetensors"], "--out_dir", existing)
     assert_clean_error(run_script(script, *args, check=False), "already exists", "--overwrite")
     assert (existing / "lit-llama.pth").stat().st_mtime_ns == before
     copy = tmp_path / "overwritten"
@@ -258,13 +258,13 @@ def test_convert_hf_bad_input(tmp_path, hf_dirs, converted):
 def test_convert_other_scripts_bad_input(tmp_path, hf_dirs, converted):
     # a Hugging Face folder given to the Meta converter
     proc = run_script("scripts/convert_checkpoint.py", "--checkpoint_dir", hf_dirs["dirs"]["mha-safetensors"],
-                      "--output_dir", tmp_path / "out", check=False)
+                      "--out_dir", tmp_path / "out", check=False)
     assert_clean_error(proc, "params.json")
     # lit -> HF never silently overwrites either
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", converted["gqa-sharded"],
-                      "--output_dir", tmp_path / "hf", check=False)
+                      "--out_dir", tmp_path / "hf", check=False)
     assert_clean_error(proc, "already exists", "--overwrite")
 
 

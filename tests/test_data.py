@@ -104,7 +104,7 @@ def test_prepare_alpaca_real_sample(alpaca_sample_path, real_tokenizer_path, tmp
         "scripts/prepare_alpaca.py",
         "--data_file", alpaca_sample_path,
         "--tokenizer_path", real_tokenizer_path,
-        "--destination_path", out,
+        "--out_dir", out,
     )  # fmt: skip
     assert "train: 92 samples, test: 10 samples" in proc.stdout, proc.stdout
     assert "test split is 10% (10)" in proc.stderr  # 102 records: too few for the default 2000
@@ -125,7 +125,7 @@ def test_prepare_alpaca_tiny_checkpoint(tiny_checkpoint_dir, tmp_path):
     del records[0]["input"]  # "input" is optional
     data_file = write_json(tmp_path / "mine.json", records)
     out = tmp_path / "out"
-    args = ["--data_file", data_file, "--checkpoint_dir", tiny_checkpoint_dir, "--destination_path", out]
+    args = ["--data_file", data_file, "--checkpoint_dir", tiny_checkpoint_dir, "--out_dir", out]
     proc = run_script("scripts/prepare_alpaca.py", *args, "--test_split_size", 5, "--mask_inputs", "false")
     assert "train: 25 samples, test: 5 samples" in proc.stdout
     train, test = load_prepared(out)
@@ -143,7 +143,7 @@ def test_prepare_dolly(tiny_checkpoint_dir, tmp_path):
     data_file = tmp_path / "dolly.jsonl"
     data_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = tmp_path / "dolly"
-    args = ["--data_file", data_file, "--checkpoint_dir", tiny_checkpoint_dir, "--destination_path", out]
+    args = ["--data_file", data_file, "--checkpoint_dir", tiny_checkpoint_dir, "--out_dir", out]
     proc = run_script("scripts/prepare_dolly.py", *args)
     assert "train: 11 samples, test: 1 samples" in proc.stdout  # 10% of 12 records
     train, test = load_prepared(out)
@@ -190,7 +190,7 @@ def test_bad_data_file_is_a_clean_error(case, tiny_checkpoint_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.pt").write_text("earlier output")
-    args = ["--checkpoint_dir", tiny_checkpoint_dir, "--destination_path", out]
+    args = ["--checkpoint_dir", tiny_checkpoint_dir, "--out_dir", out]
     proc = run_script("scripts/prepare_alpaca.py", "--data_file", tmp_path / "bad.json", *args, check=False)
     assert_clean_error(proc, *fragments)
     assert (out / "train.pt").read_text() == "earlier output"  # a failed run loses nothing
@@ -198,6 +198,7 @@ def test_bad_data_file_is_a_clean_error(case, tiny_checkpoint_dir, tmp_path):
 
 def test_missing_data_file_and_tokenizer_are_clean_errors(tiny_checkpoint_dir, tmp_path):
     args = ["--data_file", tmp_path / "nope.jsonl", "--checkpoint_dir", tiny_checkpoint_dir]
+    # --destination_path: the deprecated name of --out_dir still works
     proc = run_script("scripts/prepare_dolly.py", *args, "--destination_path", tmp_path / "out", check=False)
     assert_clean_error(proc, "nope.jsonl", "not found")
     assert not (tmp_path / "out").exists()

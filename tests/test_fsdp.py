@@ -215,7 +215,7 @@ def test_files_written_under_fsdp_load_in_generate_and_merge(base, two_process_f
     load_script("generate/adapter.py").main(adapter_path=adapter_file, **common)
     merged_dir = tmp_path / "merged"
     load_script("scripts/merge_lora.py").main(lora_path=lora_file, checkpoint_dir=checkpoint_dir,
-                                              output_dir=merged_dir)
+                                              out_dir=merged_dir)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) >= 3
     merged = load_state_dict(merged_dir / "lit-llama.pth")

@@ -147,7 +147,7 @@ def prepared(tmp_path_factory, tiny_checkpoint_dir):
     data_file = root / "records.json"
     data_file.write_text(json.dumps(arithmetic_records()))
     run_script("scripts/prepare_alpaca.py", "--checkpoint_dir", tiny_checkpoint_dir, "--data_file", data_file,
-               "--destination_path", root / "data", "--test_split_size", 12, "--max_seq_length", 128)
+               "--out_dir", root / "data", "--test_split_size", 12, "--max_seq_length", 128)
     return root
 
 
@@ -183,7 +183,7 @@ def test_end_to_end(tiny_checkpoint_dir, prepared, tmp_path):
     assert article_form.stdout == merged.stdout
 
     run_script("scripts/merge_lora.py", "--checkpoint_dir", tiny_checkpoint_dir, "--lora_path", final,
-               "--output_dir", tmp_path / "merged")
+               "--out_dir", tmp_path / "merged")
     # the merged folder is an ordinary checkpoint: its weights equal base + LoRA delta
     paths = resolve_checkpoint(tmp_path / "merged")
     merged_model = load_model(paths, torch.device("cpu"), torch.float32).eval()

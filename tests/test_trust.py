@@ -1,6 +1,7 @@
 """Files are checked, not trusted; a run's folder is its own: the safety properties of issue 11 that need more
 than one bad input each (test_bad_input.py has those): a kill at the worst moment, a resumed run's metrics, a
-full or read-only disk, secrets on the command line, deprecated flag names, any model depth."""
+full or read-only disk, secrets on the command line, deprecated flag names, any model depth, the README's
+install command."""
 
 import csv
 import errno
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_script
+from conftest import REPO_ROOT, Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_script
 
 import lit_llama.training as training
 from lit_llama.checks import check_out_dir
@@ -104,10 +105,12 @@ def test_resumed_run_has_every_metric_row_once_in_one_file(lora_args, tmp_path, 
 def test_resume_state_written_with_the_run_is_read(lora_args, tmp_path):
     """run.json names the method, model and LoRA settings; the lock file is released when a run ends."""
     finetune = load_script("finetune/lora.py")
+    lora_args.update(max_iters=2, eval_interval=0, save_interval=0)
     finetune.setup(out_dir=tmp_path / "out", **lora_args)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["method"] == "lora" and run["lora"]["r"] == 8 and run["model"]["n_layer"] == 2
-    finetune.setup(out_dir=tmp_path / "out", resume=True, **lora_args)  # the lock is free again
+    assert not (tmp_path / "out" / "run.lock").exists()  # released and removed when the run ended
+    finetune.setup(out_dir=tmp_path / "out", resume=True, **lora_args)
 
 
 def test_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -200,3 +203,27 @@ def test_finetune_on_a_full_disk_and_a_read_only_one(small_tmpfs, tiny_checkpoin
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     proc = run_script("finetune/full.py", *args[:4], "--out_dir", small_tmpfs / "other", *args[6:], check=False)
     assert_clean_error(proc, "--out_dir", "is on a read-only file system")
+
+
+def test_readme_install_command_installs_what_the_tests_need():
+    """The README's first two commands, in order, on a fresh machine: the install names extras that hold
+    pytest and hypothesis (and every library the tests import lazily); the CPU-only torch command is given."""
+    import ast
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    install = next(line for line in block.splitlines() if line.startswith("pip install -e"))
+    extras = re.search(r'"\.\[([\w,]+)\]"', install).group(1).split(",")
+    assert block.index("pip install -e") < block.index("pytest tests")
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in block
+
+    setup = ast.parse((REPO_ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+                if k.arg in ("install_requires", "extras_require")}
+    installed = {re.split(r"[<>=\[]", r)[0] for r in keywords["install_requires"]}
+    installed |= {re.split(r"[<>=\[]", r)[0] for extra in extras for r in keywords["extras_require"][extra]}
+    needed = {"pytest", "hypothesis", "transformers", "peft", "safetensors", "matplotlib", "pyyaml", "huggingface_hub",
+              "torch", "lightning", "sentencepiece", "jsonargparse"}
+    assert needed <= installed, needed - installed
