@@ -258,7 +258,7 @@ def peft_to_lora(
 ) -> Dict[str, torch.Tensor]:
     """The inverse of `lora_to_peft`: PEFT's per-projection tensors stacked into our LoRA layers. Every tensor
     the LoRA config implies must be there with its shape, and no other."""
-    kinds = ["lora_A", "lora_B"] + (["lora_magnitude"] if getattr(lora, "dora", False) else [])
+    kinds = ["lora_A", "lora_B"] + (["lora_magnitude"] if lora.dora else [])
     ours: Dict[str, torch.Tensor] = {}
     used = set()
     for layer, modules in lora_layer_modules(lora, config):
