@@ -56,14 +56,17 @@ def trained_lora(checkpoint_dir: Path, lora: LoRAConfig, seed: int = 0) -> LoRAL
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.lora_layers():
+            layer.reset_extra_parameters()  # DoRA's magnitudes: the norms of the loaded base weights
             layer.lora_A.copy_(0.3 * torch.randn(layer.lora_A.shape, generator=g))
             layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
+            if layer.dora:  # trained magnitudes: no longer the norms of W + s BA
+                layer.lora_magnitude.mul_(1 + 0.3 * torch.randn(layer.lora_magnitude.shape, generator=g))
     return model.eval()
 
 
-def peft_model(hf_dir: Path, adapter_dir: Path):
+def peft_model(hf_dir: Path, adapter_dir: Path, trainable: bool = False):
     base = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    return peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable).eval()
 
 
 def tokens(vocab_size: int = 512) -> torch.Tensor:
@@ -121,3 +124,102 @@ def test_export_bad_input(bases, tmp_path):
                       "--output_dir", tmp_path / "y", check=False)
     assert_clean_error(proc, "n_query_groups=2")
     assert not (tmp_path / "y").exists()
+
+
+# --- import: PEFT -> ours ------------------------------------------------------------------------------
+
+
+def import_peft(adapter_dir: Path, checkpoint_dir: Path, output_path: Path) -> dict:
+    load_script("scripts/import_peft.py").main(adapter_dir=adapter_dir, checkpoint_dir=checkpoint_dir,
+                                              output_path=output_path)
+    return torch.load(output_path)
+
+
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_export_then_import_is_exact(combination, variant, bases, tmp_path):
+    checkpoint_dir, _ = bases["tiny-gqa"]
+    lora = replace(COMBINATIONS[combination], rslora=variant == "rslora", dora=variant == "dora", alpha=5,
+                   dropout=0.1)
+    model = trained_lora(checkpoint_dir, lora)
+    adapter_dir = export(checkpoint_dir, model, tmp_path)
+    imported = import_peft(adapter_dir, checkpoint_dir, tmp_path / "imported.pth")
+    original = torch.load(tmp_path / "lora.pth")
+    assert imported["lora_config"] == original["lora_config"]
+    assert imported["base_config"] == original["base_config"]
+    assert set(imported["state_dict"]) == set(original["state_dict"])
+    for name, tensor in original["state_dict"].items():
+        assert torch.equal(imported["state_dict"][name], tensor), name
+
+
+def peft_made_adapter(hf_dir: Path, out: Path, **lora_kwargs) -> Path:
+    """An adapter written by peft itself, with random nonzero weights (as after training)."""
+    base = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(**lora_kwargs))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif "lora_magnitude" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    dict(r=8, lora_alpha=3, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], use_rslora=True),
+    dict(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True),
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "lm_head"], use_rslora=True, use_dora=True),
+], ids=["qv", "rslora-k-o-mlp", "dora-all-linear", "rslora-dora-qkv-head"])
+def test_import_of_peft_adapter_matches_peft_logits(kwargs, bases, tmp_path):
+    checkpoint_dir, hf_dir = bases["tiny-gqa"]
+    adapter_dir = peft_made_adapter(hf_dir, tmp_path / "adapter", **kwargs)
+    imported = import_peft(adapter_dir, checkpoint_dir, tmp_path / "imported.pth")
+    lora = LoRAConfig(**imported["lora_config"])
+    assert (lora.r, lora.alpha, lora.rslora, lora.dora) == (
+        kwargs["r"], kwargs["lora_alpha"], kwargs.get("use_rslora", False), kwargs.get("use_dora", False))
+    model = LoRALLaMA(Config.from_json(checkpoint_dir / "lit_config.json"), lora)
+    model.load_state_dict({**torch.load(checkpoint_dir / "lit-llama.pth"), **imported["state_dict"]})
+    model.eval()
+    theirs_model = peft_model(hf_dir, adapter_dir)
+    x = tokens()
+    with torch.no_grad():
+        ours, theirs = model(x), theirs_model(x).logits
+        with theirs_model.disable_adapter():
+            base_logits = theirs_model(x).logits
+    assert max_diff(ours, base_logits) > 0.1
+    diff = max_diff(ours, theirs)
+    print(f"import {kwargs}: max abs logit diff {diff:.3g}")
+    assert diff < 1e-5
+
+
+def test_import_refuses_what_our_lora_cannot_represent(bases, tmp_path):
+    checkpoint_dir, hf_dir = bases["tiny-gqa"]
+    adapter_dir = peft_made_adapter(hf_dir, tmp_path / "adapter", r=4, target_modules=["q_proj", "gate_proj"])
+    weights = adapter_dir / "adapter_model.safetensors"
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+
+    def run(**changes):
+        (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return run_script("scripts/import_peft.py", "--adapter_dir", adapter_dir, "--checkpoint_dir", checkpoint_dir,
+                          "--output_path", tmp_path / "out.pth", check=False)
+
+    assert_clean_error(run(), "gate_proj", "together")  # the MLP's three projections go together
+    assert_clean_error(run(modules_to_save=["lm_head"]), "modules_to_save")
+    assert_clean_error(run(rank_pattern={"model.layers.0.self_attn.q_proj": 8}), "per-layer ranks")
+    assert_clean_error(run(layers_to_transform=[0]), "layers_to_transform")
+    assert_clean_error(run(peft_type="IA3"), "only LORA")
+    assert not (tmp_path / "out.pth").exists()
+
+    # another architecture (GPT-2's names) and a LLaMA adapter for a deeper model
+    from safetensors.torch import save_file
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(4, 64)}, weights)
+    assert_clean_error(run(), "LLaMA-architecture")
+    save_file({"base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}, weights)
+    assert_clean_error(run(), "layer 5", "2 layers")
+    # the right names, another width
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": torch.zeros(4, 4)
+               for i in range(2) for ab in "AB"}, weights)
+    assert_clean_error(run(target_modules=["q_proj"]), "q_proj.lora_B.weight", "shape")
