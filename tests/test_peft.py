@@ -223,3 +223,20 @@ def test_import_refuses_what_our_lora_cannot_represent(bases, tmp_path):
     save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": torch.zeros(4, 4)
                for i in range(2) for ab in "AB"}, weights)
     assert_clean_error(run(target_modules=["q_proj"]), "q_proj.lora_B.weight", "shape")
+
+
+def test_import_refuses_a_changed_copy_of_a_base_weight(bases, tmp_path):
+    """peft saves lm_head's base weight beside a LoRA on lm_head: an unchanged copy is dropped, a changed one
+    (a trained lm_head) is refused."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint_dir, hf_dir = bases["tiny-gqa"]
+    adapter_dir = peft_made_adapter(hf_dir, tmp_path / "adapter", r=4, target_modules=["lm_head"])
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    assert "base_model.model.lm_head.base_layer.weight" in tensors
+    tensors["base_model.model.lm_head.base_layer.weight"][0, 0] += 1
+    save_file(tensors, weights)
+    proc = run_script("scripts/import_peft.py", "--adapter_dir", adapter_dir, "--checkpoint_dir", checkpoint_dir,
+                      "--output_path", tmp_path / "out.pth", check=False)
+    assert_clean_error(proc, "lm_head.base_layer.weight", "changed copy")
