@@ -67,6 +67,8 @@ def setup(
     lora_projection: bool = False,
     lora_mlp: bool = False,
     lora_head: bool = False,
+    lora_rslora: bool = False,
+    lora_dora: bool = False,
     eval_interval: int = 100,
     eval_iters: int = 100,
     save_interval: int = 100,
@@ -110,6 +112,10 @@ def setup(
         lora_projection: Adapt the attention output projection.
         lora_mlp: Adapt the three MLP projections.
         lora_head: Adapt the output layer.
+        lora_rslora: Rank-stabilised LoRA: scale updates by alpha / sqrt(r) instead of alpha / r (larger ranks
+            then learn as fast as small ones).
+        lora_dora: DoRA: also train a magnitude per output row of each adapted layer; the LoRA update then only
+            changes the weight's direction. Somewhat slower steps; merges like LoRA.
         eval_interval: Optimizer steps between validation (loss and one greedy sample).
         eval_iters: Validation micro-batches per validation.
         save_interval: Optimizer steps between checkpoints.
@@ -124,7 +130,7 @@ def setup(
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     try:
         lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                          lora_mlp, lora_head)
+                          lora_mlp, lora_head, rslora=lora_rslora, dora=lora_dora)
     except ValueError as e:
         raise UserError(str(e))
     training = TrainingConfig(learning_rate, batch_size, micro_batch_size, max_iters, epochs, warmup_iters,

@@ -48,7 +48,7 @@ def bases(tmp_path_factory, tiny_checkpoint_dir):
     return result
 
 
-def trained_lora(checkpoint_dir: Path, lora: LoRAConfig, seed: int = 0) -> LoRALLaMA:
+def trained_lora(checkpoint_dir: Path, lora: LoRAConfig, seed: int = 0, std: float = 0.3) -> LoRALLaMA:
     """Our model on the base with random nonzero A and B (as after training): the update is far from zero."""
     config = Config.from_json(checkpoint_dir / "lit_config.json")
     model = LoRALLaMA(config, lora)
@@ -57,8 +57,8 @@ def trained_lora(checkpoint_dir: Path, lora: LoRAConfig, seed: int = 0) -> LoRAL
     with torch.no_grad():
         for layer in model.lora_layers():
             layer.reset_extra_parameters()  # DoRA's magnitudes: the norms of the loaded base weights
-            layer.lora_A.copy_(0.3 * torch.randn(layer.lora_A.shape, generator=g))
-            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
+            layer.lora_A.copy_(std * torch.randn(layer.lora_A.shape, generator=g))
+            layer.lora_B.copy_(std * torch.randn(layer.lora_B.shape, generator=g))
             if layer.dora:  # trained magnitudes: no longer the norms of W + s BA
                 layer.lora_magnitude.mul_(1 + 0.3 * torch.randn(layer.lora_magnitude.shape, generator=g))
     return model.eval()
@@ -240,3 +240,152 @@ def test_import_refuses_a_changed_copy_of_a_base_weight(bases, tmp_path):
     proc = run_script("scripts/import_peft.py", "--adapter_dir", adapter_dir, "--checkpoint_dir", checkpoint_dir,
                       "--output_path", tmp_path / "out.pth", check=False)
     assert_clean_error(proc, "lm_head.base_layer.weight", "changed copy")
+
+
+# --- rsLoRA and DoRA: parity with peft's use_rslora / use_dora, merge ---------------------------------------
+
+VARIANTS = {"rslora": dict(rslora=True), "dora": dict(dora=True), "rslora+dora": dict(rslora=True, dora=True)}
+
+
+def peft_grads(model) -> dict:
+    """peft's parameter names -> gradients, in the names of its saved files (no adapter name)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            name = name.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector")
+            grads[name.replace(".default", "")] = p.grad
+    return grads
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+@pytest.mark.parametrize("combination", ["all", "query", "value"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_logits_and_gradients_match_peft(variant, combination, name, bases, tmp_path):
+    from lit_llama.convert import lora_to_peft
+
+    checkpoint_dir, hf_dir = bases[name]
+    lora = replace(COMBINATIONS[combination], r=8, alpha=3, **VARIANTS[variant])  # alpha/sqrt(r) != alpha/r
+    model = trained_lora(checkpoint_dir, lora)
+    adapter_dir = export(checkpoint_dir, model, tmp_path)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["use_rslora"] == lora.rslora and config["use_dora"] == lora.dora
+    theirs_model = peft_model(hf_dir, adapter_dir, trainable=True)
+
+    x = tokens()
+    targets = torch.randint(0, 512, x.shape, generator=torch.Generator().manual_seed(2))
+    ours = model(x)
+    theirs = theirs_model(x).logits
+    loss = lambda logits: torch.nn.functional.cross_entropy(logits.reshape(-1, 512), targets.reshape(-1))  # noqa: E731
+    loss(ours).backward()
+    loss(theirs).backward()
+
+    logit_diff = max_diff(ours.detach(), theirs.detach())
+    our_grads = lora_to_peft({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, lora, model.config)
+    their_grads = peft_grads(theirs_model)
+    assert set(our_grads) == set(their_grads)
+    grad_diff = max(max_diff(our_grads[n], their_grads[n]) for n in our_grads)
+    largest = max(g.abs().max().item() for g in our_grads.values())
+    print(f"{variant} {name} {combination}: max abs logit diff {logit_diff:.3g}, gradient diff {grad_diff:.3g} "
+          f"(largest gradient {largest:.3g})")
+    assert largest > 1e-3, "gradients too small for the comparison to mean anything"
+    assert logit_diff < 1e-5 and grad_diff < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_starts_at_base_and_merged_equals_unmerged(variant, name, bases):
+    from lit_llama.utils import load_model, resolve_checkpoint
+
+    checkpoint_dir, _ = bases[name]
+    paths = resolve_checkpoint(checkpoint_dir)
+    lora = replace(COMBINATIONS["all"], **VARIANTS[variant])
+    base = load_model(paths, torch.device("cpu"), torch.float32).eval()
+    fresh = load_model(paths, torch.device("cpu"), torch.float32, LoRALLaMA, lora=lora).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), base(x))  # B = 0 and DoRA's magnitudes = ||W||: exactly the base model
+
+    # merging rounds W + s BA once more than the unmerged forward does; through sharp attention such roundings
+    # reach 1-1.5e-5 in float32 logits of size ~8 (rsLoRA without DoRA as well), so the merge's math is checked
+    # in float64, float32 with room for that rounding
+    model = trained_lora(checkpoint_dir, lora, std=0.1)
+    for dtype, atol, rtol in ((torch.float64, 1e-10, 0), (torch.float32, 5e-5, 0)):
+        model = model.to(dtype)
+        with torch.no_grad():
+            unmerged = model(x)
+            model.merge_lora()
+            merged = model(x)
+            model.unmerge_lora()
+            again = model(x)
+        print(f"{variant} {name} {dtype}: merged vs unmerged max abs logit diff {max_diff(merged, unmerged):.3g}, "
+              f"after unmerge {max_diff(again, unmerged):.3g}, vs base {max_diff(unmerged, base(x)):.3g}")
+        assert max_diff(unmerged.float(), base(x)) > 0.1
+        torch.testing.assert_close(merged, unmerged, atol=atol, rtol=rtol)
+        torch.testing.assert_close(again, unmerged, atol=atol, rtol=rtol)
+    for key, tensor in base.state_dict().items():  # the base weights are back, up to rounding
+        torch.testing.assert_close(model.state_dict()[key], tensor, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory, tiny_checkpoint_dir) -> Path:
+    root = tmp_path_factory.mktemp("variant-data")
+    records = [{"instruction": f"Add {i % 11} and {i // 11}.", "input": "", "output": f"{i % 11 + i // 11}"}
+               for i in range(60)]
+    (root / "records.json").write_text(json.dumps(records))
+    load_script("scripts/prepare_alpaca.py").prepare(data_file=root / "records.json", destination_path=root / "data",
+                                                     checkpoint_dir=tiny_checkpoint_dir, test_split_size=8,
+                                                     max_seq_length=128)
+    return root / "data"
+
+
+def test_finetune_with_rslora_dora_then_generate_merge_export(tiny_checkpoint_dir, prepared_data, bases, tmp_path,
+                                                            capsys):
+    """--lora_rslora --lora_dora are stored in the LoRA file; generate (merged or not), merge_lora.py and
+    export_peft.py read them from there."""
+    from lit_llama.lora import load_lora_model
+    from lit_llama.utils import load_model, resolve_checkpoint
+
+    load_script("finetune/lora.py").setup(
+        checkpoint_dir=tiny_checkpoint_dir, data_dir=prepared_data, out_dir=tmp_path / "out", precision="32-true",
+        batch_size=4, micro_batch_size=4, max_iters=4, eval_interval=0, eval_iters=1, save_interval=0,
+        learning_rate=1e-2, warmup_iters=1, lora_rslora=True, lora_dora=True, lora_mlp=True)
+    lora_path = tmp_path / "out" / "lit-llama-lora-finetuned.pth"
+    checkpoint = torch.load(lora_path)
+    assert checkpoint["lora_config"]["rslora"] and checkpoint["lora_config"]["dora"]
+    magnitudes = {n: t for n, t in checkpoint["state_dict"].items() if n.endswith("lora_magnitude")}
+    assert len(magnitudes) == 2 * 4  # c_attn and the three MLP projections of both layers
+
+    paths = resolve_checkpoint(tiny_checkpoint_dir)
+    base = load_model(paths, torch.device("cpu"), torch.float32).eval()
+    unmerged = load_lora_model(paths, lora_path, torch.device("cpu"), torch.float32, merge=False).eval()
+    norms = {n: t.norm(dim=1) for n, t in base.state_dict().items() if t.dim() == 2}
+    trained = [n for n, m in magnitudes.items()
+               if not torch.allclose(m, unmerged.get_submodule(n.rsplit(".", 1)[0])._adapted_rows(
+                   norms[n.replace("lora_magnitude", "weight")]), atol=1e-6)]
+    assert trained, "the magnitudes did not train"
+
+    load_script("scripts/merge_lora.py").main(lora_path=lora_path, checkpoint_dir=tiny_checkpoint_dir,
+                                              output_dir=tmp_path / "merged")
+    merged = load_model(resolve_checkpoint(tmp_path / "merged"), torch.device("cpu"), torch.float32).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert max_diff(unmerged(x), base(x)) > 1e-3
+        assert max_diff(merged(x), unmerged(x)) < 1e-5
+
+    generate = load_script("generate/lora.py")
+    args = dict(prompt="Add 3 and 4.", lora_path=lora_path, checkpoint_dir=tiny_checkpoint_dir, temperature=0,
+                max_new_tokens=8, precision="32-true")
+    capsys.readouterr()
+    generate.main(merge=True, **args)
+    merged_text = capsys.readouterr().out
+    generate.main(merge=False, **args)
+    assert capsys.readouterr().out == merged_text
+
+    # and export: peft's logits equal ours (the tiny checkpoint has no Hugging Face form yet: make one)
+    convert_lit = load_script("scripts/convert_lit_checkpoint.py")
+    convert_lit.convert(checkpoint_dir=tiny_checkpoint_dir, output_dir=tmp_path / "hf")
+    load_script("scripts/export_peft.py").main(checkpoint_dir=tiny_checkpoint_dir, lora_path=lora_path,
+                                              output_dir=tmp_path / "peft")
+    theirs_model = peft_model(tmp_path / "hf", tmp_path / "peft")
+    with torch.no_grad():
+        assert max_diff(unmerged(x), theirs_model(x).logits) < 1e-5
