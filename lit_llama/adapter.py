@@ -30,7 +30,7 @@ from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
 from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
 
 # what an adapter checkpoint records about the model it belongs to (see adapter_state_dict)
-ADAPTER_FIELDS = ("adapter_version", "adapter_prompt_length", "adapter_start_layer")
+ADAPTER_FIELDS = ("adapter_version", "adapter_prompt_length", "adapter_start_layer", "adapter_head")
 BASE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "vocab_size")
 
 
@@ -39,11 +39,14 @@ class AdapterConfig(Config):
     adapter_prompt_length: int = 10  # learnable prompt vectors per adapted layer
     adapter_start_layer: int = 2  # layers before this one keep plain attention
     adapter_version: int = 1  # 2: also scale/bias on the linear layers and trainable norms
+    adapter_head: bool = False  # v2: scale/bias on the output layer too (Lit-LLaMA's v2 had them; converted files)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.adapter_version not in (1, 2):
             raise ValueError(f"adapter_version must be 1 or 2, got {self.adapter_version}")
+        if self.adapter_head and self.adapter_version != 2:
+            raise ValueError("adapter_head (scale/bias on the output layer) needs adapter_version 2")
         if self.adapter_prompt_length < 1:
             raise ValueError(f"adapter_prompt_length must be at least 1, got {self.adapter_prompt_length}")
         if not 0 <= self.adapter_start_layer < self.n_layer:
@@ -175,6 +178,8 @@ class AdapterLLaMA(LLaMA):
                 block.rms_1, block.rms_2 = _v2_norm(block.rms_1), _v2_norm(block.rms_2)
         if config.adapter_version == 2:
             self.transformer.ln_f = _v2_norm(self.transformer.ln_f)
+        if config.adapter_head:
+            self.lm_head = AdapterV2Linear.like(self.lm_head)
 
 
 def _v2_norm(norm: RMSNorm) -> AdapterV2RMSNorm:
@@ -265,11 +270,13 @@ def _describe(config: AdapterConfig) -> Dict[str, int]:
 
 def _read_adapter_config(checkpoint: Any, path: Union[str, Path]) -> Dict[str, int]:
     saved = checkpoint.get("adapter_config") if isinstance(checkpoint, dict) else None
+    if isinstance(saved, dict):
+        saved = {"adapter_head": False, **saved}  # files written before adapter_head existed
     if not isinstance(saved, dict):
         if isinstance(checkpoint, dict) and any("adapter_wte" in name for name in checkpoint):
             raise UserError(
-                f"{path} holds adapter weights but no adapter_config (written by another version of Lit-LLaMA?): "
-                "finetune again with finetune/adapter.py"
+                f"{path} holds adapter weights but no adapter_config: a Lit-LLaMA adapter file? Convert it with "
+                "scripts/convert_lit_llama_checkpoint.py"
             )
         raise UserError(f"{path} is not an adapter checkpoint written by finetune/adapter.py (no adapter_config)")
     absent = [f for f in (*ADAPTER_FIELDS, *BASE_FIELDS) if f not in saved]

@@ -238,6 +238,11 @@ def lora_state_dict(model: LoRALLaMA, state_dict: Optional[Dict[str, torch.Tenso
 
 def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAConfig:
     if not isinstance(checkpoint, dict) or "lora_config" not in checkpoint or "state_dict" not in checkpoint:
+        if isinstance(checkpoint, dict) and any(str(name).endswith((".lora_A", ".lora_B")) for name in checkpoint):
+            raise UserError(
+                f"{path} holds LoRA weights but no lora_config: a Lit-LLaMA LoRA file? Convert it with "
+                "scripts/convert_lit_llama_checkpoint.py"
+            )
         raise UserError(f"{path} is not a LoRA checkpoint written by finetune/lora.py (no lora_config)")
     try:
         return LoRAConfig(**checkpoint["lora_config"])
