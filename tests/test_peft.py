@@ -65,7 +65,7 @@ def trained_lora(checkpoint_dir: Path, lora: LoRAConfig, seed: int = 0, std: flo
 
 
 def peft_model(hf_dir: Path, adapter_dir: Path, trainable: bool = False):
-    base = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    base = transformers.LlamaForCausalLM.from_pretrained(hf_dir).float()  # float32 on transformers 4 and 5
     return peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable).eval()
 
 
@@ -154,7 +154,7 @@ def test_export_then_import_is_exact(combination, variant, bases, tmp_path):
 
 def peft_made_adapter(hf_dir: Path, out: Path, **lora_kwargs) -> Path:
     """An adapter written by peft itself, with random nonzero weights (as after training)."""
-    base = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    base = transformers.LlamaForCausalLM.from_pretrained(hf_dir).float()  # float32 on transformers 4 and 5
     model = peft.get_peft_model(base, peft.LoraConfig(**lora_kwargs))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
