@@ -389,3 +389,19 @@ def test_finetune_with_rslora_dora_then_generate_merge_export(tiny_checkpoint_di
     theirs_model = peft_model(tmp_path / "hf", tmp_path / "peft")
     with torch.no_grad():
         assert max_diff(unmerged(x), theirs_model(x).logits) < 1e-5
+
+
+def test_dora_under_fsdp_equals_one_process(tiny_checkpoint_dir, prepared_data, tmp_path):
+    """DoRA's magnitudes are sharded like the other LoRA weights: two CPU processes with FSDP train exactly what
+    one process trains (as tests/test_fsdp.py checks for plain LoRA)."""
+    common = dict(checkpoint_dir=tiny_checkpoint_dir, data_dir=prepared_data, precision="32-true", batch_size=4,
+                  micro_batch_size=2, eval_interval=0, eval_iters=1, save_interval=0, warmup_iters=1, lora_dropout=0,
+                  lora_mlp=True, lora_dora=True, lora_rslora=True)
+    load_script("finetune/lora.py").setup(out_dir=tmp_path / "one", max_iters=6, **common)
+    two = {**common, "max_iters": 3, "devices": 2, "strategy": "fsdp", "out_dir": tmp_path / "two"}
+    run_script("finetune/lora.py", *[item for key, value in two.items() for item in (f"--{key}", value)])
+    one, sharded = (torch.load(tmp_path / run / "lit-llama-lora-finetuned.pth") for run in ("one", "two"))
+    assert one["lora_config"] == sharded["lora_config"] and set(one["state_dict"]) == set(sharded["state_dict"])
+    assert any(name.endswith("lora_magnitude") for name in one["state_dict"])
+    for name, tensor in one["state_dict"].items():
+        torch.testing.assert_close(sharded["state_dict"][name], tensor, atol=1e-5, rtol=0)
