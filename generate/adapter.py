@@ -4,9 +4,9 @@
         --adapter_path out/adapter/alpaca/lit-llama-adapter-finetuned.pth \
         --prompt "Please explain how weight decay works"
 
-The instruction is wrapped in the Alpaca prompt template the model was finetuned with. The adapter file
-says which model to build (v1 or v2, prompt length, start layer); it must have been trained on this base
-model.
+The instruction is wrapped in the prompt template the model was finetuned with (--prompt_style, Alpaca by
+default). The adapter file says which model to build (v1 or v2, prompt length, start layer); it must have been
+trained on this base model.
 """
 
 import sys
@@ -36,6 +36,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    prompt_style: str = "alpaca",
 ) -> None:
     """Responds to an instruction with a LLaMA-Adapter-finetuned model.
 
@@ -53,13 +54,16 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        prompt_style: The prompt style the model was finetuned with: alpaca, llama2-chat or chatml (as given to
+            the prepare script).
     """
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     tokenizer, device, dtype = setup_generation(paths, precision)
 
     model = load_adapter_model(paths, adapter_path, device, dtype)
     model.eval()
-    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
+    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device,
+                       prompt_style)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from lit_llama.data import generate_prompt
 from lit_llama.model import LLaMA
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import CheckpointPaths, check_vocab, default_device, precision_dtype
 
@@ -33,9 +33,11 @@ def generate(
     top_k: Optional[int] = None,
     eos_id: Optional[int] = None,
     use_kv_cache: bool = True,
+    stop: Optional[Callable[[torch.Tensor], bool]] = None,
 ) -> torch.Tensor:
     """Returns the prompt (1-D tensor of token ids) followed by up to `max_new_tokens` new tokens,
-    stopping after `eos_id`. Without the KV cache every step re-reads the whole sequence (slow; tests
+    stopping after `eos_id`, or once `stop(new tokens so far)` is true (a prompt style's stop text). Without
+    the KV cache every step re-reads the whole sequence (slow; tests
     use it to check that the cache changes nothing)."""
     max_seq_length = min(prompt.size(0) + max_new_tokens, model.config.block_size)
     if prompt.size(0) >= max_seq_length:
@@ -54,6 +56,8 @@ def generate(
             next_token = sample(logits[:, -1], temperature, top_k)
             tokens = torch.cat((tokens, next_token), dim=1)
             if eos_id is not None and next_token.item() == eos_id:
+                break
+            if stop is not None and stop(tokens[0, prompt.size(0) :]):
                 break
             next_input, input_pos = next_token, input_pos[-1:] + 1
     finally:
@@ -85,15 +89,19 @@ def generate_response(
     max_new_tokens: int = 100,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> str:
-    """Wraps the instruction in the Alpaca template, generates, and returns only the response text."""
+    """Wraps the instruction in the prompt style's template (Alpaca by default), generates until EOS or the
+    style's stop text, and returns only the response text (without the stop text)."""
+    style = get_prompt_style(prompt_style)
     was_training = model.training
     model.eval()
-    prompt = tokenizer.encode(generate_prompt(instruction, input), bos=True, device=device)
+    prompt = tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
     max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.size(0))
-    output = generate(model, prompt, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id)
+    stop = (lambda new: style.cut_at_stop(tokenizer.decode(new))[1]) if style.stop_strings else None
+    output = generate(model, prompt, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id, stop=stop)
     model.train(was_training)
-    return tokenizer.decode(output[prompt.size(0) :]).strip()
+    return style.cut_at_stop(tokenizer.decode(output[prompt.size(0) :]))[0].strip()
 
 
 def respond_and_report(
@@ -107,6 +115,7 @@ def respond_and_report(
     top_k: Optional[int],
     seed: int,
     device: torch.device,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> List[str]:
     """What every generate/*.py script does once its model is built: respond to the instruction
     `num_samples` times, printing each response (stdout) with its speed and memory (stderr)."""
@@ -114,7 +123,8 @@ def respond_and_report(
     responses = []
     for _ in range(num_samples):
         t0 = time.perf_counter()
-        response = generate_response(model, tokenizer, instruction, input, device, max_new_tokens, temperature, top_k)
+        response = generate_response(model, tokenizer, instruction, input, device, max_new_tokens, temperature, top_k,
+                                     prompt_style)
         elapsed = time.perf_counter() - t0
         print(response)
         report_speed(len(tokenizer.encode(response, bos=False)), elapsed, device)

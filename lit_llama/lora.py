@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import Config, LLaMA
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
 
 
@@ -223,17 +224,25 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
         param.requires_grad = "lora_" in name
 
 
-def lora_state_dict(model: LoRALLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
-    """The LoRA tensors alone (a few MB for 7B at r=8), with the hyperparameters and the base model's
-    shape, so generate and merge scripts rebuild the same model from the file alone. `state_dict`: the
-    model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
+def lora_state_dict(
+    model: LoRALLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None, prompt_style: str = DEFAULT_PROMPT_STYLE
+) -> Dict[str, Any]:
+    """The LoRA tensors alone (a few MB for 7B at r=8), with the hyperparameters, the base model's shape and
+    the prompt style trained with, so generate and merge scripts rebuild the same model from the file alone.
+    `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {name: t.detach() for name, t in state_dict.items() if "lora_" in name}
     return {
         "lora_config": asdict(model.lora_config),
         "base_config": asdict(model.config),
         "state_dict": tensors,
+        "prompt_style": prompt_style,
     }
+
+
+def lora_prompt_style(checkpoint: Dict[str, Any]) -> str:
+    """The prompt style a LoRA file was trained with (files written before styles existed: alpaca)."""
+    return checkpoint.get("prompt_style", DEFAULT_PROMPT_STYLE)
 
 
 def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAConfig:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from lit_llama.data import IGNORE_INDEX, load_prepared
 from lit_llama.generation import generate_response
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import CheckpointPaths, UserError, check_vocab
 
@@ -277,7 +278,8 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Sample], c
 
 def print_sample(fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer, sample: Sample) -> None:
     """Greedy response to one validation instruction: a quick look at what training does."""
-    response = generate_response(model, tokenizer, sample["instruction"], sample.get("input", ""), fabric.device)
+    response = generate_response(model, tokenizer, sample["instruction"], sample.get("input", ""), fabric.device,
+                                 prompt_style=sample.get("prompt_style", DEFAULT_PROMPT_STYLE))
     fabric.print(f"Instruction: {sample['instruction']}\nResponse: {response}\n")
 
 

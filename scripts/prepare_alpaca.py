@@ -13,6 +13,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.data import download_if_missing, load_records, load_tokenizer, prepare_dataset, resolve_test_split_size
+from lit_llama.prompts import get_prompt_style
 from lit_llama.utils import run_cli
 
 DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data.json"
@@ -30,6 +31,7 @@ def prepare(
     max_seq_length: int = 256,
     mask_inputs: bool = True,
     seed: int = 42,
+    prompt_style: str = "alpaca",
 ) -> None:
     """Tokenizes Alpaca into a train and a test split.
 
@@ -46,13 +48,18 @@ def prepare(
             of Alpaca examples whole; the summary prints the lengths and how many were cut.
         mask_inputs: Compute the loss on the response only, not on the instruction and input.
         seed: Random seed of the train/test split (the same seed and file give the same split).
+        prompt_style: How instructions are put to the model: alpaca, llama2-chat or chatml (for chat
+            checkpoints such as Llama-2-chat or TinyLlama-Chat). Recorded with the data; finetune/lora.py
+            records it in the LoRA file and generate/lora.py prompts in it.
     """
+    get_prompt_style(prompt_style)  # a wrong name fails before any download
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
     data_file = data_file or download_if_missing(DATA_URL, destination_path / DATA_FILE_NAME)
     records = load_records(data_file)
     test_split_size = resolve_test_split_size(test_split_size, len(records), TEST_SPLIT_SIZE)
     sources = {"data_file": data_file, "tokenizer_path": tokenizer_path}  # recorded in prepare_config.json
-    prepare_dataset(records, tokenizer, destination_path, test_split_size, seed, max_seq_length, mask_inputs, sources)
+    prepare_dataset(records, tokenizer, destination_path, test_split_size, seed, max_seq_length, mask_inputs, sources,
+                    prompt_style)
 
 
 if __name__ == "__main__":

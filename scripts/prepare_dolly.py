@@ -14,6 +14,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.data import download_if_missing, load_records, load_tokenizer, prepare_dataset, resolve_test_split_size
+from lit_llama.prompts import get_prompt_style
 from lit_llama.utils import run_cli
 
 DATA_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
@@ -32,6 +33,7 @@ def prepare(
     max_seq_length: int = 256,
     mask_inputs: bool = True,
     seed: int = 42,
+    prompt_style: str = "alpaca",
 ) -> None:
     """Tokenizes Dolly into a train and a test split.
 
@@ -49,13 +51,18 @@ def prepare(
             closed QA and summarization) can be long: raise it if the summary reports many cut examples.
         mask_inputs: Train on the response tokens only; the prompt, with its context, gets no loss.
         seed: Random seed of the train/test split (the same seed and file give the same split).
+        prompt_style: How instructions are put to the model: alpaca, llama2-chat or chatml (for chat
+            checkpoints such as Llama-2-chat or TinyLlama-Chat). Recorded with the data; finetune/lora.py
+            records it in the LoRA file and generate/lora.py prompts in it.
     """
+    get_prompt_style(prompt_style)  # a wrong name fails before any download
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
     data_file = data_file or download_if_missing(DATA_URL, destination_path / DATA_FILE_NAME)
     records = load_records(data_file, FIELD_MAP)
     test_split_size = resolve_test_split_size(test_split_size, len(records), TEST_SPLIT_SIZE)
     sources = {"data_file": data_file, "tokenizer_path": tokenizer_path}  # recorded in prepare_config.json
-    prepare_dataset(records, tokenizer, destination_path, test_split_size, seed, max_seq_length, mask_inputs, sources)
+    prepare_dataset(records, tokenizer, destination_path, test_split_size, seed, max_seq_length, mask_inputs, sources,
+                    prompt_style)
 
 
 if __name__ == "__main__":
