@@ -53,6 +53,7 @@ def setup(
     num_nodes: int = 1,
     strategy: str = "auto",
     cpu_offload: bool = False,
+    logger_name: str = "csv",
     learning_rate: float = 9e-3,
     batch_size: int = 128,
     micro_batch_size: int = 4,
@@ -91,6 +92,8 @@ def setup(
             device holds the whole model; gradients are averaged).
         cpu_offload: With FSDP, keep the weight shards and the optimizer step in CPU memory and copy each block
             to the GPU when it runs: fits larger models, runs slower.
+        logger_name: Where metrics go: csv (logs/version_N/metrics.csv), tensorboard (logs/version_N/, for
+            `tensorboard --logdir <out_dir>/logs`) or wandb (Weights & Biases; WANDB_MODE=offline keeps it local).
         learning_rate: Peak AdamW learning rate.
         batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
         micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
@@ -133,7 +136,7 @@ def setup(
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
     check_out_dir(out_dir, resume)
-    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     fabric.launch(main, paths, dtype, adapter, training, data_dir, out_dir, resume)
 
 

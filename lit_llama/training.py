@@ -21,7 +21,7 @@ import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from lightning.fabric.loggers import CSVLogger
+from lightning.fabric.loggers import CSVLogger, Logger
 from lightning.fabric.strategies import ModelParallelStrategy, Strategy
 from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
 from torch.distributed.checkpoint.state_dict import (
@@ -410,15 +410,21 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def make_fabric(
-    devices: int, num_nodes: int, strategy: str, precision: str, out_dir: Path, cpu_offload: bool = False
+    devices: int,
+    num_nodes: int,
+    strategy: str,
+    precision: str,
+    out_dir: Path,
+    cpu_offload: bool = False,
+    logger_name: str = "csv",
 ) -> L.Fabric:
-    """Fabric with the devices, strategy (see `choose_strategy`), precision and CSV logger of a run."""
+    """Fabric with the devices, strategy (see `choose_strategy`), precision and logger (see `make_logger`) of a run."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
     if devices < 1 or num_nodes < 1:
         raise UserError(f"--devices and --num_nodes must be at least 1, got {devices} and {num_nodes}")
     if devices > available and num_nodes == 1:
         raise UserError(f"--devices {devices} is more than the {available} devices available on this machine")
-    logger = CSVLogger(root_dir=out_dir, name="logs", flush_logs_every_n_steps=10)
+    logger = make_logger(logger_name, out_dir)
     return L.Fabric(
         devices=devices,
         num_nodes=num_nodes,
@@ -428,6 +434,43 @@ def make_fabric(
         precision="32-true" if precision.endswith("-true") else precision,
         loggers=logger,
     )
+
+
+LOGGER_NAMES = ("csv", "tensorboard", "wandb")
+
+
+def make_logger(logger_name: str, out_dir: Path) -> Logger:
+    """Where the metrics of a run go. csv (default): out_dir/logs/version_N/metrics.csv. tensorboard:
+    out_dir/logs/version_N/events.out.tfevents.* (`tensorboard --logdir out_dir/logs`). wandb: a Weights & Biases
+    run, its local files in out_dir/wandb; with WANDB_MODE=offline nothing leaves the machine (`wandb sync` uploads
+    the run later)."""
+    if logger_name == "csv":
+        return CSVLogger(root_dir=out_dir, name="logs", flush_logs_every_n_steps=10)
+    if logger_name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        try:
+            return TensorBoardLogger(root_dir=out_dir, name="logs")
+        except ModuleNotFoundError:
+            raise UserError("--logger_name tensorboard needs the tensorboard package: pip install tensorboard")
+    if logger_name == "wandb":
+        try:
+            import wandb  # noqa: F401
+            from lightning.pytorch.loggers import WandbLogger
+        except ModuleNotFoundError:
+            raise UserError("--logger_name wandb needs the wandb package: pip install wandb")
+
+        class FinishingWandbLogger(WandbLogger):
+            """Lightning's Trainer finishes the W&B run at the end; under Fabric the logger's finalize does."""
+
+            def finalize(self, status: str) -> None:
+                super().finalize(status)
+                if self._experiment is not None:
+                    self._experiment.finish()
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return FinishingWandbLogger(project="lit-llama", name=Path(out_dir).name, save_dir=str(out_dir))
+    raise UserError(f"--logger_name {logger_name!r} is not one of {', '.join(LOGGER_NAMES)}")
 
 
 def choose_strategy(
