@@ -266,14 +266,15 @@ def peft_to_lora(
             parts = []
             for hf_module, size in modules:
                 name = f"{PEFT_PREFIX}{hf_module}.{PEFT_TENSOR_SUFFIXES[kind]}"
-                expected = {"lora_A": (lora.r, None), "lora_B": (size, lora.r), "lora_magnitude": (size,)}[kind]
+                in_features = config.intermediate_size if hf_module.endswith("down_proj") else config.n_embd
+                expected = {"lora_A": (lora.r, in_features), "lora_B": (size, lora.r), "lora_magnitude": (size,)}[kind]
                 if name not in tensors:
                     raise UserError(f"{source}: missing tensor {name!r}")
                 tensor = tensors[name]
-                if tensor.dim() != len(expected) or any(e is not None and s != e for s, e in zip(tensor.shape, expected)):
+                if tuple(tensor.shape) != expected:
                     raise UserError(
-                        f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                        f"{tuple('in' if e is None else e for e in expected)} for this base model and r={lora.r}"
+                        f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} for this "
+                        f"base model and r={lora.r}"
                     )
                 parts.append(tensor)
                 used.add(name)

@@ -222,7 +222,7 @@ def test_import_refuses_what_our_lora_cannot_represent(bases, tmp_path):
     # the right names, another width
     save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": torch.zeros(4, 4)
                for i in range(2) for ab in "AB"}, weights)
-    assert_clean_error(run(target_modules=["q_proj"]), "q_proj.lora_B.weight", "shape")
+    assert_clean_error(run(target_modules=["q_proj"]), "q_proj.lora_A.weight", "(4, 4)", "expected (4, 64)")
 
 
 def test_import_refuses_a_changed_copy_of_a_base_weight(bases, tmp_path):
