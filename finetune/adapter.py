@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.adapter import AdapterConfig, AdapterLLaMA, adapter_state_dict, mark_only_adapter_as_trainable
+from lit_llama.prompts import prompt_style_of_data
 from lit_llama.training import (
     TrainingConfig,
     check_out_dir,
@@ -151,6 +152,7 @@ def main(
     resume: bool,
 ) -> None:
     tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
+    prompt_style = prompt_style_of_data(data_dir)  # recorded in the adapter file for generate/adapter.py
     if training.warmup_iters is None:  # fit() clamps it to the run's optimizer steps
         training = replace(training, warmup_iters=WARMUP_EPOCHS * len(train_data) // training.batch_size)
 
@@ -166,7 +168,7 @@ def main(
     def save_adapter(path: Path) -> None:
         trainable = full_state_dict(adapter_model, trainable_only=True)  # under FSDP gathered from every rank
         if fabric.global_rank == 0:
-            save_atomic(adapter_state_dict(adapter_model, trainable), path)
+            save_atomic(adapter_state_dict(adapter_model, trainable, prompt_style), path)
             fabric.print(f"Saved adapter weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.utils import CheckpointPaths, UserError, load_model, load_state_dict
 
 # what an adapter checkpoint records about the model it belongs to (see adapter_state_dict)
@@ -205,15 +206,24 @@ def mark_only_adapter_as_trainable(model: AdapterLLaMA) -> None:
         param.requires_grad = name in trainable
 
 
-def adapter_state_dict(model: AdapterLLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
-    """The trainable tensors alone (a few MB for 7B) and, under "adapter_config", the adapter settings and
-    the base model's shape, so a generate script can rebuild the model from the base checkpoint and this.
-    `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
+def adapter_state_dict(
+    model: AdapterLLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None, prompt_style: str = DEFAULT_PROMPT_STYLE
+) -> Dict[str, Any]:
+    """The trainable tensors alone (a few MB for 7B) and, under "adapter_config", the adapter settings, the
+    base model's shape and the prompt style trained with, so a generate script can rebuild the model from the
+    base checkpoint and this. `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those
+    gathered from the shards)."""
     trainable = trainable_parameter_names(model)
     state_dict = model.state_dict() if state_dict is None else state_dict
     state = {name: t.detach() for name, t in state_dict.items() if name in trainable}
-    state["adapter_config"] = _describe(model.config)
+    state["adapter_config"] = {**_describe(model.config), "prompt_style": prompt_style}
     return state
+
+
+def adapter_prompt_style(checkpoint: Dict[str, Any]) -> str:
+    """The prompt style an adapter file was trained with (files written before styles existed: alpaca)."""
+    saved = checkpoint.get("adapter_config") if isinstance(checkpoint, dict) else None
+    return saved.get("prompt_style", DEFAULT_PROMPT_STYLE) if isinstance(saved, dict) else DEFAULT_PROMPT_STYLE
 
 
 def adapter_config_from_checkpoint(

@@ -1,8 +1,9 @@
 """Prompt styles: how an instruction (and its optional input) is put to the model, and what ends the answer.
 
 The style a model is finetuned with is the one it must be prompted with. Prepare scripts take `--prompt_style`
-and record it in prepare_config.json and in every sample; finetune/lora.py copies it into the LoRA file;
-generate/lora.py reads it from there (the other generate scripts and compare.py take `--prompt_style`).
+and record it in prepare_config.json and in every sample; finetune/lora.py and finetune/adapter.py copy it into
+their files; generate/lora.py and generate/adapter.py read it from there; compare.py uses the data's, and
+generate/full.py takes `--prompt_style`.
 
 * alpaca (the default): Stanford Alpaca's template; the answer ends with the tokenizer's EOS.
 * llama2-chat: Llama-2-chat's `[INST] ... [/INST]` turn (bos added by the tokenizer); the answer ends with EOS,

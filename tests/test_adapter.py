@@ -174,7 +174,7 @@ def test_state_dict_round_trip(tmp_path, version):
     state = adapter_state_dict(model)
     assert state["adapter_config"] == dict(
         adapter_version=version, adapter_prompt_length=4, adapter_start_layer=1, adapter_head=False,
-        n_layer=2, n_embd=64, n_head=4, n_query_groups=2, vocab_size=512,
+        n_layer=2, n_embd=64, n_head=4, n_query_groups=2, vocab_size=512, prompt_style="alpaca",
     )
     tensor_names = set(state) - {"adapter_config"}
     assert tensor_names == {n for n, p in model.named_parameters() if "adapter_" in n or (

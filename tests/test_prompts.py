@@ -110,3 +110,23 @@ def test_unknown_style_is_refused(tiny_checkpoint_dir, tmp_path):
     proc = run_script("scripts/prepare_alpaca.py", "--checkpoint_dir", tiny_checkpoint_dir, "--data_file",
                       tmp_path / "none.json", "--prompt_style", "vicuna", check=False)
     assert_clean_error(proc, "--prompt_style 'vicuna'", "chatml")
+
+
+def test_adapter_file_records_the_style(tiny_checkpoint_dir, tmp_path, capsys):
+    records = [{"instruction": f"Add {i % 11} and {i // 11}.", "input": "", "output": f"{i % 11 + i // 11}"}
+               for i in range(40)]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    load_script("scripts/prepare_alpaca.py").prepare(
+        data_file=tmp_path / "records.json", destination_path=tmp_path / "data", checkpoint_dir=tiny_checkpoint_dir,
+        test_split_size=4, max_seq_length=128, prompt_style="llama2-chat")
+    load_script("finetune/adapter.py").setup(
+        checkpoint_dir=tiny_checkpoint_dir, data_dir=tmp_path / "data", out_dir=tmp_path / "out", precision="32-true",
+        batch_size=4, micro_batch_size=4, max_iters=2, eval_interval=0, eval_iters=1, save_interval=0, warmup_iters=1,
+        adapter_start_layer=1)
+    adapter_path = tmp_path / "out" / "lit-llama-adapter-finetuned.pth"
+    assert torch.load(adapter_path)["adapter_config"]["prompt_style"] == "llama2-chat"
+    capsys.readouterr()
+    load_script("generate/adapter.py").main(prompt="Add 3 and 4.", adapter_path=adapter_path,
+                                            checkpoint_dir=tiny_checkpoint_dir, temperature=0, max_new_tokens=4,
+                                            precision="32-true")
+    assert "prompt style: llama2-chat (from the adapter file)" in capsys.readouterr().err
