@@ -22,7 +22,10 @@ setup(
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
         "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml", "torchao"],
-        # the reference implementations the tests and benchmarks compare against
-        "test": ["pytest", "hypothesis", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib"],
+        # --logger_name tensorboard / wandb in the finetune scripts
+        "loggers": ["tensorboard", "wandb"],
+        # the reference implementations the tests and benchmarks compare against, and the loggers they read back
+        "test": ["pytest", "hypothesis", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib", "tensorboard",
+                 "wandb"],
     },
 )

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.adapter import AdapterConfig, AdapterLLaMA, adapter_state_dict, mark_only_adapter_as_trainable
+from lit_llama.prompts import prompt_style_of_data
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.training import (
     TrainingConfig,
@@ -57,6 +58,7 @@ def setup(
     strategy: str = "auto",
     cpu_offload: bool = False,
     quantize: Optional[str] = None,
+    logger_name: str = "csv",
     learning_rate: float = 9e-3,
     batch_size: int = 128,
     micro_batch_size: int = 4,
@@ -98,6 +100,8 @@ def setup(
             to the GPU when it runs: fits larger models, runs slower.
         quantize: nf4: store the frozen linear weights of the transformer blocks in 4-bit NormalFloat (QLoRA;
             about 0.52 bytes per weight instead of 2 in bf16). One device only. Needs torchao.
+        logger_name: Where metrics go: csv (metrics.csv only), tensorboard (also logs/version_N/, for
+            `tensorboard --logdir <out_dir>/logs`) or wandb (also Weights & Biases; WANDB_MODE=offline keeps it local).
         learning_rate: Peak AdamW learning rate.
         batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
         micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
@@ -149,7 +153,7 @@ def setup(
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
     check_quantize(quantize, devices * num_nodes, strategy)
-    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "adapter", "model": asdict(paths.config), "adapter": asdict(adapter), "quantize": quantize}
     with claim_out_dir(out_dir, resume, run_info):
         fabric.launch(main, paths, dtype, run_info, adapter, training, data_dir, out_dir, resume, quantize)
@@ -168,6 +172,7 @@ def main(
     quantize: Optional[str],
 ) -> None:
     tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
+    prompt_style = prompt_style_of_data(data_dir)  # recorded in the adapter file for generate/adapter.py
     if training.warmup_iters is None:  # fit() clamps it to the run's optimizer steps
         training = replace(training, warmup_iters=WARMUP_EPOCHS * len(train_data) // training.batch_size)
 
@@ -186,7 +191,7 @@ def main(
     def save_adapter(path: Path) -> None:
         trainable = full_state_dict(adapter_model, trainable_only=True)  # under FSDP gathered from every rank
         if fabric.global_rank == 0:
-            save_atomic(adapter_state_dict(adapter_model, trainable), path)
+            save_atomic(adapter_state_dict(adapter_model, trainable, prompt_style), path)
             fabric.print(f"Saved adapter weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_adapter, FINAL_NAME, resume,

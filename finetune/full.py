@@ -59,6 +59,7 @@ def setup(
     num_nodes: int = 1,
     strategy: str = "auto",
     cpu_offload: bool = False,
+    logger_name: str = "csv",
     state_dict_type: str = "full",
     learning_rate: float = 3e-5,
     batch_size: int = 128,
@@ -96,6 +97,8 @@ def setup(
             or ddp (every device holds the whole model and its AdamW states; gradients are averaged).
         cpu_offload: With FSDP, keep the weight shards, gradients and AdamW states in CPU memory and copy each
             block to the GPU when it runs: fits larger models, runs slower.
+        logger_name: Where metrics go: csv (logs/version_N/metrics.csv), tensorboard (logs/version_N/, for
+            `tensorboard --logdir <out_dir>/logs`) or wandb (Weights & Biases; WANDB_MODE=offline keeps it local).
         state_dict_type: With FSDP: full (each checkpoint one file, gathered on rank 0) or sharded (a folder
             with one file per process: faster to write, no gathering; generate/full.py reads both; the resume
             state is sharded the same way).
@@ -136,7 +139,7 @@ def setup(
     if sharded and choose_strategy(strategy, devices, num_nodes, precision) in ("auto", "ddp"):
         raise UserError("--state_dict_type sharded needs FSDP (--strategy fsdp, or --devices > 1); without it "
                         "checkpoints are always one full file")
-    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "full", "model": asdict(paths.config)}
     with claim_out_dir(out_dir, resume, run_info):
         fabric.launch(main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)

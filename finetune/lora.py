@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
+from lit_llama.prompts import prompt_style_of_data
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.training import (
     TrainingConfig,
@@ -54,6 +55,7 @@ def setup(
     strategy: str = "auto",
     cpu_offload: bool = False,
     quantize: Optional[str] = None,
+    logger_name: str = "csv",
     learning_rate: float = 3e-4,
     batch_size: int = 128,
     micro_batch_size: int = 4,
@@ -71,6 +73,8 @@ def setup(
     lora_projection: bool = False,
     lora_mlp: bool = False,
     lora_head: bool = False,
+    lora_rslora: bool = False,
+    lora_dora: bool = False,
     eval_interval: int = 100,
     eval_iters: int = 100,
     save_interval: int = 100,
@@ -100,6 +104,8 @@ def setup(
             to the GPU when it runs: fits larger models, runs slower.
         quantize: nf4: store the frozen linear weights of the transformer blocks in 4-bit NormalFloat (QLoRA;
             about 0.52 bytes per weight instead of 2 in bf16). One device only. Needs torchao.
+        logger_name: Where metrics go: csv (metrics.csv only), tensorboard (also logs/version_N/, for
+            `tensorboard --logdir <out_dir>/logs`) or wandb (also Weights & Biases; WANDB_MODE=offline keeps it local).
         learning_rate: Peak AdamW learning rate.
         batch_size: Examples per optimizer step over all devices (gradient accumulation makes up the rest).
         micro_batch_size: Examples per forward/backward pass on one device; lower it if memory runs out.
@@ -118,6 +124,10 @@ def setup(
         lora_projection: Adapt the attention output projection.
         lora_mlp: Adapt the three MLP projections.
         lora_head: Adapt the output layer.
+        lora_rslora: Rank-stabilised LoRA: scale updates by alpha / sqrt(r) instead of alpha / r (larger ranks
+            then learn as fast as small ones).
+        lora_dora: DoRA: also train a magnitude per output row of each adapted layer; the LoRA update then only
+            changes the weight's direction. Somewhat slower steps; merges like LoRA.
         eval_interval: Optimizer steps between validation (loss and one greedy sample).
         eval_iters: Validation micro-batches per validation.
         save_interval: Optimizer steps between checkpoints.
@@ -133,7 +143,8 @@ def setup(
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     try:
         lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
-                          value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head)
+                          value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head,
+                          rslora=lora_rslora, dora=lora_dora)
     except ValueError as e:
         raise UserError(f"--lora_{e}")  # LoRAConfig's messages start with the field's (= the flag's) name
     training = TrainingConfig(
@@ -146,7 +157,7 @@ def setup(
     precision = precision or default_precision()
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
     check_quantize(quantize, devices * num_nodes, strategy)
-    fabric = make_fabric(devices, num_nodes, strategy, precision, cpu_offload)
+    fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize}
     with claim_out_dir(out_dir, resume, run_info):
         fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
@@ -165,6 +176,7 @@ def main(
     quantize: Optional[str],
 ) -> None:
     tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
+    prompt_style = prompt_style_of_data(data_dir)  # recorded in the LoRA file: generate/lora.py prompts the same way
 
     lora_model = load_model(paths, load_device(fabric, quantize), dtype, LoRALLaMA, lora=lora)
     mark_only_lora_as_trainable(lora_model)
@@ -180,7 +192,7 @@ def main(
     def save_lora(path: Path) -> None:
         trainable = full_state_dict(lora_model, trainable_only=True)  # under FSDP gathered from every rank
         if fabric.global_rank == 0:
-            save_atomic(lora_state_dict(lora_model, trainable), path)
+            save_atomic(lora_state_dict(lora_model, trainable, prompt_style), path)
             fabric.print(f"Saved LoRA weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume,

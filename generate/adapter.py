@@ -4,9 +4,9 @@
         --adapter_path out/adapter/alpaca/lit-llama-adapter-finetuned.pth \
         --prompt "Please explain how weight decay works"
 
-The instruction is wrapped in the Alpaca prompt template the model was finetuned with. The adapter file
-says which model to build (v1 or v2, prompt length, start layer); it must have been trained on this base
-model.
+The instruction is wrapped in the prompt style the adapter was finetuned with (recorded in the adapter file;
+Alpaca for files from before styles). The adapter file says which model to build (v1 or v2, prompt length, start layer); it must have been
+trained on this base model.
 """
 
 import sys
@@ -15,10 +15,11 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.adapter import load_adapter_model
-from lit_llama.data import generate_prompt
+from lit_llama.adapter import adapter_prompt_style, load_adapter_model
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
+from lit_llama.prompts import get_prompt_style
 from lit_llama.utils import (
+    load_state_dict,
     resolve_checkpoint,
     run_cli,
 )
@@ -37,6 +38,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    prompt_style: Optional[str] = None,
 ) -> None:
     """Responds to an instruction with a LLaMA-Adapter-finetuned model.
 
@@ -54,14 +56,21 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        prompt_style: alpaca, llama2-chat or chatml; default: the style recorded in the adapter file (the one it
+            was trained with). Give it only to override that.
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    tokenizer, device, dtype = setup_generation(paths, precision, generate_prompt(prompt, input), max_new_tokens)
+    trained_with = adapter_prompt_style(load_state_dict(adapter_path))
+    style = get_prompt_style(prompt_style or trained_with)
+    print(f"prompt style: {style.name}" + (" (from the adapter file)" if prompt_style is None else
+                                           f" (the adapter was trained with {trained_with})"), file=sys.stderr)
+    tokenizer, device, dtype = setup_generation(paths, precision, style.prompt(prompt, input), max_new_tokens)
 
     model = load_adapter_model(paths, adapter_path, device, dtype)
     model.eval()
-    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
+    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device,
+                       style.name)
 
 
 if __name__ == "__main__":

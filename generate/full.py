@@ -3,10 +3,10 @@
     python generate/full.py --checkpoint_path out/full/alpaca/lit-llama-full-finetuned.pth \
         --prompt "Please explain how weight decay works"
 
-The instruction is wrapped in the Alpaca prompt template the model was finetuned with. The model config and
-tokenizer are read from beside the checkpoint (finetune/full.py writes them into its --out_dir), or else
-from the base model folder --checkpoint_dir. The checkpoint is a file, or, from a run with
-`--state_dict_type sharded`, a folder of FSDP shards: it is then put together here, in one process.
+The instruction is wrapped in the prompt template the model was finetuned with (--prompt_style, Alpaca by
+default). The model config and tokenizer are read from beside the checkpoint (finetune/full.py writes them
+into its --out_dir), or else from the base model folder --checkpoint_dir. The checkpoint is a file, or, from a
+run with `--state_dict_type sharded`, a folder of FSDP shards: it is then put together here, in one process.
 """
 
 import sys
@@ -50,6 +50,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    prompt_style: str = "alpaca",
 ) -> None:
     """Responds to an instruction with a fully finetuned model.
 
@@ -67,6 +68,8 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        prompt_style: The prompt style the model was finetuned with: alpaca, llama2-chat or chatml (as given to
+            the prepare script).
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     paths = resolve_finetuned(checkpoint_path, checkpoint_dir, tokenizer_path)
@@ -77,7 +80,8 @@ def main(
     else:
         model = load_model(paths, device, dtype)  # checks that every weight is there, with its shape
     model.eval()
-    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
+    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device,
+                       prompt_style)
 
 
 def resolve_finetuned(

@@ -3,7 +3,8 @@
     python generate/lora.py --checkpoint_dir checkpoints/lit-llama/7B \
         --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --prompt "Please explain how weight decay works"
 
-The instruction is wrapped in the Alpaca prompt template the model was finetuned with. By default the
+The instruction is wrapped in the prompt style the LoRA was finetuned with (recorded in the LoRA file;
+Alpaca for files from before styles). By default the
 LoRA update is merged into the weights at load time (W + alpha/r * B A), so generation is as fast as the
 base model's; `--merge false` keeps the LoRA branch separate (same output, slower).
 """
@@ -14,10 +15,11 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.data import generate_prompt
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
-from lit_llama.lora import load_lora_model
+from lit_llama.lora import load_lora_model, lora_prompt_style
+from lit_llama.prompts import get_prompt_style
 from lit_llama.utils import (
+    load_state_dict,
     resolve_checkpoint,
     run_cli,
 )
@@ -37,6 +39,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    prompt_style: Optional[str] = None,
 ) -> None:
     """Responds to an instruction with a LoRA-finetuned model.
 
@@ -54,14 +57,21 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        prompt_style: alpaca, llama2-chat or chatml; default: the style recorded in the LoRA file (the one it was
+            trained with). Give it only to override that.
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    tokenizer, device, dtype = setup_generation(paths, precision, generate_prompt(prompt, input), max_new_tokens)
+    trained_with = lora_prompt_style(load_state_dict(lora_path))
+    style = get_prompt_style(prompt_style or trained_with)
+    print(f"prompt style: {style.name}" + (" (from the LoRA file)" if prompt_style is None else
+                                           f" (the LoRA was trained with {trained_with})"), file=sys.stderr)
+    tokenizer, device, dtype = setup_generation(paths, precision, style.prompt(prompt, input), max_new_tokens)
 
     model = load_lora_model(paths, lora_path, device, dtype, merge)
     model.eval()
-    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device)
+    respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device,
+                       style.name)
 
 
 if __name__ == "__main__":

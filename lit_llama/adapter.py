@@ -27,10 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
 
 # what an adapter checkpoint records about the model it belongs to (see adapter_state_dict)
-ADAPTER_FIELDS = ("adapter_version", "adapter_prompt_length", "adapter_start_layer")
+ADAPTER_FIELDS = ("adapter_version", "adapter_prompt_length", "adapter_start_layer", "adapter_head")
 BASE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "vocab_size")
 
 
@@ -39,11 +40,14 @@ class AdapterConfig(Config):
     adapter_prompt_length: int = 10  # learnable prompt vectors per adapted layer
     adapter_start_layer: int = 2  # layers before this one keep plain attention
     adapter_version: int = 1  # 2: also scale/bias on the linear layers and trainable norms
+    adapter_head: bool = False  # v2: scale/bias on the output layer too (Lit-LLaMA's v2 had them; converted files)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.adapter_version not in (1, 2):
             raise ValueError(f"adapter_version must be 1 or 2, got {self.adapter_version}")
+        if self.adapter_head and self.adapter_version != 2:
+            raise ValueError("adapter_head (scale/bias on the output layer) needs adapter_version 2")
         if self.adapter_prompt_length < 1:
             raise ValueError(f"adapter_prompt_length must be at least 1, got {self.adapter_prompt_length}")
         if not 0 <= self.adapter_start_layer < self.n_layer:
@@ -175,6 +179,8 @@ class AdapterLLaMA(LLaMA):
                 block.rms_1, block.rms_2 = _v2_norm(block.rms_1), _v2_norm(block.rms_2)
         if config.adapter_version == 2:
             self.transformer.ln_f = _v2_norm(self.transformer.ln_f)
+        if config.adapter_head:
+            self.lm_head = AdapterV2Linear.like(self.lm_head)
 
 
 def _v2_norm(norm: RMSNorm) -> AdapterV2RMSNorm:
@@ -200,15 +206,24 @@ def mark_only_adapter_as_trainable(model: AdapterLLaMA) -> None:
         param.requires_grad = name in trainable
 
 
-def adapter_state_dict(model: AdapterLLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
-    """The trainable tensors alone (a few MB for 7B) and, under "adapter_config", the adapter settings and
-    the base model's shape, so a generate script can rebuild the model from the base checkpoint and this.
-    `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
+def adapter_state_dict(
+    model: AdapterLLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None, prompt_style: str = DEFAULT_PROMPT_STYLE
+) -> Dict[str, Any]:
+    """The trainable tensors alone (a few MB for 7B) and, under "adapter_config", the adapter settings, the
+    base model's shape and the prompt style trained with, so a generate script can rebuild the model from the
+    base checkpoint and this. `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those
+    gathered from the shards)."""
     trainable = trainable_parameter_names(model)
     state_dict = model.state_dict() if state_dict is None else state_dict
     state = {name: t.detach() for name, t in state_dict.items() if name in trainable}
-    state["adapter_config"] = _describe(model.config)
+    state["adapter_config"] = {**_describe(model.config), "prompt_style": prompt_style}
     return state
+
+
+def adapter_prompt_style(checkpoint: Dict[str, Any]) -> str:
+    """The prompt style an adapter file was trained with (files written before styles existed: alpaca)."""
+    saved = checkpoint.get("adapter_config") if isinstance(checkpoint, dict) else None
+    return saved.get("prompt_style", DEFAULT_PROMPT_STYLE) if isinstance(saved, dict) else DEFAULT_PROMPT_STYLE
 
 
 def adapter_config_from_checkpoint(
@@ -266,11 +281,13 @@ def _describe(config: AdapterConfig) -> Dict[str, int]:
 
 def _read_adapter_config(checkpoint: Any, path: Union[str, Path]) -> Dict[str, int]:
     saved = checkpoint.get("adapter_config") if isinstance(checkpoint, dict) else None
+    if isinstance(saved, dict):
+        saved = {"adapter_head": False, **saved}  # files written before adapter_head existed
     if not isinstance(saved, dict):
         if isinstance(checkpoint, dict) and any("adapter_wte" in name for name in checkpoint):
             raise UserError(
-                f"{path} holds adapter weights but no adapter_config (written by another version of Lit-LLaMA?): "
-                "finetune again with finetune/adapter.py"
+                f"{path} holds adapter weights but no adapter_config: a Lit-LLaMA adapter file? Convert it with "
+                "scripts/convert_lit_llama_checkpoint.py"
             )
         raise UserError(f"{path} is not an adapter checkpoint written by finetune/adapter.py (no adapter_config)")
     absent = [f for f in (*ADAPTER_FIELDS, *BASE_FIELDS) if f not in saved]

@@ -1,7 +1,8 @@
 """Weight-name mappings between our checkpoints, Hugging Face `LlamaForCausalLM` and Meta's original release.
 
 Used by scripts/convert_hf_checkpoint.py (HF -> lit), scripts/convert_checkpoint.py (Meta -> lit) and
-scripts/convert_lit_checkpoint.py (lit -> HF). Meta's names are first renamed to Hugging Face's (with the
+scripts/convert_lit_checkpoint.py (lit -> HF), and PEFT's LoRA adapters (scripts/export_peft.py,
+scripts/import_peft.py). Meta's names are first renamed to Hugging Face's (with the
 rotary permutation of q/k), so HF -> lit is the one mapping every converter shares.
 
 The mappings work on a stream of `(name, tensor)` pairs: a converter reads one tensor at a time and never
@@ -11,10 +12,11 @@ holds more than the tensors it has already converted, plus at most one layer's q
 import math
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from lit_llama.lora import LoRAConfig
 from lit_llama.model import Config, LLaMA
 from lit_llama.utils import UserError
 
@@ -188,3 +190,276 @@ def meta_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optio
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * math.ceil(hidden / multiple_of)
+
+
+# --- PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors) ------------------------------
+#
+# PEFT adapts each Hugging Face projection on its own; our fused c_attn holds one (A, B) pair per adapted part
+# of [q | k | v], stacked in `lora_A` (rows of r) and `lora_B` (rows of the part's size). Our q/k rows are
+# already in Hugging Face's rotate-half layout (Meta's weights are permuted once, on conversion), so
+# splitting the stacks is the whole translation: no row permutation is needed either way.
+
+PEFT_PREFIX = "base_model.model."
+# our LoRAConfig target -> the Hugging Face modules it adapts
+LORA_TARGET_MODULES = {
+    "query": ("q_proj",),
+    "key": ("k_proj",),
+    "value": ("v_proj",),
+    "projection": ("o_proj",),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "head": ("lm_head",),
+}
+# our tensor name suffix -> PEFT's (DoRA's magnitude is a bare tensor in PEFT's files, without ".weight")
+PEFT_TENSOR_SUFFIXES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+
+
+def lora_layer_modules(lora: LoRAConfig, config: Config) -> List[Tuple[str, List[Tuple[str, int]]]]:
+    """Every LoRA layer of a `LoRALLaMA`, as (our module name, [(Hugging Face module name, output rows), ...]):
+    the HF modules whose A/B are stacked in that layer, in stacking order."""
+    q_size, kv_size = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    layers: List[Tuple[str, List[Tuple[str, int]]]] = []
+    for i in range(config.n_layer):
+        qkv = [(f"model.layers.{i}.self_attn.{p}", size)
+               for p, size, on in zip(QKV, (q_size, kv_size, kv_size), (lora.query, lora.key, lora.value)) if on]
+        if qkv:
+            layers.append((f"transformer.h.{i}.attn.c_attn", qkv))
+        if lora.projection:
+            layers.append((f"transformer.h.{i}.attn.c_proj", [(f"model.layers.{i}.self_attn.o_proj", config.n_embd)]))
+        if lora.mlp:
+            for ours, hf, size in (("c_fc1", "gate_proj", config.intermediate_size),
+                                   ("c_fc2", "up_proj", config.intermediate_size),
+                                   ("c_proj", "down_proj", config.n_embd)):
+                layers.append((f"transformer.h.{i}.mlp.{ours}", [(f"model.layers.{i}.mlp.{hf}", size)]))
+    if lora.head:
+        layers.append(("lm_head", [("lm_head", config.vocab_size)]))
+    return layers
+
+
+def lora_to_peft(tensors: Dict[str, torch.Tensor], lora: LoRAConfig, config: Config) -> Dict[str, torch.Tensor]:
+    """Our LoRA tensors -> PEFT's, the stacked q/k/v pairs split per projection. Each tensor is cloned:
+    safetensors wants every tensor in its own memory, not views of one stack."""
+    peft: Dict[str, torch.Tensor] = {}
+    for ours, modules in lora_layer_modules(lora, config):
+        sizes = [size for _, size in modules]
+        pieces = {
+            "lora_A": tensors[f"{ours}.lora_A"].split(lora.r),
+            "lora_B": tensors[f"{ours}.lora_B"].split(sizes),
+        }
+        if f"{ours}.lora_magnitude" in tensors:
+            pieces["lora_magnitude"] = tensors[f"{ours}.lora_magnitude"].split(sizes)
+        for kind, split in pieces.items():
+            for (hf_module, _), piece in zip(modules, split):
+                peft[f"{PEFT_PREFIX}{hf_module}.{PEFT_TENSOR_SUFFIXES[kind]}"] = piece.clone()
+    return peft
+
+
+def peft_to_lora(
+    tensors: Dict[str, torch.Tensor], lora: LoRAConfig, config: Config, source: Path
+) -> Dict[str, torch.Tensor]:
+    """The inverse of `lora_to_peft`: PEFT's per-projection tensors stacked into our LoRA layers. Every tensor
+    the LoRA config implies must be there with its shape, and no other."""
+    kinds = ["lora_A", "lora_B"] + (["lora_magnitude"] if lora.dora else [])
+    ours: Dict[str, torch.Tensor] = {}
+    used = set()
+    for layer, modules in lora_layer_modules(lora, config):
+        for kind in kinds:
+            parts = []
+            for hf_module, size in modules:
+                name = f"{PEFT_PREFIX}{hf_module}.{PEFT_TENSOR_SUFFIXES[kind]}"
+                in_features = config.intermediate_size if hf_module.endswith("down_proj") else config.n_embd
+                expected = {"lora_A": (lora.r, in_features), "lora_B": (size, lora.r), "lora_magnitude": (size,)}[kind]
+                if name not in tensors:
+                    raise UserError(f"{source}: missing tensor {name!r}")
+                tensor = tensors[name]
+                if tuple(tensor.shape) != expected:
+                    raise UserError(
+                        f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} for this "
+                        f"base model and r={lora.r}"
+                    )
+                parts.append(tensor)
+                used.add(name)
+            ours[f"{layer}.{kind}"] = torch.cat(parts, dim=0)
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise UserError(f"{source}: tensor {unexpected[0]!r} has no place in our LoRA model")
+    return ours
+
+
+def peft_targets(names: Iterable[str], n_layer: int, source: Path) -> Dict[str, bool]:
+    """Which of our LoRAConfig targets a PEFT adapter's tensor names cover. Our targets are model-wide, so
+    every layer must adapt the same modules, and the MLP's three projections go together."""
+    pattern = re.compile(
+        re.escape(PEFT_PREFIX) + r"(?:model\.layers\.(\d+)\.(?:self_attn|mlp)\.)?(\w+)\.(lora_A\.weight|lora_B\.weight|"
+        r"lora_magnitude_vector)$"
+    )
+    per_layer: Dict[int, set] = {}
+    head = False
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            raise UserError(
+                f"{source}: tensor {name!r} is not a LoRA weight of a LLaMA-architecture model's projections "
+                "(q/k/v/o_proj, gate/up/down_proj, lm_head)"
+            )
+        layer, module = match.group(1), match.group(2)
+        if layer is None:
+            if module != "lm_head":
+                raise UserError(f"{source}: tensor {name!r}: LoRA on {module!r} is not supported (only lm_head "
+                                "outside the transformer layers)")
+            head = True
+        else:
+            if int(layer) >= n_layer:
+                raise UserError(f"{source}: tensor {name!r} is for layer {layer}, the base model has {n_layer} layers")
+            per_layer.setdefault(int(layer), set()).add(module)
+    module_sets = {frozenset(modules) for modules in per_layer.values()}
+    if per_layer and (len(per_layer) != n_layer or len(module_sets) != 1):
+        raise UserError(
+            f"{source} adapts different modules in different layers (or not every layer); our LoRA adapts the "
+            "same modules in every layer"
+        )
+    modules = set(next(iter(module_sets))) if module_sets else set()
+    targets = {target: False for target in LORA_TARGET_MODULES}
+    targets["head"] = head
+    for target, hf_modules in LORA_TARGET_MODULES.items():
+        present = modules & set(hf_modules)
+        if present and present != set(hf_modules):
+            raise UserError(f"{source} adapts {sorted(present)} but not {sorted(set(hf_modules) - present)}: our "
+                            f"LoRA adapts the MLP's gate, up and down projections together")
+        if present:
+            targets[target] = True
+        modules -= set(hf_modules)
+    if modules:
+        raise UserError(f"{source}: LoRA on {sorted(modules)} is not supported")
+    return targets
+
+
+# --- Lit-LLaMA's own checkpoints (github.com/Lightning-AI/lit-llama) ------------------------------------------
+#
+# Lit-LLaMA used our tensor names with three differences: RMSNorm weights are called `.scale`; the q/k rows of
+# c_attn are in Meta's interleaved rotary layout (its converters kept Meta's order, and permuted Hugging Face
+# weights back to it), so they are permuted like Meta's (`permute_meta`); and its finetuned files are bare
+# tensor dicts without settings. The head count is not in the tensors: it comes from Lit-LLaMA's size names.
+
+LIT_LLAMA_N_HEAD = {"7B": 32, "13B": 40, "30B": 52, "65B": 64}  # Lit-LLaMA's llama_configs
+LIT_LLAMA_NORM_EPS = 1e-5  # Lit-LLaMA's RMSNorm default (Meta's reference uses 1e-6)
+LIT_LLAMA_BLOCK_SIZE = 2048
+LIT_LLAMA_SCRIPT = "scripts/convert_lit_llama_checkpoint.py"
+
+
+def is_lit_llama_base(names: Iterable[str]) -> bool:
+    """Lit-LLaMA's base checkpoints call the RMSNorm weights `rms_1.scale`, `rms_2.scale`, `ln_f.scale`."""
+    return any(name.endswith(("rms_1.scale", "rms_2.scale", "ln_f.scale")) for name in names)
+
+
+def is_lit_llama_lora(names: Iterable[str]) -> bool:
+    return any(name.endswith((".lora_A", ".lora_B")) for name in names)
+
+
+def lit_llama_config(tensors: Dict[str, torch.Tensor], n_head: int, source: Path) -> Config:
+    """The model shape of a Lit-LLaMA base checkpoint, read from its tensors (the head count given)."""
+    try:
+        vocab_size, n_embd = tensors["transformer.wte.weight"].shape
+        intermediate_size = tensors["transformer.h.0.mlp.c_fc1.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{source}: no tensor {e.args[0]!r}; is it a Lit-LLaMA base checkpoint?")
+    n_layer = len({name.split(".")[2] for name in tensors if name.startswith("transformer.h.")})
+    try:
+        return Config(block_size=LIT_LLAMA_BLOCK_SIZE, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                      n_embd=n_embd, intermediate_size=intermediate_size, norm_eps=LIT_LLAMA_NORM_EPS)
+    except ValueError as e:
+        raise UserError(f"{source}: {e} (wrong --n_head or --model_size?)")
+
+
+def permute_qk_rows(t: torch.Tensor, config: Config, parts: Sequence[str] = ("q", "k", "v")) -> torch.Tensor:
+    """Rows of a c_attn-shaped tensor (the weight, a per-row vector, or LoRA's stacked B) from Meta's rotary
+    layout to ours: the q and k blocks among `parts` are permuted per head, v stays. Lit-LLaMA has no
+    grouped-query attention: every block is n_embd rows."""
+    blocks = t.split(config.n_embd)
+    out = []
+    for part, block in zip(parts, blocks):
+        if part in ("q", "k"):
+            block = permute_meta(block.reshape(config.n_embd, -1), config.n_head).reshape(block.shape)
+        out.append(block)
+    return torch.cat(out)
+
+
+def lit_llama_to_lit(tensors: Dict[str, torch.Tensor], config: Config) -> Iterator[Tuple[str, torch.Tensor]]:
+    """A Lit-LLaMA base (or adapter v2 norm) tensor stream renamed to ours, q/k rows permuted."""
+    for name, tensor in tensors.items():
+        if name.endswith(".scale") and (".rms_" in name or "ln_f" in name):
+            yield name.removesuffix(".scale") + ".weight", tensor
+        elif name.endswith(".attn.c_attn.weight"):
+            yield name, permute_qk_rows(tensor, config)
+        else:
+            yield name, tensor
+
+
+def lit_llama_lora_to_lit(
+    tensors: Dict[str, torch.Tensor], lora: LoRAConfig, config: Config, source: Path
+) -> Dict[str, torch.Tensor]:
+    """Lit-LLaMA's `MergedLinear` LoRA (c_attn only): A stacked [A_q; A_v], B stacked [B_q; B_v] (rows of the
+    enabled parts), the same stacking as ours; B's q/k rows are permuted to our rotary layout."""
+    parts = [p for p, on in zip("qkv", (lora.query, lora.key, lora.value)) if on]
+    ours = {}
+    for name, tensor in tensors.items():
+        if not re.fullmatch(r"transformer\.h\.\d+\.attn\.c_attn\.lora_[AB]", name):
+            raise UserError(f"{source}: unexpected tensor {name!r}; Lit-LLaMA's LoRA adapts c_attn only")
+        if int(name.split(".")[2]) >= config.n_layer:
+            raise UserError(f"{source}: {name!r} is for a deeper model than the base ({config.n_layer} layers)")
+        expected = (lora.r * len(parts), config.n_embd) if name.endswith("A") else (config.n_embd * len(parts), lora.r)
+        if tuple(tensor.shape) != expected:
+            raise UserError(
+                f"{source}: {name!r} has shape {tuple(tensor.shape)}, expected {expected} for r={lora.r} on "
+                f"{'/'.join(parts)} and n_embd={config.n_embd} (other targets? give --lora_query/--lora_key/--lora_value)"
+            )
+        ours[name] = permute_qk_rows(tensor, config, parts) if name.endswith("B") else tensor
+    expected_names = {f"transformer.h.{i}.attn.c_attn.lora_{ab}" for i in range(config.n_layer) for ab in "AB"}
+    missing = sorted(expected_names - set(ours))
+    if missing:
+        raise UserError(f"{source}: missing {missing[0]!r}; our LoRA adapts every layer")
+    return ours
+
+
+def lit_llama_adapter_to_lit(
+    tensors: Dict[str, torch.Tensor], config: Config, source: Path
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """Lit-LLaMA's adapter v1 (`adapter_wte`, `gating_factor`) or v2 (also `adapter_scale` / `adapter_bias` on
+    every linear layer and trained RMSNorm `.scale`s) -> our tensors and adapter settings.
+
+    v2 computes y = scale * (W x + bias), ours y = scale * W x + bias': bias' = scale * bias. Per-row vectors
+    of c_attn get the q/k permutation. The prompt length and first adapted layer come from the tensors."""
+    layers = sorted(int(n.split(".")[2]) for n in tensors if n.endswith(".attn.adapter_wte.weight"))
+    if not layers:
+        raise UserError(f"{source}: no adapter_wte tensors; is it a Lit-LLaMA adapter checkpoint?")
+    start = layers[0]
+    if layers != list(range(start, config.n_layer)):
+        raise UserError(f"{source}: adapter prompts in layers {layers}; expected every layer from {start} on")
+    prompt_length = tensors[f"transformer.h.{start}.attn.adapter_wte.weight"].shape[0]
+    version = 2 if any(n.endswith(".adapter_scale") for n in tensors) else 1
+    ours: Dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".adapter_wte.weight"):
+            ours[name] = tensor
+        elif name.endswith(".attn.gating_factor"):
+            # early Lit-LLaMA versions had one gate for all heads: repeated per head, as Lit-LLaMA itself does
+            gate = tensor.reshape(1, -1, 1, 1)
+            ours[name.replace("gating_factor", "adapter_gating_factor")] = gate.expand(1, config.n_head, 1, 1).clone() \
+                if gate.numel() == 1 else gate
+        elif name.endswith(".adapter_scale") or name.endswith(".adapter_bias"):
+            pass  # below, scale and bias together
+        elif version == 2 and name.endswith(".scale"):
+            ours.update(lit_llama_to_lit({name: tensor}, config))
+        else:
+            raise UserError(f"{source}: unexpected tensor {name!r} in a Lit-LLaMA adapter checkpoint")
+    if version == 2:
+        for name in [n for n in tensors if n.endswith(".adapter_scale")]:
+            layer = name.removesuffix(".adapter_scale")
+            scale, bias = tensors[name], tensors.get(f"{layer}.adapter_bias")
+            if bias is None:
+                raise UserError(f"{source}: {layer}.adapter_bias is missing")
+            bias = scale * bias
+            if layer.endswith("attn.c_attn"):
+                scale, bias = permute_qk_rows(scale, config), permute_qk_rows(bias, config)
+            ours[f"{layer}.adapter_scale"], ours[f"{layer}.adapter_bias"] = scale, bias
+    fields = {"adapter_version": version, "adapter_prompt_length": prompt_length, "adapter_start_layer": start}
+    return ours, fields

@@ -1,4 +1,4 @@
-"""Instruction datasets: the Alpaca prompt template, loading and checking records, tokenizing them into
+"""Instruction datasets: prompts in a prompt style (lit_llama/prompts.py, Alpaca by default), loading and checking records, tokenizing them into
 training samples and writing the train/test splits that the finetune scripts read.
 
 scripts/prepare_alpaca.py and scripts/prepare_dolly.py are thin wrappers around `prepare_dataset`.
@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
     TOKENIZER_NAME,
@@ -36,20 +37,11 @@ FIELDS = ("instruction", "input", "output")
 PREPARE_CONFIG_NAME = "prepare_config.json"  # the settings and the tokenizer the data was prepared with
 
 
-def generate_prompt(instruction: str, input: str = "") -> str:
-    """The Stanford Alpaca prompt. The model's answer follows it directly: a training example is the tokens
-    of this prompt followed by the tokens of the output (see `prepare_sample`)."""
-    if input:
-        return (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-        )
-    return (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        f"### Instruction:\n{instruction}\n\n### Response:"
-    )
+def generate_prompt(instruction: str, input: str = "", prompt_style: str = DEFAULT_PROMPT_STYLE) -> str:
+    """The prompt in `prompt_style` (the Stanford Alpaca template by default, see lit_llama/prompts.py). The
+    model's answer follows it directly: a training example is the tokens of this prompt followed by the tokens
+    of the output (see `prepare_sample`)."""
+    return get_prompt_style(prompt_style).prompt(instruction, input)
 
 
 def load_records(path: Path, field_map: Optional[Dict[str, str]] = None) -> List[Dict[str, str]]:
@@ -128,11 +120,16 @@ def _parse_json_lines(path: Path, text: str) -> List[Tuple[Any, str]]:
 
 
 def prepare_sample(
-    record: Dict[str, str], tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True
+    record: Dict[str, str],
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    mask_inputs: bool = True,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> Dict[str, Any]:
     """Tokenizes one record into a training sample.
 
-    input_ids = bos + prompt + output + eos, cut to `max_seq_length`. The prompt and the output are encoded
+    input_ids = bos + prompt + output + eos, cut to `max_seq_length`, the prompt in `prompt_style` (whose answers
+    may end with a stop text before eos, as ChatML's "<|im_end|>"). The prompt and the output are encoded
     separately and concatenated, not encoded as one string: SentencePiece could merge characters across the
     boundary into one token, and then no token count could say where the prompt ends. This way the prompt's
     tokens are exactly those the model sees at inference (`input_ids_no_response`), and the mask is exact.
@@ -146,8 +143,9 @@ def prepare_sample(
         truncated: whether the example was longer than `max_seq_length`.
         num_tokens: the example's length before truncation.
     """
-    prompt_ids = tokenizer.encode(generate_prompt(record["instruction"], record["input"]), bos=True, eos=False)
-    output_ids = tokenizer.encode(record["output"], bos=False, eos=True)
+    style = get_prompt_style(prompt_style)
+    prompt_ids = tokenizer.encode(style.prompt(record["instruction"], record["input"]), bos=True, eos=False)
+    output_ids = tokenizer.encode(style.answer(record["output"]), bos=False, eos=True)
     full_ids = torch.cat([prompt_ids, output_ids])
     input_ids = full_ids[:max_seq_length].clone()  # clone: do not keep the untruncated tensor alive in the save
     labels = input_ids.clone()
@@ -162,6 +160,7 @@ def prepare_sample(
         "labels": labels,
         "truncated": len(full_ids) > max_seq_length,
         "num_tokens": len(full_ids),
+        "prompt_style": style.name,  # finetune's validation samples are generated in the same style
     }
 
 
@@ -199,6 +198,7 @@ def prepare_dataset(
     max_seq_length: int,
     mask_inputs: bool = True,
     extra_config: Optional[Dict[str, Any]] = None,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """Tokenizes `records`, splits them at random (repeatably, by `seed`) and writes `train.pt`, `test.pt`
     (lists of `prepare_sample` dicts) and `prepare_config.json` (the settings used) to `out_dir`.
@@ -208,7 +208,9 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     if max_seq_length < 1:
         raise UserError(f"--max_seq_length must be positive, got {max_seq_length}")
-    samples = [prepare_sample(r, tokenizer, max_seq_length, mask_inputs) for r in tqdm(records, desc="tokenizing")]
+    get_prompt_style(prompt_style)  # a wrong name fails before the tokenizing
+    samples = [prepare_sample(r, tokenizer, max_seq_length, mask_inputs, prompt_style)
+               for r in tqdm(records, desc="tokenizing")]
 
     lengths = sorted(s["num_tokens"] for s in samples)  # of every record: what --max_seq_length to choose
 
@@ -237,6 +239,7 @@ def prepare_dataset(
     config = {
         **{k: str(v.resolve()) if isinstance(v, Path) else v for k, v in (extra_config or {}).items()},
         "tokenizer_sha256": tokenizer.sha256,  # load_prepared refuses this data with any other tokenizer
+        "prompt_style": prompt_style,
         "max_seq_length": max_seq_length,
         "mask_inputs": mask_inputs,
         "seed": seed,

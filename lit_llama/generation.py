@@ -2,13 +2,13 @@
 
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from lit_llama.checks import check_at_least, check_range
-from lit_llama.data import generate_prompt
 from lit_llama.model import LLaMA
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PromptStyle, get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import CheckpointPaths, UserError, check_vocab, default_device, precision_dtype
 
@@ -34,18 +34,22 @@ def generate(
     top_k: Optional[int] = None,
     eos_id: Optional[int] = None,
     use_kv_cache: bool = True,
+    stop: Optional[Callable[[torch.Tensor], bool]] = None,
 ) -> torch.Tensor:
     """Returns the prompt (1-D tensor of token ids) followed by up to `max_new_tokens` new tokens,
-    stopping after `eos_id`. Without the KV cache every step re-reads the whole sequence (slow; tests
+    stopping after `eos_id`, or once `stop(new tokens so far)` is true (a prompt style's stop text). Without
+    the KV cache every step re-reads the whole sequence (slow; tests
     use it to check that the cache changes nothing)."""
     if use_kv_cache:
-        return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, eos_id)[0]
+        return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, eos_id, [stop])[0]
     max_seq_length = check_prompt_lengths(model, [prompt.size(0)], max_new_tokens)
     tokens = prompt.unsqueeze(0)
     while tokens.size(1) < max_seq_length:
         next_token = sample(model(tokens)[:, -1], temperature, top_k)
         tokens = torch.cat((tokens, next_token), dim=1)
         if eos_id is not None and next_token.item() == eos_id:
+            break
+        if stop is not None and stop(tokens[0, prompt.size(0) :]):
             break
     return tokens[0]
 
@@ -58,9 +62,11 @@ def generate_batch(
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     eos_id: Optional[int] = None,
+    stops: Optional[Sequence[Optional[Callable[[torch.Tensor], bool]]]] = None,
 ) -> List[torch.Tensor]:
     """`generate` for several prompts of different lengths at once: returns, per prompt, the prompt followed
-    by up to `max_new_tokens` new tokens, each row stopping after its own `eos_id`.
+    by up to `max_new_tokens` new tokens, each row stopping after its own `eos_id` or once its `stops[i](new
+    tokens so far)` is true (a prompt style's stop text).
 
     The prompts are right-padded into one batch and prefilled together at positions 0..T-1: padding comes
     after every real token, so the causal mask keeps it out of sight. Then each row decodes at its own
@@ -86,7 +92,9 @@ def generate_batch(
             for b, token in enumerate(next_token.view(-1).tolist()):  # one host sync per step
                 if not done[b]:
                     new_tokens[b].append(token)
-                    done[b] = token == eos_id or len(new_tokens[b]) == limits[b]
+                    stop = stops[b] if stops else None
+                    done[b] = (token == eos_id or len(new_tokens[b]) == limits[b]
+                               or (stop is not None and stop(torch.tensor(new_tokens[b]))))
             if all(done):
                 break
             # the new token goes at the slot after the row's last one; rows that are done stay where they are
@@ -149,15 +157,19 @@ def generate_response(
     max_new_tokens: int = 100,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> str:
-    """Wraps the instruction in the Alpaca template, generates, and returns only the response text."""
+    """Wraps the instruction in the prompt style's template (Alpaca by default), generates until EOS or the
+    style's stop text, and returns only the response text (without the stop text)."""
+    style = get_prompt_style(prompt_style)
     was_training = model.training
     model.eval()
-    prompt = tokenizer.encode(generate_prompt(instruction, input), bos=True, device=device)
+    prompt = tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
     max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.size(0))
-    output = generate(model, prompt, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id)
+    stop = stop_at_text(style, tokenizer)
+    output = generate(model, prompt, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id, stop=stop)
     model.train(was_training)
-    return tokenizer.decode(output[prompt.size(0) :]).strip()
+    return style.cut_at_stop(tokenizer.decode(output[prompt.size(0) :]))[0].strip()
 
 
 def generate_responses(
@@ -168,13 +180,22 @@ def generate_responses(
     max_new_tokens: int = 100,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
+    prompt_styles: Optional[Sequence[str]] = None,
 ) -> List[str]:
-    """`generate_response` for several (instruction, input) pairs in one batch (`generate_batch`): the
-    response texts, in order."""
-    prompts = [tokenizer.encode(generate_prompt(instruction, input), bos=True, device=device)
-               for instruction, input in requests]
-    outputs = generate_batch(model, prompts, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id)
-    return [tokenizer.decode(output[prompt.size(0) :]).strip() for prompt, output in zip(prompts, outputs)]
+    """`generate_response` for several (instruction, input) pairs in one batch (`generate_batch`), each in its
+    own prompt style (Alpaca by default): the response texts, in order."""
+    styles = [get_prompt_style(name) for name in (prompt_styles or [DEFAULT_PROMPT_STYLE] * len(requests))]
+    prompts = [tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
+               for style, (instruction, input) in zip(styles, requests)]
+    stops = [stop_at_text(style, tokenizer) for style in styles]
+    outputs = generate_batch(model, prompts, max_new_tokens, temperature, top_k, tokenizer.eos_id, stops)
+    return [style.cut_at_stop(tokenizer.decode(output[prompt.size(0) :]))[0].strip()
+            for style, prompt, output in zip(styles, prompts, outputs)]
+
+
+def stop_at_text(style: PromptStyle, tokenizer: Tokenizer) -> Optional[Callable[[torch.Tensor], bool]]:
+    """For a style whose answers end with text rather than a token (ChatML's <|im_end|>): is it there yet?"""
+    return (lambda new: style.cut_at_stop(tokenizer.decode(new))[1]) if style.stop_strings else None
 
 
 def respond_and_report(
@@ -188,6 +209,7 @@ def respond_and_report(
     top_k: Optional[int],
     seed: int,
     device: torch.device,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> List[str]:
     """What every generate/*.py script does once its model is built: respond to the instruction
     `num_samples` times, printing each response (stdout) with its speed and memory (stderr)."""
@@ -195,7 +217,8 @@ def respond_and_report(
     responses = []
     for _ in range(num_samples):
         t0 = time.perf_counter()
-        response = generate_response(model, tokenizer, instruction, input, device, max_new_tokens, temperature, top_k)
+        response = generate_response(model, tokenizer, instruction, input, device, max_new_tokens, temperature, top_k,
+                                     prompt_style)
         elapsed = time.perf_counter() - t0
         print(response)
         report_speed(len(tokenizer.encode(response, bos=False)), elapsed, device)

@@ -8,6 +8,9 @@ LoRA model computes exactly what the base model does. After training, the update
 Attention has one fused projection c_attn = [query | key | value]; LoRA adapts the parts chosen (by
 default query and value, as in the LoRA paper) with one (A, B) pair per part. `LoRALLaMA` is the
 base `LLaMA` with the chosen linear layers swapped for `LoRALinear`: the model code is not copied.
+
+Two variants are flags of `LoRAConfig`, stored in the LoRA file: rsLoRA scales the update by alpha / sqrt(r),
+DoRA adds a trained magnitude per output row (see `LoRALinear`).
 """
 
 import math
@@ -20,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import Config, LLaMA
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
 
 
@@ -34,6 +38,8 @@ class LoRAConfig:
     projection: bool = False  # attention output projection
     mlp: bool = False  # the three SwiGLU projections
     head: bool = False  # the output layer (lm_head)
+    rslora: bool = False  # rank-stabilised LoRA (Kalajdzievski, 2023): scale by alpha / sqrt(r) instead of alpha / r
+    dora: bool = False  # weight-decomposed LoRA (Liu et al., 2024): a trained magnitude per output row
 
     def __post_init__(self) -> None:
         # each message starts with the field's name: finetune/lora.py puts "--lora_" before it
@@ -48,7 +54,12 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return lora_scaling(self.r, self.alpha, self.rslora)
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """alpha / r; with rsLoRA alpha / sqrt(r), so that the update's size does not shrink as the rank grows."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 class LoRALinear(nn.Linear):
@@ -57,6 +68,11 @@ class LoRALinear(nn.Linear):
     `parts` splits the output rows into consecutive blocks as (size, adapted) pairs: a plain layer is
     one block; the fused q/k/v projection is three. Each adapted block i has its own A_i (r x in) and
     B_i (size_i x r); they are stored stacked in `lora_A` and `lora_B`.
+
+    With `dora`, each adapted output row j also has a trained magnitude m_j (stored in `lora_magnitude`),
+    and the row's weight is m_j times the direction of W_j + s (BA)_j; the norm ||W_j + s (BA)_j|| is treated
+    as a constant in the backward pass (DoRA paper, section 4.3). The magnitudes start at ||W_j||, so a
+    fresh DoRA layer too computes exactly the base layer.
     """
 
     def __init__(
@@ -67,24 +83,34 @@ class LoRALinear(nn.Linear):
         alpha: float,
         dropout: float = 0.0,
         parts: Optional[Sequence[Tuple[int, bool]]] = None,
+        rslora: bool = False,
+        dora: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.parts = list(parts or [(out_features, True)])
         if sum(size for size, _ in self.parts) != out_features:
             raise ValueError(f"parts {self.parts} do not add up to out_features {out_features}")
         self.adapted_sizes = [size for size, adapted in self.parts if adapted]
-        self.r, self.scaling = r, alpha / r
+        self.r, self.scaling = r, lora_scaling(r, alpha, rslora)
         self.lora_dropout = nn.Dropout(dropout)
         self.lora_A = nn.Parameter(torch.empty(r * len(self.adapted_sizes), in_features))
         self.lora_B = nn.Parameter(torch.empty(sum(self.adapted_sizes), r))
+        self.dora = dora
+        if dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(sum(self.adapted_sizes)))
         self.merged = False
+        self.dora_merge_factor: Optional[torch.Tensor] = None  # the factor merged in, to undo it exactly
         self.reset_extra_parameters()
 
     def reset_extra_parameters(self) -> None:
-        """A like nn.Linear's default init (Kaiming-uniform), B zero: the update starts at exactly 0."""
+        """A like nn.Linear's default init (Kaiming-uniform), B zero: the update starts at exactly 0. DoRA's
+        magnitudes start at the row norms of the current weight (call this again after loading base weights)."""
         for A in self.lora_A.split(self.r):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.dora:
+            with torch.no_grad():
+                self.lora_magnitude.copy_(self._adapted_rows(self.weight.float()).norm(dim=1))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,23 +119,44 @@ class LoRALinear(nn.Linear):
             return y
         # trainable A and B may be kept in float32 while the frozen weight is bf16: compute in x's dtype
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        after_A = F.linear(self.lora_dropout(x), A).split(self.r, dim=-1)  # one (.., r) chunk per block
+        dropped = self.lora_dropout(x)
+        after_A = F.linear(dropped, A).split(self.r, dim=-1)  # one (.., r) chunk per block
         B_blocks = B.split(self.adapted_sizes)
-        return y + self._scatter([F.linear(a, b) for a, b in zip(after_A, B_blocks)], x) * self.scaling
+        lora_out = self._scatter([F.linear(a, b) for a, b in zip(after_A, B_blocks)], x)
+        if not self.dora:
+            return y + lora_out * self.scaling
+        # DoRA: factor * (W x' + s BA x') added on top of W x, where x' is the dropped-out input: with dropout
+        # off this is factor * (W + s BA) x; with dropout on it is what the DoRA paper's code and PEFT compute
+        factor = self.dora_factor().to(x.dtype)
+        dropout_on = self.training and self.lora_dropout.p > 0
+        base = F.linear(dropped, self.weight) if dropout_on else y
+        return y + ((factor - 1) * base + factor * lora_out * self.scaling)  # PEFT's order of operations
 
-    def _scatter(self, adapted_outputs: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """Places the updates of the adapted blocks among zeros for the others (e.g. [dq | 0 | dv])."""
+    def dora_factor(self) -> torch.Tensor:
+        """m / ||W + s BA|| for every output row (1 for rows that are not adapted); the norm is detached."""
+        weight = self.weight.to(self.lora_A.dtype)
+        norm = (weight + self.delta_weight()).norm(dim=1).detach()
+        scale = self.lora_magnitude / self._adapted_rows(norm)
+        return self._scatter(list(scale.split(self.adapted_sizes)), scale, fill=1.0)
+
+    def _adapted_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows (first dimension) of `t` that belong to adapted blocks, concatenated."""
+        blocks = t.split([size for size, _ in self.parts])
+        return torch.cat([block for block, (_, adapted) in zip(blocks, self.parts) if adapted])
+
+    def _scatter(self, adapted_outputs: List[torch.Tensor], like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Places the outputs of the adapted blocks among `fill` for the others (e.g. [dq | 0 | dv])."""
         if len(self.parts) == 1:
             return adapted_outputs[0]
         outputs, it = [], iter(adapted_outputs)
         for size, adapted in self.parts:
-            outputs.append(next(it) if adapted else like.new_zeros(*like.shape[:-1], size))
+            outputs.append(next(it) if adapted else like.new_full((*like.shape[:-1], size), fill))
         return torch.cat(outputs, dim=-1)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) * B @ A for every block (zeros for the blocks that are not adapted): out x in."""
         deltas = [b @ a for a, b in zip(self.lora_A.split(self.r), self.lora_B.split(self.adapted_sizes))]
-        return self._scatter([d.T for d in deltas], self.weight.new_empty(self.in_features, 0)).T * self.scaling
+        return self._scatter([d.T for d in deltas], self.lora_A.new_empty(self.in_features, 0)).T * self.scaling
 
     def factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The whole update as one low-rank product: (A, B) with B @ A == delta_weight(). A is (k*r, in), the
@@ -126,16 +173,29 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W += (alpha/r) B A; the forward pass then skips the LoRA branch."""
-        if not self.merged:
+        """W += (alpha/r) B A (DoRA: W = m * (W + s BA) / ||W + s BA||); the forward pass then skips the LoRA
+        branch."""
+        if self.merged:
+            return
+        if self.dora:
+            self.dora_merge_factor = self.dora_factor()
+            merged = self.dora_merge_factor[:, None] * (self.weight + self.delta_weight())
+            self.weight.copy_(merged.to(self.weight.dtype))
+        else:
             self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
+        if not self.merged:
+            return
+        if self.dora:
+            unmerged = self.weight / self.dora_merge_factor[:, None] - self.delta_weight()
+            self.weight.copy_(unmerged.to(self.weight.dtype))
+            self.dora_merge_factor = None
+        else:
             self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
+        self.merged = False
 
 
 class LoRALLaMA(LLaMA):
@@ -149,7 +209,9 @@ class LoRALLaMA(LLaMA):
         q_size, kv_size = config.n_head * hs, config.n_query_groups * hs
 
         def lora_linear(old: nn.Linear, parts: Optional[Sequence[Tuple[int, bool]]] = None) -> LoRALinear:
-            return LoRALinear(old.in_features, old.out_features, lora.r, lora.alpha, lora.dropout, parts)
+            return LoRALinear(
+                old.in_features, old.out_features, lora.r, lora.alpha, lora.dropout, parts, lora.rslora, lora.dora
+            )
 
         for block in self.transformer.h:
             if lora.query or lora.key or lora.value:
@@ -180,21 +242,34 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
         param.requires_grad = "lora_" in name
 
 
-def lora_state_dict(model: LoRALLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
-    """The LoRA tensors alone (a few MB for 7B at r=8), with the hyperparameters and the base model's
-    shape, so generate and merge scripts rebuild the same model from the file alone. `state_dict`: the
-    model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
+def lora_state_dict(
+    model: LoRALLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None, prompt_style: str = DEFAULT_PROMPT_STYLE
+) -> Dict[str, Any]:
+    """The LoRA tensors alone (a few MB for 7B at r=8), with the hyperparameters, the base model's shape and
+    the prompt style trained with, so generate and merge scripts rebuild the same model from the file alone.
+    `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {name: t.detach() for name, t in state_dict.items() if "lora_" in name}
     return {
         "lora_config": asdict(model.lora_config),
         "base_config": asdict(model.config),
         "state_dict": tensors,
+        "prompt_style": prompt_style,
     }
+
+
+def lora_prompt_style(checkpoint: Dict[str, Any]) -> str:
+    """The prompt style a LoRA file was trained with (files written before styles existed: alpaca)."""
+    return checkpoint.get("prompt_style", DEFAULT_PROMPT_STYLE)
 
 
 def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAConfig:
     if not isinstance(checkpoint, dict) or "lora_config" not in checkpoint or "state_dict" not in checkpoint:
+        if isinstance(checkpoint, dict) and any(str(name).endswith((".lora_A", ".lora_B")) for name in checkpoint):
+            raise UserError(
+                f"{path} holds LoRA weights but no lora_config: a Lit-LLaMA LoRA file? Convert it with "
+                "scripts/convert_lit_llama_checkpoint.py"
+            )
         raise UserError(f"{path} is not a LoRA checkpoint written by finetune/lora.py (no lora_config)")
     try:
         return LoRAConfig(**checkpoint["lora_config"])

@@ -19,12 +19,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from lightning.fabric.loggers import Logger
 from lightning.fabric.strategies import ModelParallelStrategy, Strategy
 from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
 from torch.distributed.checkpoint.state_dict import (
@@ -42,6 +43,7 @@ from lit_llama.checks import check_out_dir as check_writable_dir
 from lit_llama.data import IGNORE_INDEX, load_prepared
 from lit_llama.generation import generate_response
 from lit_llama.model import Config
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
     CheckpointPaths,
@@ -217,7 +219,7 @@ def fit(
     state = {"iter_num": 0, "step_count": 0, "tokens": 0, "train_seconds": 0.0}  # what --resume restores
     fit_start = time.perf_counter()
     resume_path = out_dir / RESUME_NAME
-    metrics_log = MetricsLog(out_dir / METRICS_NAME, enabled=fabric.global_rank == 0)
+    metrics_log = MetricsLog(out_dir / METRICS_NAME, enabled=fabric.global_rank == 0, loggers=fabric.loggers)
     if resume and resume_path.exists():
         state = load_resume_state(fabric, model, optimizer, resume_path)
         fabric.print(f"Resuming from iteration {state['iter_num']} (step {state['step_count']})")
@@ -300,7 +302,7 @@ def fit(
     val_loss = validate(fabric, model, val_data, config)
     if not resumed_finished:  # else that row is in the file already
         metrics_log.log({"iter": max_iters, "tokens": state["tokens"], "val_loss": val_loss})
-    metrics_log.flush()
+    metrics_log.finalize()
     fabric.print(f"Validation loss after training: {val_loss:.4f}")
     print_sample(fabric, model, tokenizer, val_data[0])
     save_weights(out_dir / final_name)
@@ -324,10 +326,11 @@ def fit(
 class MetricsLog:
     """`metrics.csv` in the run's folder: one row per logged iteration, with fixed columns, appended in
     place. A resumed run keeps the rows up to the iteration it resumes from and logs the rest again, so the
-    file has every row once. Only rank 0 writes (`enabled`)."""
+    file has every row once. Only rank 0 writes (`enabled`). Each row also goes to `loggers` (Fabric's
+    TensorBoard or W&B logger, from --logger_name)."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled, self.pending = path, enabled, []
+    def __init__(self, path: Path, enabled: bool = True, loggers: Sequence[Logger] = ()) -> None:
+        self.path, self.enabled, self.pending, self.loggers = path, enabled, [], list(loggers)
 
     def start(self, keep_until: int) -> None:
         """Keeps the rows of iterations up to `keep_until` (none for a new run) and drops the others."""
@@ -349,6 +352,13 @@ class MetricsLog:
             self.pending.append(row)
             if len(self.pending) >= 10:  # now and then, for a look at a running job
                 self.flush()
+            for logger in self.loggers:
+                logger.log_metrics({k: v for k, v in row.items() if k != "iter"}, step=int(row["iter"]))
+
+    def finalize(self) -> None:
+        self.flush()
+        for logger in self.loggers:
+            logger.finalize("success")
 
     def flush(self) -> None:
         if not self.enabled or not self.pending:
@@ -382,7 +392,8 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Sample], c
 
 def print_sample(fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer, sample: Sample) -> None:
     """Greedy response to one validation instruction: a quick look at what training does."""
-    response = generate_response(model, tokenizer, sample["instruction"], sample.get("input", ""), fabric.device)
+    response = generate_response(model, tokenizer, sample["instruction"], sample.get("input", ""), fabric.device,
+                                 prompt_style=sample.get("prompt_style", DEFAULT_PROMPT_STYLE))
     fabric.print(f"Instruction: {sample['instruction']}\nResponse: {response}\n")
 
 
@@ -518,14 +529,22 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def make_fabric(
-    devices: int, num_nodes: int, strategy: str, precision: str, cpu_offload: bool = False
+    devices: int,
+    num_nodes: int,
+    strategy: str,
+    precision: str,
+    out_dir: Path,
+    cpu_offload: bool = False,
+    logger_name: str = "csv",
 ) -> L.Fabric:
-    """Fabric with the devices, strategy (see `choose_strategy`) and precision of a run."""
+    """Fabric with the devices, strategy (see `choose_strategy`) and precision of a run, and for --logger_name
+    tensorboard or wandb the logger that gets every metrics.csv row too (see `make_logger`)."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
     check_at_least("devices", devices, 1)
     check_at_least("num_nodes", num_nodes, 1)
     if devices > available and num_nodes == 1:
         raise UserError(f"--devices {devices} is more than the {available} devices available on this machine")
+    logger = make_logger(logger_name, out_dir)
     return L.Fabric(
         devices=devices,
         num_nodes=num_nodes,
@@ -533,7 +552,45 @@ def make_fabric(
         # the scripts load the weights in their dtype themselves (with the trainable ones in float32, see
         # setup_model_and_optimizer): Fabric's "-true" precisions would cast every weight once more
         precision="32-true" if precision.endswith("-true") else precision,
+        loggers=[logger] if logger is not None else None,
     )
+
+
+LOGGER_NAMES = ("csv", "tensorboard", "wandb")
+
+
+def make_logger(logger_name: str, out_dir: Path) -> Optional[Logger]:
+    """Where the metrics of a run go besides out_dir/metrics.csv, which every run writes. csv (default): nowhere
+    else. tensorboard: out_dir/logs/version_N/events.out.tfevents.* (`tensorboard --logdir out_dir/logs`).
+    wandb: a Weights & Biases run, its local files in out_dir/wandb; with WANDB_MODE=offline nothing leaves the
+    machine (`wandb sync` uploads the run later)."""
+    if logger_name == "csv":
+        return None
+    if logger_name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        try:
+            return TensorBoardLogger(root_dir=out_dir, name="logs")
+        except ModuleNotFoundError:
+            raise UserError("--logger_name tensorboard needs the tensorboard package: pip install tensorboard")
+    if logger_name == "wandb":
+        try:
+            import wandb  # noqa: F401
+            from lightning.pytorch.loggers import WandbLogger
+        except ModuleNotFoundError:
+            raise UserError("--logger_name wandb needs the wandb package: pip install wandb")
+
+        class FinishingWandbLogger(WandbLogger):
+            """Lightning's Trainer finishes the W&B run at the end; under Fabric the logger's finalize does."""
+
+            def finalize(self, status: str) -> None:
+                super().finalize(status)
+                if self._experiment is not None:
+                    self._experiment.finish()
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return FinishingWandbLogger(project="lit-llama", name=Path(out_dir).name, save_dir=str(out_dir))
+    raise UserError(f"--logger_name {logger_name!r} is not one of {', '.join(LOGGER_NAMES)}")
 
 
 def choose_strategy(

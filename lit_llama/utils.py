@@ -300,6 +300,11 @@ def check_state_dict_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Te
     """A base checkpoint must give every base weight, with the right shape."""
     expected = model.state_dict()
     for name, tensor in state_dict.items():
+        if name not in expected and name.endswith((".rms_1.scale", ".rms_2.scale", "ln_f.scale")):
+            raise UserError(
+                f"{path} is a Lit-LLaMA checkpoint (RMSNorm .scale weights, Meta's rotary layout): convert it with "
+                "scripts/convert_lit_llama_checkpoint.py"
+            )
         if name not in expected:
             raise UserError(f"{path}: unexpected tensor {name!r}; is it a checkpoint of this model family?")
         if tuple(expected[name].shape) != tuple(tensor.shape):

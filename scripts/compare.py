@@ -32,6 +32,7 @@ import torch
 
 from lit_llama.adapter import load_adapter_model
 from lit_llama.generation import generate_response
+from lit_llama.prompts import prompt_style_of_data
 from lit_llama.lora import load_lora_model
 from lit_llama.checks import check_at_least, check_out_dir
 from lit_llama.tokenizer import Tokenizer
@@ -163,7 +164,8 @@ def main(
 
     print("Generating the greedy responses ...")
     for method, run in runs.items():
-        run["responses"] = respond(method, checkpoint_dir, run["final"], prompts, precision, max_new_tokens)
+        run["responses"] = respond(method, checkpoint_dir, run["final"], prompts, precision, max_new_tokens,
+                                   prompt_style_of_data(data_dir))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_markdown(runs, prompts, out_dir / "compare.md", shared_flags)
@@ -276,8 +278,15 @@ def count_tensor_elements(checkpoint: Any) -> int:
 
 
 def respond(
-    method: str, checkpoint_dir: Path, final: str, prompts: List[str], precision: Optional[str], max_new_tokens: int
+    method: str,
+    checkpoint_dir: Path,
+    final: str,
+    prompts: List[str],
+    precision: Optional[str],
+    max_new_tokens: int,
+    prompt_style: str = "alpaca",
 ) -> List[str]:
+    """Greedy responses of one finetuned model, prompted in the style its data was prepared with."""
     device, dtype = default_device(), precision_dtype(precision)
     paths = resolve_checkpoint(checkpoint_dir)
     if method == "lora":
@@ -289,7 +298,8 @@ def respond(
     model.eval()
     tokenizer = Tokenizer(paths.tokenizer)
     torch.manual_seed(0)
-    responses = [generate_response(model, tokenizer, p, "", device, max_new_tokens) for p in prompts]
+    responses = [generate_response(model, tokenizer, p, "", device, max_new_tokens, prompt_style=prompt_style)
+                 for p in prompts]
     del model  # one model in memory at a time
     gc.collect()
     if device.type == "cuda":

@@ -21,6 +21,7 @@ from lit_llama.data import (
     prepare_dataset,
     resolve_test_split_size,
 )
+from lit_llama.prompts import get_prompt_style
 from lit_llama.utils import deprecated_flag, run_cli
 
 DATA_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
@@ -40,6 +41,7 @@ def prepare(
     mask_inputs: bool = True,
     seed: int = 42,
     destination_path: Optional[Path] = None,
+    prompt_style: str = "alpaca",
 ) -> None:
     """Tokenizes Dolly into a train and a test split.
 
@@ -58,15 +60,20 @@ def prepare(
         mask_inputs: Train on the response tokens only; the prompt, with its context, gets no loss.
         seed: Random seed of the train/test split (the same seed and file give the same split).
         destination_path: Deprecated name of --out_dir.
+        prompt_style: How instructions are put to the model: alpaca, llama2-chat or chatml (for chat
+            checkpoints such as Llama-2-chat or TinyLlama-Chat). Recorded with the data; finetune/lora.py
+            records it in the LoRA file and generate/lora.py prompts in it.
     """
     out_dir = deprecated_flag("out_dir", out_dir, "destination_path", destination_path)
     check_prepare_flags(out_dir, data_file, test_split_size, max_seq_length, seed)
+    get_prompt_style(prompt_style)  # a wrong name fails before any download
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
     data_file = data_file or download_if_missing(DATA_URL, out_dir / DATA_FILE_NAME)
     records = load_records(data_file, FIELD_MAP)
     test_split_size = resolve_test_split_size(test_split_size, len(records), TEST_SPLIT_SIZE)
     sources = {"data_file": data_file, "tokenizer_path": tokenizer_path}  # recorded in prepare_config.json
-    prepare_dataset(records, tokenizer, out_dir, test_split_size, seed, max_seq_length, mask_inputs, sources)
+    prepare_dataset(records, tokenizer, out_dir, test_split_size, seed, max_seq_length, mask_inputs, sources,
+                    prompt_style)
 
 
 if __name__ == "__main__":

@@ -173,8 +173,8 @@ def test_state_dict_round_trip(tmp_path, version):
             model.transformer.ln_f.weight.mul_(1.5)  # a trained norm must be saved too
     state = adapter_state_dict(model)
     assert state["adapter_config"] == dict(
-        adapter_version=version, adapter_prompt_length=4, adapter_start_layer=1,
-        n_layer=2, n_embd=64, n_head=4, n_query_groups=2, vocab_size=512,
+        adapter_version=version, adapter_prompt_length=4, adapter_start_layer=1, adapter_head=False,
+        n_layer=2, n_embd=64, n_head=4, n_query_groups=2, vocab_size=512, prompt_style="alpaca",
     )
     tensor_names = set(state) - {"adapter_config"}
     assert tensor_names == {n for n, p in model.named_parameters() if "adapter_" in n or (

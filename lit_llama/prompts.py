@@ -1,0 +1,87 @@
+"""Prompt styles: how an instruction (and its optional input) is put to the model, and what ends the answer.
+
+The style a model is finetuned with is the one it must be prompted with. Prepare scripts take `--prompt_style`
+and record it in prepare_config.json and in every sample; finetune/lora.py and finetune/adapter.py copy it into
+their files; generate/lora.py and generate/adapter.py read it from there; compare.py uses the data's, and
+generate/full.py takes `--prompt_style`.
+
+* alpaca (the default): Stanford Alpaca's template; the answer ends with the tokenizer's EOS.
+* llama2-chat: Llama-2-chat's `[INST] ... [/INST]` turn (bos added by the tokenizer); the answer ends with EOS,
+  as in Meta's format (`... [/INST] answer </s>`).
+* chatml: `<|im_start|>user ... <|im_end|>` turns, as in TinyLlama-Chat v0.x. LLaMA's tokenizer has no
+  `<|im_end|>` token, so it is text: training answers end with "<|im_end|>" and then EOS, and generation stops
+  when either appears.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Tuple
+
+from lit_llama.utils import UserError
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    name: str
+    template: str  # with {instruction}
+    template_with_input: str  # with {instruction} and {input}
+    stop_strings: Tuple[str, ...] = ()  # text that ends an answer besides EOS; the first is appended in training
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        """The text the model's answer follows directly."""
+        if input:
+            return self.template_with_input.format(instruction=instruction, input=input)
+        return self.template.format(instruction=instruction)
+
+    def answer(self, output: str) -> str:
+        """A training answer as the model should produce it (EOS is added by the tokenizer)."""
+        return output + self.stop_strings[0] if self.stop_strings else output
+
+    def cut_at_stop(self, text: str) -> Tuple[str, bool]:
+        """`text` up to the first stop string, and whether there was one."""
+        positions = [text.find(s) for s in self.stop_strings if s in text]
+        return (text[: min(positions)], True) if positions else (text, False)
+
+
+PROMPT_STYLES: Dict[str, PromptStyle] = {
+    style.name: style
+    for style in (
+        PromptStyle(
+            "alpaca",
+            "Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Response:",
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        ),
+        PromptStyle("llama2-chat", "[INST] {instruction} [/INST]", "[INST] {instruction}\n\n{input} [/INST]"),
+        PromptStyle(
+            "chatml",
+            "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
+            "<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n",
+            stop_strings=("<|im_end|>",),
+        ),
+    )
+}
+DEFAULT_PROMPT_STYLE = "alpaca"
+
+
+def get_prompt_style(name: str, flag: str = "--prompt_style") -> PromptStyle:
+    if name not in PROMPT_STYLES:
+        raise UserError(f"{flag} {name!r} is not one of {', '.join(PROMPT_STYLES)}")
+    return PROMPT_STYLES[name]
+
+
+def prompt_style_of_data(data_dir: Path) -> str:
+    """The style the prepared data in `data_dir` was written with (data prepared before styles existed: alpaca)."""
+    config_file = Path(data_dir) / "prepare_config.json"
+    if not config_file.is_file():
+        return DEFAULT_PROMPT_STYLE
+    try:
+        name = json.loads(config_file.read_text()).get("prompt_style", DEFAULT_PROMPT_STYLE)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{config_file} is not a valid prepare config: {e}")
+    get_prompt_style(name, f"{config_file}: prompt_style")
+    return name
