@@ -6,7 +6,8 @@
 
 Each line of the requests file is {"adapter": NAME or "base", "instruction": ..., "input": ...} ("input"
 optional). The base weights are loaded once and never merged; every batch mixes requests for different
-adapters, each row computed with its own (lit_llama/multi_lora.py). Prints one JSON line per request, in
+adapters, each row computed with its own (lit_llama/multi_lora.py) and prompted in the style that adapter was trained
+with (recorded in its LoRA file; Alpaca for the base). Prints one JSON line per request, in
 the file's order: {"adapter", "instruction", "response"}. Greedy output (--temperature 0) is what
 generate/lora.py gives for the same instruction with that adapter merged.
 """
@@ -20,11 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.data import generate_prompt
 from lit_llama.checks import check_at_least
 from lit_llama.generation import check_sampling_flags, generate_responses, setup_generation
+from lit_llama.lora import lora_prompt_style
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA
-from lit_llama.utils import UserError, load_model, resolve_checkpoint, run_cli
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
+from lit_llama.utils import UserError, load_model, load_state_dict, resolve_checkpoint, run_cli
 
 
 def main(
@@ -57,8 +59,11 @@ def main(
     records = read_requests(requests, adapters)
     paths = resolve_checkpoint(checkpoint_dir)
     tokenizer, device, dtype = setup_generation(paths, precision, "", max_new_tokens)  # prompts: checked below
+    styles = {BASE: get_prompt_style(DEFAULT_PROMPT_STYLE)}  # each adapter's, from its file: as it was trained
+    styles.update({name: get_prompt_style(lora_prompt_style(load_state_dict(path))) for name, path in adapters.items()})
     for number, record in enumerate(records, 1):
-        length = len(tokenizer.encode(generate_prompt(record["instruction"], record["input"]), bos=True))
+        prompt = styles[record["adapter"]].prompt(record["instruction"], record["input"])
+        length = len(tokenizer.encode(prompt, bos=True))
         if length >= paths.config.block_size:
             raise UserError(f"{requests} line {number}: the prompt has {length} tokens, the model's context "
                             f"is {paths.config.block_size}")
@@ -72,7 +77,8 @@ def main(
         batch = records[start : start + batch_size]
         model.select([r["adapter"] for r in batch])
         responses = generate_responses(model, tokenizer, [(r["instruction"], r["input"]) for r in batch], device,
-                                       max_new_tokens, temperature, top_k)
+                                       max_new_tokens, temperature, top_k,
+                                       [model.prompt_styles[r["adapter"]] for r in batch])
         for record, response in zip(batch, responses):
             print(json.dumps({"adapter": record["adapter"], "instruction": record["instruction"],
                               "response": response}), flush=True)

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_llama.lora import LoRALinear, LoRALLaMA, load_lora_state_dict, lora_config_from_checkpoint
+from lit_llama.lora import LoRALinear, LoRALLaMA, load_lora_state_dict, lora_config_from_checkpoint, lora_prompt_style
 from lit_llama.model import Config, LLaMA
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.utils import UserError, load_state_dict
 
 BASE = "base"  # the name that selects no adapter
@@ -84,6 +85,7 @@ class MultiLoRALLaMA(LLaMA):
             mlp.c_fc1, mlp.c_fc2, mlp.c_proj = _multi(mlp.c_fc1), _multi(mlp.c_fc2), _multi(mlp.c_proj)
         self.lm_head = _multi(self.lm_head)
         self.adapters: List[str] = [BASE]  # slot i holds adapters[i]; slot 0 is the base model alone
+        self.prompt_styles: Dict[str, str] = {BASE: DEFAULT_PROMPT_STYLE}  # the style each was trained with
 
     def multi_lora_layers(self) -> Dict[str, MultiLoRALinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, MultiLoRALinear)}
@@ -93,6 +95,7 @@ class MultiLoRALLaMA(LLaMA):
         if name == BASE or not name:
             raise UserError(f"adapter name {name!r} is reserved or empty: choose another")
         factors = read_lora_factors(Path(lora_path), self.config)
+        self.prompt_styles[name] = lora_prompt_style(load_state_dict(Path(lora_path)))
         slot = self.adapters.index(name) if name in self.adapters else len(self.adapters)
         device = self.lm_head.weight.device
         for layer_name, layer in self.multi_lora_layers().items():
@@ -125,6 +128,9 @@ def read_lora_factors(lora_path: Path, base_config: Config) -> Dict[str, Tuple[t
     checks as loading the file into a LoRA model (base model shape, names, ranks)."""
     checkpoint = load_state_dict(lora_path)
     lora = lora_config_from_checkpoint(checkpoint, lora_path)
+    if lora.dora:  # a magnitude per row divides by a norm of W + BA: no low-rank product to stack
+        raise UserError(f"{lora_path} is a DoRA adapter: several adapters on one base take plain LoRA (or rsLoRA) "
+                        "only; merge it with scripts/merge_lora.py and serve it on its own")
     with torch.device("meta"):  # the layers' layout (which q/k/v blocks, which rank) without any memory
         template = LoRALLaMA(base_config, lora)
     load_lora_state_dict(template, checkpoint, lora_path)  # checks only: meta tensors hold no data

@@ -21,6 +21,7 @@ ADAPTERS = {  # different ranks and targets, in one batch
     "qv": LoRAConfig(r=4, alpha=8),
     "wide": LoRAConfig(r=8, alpha=32, key=True, projection=True, mlp=True, head=True),
     "keys": LoRAConfig(r=2, alpha=2, query=False, key=True, value=False),
+    "chat": LoRAConfig(r=4, alpha=4, rslora=True, mlp=True),  # trained in the ChatML prompt style
 }
 
 
@@ -36,7 +37,7 @@ def lora_files(tiny_checkpoint_dir, tmp_path_factory):
             for layer in model.lora_layers():
                 layer.lora_B.normal_(std=0.2)
         files[name] = root / f"{name}.pth"
-        torch.save(lora_state_dict(model), files[name])
+        torch.save(lora_state_dict(model, prompt_style="chatml" if name == "chat" else "alpaca"), files[name])
     return files
 
 
@@ -65,7 +66,7 @@ def test_factors_give_the_whole_update():
 
 def test_mixed_batch_equals_each_adapter_merged(tiny_checkpoint_dir, lora_files):
     model = multi_model(tiny_checkpoint_dir, lora_files)
-    rows = ["wide", "base", "qv", "keys", "qv", None]
+    rows = ["wide", "base", "qv", "keys", "qv", None, "chat"]
     x = torch.randint(0, 512, (len(rows), 12), generator=torch.Generator().manual_seed(0))
     model.select(rows)
     with torch.no_grad():
@@ -121,7 +122,8 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_checkpoint_dir, lor
 
 def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
-    lines = [{"adapter": "wide", "instruction": "Explain the sky."},
+    lines = [{"adapter": "chat", "instruction": "Name a color."},
+             {"adapter": "wide", "instruction": "Explain the sky."},
              {"adapter": "base", "instruction": "Give three tips.", "input": "healthy sleep"},
              {"adapter": "qv", "instruction": "Write a python function."},
              {"instruction": "What is a token?"}]  # no adapter: the base model
@@ -139,10 +141,21 @@ def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, c
     from lit_llama.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tiny_checkpoint_dir / "tokenizer.model")
-    for line, answer in zip(lines, out):
+    for line, answer in zip(lines, out):  # each in the prompt style its adapter was trained with
         model = merged_model(tiny_checkpoint_dir, lora_files, line.get("adapter", "base"))
-        expected = generate_response(model, tokenizer, line["instruction"], line.get("input", ""), CPU, 8, 0.0)
+        style = "chatml" if line.get("adapter") == "chat" else "alpaca"
+        expected = generate_response(model, tokenizer, line["instruction"], line.get("input", ""), CPU, 8, 0.0,
+                                     prompt_style=style)
         assert answer["response"] == expected
+
+
+def test_dora_adapters_are_refused(tiny_checkpoint_dir, tmp_path):
+    paths = resolve_checkpoint(tiny_checkpoint_dir)
+    dora = load_model(paths, CPU, FP32, LoRALLaMA, lora=LoRAConfig(dora=True))
+    torch.save(lora_state_dict(dora), tmp_path / "dora.pth")
+    model = load_model(paths, CPU, FP32, MultiLoRALLaMA)
+    with pytest.raises(UserError, match="dora.pth is a DoRA adapter"):
+        model.add_adapter("d", tmp_path / "dora.pth")
 
 
 @pytest.mark.parametrize("args, message", [
