@@ -11,8 +11,11 @@ The only changes to the commands are these stand-ins, for a machine without netw
   --eval_iters 2 --save_interval 1`, compare.py `--max_iters 4` (and the same batch sizes), the demo
   `--max_iters 8`, every generate script `--max_new_tokens 8`; `--devices 4` runs as `--devices 2` (two CPU
   processes); a checkpoint name of a save that fewer iterations do not reach is the run's last save.
-- Not run here: `pip install` and `pytest` (CI runs those), and the cluster launchers `torchrun` / `srun`
-  (tests/test_fsdp.py runs a two-node torchrun launch).
+- The PEFT adapter `path/to/peft-adapter` that import_peft.py reads is the one export_peft.py wrote just before.
+- howto/lit_llama_checkpoints.md runs in a folder of its own, a Lit-LLaMA checkout: tiny files in Lit-LLaMA's
+  formats where Lit-LLaMA wrote them (checkpoints/lit-llama/7B/lit-llama.pth, its tokenizer, its LoRA file).
+- Not run here: `pip install` and `pytest` (CI runs those), the cluster launchers `torchrun` / `srun`
+  (tests/test_fsdp.py runs a two-node torchrun launch), and `vllm serve` (not installed).
 A command that appears again in a later guide, unchanged, runs once (running it again would be refused:
 its --out_dir already holds checkpoints).
 """
@@ -40,8 +43,9 @@ transformers = pytest.importorskip("transformers")
 # the README first (it makes what the guides start from), then every guide
 DOCS = ["README.md", "howto/download_weights.md", "howto/finetune_lora.md", "howto/finetune_adapter.md",
         "howto/finetune_full.md", "howto/inference.md", "howto/compare.md", "howto/multi_gpu.md",
-        "howto/multi_lora.md"]
-NOT_RUN = {"pip", "pytest", "torchrun", "srun"}
+        "howto/multi_lora.md", "howto/peft_interop.md"]
+LIT_LLAMA_DOC = "howto/lit_llama_checkpoints.md"  # in a Lit-LLaMA checkout of its own
+NOT_RUN = {"pip", "pytest", "torchrun", "srun", "vllm"}
 FEWER_ITERATIONS = ["--max_iters", "4", "--batch_size", "4", "--micro_batch_size", "2", "--eval_iters", "2",
                     "--save_interval", "1"]
 META_FOLDER = "/path/to/llama/7B"
@@ -68,7 +72,8 @@ def commands(doc: Path) -> List[str]:
 
 
 def test_every_guide_is_run():
-    assert set(DOCS) == {"README.md", *(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "howto").glob("*.md"))}
+    guides = {"README.md", *(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "howto").glob("*.md"))}
+    assert {*DOCS, LIT_LLAMA_DOC} == guides
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +124,7 @@ def stand_in(argv: List[str], work: Path) -> Optional[List[str]]:
     if script == "scripts/download.py":
         return None  # the stand-in download is in place (workspace fixture)
     args = [str(work / "stand-ins" / "llama" / "7B") if a == META_FOLDER else a for a in args]
+    args = [str(work / "out" / "peft" / "alpaca") if a == "path/to/peft-adapter" else a for a in args]
     if script in ("scripts/prepare_alpaca.py", "scripts/prepare_dolly.py") and not has("--data_file"):
         name = "dolly.jsonl" if "dolly" in script else "alpaca.json"
         args += ["--data_file", str(work / "stand-ins" / name)]
@@ -166,27 +172,47 @@ def run(argv: List[str], work: Path, capsys) -> None:
     assert "Traceback" not in err, err
 
 
-def test_readme_and_guides_work_as_written(workspace, capsys):
-    done = set()
-    ran = []
+@pytest.fixture(scope="module")
+def lit_llama_checkout(tmp_path_factory) -> Path:
+    """A Lit-LLaMA checkout's files, where Lit-LLaMA wrote them, in its formats (tiny)."""
+    from test_lit_llama_checkpoints import lit_llama_base, lit_llama_lora
+
+    work = tmp_path_factory.mktemp("lit-llama")
+    (work / "checkpoints" / "lit-llama" / "7B").mkdir(parents=True)
+    torch.save(lit_llama_base(), work / "checkpoints" / "lit-llama" / "7B" / "lit-llama.pth")
+    train_from_texts(tiny_corpus(), work / "checkpoints" / "lit-llama", vocab_size=512)
+    (work / "out" / "lora" / "alpaca").mkdir(parents=True)
+    torch.save(lit_llama_lora(8, (True, False, True)), work / "out" / "lora" / "alpaca" / "lit-llama-lora-finetuned.pth")
+    return work
+
+
+def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str]) -> None:
+    """Runs the doc's commands in `work`, in order (see the module docstring for the stand-ins)."""
+    for command in commands(REPO_ROOT / doc):
+        if "<<" in command:  # a file the guide writes with a heredoc
+            subprocess.run(["bash", "-c", command], cwd=work, check=True)
+            continue
+        argv = shlex.split(command, comments=True)
+        if argv[0] in NOT_RUN:
+            continue
+        assert argv[0] == "python", f"{doc}: a command this test does not know how to run: {command}"
+        key = tuple(argv)
+        if key in done:
+            continue
+        done.add(key)
+        adapted = stand_in(argv, work)
+        if adapted is not None:
+            start = time.perf_counter()
+            run(adapted, work, capsys)
+            ran.append(f"{time.perf_counter() - start:5.1f} s  {doc}: {shlex.join(argv[1:4])}")
+
+
+def test_readme_and_guides_work_as_written(workspace, lit_llama_checkout, capsys):
+    done, ran = set(), []
     for doc in DOCS:
-        for command in commands(REPO_ROOT / doc):
-            if "<<" in command:  # a file the guide writes with a heredoc
-                subprocess.run(["bash", "-c", command], cwd=workspace, check=True)
-                continue
-            argv = shlex.split(command, comments=True)
-            if argv[0] in NOT_RUN:
-                continue
-            assert argv[0] == "python", f"{doc}: a command this test does not know how to run: {command}"
-            key = tuple(argv)
-            if key in done:
-                continue
-            done.add(key)
-            adapted = stand_in(argv, workspace)
-            if adapted is not None:
-                start = time.perf_counter()
-                run(adapted, workspace, capsys)
-                ran.append(f"{time.perf_counter() - start:5.1f} s  {doc}: {shlex.join(argv[1:4])}")
+        run_doc(doc, workspace, capsys, done, ran)
+    run_doc(LIT_LLAMA_DOC, lit_llama_checkout, capsys, set(), ran)
+    assert (lit_llama_checkout / "out" / "lora" / "alpaca" / "lora-converted.pth").is_file()
     with capsys.disabled():
         print(f"\nran {len(ran)} commands:\n" + "\n".join(ran))
     # what the guides promise exists afterwards
