@@ -65,8 +65,8 @@ def prepare(
             records it in the LoRA file and generate/lora.py prompts in it.
     """
     out_dir = deprecated_flag("out_dir", out_dir, "destination_path", destination_path)
-    check_prepare_flags(out_dir, data_file, test_split_size, max_seq_length, seed)
     get_prompt_style(prompt_style)  # a wrong name fails before any download
+    check_prepare_flags(out_dir, data_file, test_split_size, max_seq_length, seed)
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
     data_file = data_file or download_if_missing(DATA_URL, out_dir / DATA_FILE_NAME)
     records = load_records(data_file, FIELD_MAP)
