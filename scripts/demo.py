@@ -1,4 +1,4 @@
-"""The whole LoRA pipeline, offline, on a CPU, in a few minutes, with nothing from outside the repository.
+"""The whole LoRA pipeline, offline, on a CPU, in about half a minute, with nothing from outside the repository.
 
     python scripts/demo.py
 
