@@ -3,7 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -41,6 +41,21 @@ def make_checkpoint_dir(path: Path, name: str = "tiny", seed: int = 0) -> Path:
     config.to_json(path / "lit_config.json")
     train_from_texts(tiny_corpus(), path, vocab_size=config.vocab_size)
     return path
+
+
+def make_arithmetic_run(root: Path, records: int = 40, test_split_size: int = 4) -> Tuple[Path, Path]:
+    """A tiny base checkpoint folder and `records` "Add i and j." instructions prepared with its tokenizer:
+    (checkpoint_dir, data_dir). The Alpaca template alone is 97 tokens with the tiny tokenizer, so the data is
+    prepared at 128 tokens."""
+    from lit_llama.data import prepare_dataset
+    from lit_llama.tokenizer import Tokenizer
+
+    checkpoint_dir = make_checkpoint_dir(root / "checkpoint")
+    data = [{"instruction": f"Add {i % 7} and {i // 7}.", "input": "", "output": str(i % 7 + i // 7)}
+            for i in range(records)]
+    prepare_dataset(data, Tokenizer(checkpoint_dir / "tokenizer.model"), root / "data", test_split_size=test_split_size,
+                    seed=42, max_seq_length=128)
+    return checkpoint_dir, root / "data"
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_script, make_checkpoint_dir, run_script
+from conftest import REPO_ROOT, load_script, make_arithmetic_run, run_script
 
-from lit_llama.data import prepare_dataset
-from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import load_state_dict
 
 ONE_PROCESS = dict(precision="32-true", batch_size=4, micro_batch_size=2, max_iters=6, eval_interval=2, eval_iters=2,
@@ -45,13 +43,7 @@ def flags(**settings):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny base checkpoint and 40 instructions prepared with its tokenizer (36 train, 4 test)."""
-    root = tmp_path_factory.mktemp("fsdp")
-    checkpoint_dir = make_checkpoint_dir(root / "checkpoint")
-    records = [{"instruction": f"Add {i % 7} and {i // 7}.", "input": "", "output": str(i % 7 + i // 7)}
-               for i in range(40)]
-    prepare_dataset(records, Tokenizer(checkpoint_dir / "tokenizer.model"), root / "data", test_split_size=4,
-                    seed=42, max_seq_length=128)
-    return checkpoint_dir, root / "data"
+    return make_arithmetic_run(tmp_path_factory.mktemp("fsdp"))
 
 
 def common_args(base, method, out_dir):

@@ -5,16 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import (
-    assert_clean_error,
-    interrupt_at_iteration,
-    load_script,
-    make_checkpoint_dir,
-    run_script,
-)
-
-from lit_llama.data import prepare_dataset
-from lit_llama.tokenizer import Tokenizer
+from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run, run_script
 
 FINAL = "lit-llama-full-finetuned.pth"
 # 6 iterations of 2 examples = 3 optimizer steps of 4; validation and a checkpoint after step 2
@@ -29,14 +20,7 @@ def flags(**settings):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny base checkpoint and 40 instructions prepared with its tokenizer (36 train, 4 test)."""
-    root = tmp_path_factory.mktemp("full")
-    checkpoint_dir = make_checkpoint_dir(root / "checkpoint")
-    records = [{"instruction": f"Add {i % 7} and {i // 7}.", "input": "", "output": str(i % 7 + i // 7)}
-               for i in range(40)]
-    # the Alpaca template alone is 97 tokens with the tiny tokenizer, so 128 rather than 64
-    prepare_dataset(records, Tokenizer(checkpoint_dir / "tokenizer.model"), root / "data", test_split_size=4,
-                    seed=42, max_seq_length=128)
-    return checkpoint_dir, root / "data"
+    return make_arithmetic_run(tmp_path_factory.mktemp("full"))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 scripts/convert_lit_llama_checkpoint.py give the logits of Lit-LLaMA's math, re-stated here in a few lines."""
 
 import shutil
-from pathlib import Path
 from typing import Dict, Optional
 
 import pytest

@@ -5,13 +5,11 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_clean_error, interrupt_at_iteration, load_script
+from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run
 
-from lit_llama.data import prepare_dataset
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import Config
 from lit_llama.quantize import frozen_weight_bytes, quantize_frozen_linears
-from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import load_model, load_state_dict, resolve_checkpoint
 
 pytest.importorskip("torchao")
@@ -61,15 +59,8 @@ def test_nf4_model_computes_with_its_dequantized_weights():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from conftest import make_checkpoint_dir
-
-    root = tmp_path_factory.mktemp("qlora")
-    checkpoint_dir = make_checkpoint_dir(root / "checkpoint")
-    records = [{"instruction": f"Add {i % 7} and {i // 7}.", "input": "", "output": str(i % 7 + i // 7)}
-               for i in range(48)]
-    prepare_dataset(records, Tokenizer(checkpoint_dir / "tokenizer.model"), root / "data", test_split_size=8,
-                    seed=42, max_seq_length=128)
-    return checkpoint_dir, root / "data"
+    """A tiny base checkpoint and 48 instructions prepared with its tokenizer (40 train, 8 test)."""
+    return make_arithmetic_run(tmp_path_factory.mktemp("qlora"), records=48, test_split_size=8)
 
 
 def summary(out_dir):
