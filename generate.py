@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
 
 from lit_llama.generation import check_sampling_flags, generate, report_speed, setup_generation
+from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 from lit_llama.utils import load_model, resolve_checkpoint, run_cli
 
 
@@ -27,6 +28,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
 ) -> None:
     """Samples from a pretrained model.
 
@@ -41,13 +43,18 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        quantize: int8 (CPU or GPU) or int4 (CUDA GPUs): weight-only quantized linear layers for generation,
+            through torchao: a half or a quarter of the bf16 weight bytes to read per token.
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
+    check_generate_quantize(quantize)
     paths = resolve_checkpoint(checkpoint_dir, checkpoint_path, tokenizer_path)
     tokenizer, device, dtype = setup_generation(paths, precision, prompt, max_new_tokens)
 
     t0 = time.perf_counter()
     model = load_model(paths, device, dtype).eval()
+    if quantize:
+        quantize_for_generation(model, quantize)
     print(f"Loaded {paths.weights} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
 
     encoded = tokenizer.encode(prompt, bos=True, device=device)

@@ -18,6 +18,8 @@ Stages, each adding its rows to its own table of benchmarks/RESULTS.md with the 
            (bf16-mixed): tokens/s and peak memory from the run's summary.json
   generate 7B bf16 greedy decoding with the KV cache (what generate.py and generate/lora.py run): base,
            LoRA merged, LoRA unmerged: tokens/s and peak memory
+  quantized 7B int8 and int4 weight-only generation against bf16: logit and perplexity difference, weight
+           bytes, tokens/s (benchmarks/quantized_generation.py; needs torchao)
 A stage that fails prints one line and the others still run; the exit code is then 1.
 """
 
@@ -38,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import finetune_memory, lora_vs_peft  # noqa: E402
+from benchmarks import finetune_memory, lora_vs_peft, quantized_generation  # noqa: E402
 from benchmarks.common import add_rows, sync_time  # noqa: E402
 from lit_llama.data import prepare_dataset  # noqa: E402
 from lit_llama.generation import generate  # noqa: E402
@@ -47,7 +49,7 @@ from lit_llama.model import LLaMA, Config  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.utils import default_dtype  # noqa: E402
 
-STAGES = ("lora", "qlora", "adapter", "peft", "fsdp", "generate")
+STAGES = ("lora", "qlora", "adapter", "peft", "fsdp", "generate", "quantized")
 
 FSDP_SECTION = """
 ## Full finetuning under FSDP (GPU suite)
@@ -225,6 +227,11 @@ class Suite:
         model.merge_lora()
         rows.append(self.decode_row(model, prompt, new_tokens, "LoRA merged"))
         self.report(GENERATE_SECTION, rows)
+
+    def quantized(self, work_dir: Path) -> None:
+        quantized_generation.main(None if self.smoke else self.size_7b, ["int8"] if self.smoke else ["int8", "int4"],
+                                  self.device.type, text_tokens=64 if self.smoke else 256,
+                                  results_file=self.results_file)
 
     def decode_row(self, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, weights: str) -> str:
         generate(model, prompt, 4, temperature=0.0)  # warm-up: kernels, allocator

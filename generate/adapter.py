@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.adapter import adapter_prompt_style, load_adapter_model
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.prompts import get_prompt_style
+from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 from lit_llama.utils import (
     load_state_dict,
     resolve_checkpoint,
@@ -38,6 +39,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
     prompt_style: Optional[str] = None,
 ) -> None:
     """Responds to an instruction with a LLaMA-Adapter-finetuned model.
@@ -56,10 +58,13 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        quantize: int8 (CPU or GPU) or int4 (CUDA GPUs): weight-only quantized linear layers for generation,
+            through torchao: a half or a quarter of the bf16 weight bytes to read per token.
         prompt_style: alpaca, llama2-chat or chatml; default: the style recorded in the adapter file (the one it
             was trained with). Give it only to override that.
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
+    check_generate_quantize(quantize)
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     trained_with = adapter_prompt_style(load_state_dict(adapter_path))
     style = get_prompt_style(prompt_style or trained_with)
@@ -69,6 +74,8 @@ def main(
 
     model = load_adapter_model(paths, adapter_path, device, dtype)
     model.eval()
+    if quantize:
+        quantize_for_generation(model, quantize)
     respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device,
                        style.name)
 

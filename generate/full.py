@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.data import generate_prompt
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.model import Config, LLaMA
+from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 from lit_llama.utils import (
     CONFIG_NAME,
     TOKENIZER_NAME,
@@ -50,6 +51,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
     prompt_style: str = "alpaca",
 ) -> None:
     """Responds to an instruction with a fully finetuned model.
@@ -68,10 +70,13 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        quantize: int8 (CPU or GPU) or int4 (CUDA GPUs): weight-only quantized linear layers for generation,
+            through torchao: a half or a quarter of the bf16 weight bytes to read per token.
         prompt_style: The prompt style the model was finetuned with: alpaca, llama2-chat or chatml (as given to
             the prepare script).
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
+    check_generate_quantize(quantize)
     paths = resolve_finetuned(checkpoint_path, checkpoint_dir, tokenizer_path)
     tokenizer, device, dtype = setup_generation(paths, precision, generate_prompt(prompt, input), max_new_tokens)
 
@@ -80,6 +85,8 @@ def main(
     else:
         model = load_model(paths, device, dtype)  # checks that every weight is there, with its shape
     model.eval()
+    if quantize:
+        quantize_for_generation(model, quantize)
     respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device,
                        prompt_style)
 

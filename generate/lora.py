@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.lora import load_lora_model, lora_prompt_style
 from lit_llama.prompts import get_prompt_style
+from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 from lit_llama.utils import (
+    UserError,
     load_state_dict,
     resolve_checkpoint,
     run_cli,
@@ -39,6 +41,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
     prompt_style: Optional[str] = None,
 ) -> None:
     """Responds to an instruction with a LoRA-finetuned model.
@@ -57,10 +60,15 @@ def main(
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        quantize: int8 (CPU or GPU) or int4 (CUDA GPUs): weight-only quantized linear layers for generation,
+            through torchao: a half or a quarter of the bf16 weight bytes to read per token.
         prompt_style: alpaca, llama2-chat or chatml; default: the style recorded in the LoRA file (the one it was
             trained with). Give it only to override that.
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
+    check_generate_quantize(quantize)
+    if quantize and not merge:
+        raise UserError("--quantize needs --merge true: the LoRA is merged into the weights before they are quantized")
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
     trained_with = lora_prompt_style(load_state_dict(lora_path))
     style = get_prompt_style(prompt_style or trained_with)
@@ -70,6 +78,8 @@ def main(
 
     model = load_lora_model(paths, lora_path, device, dtype, merge)
     model.eval()
+    if quantize:  # after merging: the quantized weights hold the update
+        quantize_for_generation(model, quantize)
     respond_and_report(model, tokenizer, prompt, input, num_samples, max_new_tokens, temperature, top_k, seed, device,
                        style.name)
 

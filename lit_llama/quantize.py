@@ -1,4 +1,5 @@
-"""Quantized frozen weights: QLoRA's 4-bit NormalFloat (NF4) base under LoRA or adapter training.
+"""Quantized weights: QLoRA's 4-bit NormalFloat (NF4) base under LoRA or adapter training, and int8 / int4
+weight-only generation.
 
 QLoRA (Dettmers et al., 2023) stores each frozen weight of the transformer blocks in 4 bits: blocks of 64
 values share one scale, each value is the nearest of 16 levels spaced as quantiles of a normal distribution,
@@ -19,7 +20,8 @@ import torch.nn as nn
 
 from lit_llama.utils import UserError
 
-QUANTIZE_MODES = ("nf4",)
+QUANTIZE_MODES = ("nf4",)  # finetune/lora.py, finetune/adapter.py --quantize
+GENERATE_QUANTIZE_MODES = ("int8", "int4")  # generate.py, generate/*.py --quantize
 NF4_BLOCK_SIZE = 64  # values sharing one scale (QLoRA's)
 NF4_SCALER_BLOCK_SIZE = 256  # scales sharing one second-level scale (QLoRA's)
 
@@ -88,3 +90,27 @@ def _to_nf4():
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
     return to_nf4
+
+
+def check_generate_quantize(quantize: Any) -> None:
+    """--quantize of the generate scripts, checked before any weights load."""
+    if quantize is None:
+        return
+    if quantize not in GENERATE_QUANTIZE_MODES:
+        raise UserError(f"--quantize {quantize!r} is not one of {', '.join(GENERATE_QUANTIZE_MODES)}")
+    if quantize == "int4" and not torch.cuda.is_available():
+        raise UserError("--quantize int4 needs a CUDA GPU (torchao's int4 kernels); on this machine use int8")
+    _to_nf4()  # torchao is there (or one line saying how to get it)
+
+
+def quantize_for_generation(model: nn.Module, quantize: str) -> None:
+    """Weight-only quantization of every nn.Linear for generation (LoRA merged into the weights first): int8,
+    one scale per output row (CPU and GPU), or int4 in groups of 128 (CUDA). Activations stay in the model's
+    dtype; each matmul reads the small weights and dequantizes them on the fly, which is what decoding is
+    bound by: bytes of weights read per token."""
+    _to_nf4()  # torchao, imported quietly
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128)
+    with torch.no_grad():
+        quantize_(model, config)

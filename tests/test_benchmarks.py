@@ -38,8 +38,9 @@ def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
     assert "failed" not in proc.stderr, proc.stderr
     text = results.read_text()
     for title in ("## Finetuning step: peak memory and speed", "## LoRA finetuning speed: lit-llama vs Hugging Face PEFT",
-                  "## Full finetuning under FSDP (GPU suite)", "## Generation speed (GPU suite)"):
+                  "## Full finetuning under FSDP (GPU suite)", "## Generation speed (GPU suite)",
+                  "## Quantized generation: what it changes, what it saves"):
         assert text.count(title) == 1, title
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    assert len(rows) == 6 + 2 + 1 + 1 + 3  # lora 2x2 + nf4 x2, adapter v1/v2, peft, fsdp, generate x3
+    assert len(rows) == 6 + 2 + 1 + 1 + 3 + 2  # lora 2x2 + nf4 x2, adapter v1/v2, peft, fsdp, generate x3, int8
     assert not list(tmp_path.glob("tmp*")), "the suite's temporary checkpoints are removed"

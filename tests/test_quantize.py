@@ -131,3 +131,58 @@ def test_quantize_bad_input(args, message, base, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert_clean_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), message)
     assert not (tmp_path / "o").exists()
+
+
+def test_int8_generation_keeps_the_logits_close(tiny_checkpoint_dir):
+    """Weight-only int8 (one scale per output row): every linear layer quantized, logits within a few percent."""
+    from lit_llama.quantize import quantize_for_generation
+
+    paths = resolve_checkpoint(tiny_checkpoint_dir)
+    model = load_model(paths, torch.device("cpu"), torch.float32).eval()
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        reference = model(x)
+        quantize_for_generation(model, "int8")
+        quantized = model(x)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m.weight).__name__ == "Int8Tensor" for m in linears)
+    error = (quantized - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.05, error
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("generate.py", []),
+    ("generate/lora.py", ["--lora_path", "LORA"]),
+    ("generate/adapter.py", ["--adapter_path", "ADAPTER"]),
+])
+def test_generate_scripts_run_int8(script, extra, base, tmp_path):
+    """Each generate script with --quantize int8 (a LoRA merged first), on the files a QLoRA-free run writes."""
+    from conftest import run_script
+
+    checkpoint_dir, data_dir = base
+    finetuned = {}
+    for name, finetune in (("LORA", "finetune/lora.py"), ("ADAPTER", "finetune/adapter.py")):
+        if name in extra:
+            out_dir = tmp_path / name
+            settings = {**SETTINGS, "max_iters": 4, **({"adapter_start_layer": 1} if "adapter" in finetune else {})}
+            load_script(finetune).setup(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, **settings)
+            finetuned[name] = str(next(out_dir.glob("lit-llama-*-finetuned.pth")))
+    args = [finetuned.get(a, a) for a in extra]
+    proc = run_script(script, "--checkpoint_dir", checkpoint_dir, *args, "--quantize", "int8", "--max_new_tokens", 5,
+                      "--temperature", 0)
+    assert "tokens/s" in proc.stderr  # it generated and reported its speed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "nf4"], "--quantize 'nf4' is not one of int8, int4"),
+    (["--quantize", "int8", "--merge", "false"], "--quantize needs --merge true"),
+] + ([(["--quantize", "int4"], "--quantize int4 needs a CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_generate_quantize_bad_input(args, message, base, capsys, monkeypatch):
+    checkpoint_dir, _ = base
+    argv = ["--checkpoint_dir", str(checkpoint_dir), "--lora_path", str(checkpoint_dir / "lit-llama.pth"), *args]
+    module = load_script("generate/lora.py")
+    monkeypatch.setattr(sys, "argv", ["generate/lora.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_cli(module.main)
+    out, err = capsys.readouterr()
+    assert_clean_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), message)
