@@ -1,8 +1,10 @@
 """Autoregressive sampling with the KV cache: prefill the prompt once, then one token at a time."""
 
+import functools
+import math
 import sys
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -11,6 +13,8 @@ from lit_llama.model import LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PromptStyle, get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import CheckpointPaths, UserError, check_vocab, default_device, precision_dtype
+
+SYNC_EVERY = 8  # decoded tokens between looks from the host (end-of-text, stop text): see `stream_batch`
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -35,13 +39,14 @@ def generate(
     eos_id: Optional[int] = None,
     use_kv_cache: bool = True,
     stop: Optional[Callable[[torch.Tensor], bool]] = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Returns the prompt (1-D tensor of token ids) followed by up to `max_new_tokens` new tokens,
     stopping after `eos_id`, or once `stop(new tokens so far)` is true (a prompt style's stop text). Without
     the KV cache every step re-reads the whole sequence (slow; tests
-    use it to check that the cache changes nothing)."""
+    use it to check that the cache changes nothing). `compiled`: the torch.compile'd steps (`compile_steps`)."""
     if use_kv_cache:
-        return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, eos_id, [stop])[0]
+        return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, eos_id, [stop], compiled)[0]
     max_seq_length = check_prompt_lengths(model, [prompt.size(0)], max_new_tokens)
     tokens = prompt.unsqueeze(0)
     while tokens.size(1) < max_seq_length:
@@ -63,16 +68,45 @@ def generate_batch(
     top_k: Optional[int] = None,
     eos_id: Optional[int] = None,
     stops: Optional[Sequence[Optional[Callable[[torch.Tensor], bool]]]] = None,
+    compiled: bool = False,
 ) -> List[torch.Tensor]:
     """`generate` for several prompts of different lengths at once: returns, per prompt, the prompt followed
     by up to `max_new_tokens` new tokens, each row stopping after its own `eos_id` or once its `stops[i](new
-    tokens so far)` is true (a prompt style's stop text).
+    tokens so far)` is true (a prompt style's stop text). `compiled`: run the torch.compile'd steps
+    (`compile_steps`); greedy output is the same."""
+    new_tokens: List[List[int]] = [[] for _ in prompts]
+    for chunk in stream_batch(model, prompts, max_new_tokens, temperature, top_k, eos_id, stops, compiled):
+        for row, tokens in zip(new_tokens, chunk):
+            row.extend(tokens)
+    return [torch.cat((prompt, torch.tensor(new, dtype=prompt.dtype, device=prompt.device)))
+            for prompt, new in zip(prompts, new_tokens)]
+
+
+@torch.inference_mode()
+def stream_batch(
+    model: LLaMA,
+    prompts: List[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    stops: Optional[Sequence[Optional[Callable[[torch.Tensor], bool]]]] = None,
+    compiled: bool = False,
+    sync_every: int = SYNC_EVERY,
+) -> Iterator[List[List[int]]]:
+    """The decoding loop behind `generate_batch`, as a stream: yields, every `sync_every` tokens, each row's
+    new tokens since the last yield (an empty list for a row that is done), until every row is done.
 
     The prompts are right-padded into one batch and prefilled together at positions 0..T-1: padding comes
     after every real token, so the causal mask keeps it out of sight. Then each row decodes at its own
     position (`input_pos` of shape (B, 1)): its first new token overwrites its first padding slot in the KV
-    cache, and so on, so no row ever attends to padding. Rows that are done wait (re-writing one slot)
-    until the last one is."""
+    cache, and so on, so no row ever attends to padding, and rows never see each other's cache.
+
+    The loop itself never waits for the device: tokens stay on it, and a row that is done simply goes on
+    decoding into its own cache (its extra tokens are thrown away). Only every `sync_every` tokens are they
+    copied to the host, where each row's end (end-of-text, its limit, its stop text) is found token by
+    token, and the loop ends once every row has ended. So a GPU is never idle waiting on Python, at the
+    cost of at most `sync_every - 1` extra steps."""
     lengths = [p.size(0) for p in prompts]
     max_seq_length = check_prompt_lengths(model, lengths, max_new_tokens)
     device, B = prompts[0].device, len(prompts)
@@ -80,30 +114,92 @@ def generate_batch(
     padded = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
     for b, prompt in enumerate(prompts):
         padded[b, : lengths[b]] = prompt
+    prefill_step, decode_step = compile_steps() if compiled else (prefill, decode_one_token)
+    cache_length = static_cache_length(model, max_seq_length) if compiled else max_seq_length
+    model.set_kv_cache(batch_size=B, max_seq_length=cache_length, device=device)
     new_tokens: List[List[int]] = [[] for _ in range(B)]
-    done = [limit == 0 for limit in limits]
-    model.set_kv_cache(batch_size=B, max_seq_length=max_seq_length, device=device)
+    done = [False] * B
+    steps = max(limits)
+    tokens = torch.empty(B, steps, dtype=torch.long, device=device)  # decoded so far, on the device
     try:
-        logits = model(padded, torch.arange(padded.size(1), device=device))
         position = torch.tensor(lengths, device=device) - 1  # each row's last prompt token
-        logits = logits[torch.arange(B, device=device), position]
-        while not all(done):
-            next_token = sample(logits, temperature, top_k)  # (B, 1)
-            for b, token in enumerate(next_token.view(-1).tolist()):  # one host sync per step
-                if not done[b]:
-                    new_tokens[b].append(token)
-                    stop = stops[b] if stops else None
-                    done[b] = (token == eos_id or len(new_tokens[b]) == limits[b]
-                               or (stop is not None and stop(torch.tensor(new_tokens[b]))))
-            if all(done):
-                break
-            # the new token goes at the slot after the row's last one; rows that are done stay where they are
-            position = position + torch.tensor([not d for d in done], device=device)
-            logits = model(next_token, position.unsqueeze(1))[:, -1]
+        next_token = sample(prefill_step(model, padded, position), temperature, top_k)  # (B, 1)
+        synced = 0  # tokens[:, :synced] are on the host
+        for step in range(steps):
+            tokens[:, step] = next_token[:, 0]
+            if step + 1 - synced == sync_every or step + 1 == steps:
+                chunk = tokens[:, synced : step + 1].tolist()  # the one host sync every sync_every tokens
+                synced = step + 1
+                yield [take_until_done(new_tokens[b], chunk[b], limits[b], eos_id, stops[b] if stops else None, done, b)
+                       for b in range(B)]
+                if all(done):
+                    break
+            # the next token goes at the slot after each row's last one (a done row's position no longer matters)
+            position = (position + 1).clamp(max=cache_length - 1)
+            next_token = decode_step(model, next_token, position.unsqueeze(1), temperature, top_k).clone()
     finally:
-        model.clear_kv_cache()
-    return [torch.cat((prompt, torch.tensor(new, dtype=prompt.dtype, device=device)))
-            for prompt, new in zip(prompts, new_tokens)]
+        if not compiled:  # compiled steps keep their cache for the next call (same buffers, no re-recording)
+            model.clear_kv_cache()
+
+
+def take_until_done(
+    row: List[int], chunk: List[int], limit: int, eos_id: Optional[int],
+    stop: Optional[Callable[[torch.Tensor], bool]], done: List[bool], b: int,
+) -> List[int]:
+    """Appends the chunk's tokens to the row one at a time until the row is done (end-of-text, its limit of
+    new tokens, its stop text), marking `done[b]`; returns the tokens it appended."""
+    taken = []
+    for token in chunk:
+        if done[b]:
+            break
+        row.append(token)
+        taken.append(token)
+        done[b] = token == eos_id or len(row) == limit or (stop is not None and stop(torch.tensor(row)))
+    return taken
+
+
+def prefill(model: LLaMA, tokens: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:
+    """Runs the (right-padded) prompts (B, T) at positions 0..T-1, filling the KV cache; returns the logits
+    (B, vocab) at each row's last prompt token."""
+    logits = model(tokens, torch.arange(tokens.size(1), device=tokens.device))
+    return logits[torch.arange(tokens.size(0), device=tokens.device), last_positions]
+
+
+def decode_one_token(
+    model: LLaMA, token: torch.Tensor, position: torch.Tensor, temperature: float, top_k: Optional[int]
+) -> torch.Tensor:
+    """One decoding step for every row: its last token (B, 1) at its position (B, 1) -> its next token (B, 1)."""
+    return sample(model(token, position)[:, -1], temperature, top_k)
+
+
+@functools.lru_cache(maxsize=None)
+def compile_steps() -> Tuple[Callable, Callable]:
+    """`prefill` and `decode_one_token` compiled separately (gpt-fast's recipe): prefill for any prompt length
+    (dynamic shapes); the decode step as one whole graph, replayed as a CUDA graph on a GPU ("reduce-overhead":
+    one launch per token instead of hundreds of kernel launches). Compilation happens on first use: see
+    `warm_up`."""
+    decode_mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    return (torch.compile(prefill, dynamic=True),
+            torch.compile(decode_one_token, mode=decode_mode, fullgraph=True))
+
+
+def static_cache_length(model: LLaMA, max_seq_length: int) -> int:
+    """The compiled steps' KV-cache length: rounded up to a multiple of 256 (at most the block size), so
+    requests of other lengths mostly reuse the same compiled graphs instead of compiling new ones."""
+    return min(model.config.block_size, 256 * math.ceil(max_seq_length / 256))
+
+
+def warm_up(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int]) -> float:
+    """Compiles the steps for this prompt's shape by generating a few tokens, so that timed generation after it
+    excludes compilation; returns the seconds it took (printed by the scripts)."""
+    t0 = time.perf_counter()
+    devices = [prompt.device] if prompt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the warm-up draws no samples from the user's seed
+        for _ in range(3):  # CUDA graphs are recorded on a later call than the first
+            stream = stream_batch(model, [prompt], max_new_tokens, temperature, top_k, compiled=True)
+            next(stream)  # one chunk runs both steps
+            stream.close()
+    return time.perf_counter() - t0
 
 
 def check_prompt_lengths(model: LLaMA, lengths: List[int], max_new_tokens: int) -> int:
@@ -148,6 +244,15 @@ def report_speed(new_tokens: int, seconds: float, device: torch.device) -> None:
         print(f"Peak memory: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)
 
 
+def report_compilation(
+    model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int]
+) -> None:
+    """`warm_up` with the message the scripts print (stderr) before the timed samples."""
+    print("Compiling the prefill and decode steps (torch.compile) ...", file=sys.stderr)
+    seconds = warm_up(model, prompt, max_new_tokens, temperature, top_k)
+    print(f"Compiled in {seconds:.2f} s (not counted in the speed below)", file=sys.stderr)
+
+
 def generate_response(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -158,6 +263,7 @@ def generate_response(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     prompt_style: str = DEFAULT_PROMPT_STYLE,
+    compiled: bool = False,
 ) -> str:
     """Wraps the instruction in the prompt style's template (Alpaca by default), generates until EOS or the
     style's stop text, and returns only the response text (without the stop text)."""
@@ -167,7 +273,7 @@ def generate_response(
     prompt = tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
     max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.size(0))
     stop = stop_at_text(style, tokenizer)
-    output = generate(model, prompt, max_new_tokens, temperature, top_k, eos_id=tokenizer.eos_id, stop=stop)
+    output = generate(model, prompt, max_new_tokens, temperature, top_k, tokenizer.eos_id, stop=stop, compiled=compiled)
     model.train(was_training)
     return style.cut_at_stop(tokenizer.decode(output[prompt.size(0) :]))[0].strip()
 
@@ -181,6 +287,7 @@ def generate_responses(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     prompt_styles: Optional[Sequence[str]] = None,
+    compiled: bool = False,
 ) -> List[str]:
     """`generate_response` for several (instruction, input) pairs in one batch (`generate_batch`), each in its
     own prompt style (Alpaca by default): the response texts, in order."""
@@ -188,7 +295,7 @@ def generate_responses(
     prompts = [tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
                for style, (instruction, input) in zip(styles, requests)]
     stops = [stop_at_text(style, tokenizer) for style in styles]
-    outputs = generate_batch(model, prompts, max_new_tokens, temperature, top_k, tokenizer.eos_id, stops)
+    outputs = generate_batch(model, prompts, max_new_tokens, temperature, top_k, tokenizer.eos_id, stops, compiled)
     return [style.cut_at_stop(tokenizer.decode(output[prompt.size(0) :]))[0].strip()
             for style, prompt, output in zip(styles, prompts, outputs)]
 
@@ -210,15 +317,20 @@ def respond_and_report(
     seed: int,
     device: torch.device,
     prompt_style: str = DEFAULT_PROMPT_STYLE,
+    compiled: bool = False,
 ) -> List[str]:
     """What every generate/*.py script does once its model is built: respond to the instruction
-    `num_samples` times, printing each response (stdout) with its speed and memory (stderr)."""
+    `num_samples` times, printing each response (stdout) with its speed and memory (stderr). `compiled`:
+    compile first (printed apart), so every sample's speed excludes compilation."""
+    if compiled:
+        prompt = get_prompt_style(prompt_style).prompt(instruction, input)
+        report_compilation(model, tokenizer.encode(prompt, bos=True, device=device), max_new_tokens, temperature, top_k)
     torch.manual_seed(seed)
     responses = []
     for _ in range(num_samples):
         t0 = time.perf_counter()
         response = generate_response(model, tokenizer, instruction, input, device, max_new_tokens, temperature, top_k,
-                                     prompt_style)
+                                     prompt_style, compiled)
         elapsed = time.perf_counter() - t0
         print(response)
         report_speed(len(tokenizer.encode(response, bos=False)), elapsed, device)

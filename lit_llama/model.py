@@ -187,8 +187,8 @@ class LLaMA(nn.Module):
         if input_pos is None:  # training / full forward: positions 0..T-1, plain causal attention
             cos, sin, mask = cos[:T], sin[:T], None
         else:  # decoding: rows of the causal mask for these positions, over the whole cache
-            if self.mask_cache is None or self.mask_cache.device != idx.device:
-                self.mask_cache = torch.ones(max_len, max_len, dtype=torch.bool, device=idx.device).tril()
+            if self.mask_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
             cos, sin, mask = cos[input_pos], sin[input_pos], self.mask_cache[input_pos]
             if input_pos.dim() == 2:  # per row: (B, T, ...) -> (B, 1, T, ...), broadcast over the heads
                 cos, sin, mask = cos.unsqueeze(1), sin.unsqueeze(1), mask.unsqueeze(1)
@@ -220,15 +220,23 @@ class LLaMA(nn.Module):
     def set_kv_cache(
         self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None
     ) -> None:
-        """Allocates a key/value cache of `max_seq_length` positions in every attention layer."""
+        """Allocates a key/value cache of `max_seq_length` positions in every attention layer (or keeps the one
+        there if it has that shape: compiled decoding then finds its buffers where it left them), and the
+        rotary and causal-mask tables decoding reads, so a forward pass only reads them."""
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds block_size {self.config.block_size}")
         weight = self.lm_head.weight
+        device, dtype = torch.device(device or weight.device), dtype or weight.dtype
         shape = (batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size)
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(shape, device=device or weight.device, dtype=dtype or weight.dtype)
-        self.mask_cache = None
+            cache = block.attn.kv_cache
+            same_device = cache is not None and cache.k.device.type == device.type and device.index in (
+                None, cache.k.device.index)
+            if not same_device or cache.k.shape != shape or cache.k.dtype != dtype:
+                block.attn.kv_cache = KVCache(shape, device=device, dtype=dtype)
+        self._rope(device)
+        self.mask_cache = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
 
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:

@@ -2,13 +2,14 @@
 each style's end of answer, and the style travelling from the prepared data through the LoRA file to generate."""
 
 import json
+import math
 
 import pytest
 import torch
 from conftest import assert_clean_error, load_script, run_script
 
 from lit_llama.data import IGNORE_INDEX, prepare_sample
-from lit_llama.generation import generate_response
+from lit_llama.generation import SYNC_EVERY, generate_response
 from lit_llama.model import Config
 from lit_llama.prompts import PROMPT_STYLES, get_prompt_style
 from lit_llama.tokenizer import Tokenizer
@@ -78,7 +79,8 @@ def test_generation_stops_at_each_styles_end_of_answer(style, tiny_checkpoint_di
     model = ScriptedModel(torch.cat([prompt, answer, more, more]), tokenizer.vocab_size)
     response = generate_response(model, tokenizer, "explain", max_new_tokens=50, prompt_style=style)
     assert response == "the answer"
-    assert model.calls == len(answer)  # the prompt in one call, then one call per answer token but the last
+    # the prompt in one call, then one call per token until the host looks, every SYNC_EVERY tokens
+    assert model.calls == SYNC_EVERY * math.ceil(len(answer) / SYNC_EVERY)
 
 
 def test_style_goes_from_data_to_lora_file_to_generate(tiny_checkpoint_dir, tmp_path, capsys):
