@@ -1,13 +1,16 @@
 """What the benchmarks share: adding result rows to their own table in benchmarks/RESULTS.md (not simply at
-the end of the file, where they would land under whichever table happens to be last), and timing."""
+the end of the file, where they would land under whichever table happens to be last), timing, and the same
+model as Hugging Face's `LlamaForCausalLM` for the side-by-side comparisons."""
 
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from lit_llama.utils import UserError
+from lit_llama.convert import lit_to_hf
+from lit_llama.model import Config
+from lit_llama.utils import UserError, default_dtype
 
 
 def add_rows(results_file: Optional[Path], section: str, rows: List[str]) -> None:
@@ -46,3 +49,20 @@ def sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def hf_llama(config: Config, weights: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    """transformers' `LlamaForCausalLM` of `config`'s shape holding our `weights` (lit_llama.convert's names),
+    with PyTorch's scaled_dot_product_attention like ours."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_query_groups, max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, attn_implementation="sdpa",
+    )
+    with device, default_dtype(dtype):
+        model = LlamaForCausalLM(hf_config)
+    model.load_state_dict(dict(lit_to_hf(weights.items(), config)), strict=True)
+    return model

@@ -20,6 +20,9 @@ Stages, each adding its rows to its own table of benchmarks/RESULTS.md with the 
            LoRA merged, LoRA unmerged: tokens/s and peak memory
   quantized 7B int8 and int4 weight-only generation against bf16: logit and perplexity difference, weight
            bytes, tokens/s (benchmarks/quantized_generation.py; needs torchao)
+  decode   7B batch-1 greedy decoding side by side with transformers: ours eager, compiled, int8 and int4
+           (eager and compiled) against transformers' generate, eager and static cache + compile, with the %
+           of the memory-bandwidth bound (benchmarks/generate_vs_hf.py; needs transformers and torchao, ~40 GB)
 A stage that fails prints one line and the others still run; the exit code is then 1.
 """
 
@@ -40,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import finetune_memory, lora_vs_peft, quantized_generation  # noqa: E402
+from benchmarks import finetune_memory, generate_vs_hf, lora_vs_peft, quantized_generation  # noqa: E402
 from benchmarks.common import add_rows, sync_time  # noqa: E402
 from lit_llama.data import prepare_dataset  # noqa: E402
 from lit_llama.generation import generate  # noqa: E402
@@ -49,7 +52,7 @@ from lit_llama.model import LLaMA, Config  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.utils import default_dtype  # noqa: E402
 
-STAGES = ("lora", "qlora", "adapter", "peft", "fsdp", "generate", "quantized")
+STAGES = ("lora", "qlora", "adapter", "peft", "fsdp", "generate", "quantized", "decode")
 
 FSDP_SECTION = """
 ## Full finetuning under FSDP (GPU suite)
@@ -232,6 +235,14 @@ class Suite:
         quantized_generation.main(None if self.smoke else self.size_7b, ["int8"] if self.smoke else ["int8", "int4"],
                                   self.device.type, text_tokens=64 if self.smoke else 256,
                                   results_file=self.results_file)
+
+    def decode(self, work_dir: Path) -> None:
+        """Ours vs transformers (benchmarks/generate_vs_hf.py). The smoke run leaves out the compiled variants:
+        tests/test_benchmarks.py runs those on the CPU already."""
+        implementations = ["ours", "ours-int8", "hf"] if self.smoke else None
+        generate_vs_hf.main(self.size_7b, self.device.type, new_tokens=8 if self.smoke else 128,
+                            repeats=1 if self.smoke else 3, implementations=implementations,
+                            results_file=self.results_file)
 
     def decode_row(self, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, weights: str) -> str:
         generate(model, prompt, 4, temperature=0.0)  # warm-up: kernels, allocator

@@ -130,8 +130,12 @@ def stream_batch(
             if step + 1 - synced == sync_every or step + 1 == steps:
                 chunk = tokens[:, synced : step + 1].tolist()  # the one host sync every sync_every tokens
                 synced = step + 1
-                yield [take_until_done(new_tokens[b], chunk[b], limits[b], eos_id, stops[b] if stops else None, done, b)
-                       for b in range(B)]
+                fresh: List[List[int]] = [[] for _ in range(B)]
+                for b in range(B):
+                    if not done[b]:
+                        stop = stops[b] if stops else None
+                        fresh[b], done[b] = take_until_done(new_tokens[b], chunk[b], limits[b], eos_id, stop)
+                yield fresh
                 if all(done):
                     break
             # the next token goes at the slot after each row's last one (a done row's position no longer matters)
@@ -143,19 +147,15 @@ def stream_batch(
 
 
 def take_until_done(
-    row: List[int], chunk: List[int], limit: int, eos_id: Optional[int],
-    stop: Optional[Callable[[torch.Tensor], bool]], done: List[bool], b: int,
-) -> List[int]:
+    row: List[int], chunk: List[int], limit: int, eos_id: Optional[int], stop: Optional[Callable[[torch.Tensor], bool]]
+) -> Tuple[List[int], bool]:
     """Appends the chunk's tokens to the row one at a time until the row is done (end-of-text, its limit of
-    new tokens, its stop text), marking `done[b]`; returns the tokens it appended."""
-    taken = []
-    for token in chunk:
-        if done[b]:
-            break
+    new tokens, its stop text); returns the tokens it appended and whether the row is done."""
+    for i, token in enumerate(chunk):
         row.append(token)
-        taken.append(token)
-        done[b] = token == eos_id or len(row) == limit or (stop is not None and stop(torch.tensor(row)))
-    return taken
+        if token == eos_id or len(row) == limit or (stop is not None and stop(torch.tensor(row))):
+            return chunk[: i + 1], True
+    return chunk, False
 
 
 def prefill(model: LLaMA, tokens: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,9 @@ def quantize_for_generation(model: nn.Module, quantize: str) -> None:
     _to_nf4()  # torchao, imported quietly
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
+    # compiling torchao's tensors logs a deprecation notice about how torchao registers an enum with torch, which
+    # reads like an error in generate.py's output and concerns nothing the user can change
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     config = Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128)
     with torch.no_grad():
         quantize_(model, config)

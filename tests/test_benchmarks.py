@@ -3,7 +3,7 @@ CUDA in one line, and rows land in their own table of RESULTS.md."""
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, load_script, run_script
 
 from benchmarks.common import add_rows
 
@@ -39,8 +39,29 @@ def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
     text = results.read_text()
     for title in ("## Finetuning step: peak memory and speed", "## LoRA finetuning speed: lit-llama vs Hugging Face PEFT",
                   "## Full finetuning under FSDP (GPU suite)", "## Generation speed (GPU suite)",
-                  "## Quantized generation: what it changes, what it saves"):
+                  "## Quantized generation: what it changes, what it saves",
+                  "## Generation speed: lit-llama vs Hugging Face transformers"):
         assert text.count(title) == 1, title
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    assert len(rows) == 6 + 2 + 1 + 1 + 3 + 2  # lora 2x2 + nf4 x2, adapter v1/v2, peft, fsdp, generate x3, int8
+    # lora 2x2 + nf4 x2, adapter v1/v2, peft, fsdp, generate x3, int8, decode (ours, int8, hf)
+    assert len(rows) == 6 + 2 + 1 + 1 + 3 + 2 + 3
     assert not list(tmp_path.glob("tmp*")), "the suite's temporary checkpoints are removed"
+
+
+def test_generate_vs_hf_rows(tmp_path):
+    """Ours eager and compiled, int8, and transformers eager and static + compile, side by side on a tiny model:
+    the same greedy tokens, one row each, ratios against transformers' eager generate."""
+    results = tmp_path / "RESULTS.md"
+    load_script("benchmarks/generate_vs_hf.py").main(
+        model_size="tiny", new_tokens=6, repeats=1, results_file=results,
+        implementations=["ours", "ours-compile", "ours-int8", "hf", "hf-static-compile"])
+    rows = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| 20")]
+    assert [row[4] for row in rows] == ["ours", "ours-compile", "ours-int8", "hf", "hf-static-compile"]
+    assert all(row[-1] == "yes |" for row in rows if row[4] != "ours-int8")  # float32: the same greedy tokens
+    assert [row[7] for row in rows if row[4] == "hf"] == ["1.00x"]
+    assert all(float(row[6]) > 0 and row[8].endswith("%") for row in rows)
+
+
+def test_generate_vs_hf_refuses_int4_without_cuda():
+    proc = run_script("benchmarks/generate_vs_hf.py", "--implementations", "[ours, ours-int4]", check=False)
+    assert_clean_error(proc, "int4 needs CUDA")
