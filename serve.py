@@ -34,6 +34,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from queue import Empty, Queue
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -179,9 +180,9 @@ class LoRAServer(ls.LitAPI):
 
     def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, precision: Optional[str], quantize: Optional[str],
                  compile: bool, max_batch_size: int, batch_timeout: float, spec: LitSpec) -> None:
-        # the batched streaming loop even for batches of 1: `predict` always gets a list of requests
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec,
-                         loop=BatchedStreamingLoop())
+        # the batched streaming loop even for batches of 1 (`predict` always gets a list of requests), gathering
+        # the batches itself (LitServe's own batch_timeout is then 0: it takes what is there)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=0, spec=spec, loop=GatheringLoop(batch_timeout))
         self.paths, self.folder, self.precision, self.quantize, self.compile = paths, folder, precision, quantize, compile
 
     def setup(self, device: str) -> None:
@@ -231,6 +232,52 @@ class LoRAServer(ls.LitAPI):
 
     def encode_response(self, outputs: Iterator[List[Dict[str, Any]]]) -> Iterator[List[Dict[str, Any]]]:
         yield from outputs  # one dict per request per step, sent as JSON to the spec's endpoints
+
+
+class GatheringLoop(BatchedStreamingLoop):
+    """LitServe's batched streaming loop, except for how it waits for requests: LitServe's polls the queue
+    every millisecond, busy even when idle (a tenth of a CPU core for nothing); here the worker sleeps until a
+    request comes, then gathers those that arrive within `batch_timeout` seconds."""
+
+    def __init__(self, batch_timeout: float) -> None:
+        super().__init__()
+        self.batch_timeout = batch_timeout
+
+    def __call__(self, lit_api: ls.LitAPI, device: str, worker_id: int, request_queue: Queue, *rest: Any) -> None:
+        requests = GatheringQueue(request_queue, lit_api.max_batch_size, self.batch_timeout)
+        super().__call__(lit_api, device, worker_id, requests, *rest)
+
+
+class GatheringQueue:
+    """The request queue as LitServe's loop reads a batch from it with no batch timeout (`get_nowait` until
+    Empty or a full batch): the first read of a batch waits for a request (a second at most, then Empty: the
+    loop checks whether to stop), then for more within `batch_timeout`; the next reads return those, and
+    Empty ends the batch."""
+
+    def __init__(self, queue: Queue, max_batch_size: int, batch_timeout: float) -> None:
+        self.queue, self.max_batch_size, self.batch_timeout = queue, max_batch_size, batch_timeout
+        self.gathered: deque = deque()
+        self.in_batch = False
+
+    def get_nowait(self) -> Any:
+        if not self.gathered and not self.in_batch:
+            self.gather()
+        self.in_batch = bool(self.gathered)
+        if not self.gathered:
+            raise Empty
+        return self.gathered.popleft()
+
+    def gather(self) -> None:
+        try:
+            self.gathered.append(self.queue.get(timeout=1.0))
+        except Empty:
+            return
+        deadline = time.monotonic() + self.batch_timeout
+        while len(self.gathered) < self.max_batch_size and deadline > time.monotonic():
+            try:
+                self.gathered.append(self.queue.get(timeout=deadline - time.monotonic()))
+            except Empty:
+                break
 
 
 class Row:
