@@ -21,11 +21,12 @@ setup(
     ],
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
-        "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml", "torchao"],
+        "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml", "torchao",
+                "litserve>=0.2.19"],  # serve.py
         # --logger_name tensorboard / wandb in the finetune scripts
         "loggers": ["tensorboard", "wandb"],
         # the reference implementations the tests and benchmarks compare against, and the loggers they read back
         "test": ["pytest", "hypothesis", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib", "tensorboard",
-                 "wandb"],
+                 "wandb", "openai>=1.0"],  # openai: the client tests/test_serve.py talks to serve.py with
     },
 )

@@ -4,7 +4,7 @@ import functools
 import math
 import sys
 import time
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -86,7 +86,7 @@ def generate_batch(
 def stream_batch(
     model: LLaMA,
     prompts: List[torch.Tensor],
-    max_new_tokens: int,
+    max_new_tokens: Union[int, Sequence[int]],
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     eos_id: Optional[int] = None,
@@ -96,6 +96,7 @@ def stream_batch(
 ) -> Iterator[List[List[int]]]:
     """The decoding loop behind `generate_batch`, as a stream: yields, every `sync_every` tokens, each row's
     new tokens since the last yield (an empty list for a row that is done), until every row is done.
+    `max_new_tokens`: one limit for every row, or one per row (a server's requests each bring their own).
 
     The prompts are right-padded into one batch and prefilled together at positions 0..T-1: padding comes
     after every real token, so the causal mask keeps it out of sight. Then each row decodes at its own
@@ -108,9 +109,10 @@ def stream_batch(
     token, and the loop ends once every row has ended. So a GPU is never idle waiting on Python, at the
     cost of at most `sync_every - 1` extra steps."""
     lengths = [p.size(0) for p in prompts]
-    max_seq_length = check_prompt_lengths(model, lengths, max_new_tokens)
+    row_limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    max_seq_length = check_prompt_lengths(model, lengths, max(row_limits))
     device, B = prompts[0].device, len(prompts)
-    limits = [min(max_new_tokens, max_seq_length - length) for length in lengths]  # new tokens per row
+    limits = [min(n, max_seq_length - length) for n, length in zip(row_limits, lengths)]  # new tokens per row
     padded = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
     for b, prompt in enumerate(prompts):
         padded[b, : lengths[b]] = prompt

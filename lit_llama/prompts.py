@@ -16,7 +16,7 @@ generate/full.py takes `--prompt_style`.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from lit_llama.utils import UserError
 
@@ -85,3 +85,36 @@ def prompt_style_of_data(data_dir: Path) -> str:
         raise UserError(f"{config_file} is not a valid prepare config: {e}")
     get_prompt_style(name, f"{config_file}: prompt_style")
     return name
+
+
+def chat_turns(style: PromptStyle, messages: Sequence[Dict[str, str]]) -> List[str]:
+    """An OpenAI-style chat (messages {"role": "system" | "user" | "assistant", "content": text}) as the text the
+    model's answer follows, in `style`'s multi-turn format: a list of turns, each to be encoded with BOS in
+    front and every turn but the last closed with EOS (Llama-2-chat separates turns with those tokens, not with
+    text; the other styles give one turn). One user message gives exactly `style.prompt(content)`.
+
+    * alpaca is single-turn: the last user message is the instruction, the system message(s) the input (its
+      context); earlier turns are left out.
+    * llama2-chat: Meta's format, `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} ` per turn,
+      the last `[INST] {user} [/INST]`; after the system message, user and assistant alternate.
+    * chatml: every message as `<|im_start|>{role}\\n{content}<|im_end|>\\n`, then `<|im_start|>assistant\\n`.
+    """
+    for message in messages:
+        if message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
+            raise UserError(f"a chat message needs a role (system, user or assistant) and a text content: {message}")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    if style.name == "chatml":
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return [text + "<|im_start|>assistant\n"]
+    users = [m["content"] for m in turns if m["role"] == "user"]
+    if not users:
+        raise UserError("the chat has no user message")
+    if style.name != "llama2-chat":  # single-turn styles (alpaca)
+        return [style.prompt(users[-1], system)]
+    if [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2) + ["user"]:
+        raise UserError("a llama2-chat conversation alternates user and assistant messages and ends with a user one")
+    first = turns[0]["content"] if not system else f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0]['content']}"
+    contents = [first] + [m["content"] for m in turns[1:]]
+    pairs = zip(contents[0:-1:2], contents[1::2])
+    return [f"[INST] {user} [/INST] {answer} " for user, answer in pairs] + [f"[INST] {contents[-1]} [/INST]"]

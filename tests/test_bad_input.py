@@ -12,6 +12,7 @@ import json
 import pathlib
 import pickle
 import shutil
+import socket
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -96,6 +97,11 @@ def world(tmp_path_factory) -> World:
     torch.save(lora_nan, root / "lora_inf.pth")
     torch.save(Evil(root / MARKER), root / "evil.pth")
     torch.save(adapter_state_dict(AdapterLLaMA(config, adapter_start_layer=1)), root / "adapter.pth")
+    for folder, name in [("serve_loras", "lora.pth"), ("serve_evil", "evil.pth"), ("serve_inf", "lora_inf.pth")]:
+        (root / folder).mkdir()  # serve.py's --lora_dir: LoRA files in a folder
+        shutil.copy(root / name, root / folder / name)
+    (root / "serve_dora").mkdir()
+    torch.save(lora_state_dict(LoRALLaMA(config, lora=LoRAConfig(dora=True))), root / "serve_dora" / "dora.pth")
 
     # an FSDP sharded checkpoint folder whose metadata is a malicious pickle
     (root / "sharded_evil").mkdir()
@@ -489,6 +495,46 @@ OTHER_CASES = [
 def test_other_scripts(world, script, flags, fragments):
     check_case(world, f"scripts/{script}.py", flags, fragments)
     assert not (world / "compared").exists() and not (world / "demo").exists()
+
+
+# --- serve.py: every flag and LoRA file is checked before the server starts ------------------------------
+
+_busy_sockets: List[socket.socket] = []
+
+
+def busy_port(world: World) -> int:
+    """A port another program listens on."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _busy_sockets.append(s)  # open until the tests end
+    return s.getsockname()[1]
+
+
+SERVE = ["--checkpoint_dir", w("ckpt"), "--lora_dir", w("serve_loras")]
+SERVE_CASES = [
+    ("serve.py", SERVE + ["--port", 80], ["--port must be in [1024, 65535]"]),
+    ("serve.py", SERVE + ["--host", "example.com"], ["--host 'example.com'"]),
+    ("serve.py", SERVE + ["--max_batch_size", 0], ["--max_batch_size"]),
+    ("serve.py", SERVE + ["--batch_timeout", 0], ["--batch_timeout"]),
+    ("serve.py", SERVE + ["--max_new_tokens", 0], ["--max_new_tokens"]),
+    ("serve.py", SERVE + ["--max_new_tokens", 100000], ["--max_new_tokens 100000", "context"]),
+    ("serve.py", SERVE + ["--top_k", 0], ["--top_k"]),
+    ("serve.py", SERVE + ["--precision", "fp8"], ["--precision 'fp8'"]),
+    ("serve.py", SERVE + ["--quantize", "int3"], ["--quantize 'int3'"]),
+    ("serve.py", ["--checkpoint_dir", w("ckpt"), "--lora_dir", w("missing")], ["--lora_dir", "missing is not a folder"]),
+    ("serve.py", ["--checkpoint_dir", w("missing"), "--lora_dir", w("serve_loras")], ["missing"]),
+    ("serve.py", ["--checkpoint_dir", w("ckpt"), "--lora_dir", w("serve_evil")], ["evil.pth", "could run code"]),
+    ("serve.py", ["--checkpoint_dir", w("ckpt"), "--lora_dir", w("serve_dora")], ["dora.pth is a DoRA adapter"]),
+    ("serve.py", ["--checkpoint_dir", w("ckpt_gqa"), "--lora_dir", w("serve_loras")], ["lora.pth"]),
+    ("serve.py", ["--checkpoint_dir", w("ckpt"), "--lora_dir", w("serve_inf")], ["lora_inf.pth"]),
+    ("serve.py", SERVE + ["--port", busy_port], ["--port", "cannot be used"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", SERVE_CASES, ids=[case_id(c) for c in SERVE_CASES])
+def test_serve(world, script, flags, fragments):
+    check_case(world, script, flags, fragments)
 
 
 def test_number_of_cases():

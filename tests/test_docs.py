@@ -14,6 +14,8 @@ The only changes to the commands are these stand-ins, for a machine without netw
 - The PEFT adapter `path/to/peft-adapter` that import_peft.py reads is the one export_peft.py wrote just before.
 - howto/lit_llama_checkpoints.md runs in a folder of its own, a Lit-LLaMA checkout: tiny files in Lit-LLaMA's
   formats where Lit-LLaMA wrote them (checkpoints/lit-llama/7B/lit-llama.pth, its tokenizer, its LoRA file).
+- `python serve.py ... &` starts the server in the background on a free port instead of 8000 (the guide's
+  curl and Python examples are sent there); it is stopped when the guides have run.
 - Not run here: `pip install` and `pytest` (CI runs those), the cluster launchers `torchrun` / `srun`
   (tests/test_fsdp.py runs a two-node torchrun launch), and `vllm serve` (not installed).
 A command that appears again in a later guide, unchanged, runs once (running it again would be refused:
@@ -46,6 +48,8 @@ DOCS = ["README.md", "howto/download_weights.md", "howto/finetune_lora.md", "how
         "howto/multi_lora.md", "howto/peft_interop.md"]
 LIT_LLAMA_DOC = "howto/lit_llama_checkpoints.md"  # in a Lit-LLaMA checkout of its own
 NOT_RUN = {"pip", "pytest", "torchrun", "srun", "vllm"}
+SHELL_COMMANDS = {"mkdir", "cp", "curl"}  # run by bash as written (curl: against the server a guide started)
+GUIDE_PORT = ":8000"  # the server's port in the guides
 FEWER_ITERATIONS = ["--max_iters", "4", "--batch_size", "4", "--micro_batch_size", "2", "--eval_iters", "2",
                     "--save_interval", "1"]
 META_FOLDER = "/path/to/llama/7B"
@@ -186,13 +190,34 @@ def lit_llama_checkout(tmp_path_factory) -> Path:
     return work
 
 
-def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str]) -> None:
-    """Runs the doc's commands in `work`, in order (see the module docstring for the stand-ins)."""
+def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str], servers: List[tuple]) -> None:
+    """Runs the doc's commands in `work`, in order (see the module docstring for the stand-ins); a server it
+    starts in the background is added to `servers` (process, port)."""
     for command in commands(REPO_ROOT / doc):
-        if "<<" in command:  # a file the guide writes with a heredoc
-            subprocess.run(["bash", "-c", command], cwd=work, check=True)
+        argv = shlex.split(command, comments=True) if "<<" not in command else ["bash"]
+        if "<<" in command or argv[0] in SHELL_COMMANDS:  # a heredoc (a file, a Python example), mkdir, cp, curl
+            if servers:
+                command = command.replace(GUIDE_PORT, f":{servers[-1][1]}")
+            proc = subprocess.run(["bash", "-c", command], cwd=work, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, f"{doc}: {command} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            if argv[0] == "curl":
+                assert '"choices"' in proc.stdout, f"{doc}: {command}:\n{proc.stdout}"
             continue
-        argv = shlex.split(command, comments=True)
+        if argv[-1] == "&" and argv[1] == "serve.py":
+            from test_serve import free_port, get, stop_server
+
+            port = free_port()
+            args = [a if a != GUIDE_PORT[1:] else str(port) for a in argv[2:-1]]
+            log = work / f"serve-{port}.log"
+            proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), *args], cwd=work,
+                                    stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            servers.append((proc, port))
+            start = time.perf_counter()
+            while get(f"http://127.0.0.1:{port}/health") != 200:
+                assert proc.poll() is None and time.perf_counter() - start < 180, f"{doc}: {command}:\n{log.read_text()}"
+                time.sleep(0.5)
+            ran.append(f"{time.perf_counter() - start:5.1f} s  {doc}: serve.py (started in the background)")
+            continue
         if argv[0] in NOT_RUN:
             continue
         assert argv[0] == "python", f"{doc}: a command this test does not know how to run: {command}"
@@ -208,10 +233,17 @@ def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str]) -> None:
 
 
 def test_readme_and_guides_work_as_written(workspace, lit_llama_checkout, capsys):
-    done, ran = set(), []
-    for doc in DOCS:
-        run_doc(doc, workspace, capsys, done, ran)
-    run_doc(LIT_LLAMA_DOC, lit_llama_checkout, capsys, set(), ran)
+    from test_serve import stop_server
+
+    done, ran, servers = set(), [], []
+    try:
+        for doc in DOCS:
+            run_doc(doc, workspace, capsys, done, ran, servers)
+    finally:
+        for proc, _ in servers:
+            stop_server(proc)
+    assert servers, "howto/multi_lora.md starts serve.py"
+    run_doc(LIT_LLAMA_DOC, lit_llama_checkout, capsys, set(), ran, [])
     assert (lit_llama_checkout / "out" / "lora" / "alpaca" / "lora-converted.pth").is_file()
     with capsys.disabled():
         print(f"\nran {len(ran)} commands:\n" + "\n".join(ran))

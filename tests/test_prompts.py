@@ -11,7 +11,7 @@ from conftest import assert_clean_error, load_script, run_script
 from lit_llama.data import IGNORE_INDEX, prepare_sample
 from lit_llama.generation import SYNC_EVERY, generate_response
 from lit_llama.model import Config
-from lit_llama.prompts import PROMPT_STYLES, get_prompt_style
+from lit_llama.prompts import PROMPT_STYLES, chat_turns, get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
 
@@ -132,3 +132,25 @@ def test_adapter_file_records_the_style(tiny_checkpoint_dir, tmp_path, capsys):
                                             checkpoint_dir=tiny_checkpoint_dir, temperature=0, max_new_tokens=4,
                                             precision="32-true")
     assert "prompt style: llama2-chat (from the adapter file)" in capsys.readouterr().err
+
+
+def test_chat_turns_in_each_styles_multi_turn_format():
+    """serve.py's chat messages as prompts: one user message is exactly the single-turn prompt the style was
+    trained with; more turns follow each style's real multi-turn format."""
+    one = [{"role": "user", "content": "Name a color."}]
+    for style in PROMPT_STYLES.values():
+        assert chat_turns(style, one) == [style.prompt("Name a color.")]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}]
+    alpaca, llama2, chatml = (get_prompt_style(n) for n in ("alpaca", "llama2-chat", "chatml"))
+    assert chat_turns(alpaca, chat) == [alpaca.prompt("Name a color.", "Be brief.")]  # the system as the input
+    # Meta's format: each finished turn its own <s>...</s> (BOS and EOS tokens, added when encoded)
+    assert chat_turns(llama2, chat) == ["[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ",
+                                        "[INST] Name a color. [/INST]"]
+    assert chat_turns(chatml, chat) == [
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!"
+        "<|im_end|>\n<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n"]
+    for style, bad, fragment in [(alpaca, [{"role": "system", "content": "x"}], "no user message"),
+                                 (llama2, chat[1:3], "alternates"), (chatml, [{"role": "bot", "content": "x"}], "role")]:
+        with pytest.raises(UserError, match=fragment):
+            chat_turns(style, bad)

@@ -1,0 +1,605 @@
+"""An OpenAI-compatible server for one base model and every LoRA adapter in a folder, on LitServe.
+
+    python serve.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b --lora_dir adapters --port 8000
+
+Endpoints (OpenAI's request and response shapes, `"stream": true` too): POST /v1/chat/completions,
+POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is loaded.
+
+* Adapters: each LoRA file FOLDER/NAME.pth (finetune/lora.py's) is the model NAME; "base" is the base model
+  alone. The files there at start are checked and loaded then; a file added later is checked and loaded when a
+  request first names it, and loaded again when it changes (hot load). The base is loaded once, never merged
+  (lit_llama/multi_lora.py).
+* The request's `model` picks the adapter. Chat messages are put in the prompt style the adapter was trained
+  with (recorded in its file; Alpaca for the base: the last user message is the instruction), see
+  `lit_llama.prompts.chat_turns`; the answer ends at end-of-text, the style's stop text, a `stop` string of
+  the request, or `max_tokens`. /v1/completions continues the raw prompt text, without a template.
+* Batching: the requests waiting when the model is free (up to --max_batch_size, whatever their adapters) are
+  decoded in one batch, each row with its own adapter, prompt length and `max_tokens` (`stream_batch`).
+  Requests with another temperature or top_k in the same batch are decoded after the first ones. A batch runs
+  to its end before the next one starts (no requests join a batch in flight). Greedy answers
+  (`"temperature": 0`) are the same alone or in a batch.
+* A bad request (unparsable JSON, a missing field, an unknown model, a prompt as long as the context,
+  max_tokens < 1, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
+  is queued, so it never reaches, nor fails, a batch.
+
+Processes: LitServe runs the model in a worker process (`LoRAServer`, loaded in its `setup`); the HTTP
+endpoints (`OpenAILoRASpec`) run in this process, check and tokenize each request and queue it for the worker,
+which streams back each row's new text every few tokens.
+"""
+
+import asyncio
+import json
+import socket
+import sys
+import time
+import uuid
+from collections import deque
+from queue import Empty, Queue
+from pathlib import Path
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
+
+import litserve as ls  # noqa: E402
+from fastapi import Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from litserve.loops.streaming_loops import BatchedStreamingLoop  # noqa: E402
+from litserve.specs.base import LitSpec  # noqa: E402
+from litserve.utils import LitAPIStatus, ResponseBufferItem  # noqa: E402
+from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
+
+from lit_llama.checks import check_at_least, check_range  # noqa: E402
+from lit_llama.generation import stream_batch  # noqa: E402
+from lit_llama.lora import lora_prompt_style  # noqa: E402
+from lit_llama.model import Config  # noqa: E402
+from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
+from lit_llama.prompts import chat_turns, get_prompt_style  # noqa: E402
+from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
+from lit_llama.tokenizer import Tokenizer  # noqa: E402
+from lit_llama.utils import (  # noqa: E402
+    CheckpointPaths, UserError, check_vocab, default_device, load_model, load_state_dict, precision_dtype,
+    resolve_checkpoint, run_cli,
+)
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to: this machine only, or every interface
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
+    lora_dir: Path = Path("adapters"),
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    batch_timeout: float = 0.05,
+    max_new_tokens: int = 256,
+    top_k: Optional[int] = 200,
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+    compile: bool = False,
+) -> None:
+    """Serves the base model and the LoRA adapters of a folder through OpenAI's API.
+
+    Args:
+        checkpoint_dir: The base model folder every LoRA file was trained on.
+        lora_dir: The folder of LoRA files (finetune/lora.py's), one adapter per file, named by its file name
+            without .pth: `model: "alpaca"` in a request is alpaca.pth. Files added while serving are picked up.
+        host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every network interface: anyone who can reach
+            the machine can use the server; it has no authentication).
+        port: The port to listen on (1024 to 65535).
+        max_batch_size: The most requests decoded together in one batch (whatever their adapters).
+        batch_timeout: Seconds the model waits for more requests to fill a batch, once free; more than 0
+            (LitServe would otherwise poll without pause).
+        max_new_tokens: The most new tokens of an answer when a request gives no max_tokens.
+        top_k: Sample only among the k most likely tokens when a request gives no top_k (null: all tokens).
+        precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
+        quantize: int8 (CPU or GPU) or int4 (CUDA GPUs): weight-only quantized base weights, through torchao
+            (the adapters stay in the model's dtype).
+        compile: torch.compile the prefill and the decode step: faster decoding once compiled; the first
+            batches of each size compile.
+    """
+    # every flag and file is checked before anything loads: a mistake is one line, not a server that dies later
+    check_range("port", port, 1024, 65535)  # LitServe refuses the privileged ports
+    if host not in HOSTS:
+        raise UserError(f"--host {host!r} is not one of {', '.join(HOSTS)}")
+    check_at_least("max_batch_size", max_batch_size, 1)
+    check_range("batch_timeout", batch_timeout, 0, 60, low_inclusive=False)
+    check_at_least("max_new_tokens", max_new_tokens, 1)
+    check_at_least("top_k", top_k, 1, optional=True)
+    precision_dtype(precision)
+    check_generate_quantize(quantize)
+    if not Path(lora_dir).is_dir():
+        raise UserError(f"--lora_dir {lora_dir} is not a folder")
+    paths = resolve_checkpoint(checkpoint_dir)
+    check_vocab(Tokenizer(paths.tokenizer), paths)
+    if max_new_tokens > paths.config.block_size:
+        raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of "
+                        f"{paths.config.block_size} tokens")
+    folder = AdapterFolder(Path(lora_dir), paths.config)
+    names = [folder.check(name)[0].stem for name in folder.names()]  # each file read and checked now
+    check_port_free(host, port)
+
+    spec = OpenAILoRASpec(paths, folder, max_new_tokens, top_k)
+    api = LoRAServer(paths, folder, precision, quantize, compile, max_batch_size, batch_timeout, spec)
+    print(f"Serving {', '.join([BASE, *names])} on http://{host}:{port}/v1 (loading the model ...)", file=sys.stderr)
+    server = ls.LitServer(api, accelerator="cuda" if default_device().type == "cuda" else "cpu", devices=1,
+                          timeout=False)  # a request waits in the queue as long as the batches before it take
+    # (no client.py written into the working folder)
+    server.run(host=host, port=port, generate_client_file=False)
+
+
+def check_port_free(host: str, port: int) -> None:
+    try:
+        with socket.socket(socket.AF_INET6 if host == "::" else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--port {port} on {host} cannot be used: {e.strerror}")
+
+
+class AdapterFolder:
+    """The LoRA files of a folder, one adapter per file, named by its stem. The folder is listed again for
+    every request (a glob: cheap), so files added while serving are found; a file's version is its
+    modification time and size, so a file changed is read again."""
+
+    def __init__(self, folder: Path, config: Config) -> None:
+        self.folder, self.config = folder, config
+        self.checked: Dict[str, Tuple[Tuple[int, int], str]] = {}  # name -> (version checked, prompt style)
+
+    def names(self) -> List[str]:
+        return sorted(p.stem for p in self.folder.glob("*.pth") if p.is_file() and p.stem != BASE)
+
+    def version(self, name: str) -> Tuple[int, int]:
+        stat = (self.folder / f"{name}.pth").stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def check(self, name: str) -> Tuple[Path, Tuple[int, int], str]:
+        """The adapter's file, version and prompt style, after the checks of loading it on this base (ranks,
+        shapes, DoRA refused: `read_lora_factors`), done once per version; UserError if it cannot be served."""
+        if name not in self.names():  # only names listed in the folder: a name can never reach another path
+            raise UserError(f"the model {name!r} does not exist: the models are {', '.join([BASE, *self.names()])} "
+                            f"(the LoRA files in {self.folder})")
+        path, version = self.folder / f"{name}.pth", self.version(name)
+        if name not in self.checked or self.checked[name][0] != version:
+            read_lora_factors(path, self.config)
+            style = lora_prompt_style(load_state_dict(path))
+            get_prompt_style(style, f"{path}: prompt_style")
+            self.checked[name] = (version, style)
+        return path, version, self.checked[name][1]
+
+
+# ---------------------------------------------------------------- the model: a LitServe worker process
+
+
+class LoRAServer(ls.LitAPI):
+    """Runs in LitServe's worker process: loads the base and the adapters in `setup`, then decodes each batch
+    of queued requests (checked and tokenized by `OpenAILoRASpec`) with `stream_batch`, yielding every few
+    tokens one output per request: its new text, and at its end the finish reason and token counts."""
+
+    def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, precision: Optional[str], quantize: Optional[str],
+                 compile: bool, max_batch_size: int, batch_timeout: float, spec: LitSpec) -> None:
+        # the batched streaming loop even for batches of 1 (`predict` always gets a list of requests), gathering
+        # the batches itself (LitServe's own batch_timeout is then 0: it takes what is there)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=0, spec=spec, loop=GatheringLoop(batch_timeout))
+        self.paths, self.folder, self.precision, self.quantize, self.compile = paths, folder, precision, quantize, compile
+
+    def setup(self, device: str) -> None:
+        self.torch_device = torch.device(device)
+        self.tokenizer = Tokenizer(self.paths.tokenizer)
+        self.model = load_model(self.paths, self.torch_device, precision_dtype(self.precision), MultiLoRALLaMA).eval()
+        if self.quantize:  # the base's weights; the adapters' stacks stay in the model's dtype
+            quantize_for_generation(self.model, self.quantize)
+        self.loaded: Dict[str, Tuple[int, int]] = {}  # adapter name -> version of its file in the model
+        for name in self.folder.names():
+            self.model.add_adapter(name, self.folder.folder / f"{name}.pth")
+            self.loaded[name] = self.folder.version(name)
+
+    def decode_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        return request  # checked and tokenized by the spec before it was queued
+
+    def predict(self, requests: List[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
+        rows = [Row(request, self.tokenizer) for request in requests]
+        print(f"batch of {len(rows)}: {', '.join(row.adapter for row in rows)}", file=sys.stderr, flush=True)
+        for row in rows:
+            self.load_adapter(row)
+        if any(row.error for row in rows):
+            yield [row.take() for row in rows]
+        # one decoding loop per sampling setting (most batches have one); each row its own adapter and limit
+        groups: Dict[Tuple[float, Optional[int]], List[Row]] = {}
+        for row in rows:
+            if not row.error:
+                groups.setdefault((row.temperature, row.top_k), []).append(row)
+        for (temperature, top_k), group in groups.items():
+            self.model.select([row.adapter for row in group])
+            prompts = [torch.tensor(row.prompt, device=self.torch_device) for row in group]
+            for chunk in stream_batch(self.model, prompts, [row.max_tokens for row in group], temperature, top_k,
+                                      self.tokenizer.eos_id, [row.stop_found for row in group], self.compile):
+                for row, tokens in zip(group, chunk):
+                    row.add(tokens)
+                yield [row.take() for row in rows]
+
+    def load_adapter(self, row: "Row") -> None:
+        """Loads the row's adapter file if it is new or changed since it was loaded (hot load)."""
+        if row.adapter == BASE or self.loaded.get(row.adapter) == row.version:
+            return
+        try:
+            self.model.add_adapter(row.adapter, Path(row.path))
+            self.loaded[row.adapter] = row.version
+        except (UserError, OSError) as e:  # the file changed or went away since the request was checked
+            row.error = f"the adapter {row.adapter!r} could not be loaded: {e}"
+
+    def encode_response(self, outputs: Iterator[List[Dict[str, Any]]]) -> Iterator[List[Dict[str, Any]]]:
+        yield from outputs  # one dict per request per step, sent as JSON to the spec's endpoints
+
+
+class GatheringLoop(BatchedStreamingLoop):
+    """LitServe's batched streaming loop, except for how it waits for requests: LitServe's polls the queue
+    every millisecond, busy even when idle (a tenth of a CPU core for nothing); here the worker sleeps until a
+    request comes, then gathers those that arrive within `batch_timeout` seconds."""
+
+    def __init__(self, batch_timeout: float) -> None:
+        super().__init__()
+        self.batch_timeout = batch_timeout
+
+    def __call__(self, lit_api: ls.LitAPI, device: str, worker_id: int, request_queue: Queue, *rest: Any) -> None:
+        requests = GatheringQueue(request_queue, lit_api.max_batch_size, self.batch_timeout)
+        super().__call__(lit_api, device, worker_id, requests, *rest)
+
+
+class GatheringQueue:
+    """The request queue as LitServe's loop reads a batch from it with no batch timeout (`get_nowait` until
+    Empty or a full batch): the first read of a batch waits for a request (a second at most, then Empty: the
+    loop checks whether to stop), then for more within `batch_timeout`; the next reads return those, and
+    Empty ends the batch."""
+
+    def __init__(self, queue: Queue, max_batch_size: int, batch_timeout: float) -> None:
+        self.queue, self.max_batch_size, self.batch_timeout = queue, max_batch_size, batch_timeout
+        self.gathered: deque = deque()
+        self.in_batch = False
+
+    def get_nowait(self) -> Any:
+        if not self.gathered and not self.in_batch:
+            self.gather()
+        self.in_batch = bool(self.gathered)
+        if not self.gathered:
+            raise Empty
+        return self.gathered.popleft()
+
+    def gather(self) -> None:
+        try:
+            self.gathered.append(self.queue.get(timeout=1.0))
+        except Empty:
+            return
+        deadline = time.monotonic() + self.batch_timeout
+        while len(self.gathered) < self.max_batch_size and deadline > time.monotonic():
+            try:
+                self.gathered.append(self.queue.get(timeout=deadline - time.monotonic()))
+            except Empty:
+                break
+
+
+class Row:
+    """One request in a batch: its new tokens, and the text of them sent so far. The text is the whole answer
+    decoded again after each chunk (SentencePiece pieces merge: decoding token by token would be wrong); what
+    is new is sent, except an end that could still turn into a stop string or is half a UTF-8 character."""
+
+    def __init__(self, request: Dict[str, Any], tokenizer: Tokenizer) -> None:
+        self.__dict__.update(request)  # adapter, path, version, prompt, max_tokens, temperature, top_k, stops, strip
+        self.tokenizer = tokenizer
+        self.tokens: List[int] = []
+        self.sent, self.pending = "", ""
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
+        self.reported = False
+
+    def text(self, tokens: List[int]) -> str:
+        """The answer's text, decoded after the prompt's last token so that its first word keeps its leading
+        space (SentencePiece drops it at the start of a text)."""
+        context = self.prompt[-1:]
+        return self.tokenizer.decode(context + tokens)[len(self.tokenizer.decode(context)):]
+
+    def stop_found(self, tokens: torch.Tensor) -> bool:
+        """`stream_batch`'s stop test for this row: a stop string in its text."""
+        text = self.text(tokens.tolist())
+        return any(stop in text for stop in self.stops)
+
+    def add(self, new_tokens: List[int]) -> None:
+        if self.finish_reason:
+            return
+        self.tokens.extend(new_tokens)
+        eos = self.tokenizer.eos_id
+        text = self.text(self.tokens[: self.tokens.index(eos)] if eos in self.tokens else self.tokens)
+        cut = min((text.find(stop) for stop in self.stops if stop in text), default=-1)
+        if cut >= 0:
+            text, self.finish_reason = text[:cut], "stop"
+        elif eos in self.tokens:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+        else:
+            text = held_back(text, self.stops)
+        if self.strip:  # chat answers: no surrounding whitespace (trailing whitespace waits for what follows)
+            text = text.strip()
+        if text.startswith(self.sent):
+            self.pending += text[len(self.sent):]
+            self.sent = text
+
+    def take(self) -> Dict[str, Any]:
+        """This step's output: the new text; at the end also the finish reason and token counts (once)."""
+        if self.reported:
+            return {}
+        if self.error:
+            self.reported = True
+            return {"error": self.error}
+        output, self.pending = {"text": self.pending}, ""
+        if self.finish_reason:
+            self.reported = True
+            output.update(finish_reason=self.finish_reason, prompt_tokens=len(self.prompt),
+                          completion_tokens=len(self.tokens))
+        return output
+
+
+def held_back(text: str, stops: List[str]) -> str:
+    """`text` without an unfinished UTF-8 character (decoded as U+FFFD) or an end that begins a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return text[: len(text) - hold]
+
+
+# ---------------------------------------------------------------- the HTTP side: this process
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: Union[str, List[Dict[str, Any]]]  # text, or OpenAI's parts [{"type": "text", "text": ...}]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Params(BaseModel):
+    """What both endpoints read; OpenAI's other fields are accepted and ignored (as vLLM does)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None  # not OpenAI's: vLLM's extension (`extra_body={"top_k": 50}`)
+    n: int = 1
+    stop: Union[str, List[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+
+class ChatParams(Params):
+    messages: List[ChatMessage]
+    max_completion_tokens: Optional[int] = None  # OpenAI's newer name of max_tokens
+
+
+class CompletionParams(Params):
+    prompt: str
+
+
+class RequestError(Exception):
+    """A bad request: answered with this status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+class OpenAILoRASpec(LitSpec):
+    """OpenAI's endpoints on LitServe. LitServe's own OpenAISpec serves chat only and answers every error inside
+    a batch; this one also serves /v1/completions and /v1/models, and checks each request here (JSON, fields,
+    the adapter, the prompt's length) so that only good ones are queued for the worker. Both endpoints share one
+    queue: chat and completion requests are batched together."""
+
+    def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, max_new_tokens: int, top_k: Optional[int]) -> None:
+        super().__init__()
+        self.api_path = "/v1/chat/completions"  # names the request queue
+        self.paths, self.folder, self.max_new_tokens, self.top_k = paths, folder, max_new_tokens, top_k
+        self.tokenizer: Optional[Tokenizer] = None  # made in the serving process (SentencePiece does not pickle)
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
+        self.add_endpoint("/v1/completions", self.completions, ["POST"])
+        self.add_endpoint("/v1/models", self.models, ["GET"])
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state["tokenizer"] = None
+        return state
+
+    @property
+    def stream(self) -> bool:
+        return True  # the worker always streams; whole answers are assembled here
+
+    def decode_request(self, request: Any, context_kwargs: Optional[dict] = None) -> Any:
+        return request
+
+    def encode_response(self, output: Any, context_kwargs: Optional[dict] = None) -> Any:
+        return output
+
+    async def models(self) -> Dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lit-llama"}
+                                           for name in [BASE, *self.folder.names()]]}
+
+    async def chat_completions(self, request: Request) -> Any:
+        return await self.answer(request, ChatParams)
+
+    async def completions(self, request: Request) -> Any:
+        return await self.answer(request, CompletionParams)
+
+    async def answer(self, request: Request, kind: type) -> Any:
+        try:
+            params = await read_params(request, kind)
+            job = self.job(params)
+        except RequestError as e:
+            return e.response()
+        outputs = self.submit(job)
+        try:  # the first output before answering: an adapter that fails to load still gets its 4xx
+            first = await outputs.__anext__()
+        except RequestError as e:
+            return e.response()
+        chat = kind is ChatParams
+        if params.stream:
+            include_usage = bool(params.stream_options and params.stream_options.include_usage)
+            return StreamingResponse(stream_events(params.model, chat, first, outputs, include_usage),
+                                     media_type="text/event-stream")
+        text, output = first.get("text", ""), first
+        try:
+            async for output in outputs:
+                text += output.get("text", "")
+        except RequestError as e:
+            return e.response()
+        return whole_answer(params.model, chat, text, output)
+
+    def job(self, params: Params) -> Dict[str, Any]:
+        """The checked request as the worker reads it, with the prompt's tokens; RequestError if it is bad."""
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer(self.paths.tokenizer)
+        if params.n != 1:
+            raise RequestError(400, f"n must be 1 (one answer per request), got {params.n}", "n")
+        if params.top_p != 1:
+            raise RequestError(400, f"top_p must be 1 (sampling is cut by top_k here), got {params.top_p}", "top_p")
+        if not 0 <= params.temperature <= 2:
+            raise RequestError(400, f"temperature must be in [0, 2], got {params.temperature}", "temperature")
+        if params.top_k is not None and params.top_k < 1:
+            raise RequestError(400, f"top_k must be at least 1, got {params.top_k}", "top_k")
+        max_tokens = getattr(params, "max_completion_tokens", None) or params.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+        if len(stops) > MAX_STOP_STRINGS or not all(stops):
+            raise RequestError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings, got {params.stop!r}", "stop")
+        path, version, style = None, None, "alpaca"
+        if params.model != BASE:
+            try:
+                path, version, style = self.folder.check(params.model)
+            except UserError as e:
+                unknown = "does not exist" in str(e)
+                raise RequestError(404 if unknown else 400, str(e), "model", "model_not_found" if unknown else None)
+        if isinstance(params, ChatParams):
+            try:
+                turns = chat_turns(get_prompt_style(style), [message_text(m) for m in params.messages])
+            except UserError as e:
+                raise RequestError(400, str(e), "messages")
+            prompt = [t for i, turn in enumerate(turns)
+                      for t in self.tokenizer.encode(turn, bos=True, eos=i < len(turns) - 1).tolist()]
+            stops = [*get_prompt_style(style).stop_strings, *stops]
+        else:
+            prompt = self.tokenizer.encode(params.prompt, bos=True).tolist()
+        context = self.paths.config.block_size
+        if len(prompt) >= context:
+            raise RequestError(400, f"the prompt is {len(prompt)} tokens: the model's context is {context} tokens, "
+                                    "answer included", "messages" if isinstance(params, ChatParams) else "prompt",
+                               "context_length_exceeded")
+        return {"adapter": params.model, "path": str(path) if path else None, "version": version, "prompt": prompt,
+                "max_tokens": min(max_tokens or self.max_new_tokens, context - len(prompt)),
+                "temperature": params.temperature, "top_k": params.top_k or self.top_k, "stops": stops,
+                "strip": isinstance(params, ChatParams)}
+
+    async def submit(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
+        """Queues the job for the worker; yields its outputs until its last (the one with a finish reason)."""
+        uid = uuid.uuid4().hex
+        queue, event = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
+        try:
+            async for data, status in self.data_streamer(queue, event, send_status=True):
+                if status == LitAPIStatus.ERROR:  # an exception in the worker (its log has the traceback)
+                    raise RequestError(500, "the model failed on this request's batch: see the server's log")
+                output = json.loads(data)
+                if not output:  # this step had nothing for this request (another group of its batch decoding)
+                    continue
+                if "error" in output:
+                    raise RequestError(400, output["error"], "model")
+                yield output
+                if "finish_reason" in output:
+                    return
+        finally:
+            self.response_buffer.pop(uid, None)  # what the worker still sends for it (if anything) is dropped
+
+
+async def read_params(request: Request, kind: type) -> Params:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    try:
+        return kind(**body)
+    except ValidationError as e:
+        error = e.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        raise RequestError(400, f"{field}: {error['msg']}", field or None)
+
+
+def message_text(message: ChatMessage) -> Dict[str, str]:
+    """A chat message as {"role", "content"} with text content (OpenAI's content parts joined)."""
+    if isinstance(message.content, str):
+        return {"role": message.role, "content": message.content}
+    if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in message.content):
+        raise RequestError(400, "only text content parts ({\"type\": \"text\", \"text\": ...}) are served", "messages")
+    return {"role": message.role, "content": "".join(part["text"] for part in message.content)}
+
+
+def response_head(model: str, chat: bool, chunk: bool = False) -> Dict[str, Any]:
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": model}
+
+
+def usage(output: Dict[str, Any]) -> Dict[str, int]:
+    prompt, completion = output["prompt_tokens"], output["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def whole_answer(model: str, chat: bool, text: str, last: Dict[str, Any]) -> Dict[str, Any]:
+    choice = {"index": 0, "finish_reason": last["finish_reason"], "logprobs": None}
+    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    return {**response_head(model, chat), "choices": [choice], "usage": usage(last)}
+
+
+async def stream_events(model: str, chat: bool, first: Dict[str, Any], outputs: AsyncIterator[Dict[str, Any]],
+                        include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: chunks of text, one with the finish reason, (the usage), [DONE]."""
+    head = response_head(model, chat, chunk=True)  # one id for every chunk of the answer
+
+    def event(text: Optional[str], finish_reason: Optional[str] = None, role: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+    if chat:
+        yield event("", role=True)
+    output = first
+    try:
+        while True:
+            if output.get("text"):
+                yield event(output["text"])
+            if "finish_reason" in output:
+                break
+            output = await outputs.__anext__()
+    except RequestError as e:  # the answer has begun (status 200): the error goes in the stream, as OpenAI does
+        yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
+        return
+    yield event(None, output["finish_reason"])
+    if include_usage:
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(output)})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+if __name__ == "__main__":
+    run_cli(main)
