@@ -69,7 +69,7 @@ METRICS_FIELDS = ("iter", "tokens", "train_loss", "val_loss", "lr", "tokens_per_
 STRATEGIES = ("auto", "ddp", "fsdp")  # what every finetune script offers; the tests run each one
 
 
-@dataclass(kw_only=True)  # 14 settings: named where built, never by position
+@dataclass(kw_only=True)  # 16 settings: named where built, never by position
 class TrainingConfig:
     learning_rate: float
     batch_size: int  # examples per optimizer step, over all devices
@@ -85,6 +85,8 @@ class TrainingConfig:
     log_interval: int = 1  # iterations between metric rows
     seed: int = 1337
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    chunked_ce: bool = False  # the loss through the output layer a chunk of positions at a time: less memory
+    group_by_length: bool = False  # micro-batches of examples of similar length: less padding
 
     def __post_init__(self) -> None:
         """Every value is checked when the config is built, before any work: one line naming the flag."""
@@ -157,6 +159,11 @@ def batch_indices(
             order = grouped_epoch_order(lengths, batch, seed, epoch)
         indices.extend(order[offset : offset + batch - len(indices)])
     return indices
+
+
+def example_lengths(data: List[Sample], max_seq_length: int) -> Tuple[int, ...]:
+    """Each example's token count in a batch (cut at max_seq_length), for --group_by_length."""
+    return tuple(min(len(s["input_ids"]), max_seq_length) for s in data)
 
 
 GROUP_WINDOW = 64  # --group_by_length: micro-batches whose examples are sorted by length together
@@ -293,6 +300,8 @@ def fit(
     metrics_log.start(keep_until=state["iter_num"])
     resumed_finished = state["iter_num"] >= max_iters  # stopped between the final resume state and the summary
 
+    # --group_by_length: the token counts the examples are padded from, once (the batches are a function of them)
+    lengths = example_lengths(train_data, config.max_seq_length) if config.group_by_length else None
     fabric.print(
         f"Training {max_iters} iterations ({max_steps} optimizer steps of {config.batch_size} examples, "
         f"{accumulation} accumulation iterations each) on {len(train_data)} examples"
@@ -312,7 +321,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world,
-                                config.seed)
+                                config.seed, lengths)
             input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
             input_ids, labels = fabric.to_device((input_ids, labels))
 
@@ -320,7 +329,7 @@ def fit(
             # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
             skip_sync = is_accumulating and not is_fsdp(fabric)
             with fabric.no_backward_sync(model, enabled=skip_sync):
-                loss = compute_loss(model, input_ids, labels)
+                loss = compute_loss(model, input_ids, labels, config.chunked_ce)
                 fabric.backward(loss / accumulation)
             batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
             window_tokens += batch_tokens
@@ -444,7 +453,7 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Sample], c
     for k in range(fabric.global_rank, math.ceil(num_batches / world) * world, world):
         start = k * batch if k < num_batches else 0
         input_ids, labels = fabric.to_device(pad_batch(val_data[start : start + batch], config.max_seq_length))
-        loss = compute_loss(model, input_ids, labels)
+        loss = compute_loss(model, input_ids, labels, config.chunked_ce)
         if k < num_batches:
             total += torch.stack([loss, torch.ones_like(loss)])
     model.train()

@@ -3,10 +3,11 @@
 
 import pytest
 import torch
+from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run, run_script
 
 from lit_llama import training
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
-from lit_llama.model import LLaMA
+from lit_llama.model import Config, LLaMA
 
 
 def loss_and_grads(model, input_ids, labels, chunked_ce):
@@ -21,13 +22,12 @@ def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(kind, monkeypa
     """Several chunks (7 positions each), a prompt and padding that are not scored; every weight trains
     (full), or LoRA with dropout on every layer including the output layer (its recomputation must draw the
     same dropout mask)."""
-    monkeypatch.setattr(training, "CE_CHUNK_ROWS", 7)
-    monkeypatch.setattr(training.chunked_cross_entropy, "__defaults__", (7,))
+    monkeypatch.setattr(training.chunked_cross_entropy, "__defaults__", (7,))  # chunk_rows
     torch.manual_seed(0)
     if kind == "full":
         model = LLaMA.from_name("tiny")
     else:
-        model = LoRALLaMA.from_name("tiny", lora=LoRAConfig(dropout=0.3, head=True, mlp=True))
+        model = LoRALLaMA(Config.from_name("tiny"), LoRAConfig(dropout=0.3, head=True, mlp=True))
         mark_only_lora_as_trainable(model)
         with torch.no_grad():
             for layer in model.lora_layers():
@@ -86,3 +86,55 @@ def test_grouped_batches_have_less_padding_and_mix_lengths_within_a_step():
     longest = [max(all_lengths[i] for i in training.batch_indices(n, batch, k, 0, 1, 3, all_lengths)) for k in range(8)]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
     assert max(longest) - min(longest) > 100
+
+
+@pytest.fixture(scope="module")
+def arithmetic_run(tmp_path_factory):
+    return make_arithmetic_run(tmp_path_factory.mktemp("levers"))
+
+
+def run_args(arithmetic_run, **extra):
+    checkpoint_dir, data_dir = arithmetic_run
+    return dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, precision="32-true", batch_size=4, micro_batch_size=2,
+                eval_interval=0, eval_iters=1, warmup_iters=1, **extra)
+
+
+def final_weights(out_dir, name):
+    state = torch.load(out_dir / name)
+    state = state.get("state_dict", state)  # LoRA files keep the tensors under "state_dict"
+    return {key: t for key, t in state.items() if isinstance(t, torch.Tensor)}
+
+
+def test_levers_resume_exactly(arithmetic_run, tmp_path, monkeypatch):
+    """A LoRA run with both levers, interrupted between two saves and resumed, ends bit for bit where the
+    uninterrupted run ends (the grouped batches are a function of the data, the seed and the iteration)."""
+    finetune = load_script("finetune/lora.py")
+    args = run_args(arithmetic_run, max_iters=24, save_interval=2, lora_dropout=0.1, chunked_ce=True,
+                    group_by_length=True)
+    finetune.setup(out_dir=tmp_path / "straight", **args)
+    interrupt_at_iteration(monkeypatch, 14, finetune.setup, out_dir=tmp_path / "resumed", **args)  # saved at 12
+    finetune.setup(out_dir=tmp_path / "resumed", resume=True, **args)
+    straight = final_weights(tmp_path / "straight", finetune.FINAL_NAME)
+    resumed = final_weights(tmp_path / "resumed", finetune.FINAL_NAME)
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("script", ["lora", "adapter", "full"])
+def test_chunked_ce_gives_the_same_run(script, arithmetic_run, tmp_path):
+    """The same flag in every finetune script; with it a run ends where the plain one does (up to float rounding)."""
+    finetune = load_script(f"finetune/{script}.py")
+    args = run_args(arithmetic_run, max_iters=4, save_interval=0, group_by_length=True)
+    finetune.setup(out_dir=tmp_path / "plain", **args)
+    finetune.setup(out_dir=tmp_path / "chunked", chunked_ce=True, **args)
+    plain = final_weights(tmp_path / "plain", finetune.FINAL_NAME)
+    chunked = final_weights(tmp_path / "chunked", finetune.FINAL_NAME)
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flag", ["--chunked_ce", "--group_by_length"])
+def test_lever_flags_are_documented_and_checked(flag):
+    for script in ("lora", "adapter", "full"):
+        assert flag in run_script(f"finetune/{script}.py", "--help").stdout
+    assert_clean_error(run_script("finetune/lora.py", flag, "maybe", check=False), flag.lstrip("-"))
