@@ -90,7 +90,7 @@ class Arm:
     model: torch.nn.Module
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     batches: List[Batch]
-    optimizer: torch.optim.Optimizer = None
+    optimizer: Optional[torch.optim.Optimizer] = None  # AdamW over its trainable weights, built below
     times: List[float] = field(default_factory=list)  # timed steps
     warmup_seconds: float = 0.0
     first_loss: Optional[float] = None
@@ -192,8 +192,9 @@ def main(
         "lit-llama": Arm(ours, lambda x, y: compute_loss(ours, x, y), batches),
         "peft": Arm(theirs, lambda x, y: theirs(input_ids=x, labels=y).loss, batches),
     }
+    frozen = {id(p): p for p in ours.parameters() if not p.requires_grad}
     for lever in chosen:  # each a copy of our model as it starts, with this one lever on
-        model = copy.deepcopy(ours)
+        model = copy.deepcopy(ours, memo=dict(frozen))  # the frozen base is shared: only LoRA weights are copied
         if lever == "compile":
             compiled = torch.compile(model, dynamic=True)  # every batch has its own padded length
             arms[lever] = Arm(model, lambda x, y, m=compiled: compute_loss(m, x, y), batches)
