@@ -2,7 +2,7 @@
 
 Each script builds its model, says which parameters train and how to save them; everything else lives
 here once: the strategy (one device, DDP or FSDP2 sharding), batching (padded to the longest sequence in
-the batch), the learning-rate schedule, gradient accumulation, validation with a greedy sample,
+the batch; optionally of examples of similar length), the loss (optionally in chunks), the learning-rate schedule, gradient accumulation, validation with a greedy sample,
 checkpointing, resuming, the progress bar and CSV metrics.
 """
 
