@@ -1,12 +1,16 @@
 """What the benchmarks share: adding result rows to their own table in benchmarks/RESULTS.md (not simply at
-the end of the file, where they would land under whichever table happens to be last), timing, and the same
-model as Hugging Face's `LlamaForCausalLM` for the side-by-side comparisons."""
+the end of the file, where they would land under whichever table happens to be last), timing, the peak
+memory of one training step (on a GPU and on a CPU), and the same model as Hugging Face's `LlamaForCausalLM`
+for the side-by-side comparisons."""
 
 import time
+import weakref
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from lit_llama.convert import lit_to_hf
 from lit_llama.model import Config
@@ -66,3 +70,50 @@ def hf_llama(config: Config, weights: Dict[str, torch.Tensor], device: torch.dev
         model = LlamaForCausalLM(hf_config)
     model.load_state_dict(dict(lit_to_hf(weights.items(), config)), strict=True)
     return model
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """On a CPU, where no allocator keeps statistics: the peak bytes of the tensors created while it is active
+    and alive together, counted over their storages (a view is not counted twice; tensors that existed before,
+    such as weights and optimizer states, are not counted). The CPU analogue of CUDA's max_memory_allocated
+    minus what was allocated at the start. It sees what runs through PyTorch's dispatcher: not the buffers
+    inside a torch.compile'd graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: Dict[int, int] = {}  # storage id -> bytes, for storages created inside and still alive
+        self.bytes = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in self.live or key in inputs:  # a view or an in-place result: nothing new
+                continue
+            self.live[key] = storage.nbytes()
+            self.bytes += self.live[key]
+            self.peak = max(self.peak, self.bytes)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+    def _freed(self, key: int) -> None:
+        self.bytes -= self.live.pop(key, 0)
+
+
+def step_peak_memory(step: Callable[[], Any], device: torch.device) -> float:
+    """GB: the peak memory of `step()` above what was allocated when it started (GPU: the CUDA allocator's
+    statistics; CPU: PeakTensorMemory)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - before) / 1e9
+    with PeakTensorMemory() as tracker:
+        step()
+    return tracker.peak / 1e9

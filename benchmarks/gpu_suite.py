@@ -13,7 +13,9 @@ Stages, each adding its rows to its own table of benchmarks/RESULTS.md with the 
            checkpointing: peak memory and tokens/s of a training step (benchmarks/finetune_memory.py)
   qlora    the same with the frozen base in NF4 (finetune/lora.py --quantize nf4; needs torchao)
   adapter  7B LLaMA-Adapter v1 and v2 at 256 tokens (the same)
-  peft     ours vs Hugging Face PEFT LoRA on the same 7B model and batches (benchmarks/lora_vs_peft.py)
+  peft     ours vs Hugging Face PEFT LoRA on the same 7B model and batches (benchmarks/lora_vs_peft.py), and
+           the training speed levers one at a time against the same run: torch.compile, chunked
+           cross-entropy, length-grouped batches (tokens/s, step peak memory, padding, compile time)
   fsdp     full finetuning of a TinyLlama-1.1B shape through finetune/full.py --strategy fsdp on one GPU
            (bf16-mixed): tokens/s and peak memory from the run's summary.json
   generate 7B bf16 greedy decoding with the KV cache (what generate.py and generate/lora.py run): base,
@@ -175,7 +177,7 @@ class Suite:
     def peft(self, work_dir: Path) -> None:
         lora_vs_peft.main(self.size_7b, micro_batch_size=4, max_seq_length=self.lengths[0],
                           steps=2 if self.smoke else 10, warmup_steps=1 if self.smoke else 3,
-                          device=self.device.type, precision=self.precision, data=self.peft_data(),
+                          device=self.device.type, precision=self.precision, data=self.peft_data(), levers=True,
                           results_file=self.results_file)
 
     def peft_data(self) -> str:

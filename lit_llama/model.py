@@ -170,12 +170,18 @@ class LLaMA(nn.Module):
         self.mask_cache: Optional[torch.Tensor] = None
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, output_mask: Optional[torch.Tensor] = None
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        output_mask: Optional[torch.Tensor] = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: positions when decoding with the KV cache, else None: (T,) shared
         by every row, or (B, T), one per row (a batch of prompts of different lengths, each at its own place).
         output_mask: (B, T) bool; if given, logits only for those positions, flattened to (N, vocab_size)
         (training skips the prompt positions it does not score: less compute and memory in the output layer).
+        head: False returns the final hidden states (after ln_f) instead of logits, for a loss that applies
+        lm_head itself, a chunk of positions at a time (lit_llama.training.chunked_cross_entropy).
 
         Returns logits of shape (B, T, vocab_size).
         """
@@ -202,7 +208,7 @@ class LLaMA(nn.Module):
         if output_mask is not None:
             x = x[output_mask]
         x = self.transformer.ln_f(x)
-        return self.lm_head(x)
+        return self.lm_head(x) if head else x
 
     def _rope(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.rope_cache is None or self.rope_cache[0].device != device:

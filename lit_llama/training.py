@@ -2,7 +2,7 @@
 
 Each script builds its model, says which parameters train and how to save them; everything else lives
 here once: the strategy (one device, DDP or FSDP2 sharding), batching (padded to the longest sequence in
-the batch), the learning-rate schedule, gradient accumulation, validation with a greedy sample,
+the batch; optionally of examples of similar length), the loss (optionally in chunks), the learning-rate schedule, gradient accumulation, validation with a greedy sample,
 checkpointing, resuming, the progress bar and CSV metrics.
 """
 
@@ -17,7 +17,7 @@ import shutil
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +25,7 @@ import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from lightning.fabric.loggers import Logger
 from lightning.fabric.strategies import ModelParallelStrategy, Strategy
 from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
@@ -68,7 +69,7 @@ METRICS_FIELDS = ("iter", "tokens", "train_loss", "val_loss", "lr", "tokens_per_
 STRATEGIES = ("auto", "ddp", "fsdp")  # what every finetune script offers; the tests run each one
 
 
-@dataclass(kw_only=True)  # 14 settings: named where built, never by position
+@dataclass(kw_only=True)  # 16 settings: named where built, never by position
 class TrainingConfig:
     learning_rate: float
     batch_size: int  # examples per optimizer step, over all devices
@@ -84,6 +85,8 @@ class TrainingConfig:
     log_interval: int = 1  # iterations between metric rows
     seed: int = 1337
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    chunked_ce: bool = False  # the loss through the output layer a chunk of positions at a time: less memory
+    group_by_length: bool = False  # micro-batches of examples of similar length: less padding
 
     def __post_init__(self) -> None:
         """Every value is checked when the config is built, before any work: one line naming the flag."""
@@ -139,16 +142,54 @@ def resolve_max_seq_length(max_seq_length: Optional[int], block_size: Optional[i
 # --- batches ---------------------------------------------------------------------------------------
 
 
-def batch_indices(n: int, batch: int, iter_num: int, rank: int, world_size: int, seed: int) -> List[int]:
+def batch_indices(
+    n: int, batch: int, iter_num: int, rank: int, world_size: int, seed: int, lengths: Optional[Tuple[int, ...]] = None
+) -> List[int]:
     """Example indices of micro-batch `iter_num` on device `rank`: consecutive slices of a seeded
-    permutation per epoch. A pure function of its arguments, so a resumed run sees the same batches."""
+    permutation per epoch. With `lengths` (the examples' token counts: --group_by_length), each epoch's
+    permutation is rearranged so that a micro-batch holds examples of similar length (see
+    `grouped_epoch_order`). A pure function of its arguments, so a resumed run sees the same batches."""
     start = (iter_num * world_size + rank) * batch
     indices = []
     while len(indices) < batch:
         epoch, offset = divmod(start + len(indices), n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.extend(order[offset : offset + batch - len(indices)].tolist())
+        if lengths is None:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        else:
+            order = grouped_epoch_order(lengths, batch, seed, epoch)
+        indices.extend(order[offset : offset + batch - len(indices)])
     return indices
+
+
+def example_lengths(data: List[Sample], max_seq_length: int) -> Tuple[int, ...]:
+    """Each example's token count in a batch (cut at max_seq_length), for --group_by_length."""
+    return tuple(min(len(s["input_ids"]), max_seq_length) for s in data)
+
+
+GROUP_WINDOW = 64  # --group_by_length: micro-batches whose examples are sorted by length together
+
+
+@lru_cache(maxsize=4)  # one order per epoch, asked for once per iteration
+def grouped_epoch_order(lengths: Tuple[int, ...], batch: int, seed: int, epoch: int) -> List[int]:
+    """The epoch's seeded permutation (the one `batch_indices` uses without grouping), in windows of
+    GROUP_WINDOW micro-batches: within a window the examples are sorted by length, cut into micro-batches,
+    and those micro-batches shuffled, so that each holds examples of similar length (little padding) while
+    an optimizer step still mixes short and long ones. Every example stays once in its epoch."""
+    n = len(lengths)
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    # the micro-batch slices of the stream start at multiples of `batch`: this epoch's first examples finish
+    # the micro-batch the previous epoch's last ones started, and the windows begin at the next boundary
+    first = (-epoch * n) % batch
+    grouped = order[:first]
+    window = GROUP_WINDOW * batch
+    for start in range(first, n, window):
+        by_length = sorted(order[start : start + window], key=lambda i: lengths[i])
+        groups = [by_length[i : i + batch] for i in range(0, len(by_length), batch)]
+        full, partial = [g for g in groups if len(g) == batch], [g for g in groups if len(g) < batch]
+        shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
+        grouped += [i for group in shuffled + partial for i in group]  # a partial one continues next epoch
+    return grouped
 
 
 def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -162,14 +203,42 @@ def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor,
     return input_ids, label_ids
 
 
-def compute_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def compute_loss(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunked_ce: bool = False
+) -> torch.Tensor:
     """Next-token cross-entropy over the scored positions. Position t predicts token t+1, and only the
-    positions whose next token is scored (the response, with --mask_inputs) go through the output layer."""
+    positions whose next token is scored (the response, with --mask_inputs) go through the output layer.
+    `chunked_ce`: through the output layer a chunk of positions at a time (see `chunked_cross_entropy`)."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
-    logits = model(input_ids, output_mask=F.pad(scored, (0, 1), value=False))  # (N, vocab)
-    total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+    output_mask = F.pad(scored, (0, 1), value=False)
+    if chunked_ce:
+        hidden = model(input_ids, output_mask=output_mask, head=False)  # (N, n_embd)
+        total = chunked_cross_entropy(unwrap(model).lm_head, hidden, targets[scored])
+    else:
+        logits = model(input_ids, output_mask=output_mask)  # (N, vocab)
+        total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
     return total / scored.sum().clamp(min=1)
+
+
+CE_CHUNK_ROWS = 256  # positions whose logits exist at once with chunked cross-entropy
+
+
+def chunked_cross_entropy(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
+) -> torch.Tensor:
+    """The summed cross-entropy of `head(hidden)` against `targets`, `chunk_rows` positions at a time: each
+    chunk's (chunk_rows, vocab) logits are freed after its loss and recomputed in the backward pass, so
+    the full (N, vocab) float32 logits never exist. Costs one more forward pass of the output layer."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for chunk, chunk_targets in zip(hidden.split(chunk_rows), targets.split(chunk_rows)):
+        total = total + torch.utils.checkpoint.checkpoint(_summed_cross_entropy, head, chunk, chunk_targets,
+                                                          use_reentrant=False)
+    return total
+
+
+def _summed_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def get_lr(step: int, learning_rate: float, warmup_steps: int, max_steps: int) -> float:
@@ -231,6 +300,8 @@ def fit(
     metrics_log.start(keep_until=state["iter_num"])
     resumed_finished = state["iter_num"] >= max_iters  # stopped between the final resume state and the summary
 
+    # --group_by_length: the token counts the examples are padded from, once (the batches are a function of them)
+    lengths = example_lengths(train_data, config.max_seq_length) if config.group_by_length else None
     fabric.print(
         f"Training {max_iters} iterations ({max_steps} optimizer steps of {config.batch_size} examples, "
         f"{accumulation} accumulation iterations each) on {len(train_data)} examples"
@@ -250,7 +321,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world,
-                                config.seed)
+                                config.seed, lengths)
             input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
             input_ids, labels = fabric.to_device((input_ids, labels))
 
@@ -258,7 +329,7 @@ def fit(
             # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
             skip_sync = is_accumulating and not is_fsdp(fabric)
             with fabric.no_backward_sync(model, enabled=skip_sync):
-                loss = compute_loss(model, input_ids, labels)
+                loss = compute_loss(model, input_ids, labels, config.chunked_ce)
                 fabric.backward(loss / accumulation)
             batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
             window_tokens += batch_tokens
@@ -382,7 +453,7 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Sample], c
     for k in range(fabric.global_rank, math.ceil(num_batches / world) * world, world):
         start = k * batch if k < num_batches else 0
         input_ids, labels = fabric.to_device(pad_batch(val_data[start : start + batch], config.max_seq_length))
-        loss = compute_loss(model, input_ids, labels)
+        loss = compute_loss(model, input_ids, labels, config.chunked_ce)
         if k < num_batches:
             total += torch.stack([loss, torch.ones_like(loss)])
     model.train()

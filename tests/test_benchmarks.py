@@ -38,13 +38,13 @@ def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
     assert "failed" not in proc.stderr, proc.stderr
     text = results.read_text()
     for title in ("## Finetuning step: peak memory and speed", "## LoRA finetuning speed: lit-llama vs Hugging Face PEFT",
-                  "## Full finetuning under FSDP (GPU suite)", "## Generation speed (GPU suite)",
-                  "## Quantized generation: what it changes, what it saves",
+                  "## Training speed levers, one at a time", "## Full finetuning under FSDP (GPU suite)",
+                  "## Generation speed (GPU suite)", "## Quantized generation: what it changes, what it saves",
                   "## Generation speed: lit-llama vs Hugging Face transformers"):
         assert text.count(title) == 1, title
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    # lora 2x2 + nf4 x2, adapter v1/v2, peft, fsdp, generate x3, int8, decode (ours, int8, hf)
-    assert len(rows) == 6 + 2 + 1 + 1 + 3 + 2 + 3
+    # lora 2x2 + nf4 x2, adapter v1/v2, peft + 3 levers, fsdp, generate x3, int8, decode (ours, int8, hf)
+    assert len(rows) == 6 + 2 + 1 + 3 + 1 + 3 + 2 + 3
     assert not list(tmp_path.glob("tmp*")), "the suite's temporary checkpoints are removed"
 
 
@@ -65,3 +65,30 @@ def test_generate_vs_hf_rows(tmp_path):
 def test_generate_vs_hf_refuses_int4_without_cuda():
     proc = run_script("benchmarks/generate_vs_hf.py", "--implementations", "[ours, ours-int4]", check=False)
     assert_clean_error(proc, "int4 needs CUDA")
+
+
+LEVERS_TITLE = "## Training speed levers, one at a time"
+
+
+def test_lora_vs_peft_levers_on_a_tiny_model(tmp_path):
+    """Each lever asked for gets its own row beside the plain comparison's; the compile lever runs in the GPU
+    suite's smoke run above."""
+    results = tmp_path / "RESULTS.md"
+    proc = run_script("benchmarks/lora_vs_peft.py", "--model_size", "tiny", "--data", "random", "--steps", 2,
+                      "--warmup_steps", 1, "--chunked_ce", "true", "--group_by_length", "true",
+                      "--results_file", results)
+    text = results.read_text()
+    assert text.count(LEVERS_TITLE) == 1 and "lit-llama vs Hugging Face PEFT" in text
+    rows = [line for line in text.split(LEVERS_TITLE)[1].splitlines() if line.startswith("| 20")]
+    assert [row.split(" | ")[7] for row in rows] == ["chunked_ce", "group_by_length"]
+    assert " GB -> " in rows[0] and "%" in rows[1], rows
+    assert "step peak memory" in proc.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [(["--warmup_steps", 0], "--warmup_steps"), (["--steps", 0], "--steps"),
+                                            (["--chunked_ce", "maybe"], "--chunked_ce")])
+def test_lora_vs_peft_bad_flags(args, fragment, tmp_path):
+    proc = run_script("benchmarks/lora_vs_peft.py", "--model_size", "tiny", "--data", "random", *args,
+                      "--results_file", tmp_path / "RESULTS.md", check=False)
+    assert_clean_error(proc, fragment)
+    assert not (tmp_path / "RESULTS.md").exists()

@@ -140,7 +140,8 @@ def run_interrupted(script, args, at_iteration):
 
 # each resumed run also turns on one more option, which must not change the result either
 RESUME_OPTIONS = {
-    "full": {"state_dict_type": "sharded"},  # resume state and checkpoints as per-rank shard folders
+    # resume state and checkpoints as per-rank shard folders; the loss through the sharded output layer in chunks
+    "full": {"state_dict_type": "sharded", "chunked_ce": True},
     "lora": {"cpu_offload": True},
     "adapter": {"activation_checkpointing": True},
 }
