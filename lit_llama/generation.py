@@ -180,9 +180,11 @@ def compile_steps() -> Tuple[Callable, Callable]:
     (dynamic shapes); the decode step as one whole graph, replayed as a CUDA graph on a GPU ("reduce-overhead":
     one launch per token instead of hundreds of kernel launches). Compilation happens on first use: see
     `warm_up`."""
-    decode_mode = "reduce-overhead" if torch.cuda.is_available() else "default"
-    return (torch.compile(prefill, dynamic=True),
-            torch.compile(decode_one_token, mode=decode_mode, fullgraph=True))
+    if torch.cuda.is_available():
+        decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    else:  # no CUDA graphs on a CPU: the step's wrapper code in C++ instead of Python saves the overhead there
+        decode = torch.compile(decode_one_token, fullgraph=True, options={"cpp_wrapper": True})
+    return torch.compile(prefill, dynamic=True), decode
 
 
 def static_cache_length(model: LLaMA, max_seq_length: int) -> int:
