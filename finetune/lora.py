@@ -168,7 +168,8 @@ def setup(
     dtype = precision_dtype(precision)  # the dtype the frozen weights are loaded in
     check_quantize(quantize, devices * num_nodes, strategy)
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
-    run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize}
+    run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize,
+                "batches": training.batch_settings()}
     with claim_out_dir(out_dir, resume, run_info):
         fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
 

@@ -108,6 +108,12 @@ class TrainingConfig:
         check_at_least("log_interval", self.log_interval, 1)
         check_range("seed", self.seed, 0, 2**63 - 1)
 
+    def batch_settings(self) -> Dict[str, Any]:
+        """The settings that decide which examples each step trains on, in which order: a resumed run must
+        keep them (run.json records them) to be the run it continues."""
+        return {name: getattr(self, name)
+                for name in ("seed", "batch_size", "micro_batch_size", "max_seq_length", "group_by_length")}
+
     def gradient_accumulation_iters(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
         if self.batch_size % per_step:
@@ -794,7 +800,7 @@ def check_run_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> None
         raise UserError(f"--resume: {run_file} is not a run description")
     for key, ours in run_info.items():
         theirs = there.get(key)
-        if theirs == ours:
+        if theirs == ours or key not in there:  # a key newer than the run.json: nothing to compare with
             continue
         if key == "method":
             raise UserError(f"--resume: {out_dir} holds a run of finetune/{theirs}.py, not of finetune/{ours}.py")

@@ -227,3 +227,14 @@ def test_readme_install_command_installs_what_the_tests_need():
     needed = {"pytest", "hypothesis", "transformers", "peft", "safetensors", "matplotlib", "pyyaml", "huggingface_hub",
               "torch", "lightning", "sentencepiece", "jsonargparse"}
     assert needed <= installed, needed - installed
+
+
+def test_resume_checks_the_batch_settings_a_run_json_has(tmp_path):
+    """run.json records the settings that decide each step's examples; one written before they were recorded
+    (no "batches") still resumes, one that has them refuses others."""
+    run_info = {"method": "lora", "batches": {"seed": 1, "micro_batch_size": 2}}
+    (tmp_path / training.RUN_NAME).write_text(json.dumps({"method": "lora"}))
+    training.check_run_dir(tmp_path, resume=True, run_info=run_info)
+    (tmp_path / training.RUN_NAME).write_text(json.dumps({"method": "lora", "batches": {"seed": 1, "micro_batch_size": 4}}))
+    with pytest.raises(UserError, match="batches micro_batch_size=4; this run has micro_batch_size=2"):
+        training.check_run_dir(tmp_path, resume=True, run_info=run_info)
