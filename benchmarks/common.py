@@ -1,8 +1,10 @@
 """What the benchmarks share: adding result rows to their own table in benchmarks/RESULTS.md (not simply at
 the end of the file, where they would land under whichever table happens to be last), timing, the peak
-memory of one training step (on a GPU and on a CPU), and the same model as Hugging Face's `LlamaForCausalLM`
-for the side-by-side comparisons."""
+memory of one training step (on a GPU and on a CPU), the same model as Hugging Face's `LlamaForCausalLM`
+for the side-by-side comparisons, and random checkpoints of real shapes for the scripts to load."""
 
+import json
+import shutil
 import time
 import weakref
 from pathlib import Path
@@ -13,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lit_llama.convert import lit_to_hf
-from lit_llama.model import Config
+from lit_llama.model import Config, LLaMA
+from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError, default_dtype
 
 
@@ -117,3 +120,34 @@ def step_peak_memory(step: Callable[[], Any], device: torch.device) -> float:
     with PeakTensorMemory() as tracker:
         step()
     return tracker.peak / 1e9
+
+
+def write_random_checkpoint(config: Config, checkpoint_dir: Path, device: torch.device,
+                            tokenizer_dir: Optional[Path] = None) -> None:
+    """lit-llama.pth (random, bf16), lit_config.json and a tokenizer with exactly the config's vocabulary: the
+    real LLaMA tokenizer from `tokenizer_dir` when it is there and the vocabulary is LLaMA's, else one trained
+    here (`train_padded_tokenizer`)."""
+    torch.manual_seed(0)
+    with device, default_dtype(torch.bfloat16):
+        model = LLaMA(config)
+    checkpoint_dir.mkdir(parents=True)
+    torch.save({name: t.cpu() for name, t in model.state_dict().items()}, checkpoint_dir / "lit-llama.pth")
+    del model
+    config.to_json(checkpoint_dir / "lit_config.json")
+    real = tokenizer_dir / "tokenizer.model" if tokenizer_dir else None
+    if real is not None and real.is_file() and config.vocab_size == 32000:
+        shutil.copy(real, checkpoint_dir / "tokenizer.model")
+    else:
+        train_padded_tokenizer(checkpoint_dir, config.vocab_size)
+
+
+def train_padded_tokenizer(destination: Path, vocab_size: int) -> None:
+    """A SentencePiece tokenizer trained on the demo instructions, padded with unused pieces to `vocab_size`:
+    no text we have offline makes 32,000 real pieces, and the scripts check tokenizer and model agree."""
+    records = json.loads((Path(__file__).resolve().parents[1] / "lit_llama" / "demo_instructions.json").read_text())
+    corpus = destination / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(r.values()) for r in records))
+    real_pieces = min(vocab_size, 1000)
+    unused = [f"<unused{i}>" for i in range(vocab_size - real_pieces)]
+    Tokenizer.train(corpus, destination, vocab_size=vocab_size, user_defined_symbols=unused)
+    corpus.unlink()

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import finetune_memory, generate_vs_hf, lora_vs_peft, quantized_generation  # noqa: E402
-from benchmarks.common import add_rows, sync_time  # noqa: E402
+from benchmarks.common import add_rows, sync_time, write_random_checkpoint  # noqa: E402
 from lit_llama.data import prepare_dataset  # noqa: E402
 from lit_llama.generation import generate  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA  # noqa: E402
@@ -269,30 +269,6 @@ class Suite:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name()
         return f"CPU {platform.machine()}, smoke run"
-
-
-def write_random_checkpoint(config: Config, checkpoint_dir: Path, device: torch.device) -> None:
-    """lit-llama.pth (random, bf16), lit_config.json and a tokenizer with exactly the config's vocabulary."""
-    torch.manual_seed(0)
-    with device, default_dtype(torch.bfloat16):
-        model = LLaMA(config)
-    checkpoint_dir.mkdir(parents=True)
-    torch.save({name: t.cpu() for name, t in model.state_dict().items()}, checkpoint_dir / "lit-llama.pth")
-    del model
-    config.to_json(checkpoint_dir / "lit_config.json")
-    train_padded_tokenizer(checkpoint_dir, config.vocab_size)
-
-
-def train_padded_tokenizer(destination: Path, vocab_size: int) -> None:
-    """A SentencePiece tokenizer trained on the demo instructions, padded with unused pieces to `vocab_size`:
-    no text we have offline makes 32,000 real pieces, and the scripts check tokenizer and model agree."""
-    records = json.loads((REPO / "lit_llama" / "demo_instructions.json").read_text())
-    corpus = destination / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(r.values()) for r in records))
-    real_pieces = min(vocab_size, 1000)
-    unused = [f"<unused{i}>" for i in range(vocab_size - real_pieces)]
-    Tokenizer.train(corpus, destination, vocab_size=vocab_size, user_defined_symbols=unused)
-    corpus.unlink()
 
 
 def load_script(path: Path):

@@ -92,3 +92,12 @@ def test_lora_vs_peft_bad_flags(args, fragment, tmp_path):
                       "--results_file", tmp_path / "RESULTS.md", check=False)
     assert_clean_error(proc, fragment)
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_serve_burst_row(tmp_path):
+    """serve.py started by the benchmark, a burst against one at a time: one row, the same answers."""
+    results = tmp_path / "RESULTS.md"
+    run_script("benchmarks/serve_burst.py", "--model_size", "tiny", "--adapters", 2, "--requests", 4,
+               "--max_tokens", 4, "--results_file", results)
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and rows[0].endswith("| yes |"), rows
