@@ -193,8 +193,9 @@ class LoRAServer(ls.LitAPI):
             quantize_for_generation(self.model, self.quantize)
         self.loaded: Dict[str, Tuple[int, int]] = {}  # adapter name -> version of its file in the model
         for name in self.folder.names():
+            version = self.folder.version(name)  # before reading: a file replaced meanwhile is read again later
             self.model.add_adapter(name, self.folder.folder / f"{name}.pth")
-            self.loaded[name] = self.folder.version(name)
+            self.loaded[name] = version
 
     def decode_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
         return request  # checked and tokenized by the spec before it was queued
@@ -215,7 +216,7 @@ class LoRAServer(ls.LitAPI):
             self.model.select([row.adapter for row in group])
             prompts = [torch.tensor(row.prompt, device=self.torch_device) for row in group]
             for chunk in stream_batch(self.model, prompts, [row.max_tokens for row in group], temperature, top_k,
-                                      self.tokenizer.eos_id, [row.stop_found for row in group], self.compile):
+                                      self.tokenizer.eos_id, [row.stop_found if row.stops else None for row in group], self.compile):
                 for row, tokens in zip(group, chunk):
                     row.add(tokens)
                 yield [row.take() for row in rows]
@@ -473,7 +474,8 @@ class OpenAILoRASpec(LitSpec):
             raise RequestError(400, f"temperature must be in [0, 2], got {params.temperature}", "temperature")
         if params.top_k is not None and params.top_k < 1:
             raise RequestError(400, f"top_k must be at least 1, got {params.top_k}", "top_k")
-        max_tokens = getattr(params, "max_completion_tokens", None) or params.max_tokens
+        max_tokens = getattr(params, "max_completion_tokens", None)
+        max_tokens = params.max_tokens if max_tokens is None else max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
         stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])

@@ -22,7 +22,7 @@ setup(
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
         "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml", "torchao",
-                "litserve>=0.2.19"],  # serve.py
+                "litserve>=0.2.19,<0.3"],  # serve.py (builds on LitServe's loop and spec classes)
         # --logger_name tensorboard / wandb in the finetune scripts
         "loggers": ["tensorboard", "wandb"],
         # the reference implementations the tests and benchmarks compare against, and the loggers they read back

@@ -9,8 +9,8 @@ Random weights of the named shape (speed does not depend on the values), convert
 lit_llama.convert for the transformers side. Every implementation decodes `--new_tokens` tokens greedily after
 the same prompt, with no end-of-text stop. Compilation happens in a warm-up call whose time is reported apart;
 tokens/s is the median over `--repeats` timed calls (prefill included, as a user sees it), the
-implementations taking turns call by call so that all see the same machine load (the compiled variants use
-the eager ones' weights: 7B needs about 40 GB of GPU memory for all of them). The bandwidth bound
+implementations taking turns call by call so that all see the same machine load (each of ours on a model of
+its own: 7B needs about 65 GB of GPU memory for all of them). The bandwidth bound
 is what decoding could reach if every token only read the weights once at the copy rate measured on the
 device (weight bytes per token / bytes per second of a large on-device copy); the last column says whether
 the implementation's tokens equal the first implementation's (ours eager by default; random weights make
@@ -87,6 +87,8 @@ def main(
     cuda = device == "cuda"
     if implementations is None:
         implementations = [name for name in IMPLEMENTATIONS if cuda or "int4" not in name]
+    if not implementations:
+        raise UserError("--implementations is empty: name at least one of " + ", ".join(IMPLEMENTATIONS))
     for name in implementations:
         if name not in IMPLEMENTATIONS:
             raise UserError(f"--implementations {name!r}: not one of {', '.join(IMPLEMENTATIONS)}")
@@ -98,7 +100,10 @@ def main(
         raise UserError("this benchmark compares against Hugging Face transformers: pip install transformers")
 
     dev, dtype = torch.device(device), torch.bfloat16 if cuda else torch.float32
-    config = Config.from_name(model_size) if model_size else Config(**SMALL)
+    try:
+        config = Config.from_name(model_size) if model_size else Config(**SMALL)
+    except ValueError as e:
+        raise UserError(f"--model_size: {e}")
     if prompt_tokens + new_tokens > config.block_size:
         raise UserError(f"--prompt_tokens + --new_tokens is more than the model's context of {config.block_size}")
     shape = model_size or "4x512 (32k vocab)"
@@ -111,13 +116,15 @@ def main(
     print(f"{shape}, {dtype}, {machine}: measured copy rate {bandwidth / 1e9:.1f} GB/s")
 
     # every implementation is built and warmed up first (the warm-up call compiles), then they take turns call by
-    # call, so that all of them see the same machine load; the compiled variants share the eager one's weights
+    # call, so that all of them see the same machine load. Each of ours has a model of its own: a compiled one
+    # keeps its KV cache between calls (CUDA graphs replay on the same buffers), which an eager call would drop;
+    # transformers' two share one model (its static cache is its own)
     models: Dict[str, torch.nn.Module] = {}
     decoders: Dict[str, Callable[[], List[int]]] = {}
     compile_seconds: Dict[str, float] = {}
     outputs: Dict[str, List[int]] = {}
     for name in dict.fromkeys(implementations):
-        family = name.replace("-compile", "").replace("-static", "")
+        family = "hf" if name in HF else name
         if family not in models:
             models[family] = build_model(family, config, weights, dev, dtype)
         decoders[name] = make_decoder(name, models[family], prompt.to(dev), new_tokens)
@@ -138,7 +145,7 @@ def main(
     hf_eager = rates.get("hf")
     rows = []
     for name, rate in rates.items():
-        bound = bandwidth / weight_bytes_per_token(models[name.replace("-compile", "").replace("-static", "")])
+        bound = bandwidth / weight_bytes_per_token(models["hf" if name in HF else name])
         ratio = f"{rate / hf_eager:.2f}x" if hf_eager else "-"
         compile_cell = f"{compile_seconds[name]:.1f}" if "compile" in name else "-"
         rows.append(f"| {date.today()} | {machine} | {shape} | {str(dtype).replace('torch.', '')} | {name} | "
@@ -150,14 +157,16 @@ def main(
 
 def build_model(family: str, config: Config, weights: Dict[str, torch.Tensor], dev: torch.device,
                 dtype: torch.dtype) -> torch.nn.Module:
-    """ours (LLaMA), ours-int8 / ours-int4 (weight-only quantized) or hf (LlamaForCausalLM), holding `weights`."""
+    """hf (LlamaForCausalLM), or one of ours (LLaMA; int8 / int4 in the name: weight-only quantized), holding
+    `weights`."""
     if family == "hf":
         return hf_llama(config, weights, dev, dtype).eval()
     with dev, default_dtype(dtype):
         model = LLaMA(config).eval()
     model.load_state_dict(weights)
-    if family != "ours":
-        quantize_for_generation(model, family.replace("ours-", ""))
+    quantize = next((mode for mode in ("int8", "int4") if mode in family), None)
+    if quantize:
+        quantize_for_generation(model, quantize)
     return model
 
 

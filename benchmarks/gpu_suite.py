@@ -24,7 +24,7 @@ Stages, each adding its rows to its own table of benchmarks/RESULTS.md with the 
            bytes, tokens/s (benchmarks/quantized_generation.py; needs torchao)
   decode   7B batch-1 greedy decoding side by side with transformers: ours eager, compiled, int8 and int4
            (eager and compiled) against transformers' generate, eager and static cache + compile, with the %
-           of the memory-bandwidth bound (benchmarks/generate_vs_hf.py; needs transformers and torchao, ~40 GB)
+           of the memory-bandwidth bound (benchmarks/generate_vs_hf.py; needs transformers and torchao, ~65 GB)
 A stage that fails prints one line and the others still run; the exit code is then 1.
 """
 

@@ -64,7 +64,7 @@ LEVERS_HEADER = """
 stepping in turn with our plain step and PEFT's on the same machine load; "plain" is our step without the
 lever. Tokens/s counts real (unpadded) tokens over the timed steps. Step peak: the most memory one training
 step (forward, backward, AdamW) takes above what it starts with (weights, AdamW states), on the batch with
-the most padded positions: on a GPU from the CUDA allocator, on a CPU the bytes of the tensors the step
+the most positions (its longest micro-batch): on a GPU from the CUDA allocator, on a CPU the bytes of the tensors the step
 creates that are alive together (benchmarks/common.py PeakTensorMemory; not measurable inside a compiled
 graph: "-"). Padded: padded positions / all positions of the timed batches. Compile: the compiled model's
 first (untimed) steps minus the plain model's. Step-0 loss: plain / with the lever, equal unless the lever
@@ -161,7 +161,10 @@ def main(
 
     torch.manual_seed(0)
     dev, dtype = torch.device(device), precision_dtype(precision)
-    config = Config.from_name(model_size) if model_size else Config(**SMALL)
+    try:
+        config = Config.from_name(model_size) if model_size else Config(**SMALL)
+    except ValueError as e:
+        raise UserError(f"--model_size: {e}")
     lora = LoRAConfig(r=8, alpha=16, dropout=0.05)
     samples, source = make_samples(config, micro_batch_size * (warmup_steps + steps), max_seq_length, data,
                                    data_file, tokenizer_path)
@@ -231,7 +234,7 @@ def main(
         return rate
 
     # memory, after the timing (on a CPU the tracking slows a step): one more step of each arm, on its batch
-    # with the most padded positions
+    # with the most positions
     memory: Dict[str, Optional[float]] = {}
     for name, arm in arms.items():
         if name == "compile" and dev.type != "cuda":

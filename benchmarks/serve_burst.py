@@ -6,7 +6,8 @@ at a time, through HTTP, on one server.
 It writes a random checkpoint of the shape (with the real LLaMA tokenizer from ../shared when it is there) and
 k LoRA files (r 8 on query and value, random B: what a trained adapter costs) into a temporary folder, starts
 `serve.py` on a free port of 127.0.0.1, and sends N chat requests, request i for adapter i mod (k + 1) (the
-last one being "base"), greedy, `max_tokens` fixed: first one at a time, then all at once from N threads.
+last one being "base"), greedy, `max_tokens` fixed: first one at a time, then all at once from N threads. A
+request sent alone waits serve.py's --batch_timeout for company before it is decoded: part of the ratio.
 Tokens/s counts the completion tokens the server reports. The answers of the burst must equal the ones sent
 alone (greedy: batching changes nothing). Adds the row to benchmarks/RESULTS.md.
 """
@@ -46,7 +47,7 @@ request i for adapter i mod (k + 1) (the last being the base model), greedy, fix
 time, then all at once. Tokens/s: completion tokens reported by the server over wall time. The burst's
 answers equal the one-at-a-time answers ("same answers").
 
-| date | machine | model | adapters k | requests | max tokens | max batch size | one at a time tokens/s | burst tokens/s | ratio | burst latency median / max | same answers |
+| date | machine | model | adapters k | requests | max tokens | max batch size / batch timeout | one at a time tokens/s | burst tokens/s | ratio | burst latency median / max | same answers |
 |---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
@@ -62,6 +63,7 @@ def main(
     requests: int = 16,
     max_tokens: int = 32,
     max_batch_size: int = 16,
+    batch_timeout: float = 0.05,
     model_size: Optional[str] = None,
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
 ) -> None:
@@ -72,6 +74,8 @@ def main(
         requests: Requests N, in each of the two measurements.
         max_tokens: max_tokens of every request.
         max_batch_size: serve.py's --max_batch_size.
+        batch_timeout: serve.py's --batch_timeout: how long a free model waits for more requests to batch (a
+            request sent alone waits it in full before decoding starts).
         model_size: A named size from lit_llama/model.py; default: a 4-layer, 512-wide LLaMA (32k vocabulary).
         results_file: Markdown file to add the row to ("" for none).
     """
@@ -79,7 +83,12 @@ def main(
                         ("max_batch_size", max_batch_size)):
         if value < 1:
             raise UserError(f"--{name} {value}: expected at least 1")
-    config = Config.from_name(model_size) if model_size else Config(**SMALL)
+    if not 0 < batch_timeout <= 60:
+        raise UserError(f"--batch_timeout {batch_timeout}: expected more than 0 and at most 60 seconds")
+    try:
+        config = Config.from_name(model_size) if model_size else Config(**SMALL)
+    except ValueError as e:
+        raise UserError(f"--model_size: {e}")
     shape = model_size or "4x512 (32k vocab)"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.machine()}, {os.cpu_count()} cores"
@@ -89,7 +98,8 @@ def main(
         names = write_adapters(checkpoint_dir, lora_dir, adapters)
         bodies = [{"model": ([*names, "base"])[i % (adapters + 1)], "temperature": 0, "max_tokens": max_tokens,
                    "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]} for i in range(requests)]
-        server, url = start_server(checkpoint_dir, lora_dir, Path(work) / "server.log", max_batch_size)
+        server, url = start_server(checkpoint_dir, lora_dir, Path(work) / "server.log", max_batch_size,
+                                   batch_timeout)
         try:
             ask(url, bodies[0])  # warm-up: the first batch's allocations
             t0 = time.perf_counter()
@@ -109,7 +119,7 @@ def main(
     print(f"{requests} requests over {adapters} adapters and base, {tokens} completion tokens: one at a time "
           f"{alone_rate:.1f} tokens/s, burst {burst_rate:.1f} tokens/s ({burst_rate / alone_rate:.2f}x); burst "
           f"latency median {statistics.median(latencies):.2f} s, max {max(latencies):.2f} s; same answers: {same}")
-    row = (f"| {date.today()} | {machine} | {shape} | {adapters} | {requests} | {max_tokens} | {max_batch_size} | "
+    row = (f"| {date.today()} | {machine} | {shape} | {adapters} | {requests} | {max_tokens} | {max_batch_size} / {batch_timeout} s | "
            f"{alone_rate:.1f} | {burst_rate:.1f} | {burst_rate / alone_rate:.2f}x | "
            f"{statistics.median(latencies):.2f} s / {max(latencies):.2f} s | {same} |")
     add_rows(results_file, RESULTS_HEADER, [row])
@@ -141,13 +151,15 @@ def ask(url: str, body: Dict[str, Any]) -> Dict[str, Any]:
                 seconds=time.perf_counter() - t0)
 
 
-def start_server(checkpoint_dir: Path, lora_dir: Path, log: Path, max_batch_size: int) -> Tuple[subprocess.Popen, str]:
+def start_server(checkpoint_dir: Path, lora_dir: Path, log: Path, max_batch_size: int,
+                 batch_timeout: float) -> Tuple[subprocess.Popen, str]:
     """serve.py on a free port, in a process group of its own (stopped as one); waits for /health."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, str(REPO / "serve.py"), "--checkpoint_dir", str(checkpoint_dir), "--lora_dir",
-           str(lora_dir), "--port", str(port), "--max_batch_size", str(max_batch_size)]
+           str(lora_dir), "--port", str(port), "--max_batch_size", str(max_batch_size),
+           "--batch_timeout", str(batch_timeout)]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

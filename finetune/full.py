@@ -123,10 +123,11 @@ def setup(
         chunked_ce: Compute the loss through the output layer 256 positions at a time, recomputing each chunk's
             logits in the backward pass, so the (positions x vocabulary) float32 logits never exist at once: the
             same loss and gradients with less memory (measured on a CPU: the step's peak 0.30 -> 0.25 GB, steps
-            about 10% slower).
+            about 10% slower). With bf16-mixed the chunks run outside autocast, in float32.
         group_by_length: Put examples of similar length in the same micro-batch (sorted by length within windows
             of 64 micro-batches, which are then shuffled): less padding, so faster steps (measured on a CPU: 33%
-            -> 4% padded positions, 1.31x tokens/s); still every example once per epoch, and resumable.
+            -> 4% padded positions, 1.31x tokens/s, but a step peak 0.30 -> 0.44 GB: the longest micro-batch
+            holds four long examples); still every example once per epoch, and resumable.
         resume: Continue the run in --out_dir from its last checkpoint.
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).

@@ -120,7 +120,7 @@ def stream_batch(
     cache_length = static_cache_length(model, max_seq_length) if compiled else max_seq_length
     model.set_kv_cache(batch_size=B, max_seq_length=cache_length, device=device)
     new_tokens: List[List[int]] = [[] for _ in range(B)]
-    done = [False] * B
+    done = [limit <= 0 for limit in limits]
     steps = max(limits)
     tokens = torch.empty(B, steps, dtype=torch.long, device=device)  # decoded so far, on the device
     try:

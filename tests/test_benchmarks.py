@@ -62,9 +62,12 @@ def test_generate_vs_hf_rows(tmp_path):
     assert all(float(row[6]) > 0 and row[8].endswith("%") for row in rows)
 
 
-def test_generate_vs_hf_refuses_int4_without_cuda():
-    proc = run_script("benchmarks/generate_vs_hf.py", "--implementations", "[ours, ours-int4]", check=False)
-    assert_clean_error(proc, "int4 needs CUDA")
+@pytest.mark.parametrize("args, fragment", [(["--implementations", "[ours, ours-int4]"], "int4 needs CUDA"),
+                                            (["--implementations", "[]"], "--implementations is empty"),
+                                            (["--model_size", "nope"], "--model_size: unknown model size")])
+def test_generate_vs_hf_bad_flags(args, fragment):
+    proc = run_script("benchmarks/generate_vs_hf.py", *args, "--results_file", "", check=False)
+    assert_clean_error(proc, fragment)
 
 
 LEVERS_TITLE = "## Training speed levers, one at a time"

@@ -12,7 +12,7 @@ from test_multi_lora import lora_files, multi_model  # noqa: F401 (lora_files is
 from torch.overrides import TorchFunctionMode
 
 from lit_llama.adapter import AdapterLLaMA, adapter_state_dict
-from lit_llama.generation import SYNC_EVERY, generate_batch
+from lit_llama.generation import SYNC_EVERY, generate_batch, stream_batch
 from lit_llama.model import Config, LLaMA
 from lit_llama.utils import load_model, resolve_checkpoint
 
@@ -100,3 +100,17 @@ def test_generate_scripts_compile_flag(script, tiny_checkpoint_dir, adapter_file
     assert compiled.stdout == eager.stdout and compiled.stdout.strip()
     assert "Compiled in" in compiled.stderr and "not counted" in compiled.stderr
     assert compiled.stderr.count("tokens/s") == 2  # one speed line per sample, after compilation
+
+
+def test_per_row_limits_including_zero():
+    """`stream_batch` with one limit per row (serve.py's max_tokens): each row stops at its own, a row with
+    none gets no token."""
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("tiny")).eval()
+    prompts = prompts_of_different_lengths(512)
+    rows = [[], [], []]
+    for chunk in stream_batch(model, prompts, [0, 3, 11], temperature=0):
+        for row, tokens in zip(rows, chunk):
+            row.extend(tokens)
+    assert [len(row) for row in rows] == [0, 3, 11]
+    assert rows[2] == generate_batch(model, prompts[2:], 11, temperature=0)[0][prompts[2].numel():].tolist()
