@@ -12,21 +12,24 @@ setup(
     packages=find_packages(include=["lit_llama", "lit_llama.*"]),
     package_data={"lit_llama": ["demo_instructions.json"]},  # the offline demo's instruction set
     python_requires=">=3.10",  # dataclass(kw_only=True)
+    # The supported range: from the oldest releases tested (tests/oldest-versions.txt, all at once) to the
+    # newest each bound allows (what a fresh `pip install` resolves; .ci/run tests it). Upper bounds only where
+    # a release is known to break.
     install_requires=[
-        "torch>=2.6",  # torch.load reads only tensors by default: a checkpoint cannot run code
-        "lightning>=2.2",
+        "torch>=2.13",  # also: torch.load reads only tensors by default (2.6): a checkpoint cannot run code
+        "lightning>=2.5",  # Fabric's ModelParallelStrategy (FSDP2)
         "sentencepiece",
         "tqdm",
         "jsonargparse[signatures]>=4.27",
     ],
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
-        "all": ["huggingface_hub>=0.20", "safetensors", "matplotlib", "pyyaml", "torchao",
-                "litserve>=0.2.19,<0.3"],  # serve.py (builds on LitServe's loop and spec classes)
+        "all": ["huggingface_hub>=0.34", "safetensors", "matplotlib", "pyyaml", "torchao>=0.14",
+                "litserve>=0.2.19,<0.3"],  # serve.py builds on LitServe's loop and spec classes, changed in 0.3
         # --logger_name tensorboard / wandb in the finetune scripts
         "loggers": ["tensorboard", "wandb"],
         # the reference implementations the tests and benchmarks compare against, and the loggers they read back
-        "test": ["pytest", "hypothesis", "transformers>=4.38", "peft>=0.10", "safetensors", "matplotlib", "tensorboard",
-                 "wandb", "openai>=1.0"],  # openai: the client tests/test_serve.py talks to serve.py with
+        "test": ["pytest", "hypothesis", "transformers>=4.57", "peft>=0.17", "safetensors", "matplotlib",
+                 "tensorboard", "wandb", "openai>=1.0"],  # openai: the client tests/test_serve.py talks to serve.py with
     },
 )

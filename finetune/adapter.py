@@ -167,7 +167,7 @@ def setup(
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "adapter", "model": asdict(paths.config), "adapter": asdict(adapter), "quantize": quantize,
                 "batches": training.batch_settings()}
-    with claim_out_dir(out_dir, resume, run_info):
+    with claim_out_dir(out_dir, resume, run_info, fabric.world_size):
         fabric.launch(main, paths, dtype, run_info, adapter, training, data_dir, out_dir, resume, quantize)
 
 

@@ -152,7 +152,7 @@ def setup(
                         "checkpoints are always one full file")
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "full", "model": asdict(paths.config), "batches": training.batch_settings()}
-    with claim_out_dir(out_dir, resume, run_info):
+    with claim_out_dir(out_dir, resume, run_info, fabric.world_size):
         fabric.launch(main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)
 
 

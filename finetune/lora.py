@@ -171,7 +171,7 @@ def setup(
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize,
                 "batches": training.batch_settings()}
-    with claim_out_dir(out_dir, resume, run_info):
+    with claim_out_dir(out_dir, resume, run_info, fabric.world_size):
         fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
 
 

@@ -732,15 +732,16 @@ def check_data_fits(data: List[Sample], vocab_size: int, data_dir: Path) -> None
 
 
 @contextmanager
-def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iterator[None]:
+def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any], world_size: int) -> Iterator[None]:
     """Makes `out_dir` this run's own for as long as the run lasts. The folder must be writable; a lock file
     keeps a second run out while this one runs (the lock goes with the process, also when it is killed). A
     new run refuses a folder with checkpoints in it; `--resume` refuses a folder whose `run.json` describes
     another method, model or method settings than `run_info` (`fit` writes it when training starts). Only
     the launching process (global rank 0) does this: the processes Fabric starts for the other devices run
-    the script again and skip it."""
+    the script again and skip it. `world_size` is the number of processes the flags ask for (devices x nodes):
+    a one-process run is always the launching process, whatever RANK or SLURM_PROCID its environment holds."""
     check_writable_dir(out_dir)
-    if not is_launching_process():
+    if world_size > 1 and not is_launching_process():
         yield
         return
     if resume and not out_dir.is_dir():
@@ -773,7 +774,9 @@ def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iter
 
 
 def is_launching_process() -> bool:
-    """The process a user started (global rank 0), not one Fabric, torchrun or SLURM started for another device."""
+    """In a launch of several processes: the process a user started (global rank 0), not one Fabric, torchrun or
+    SLURM started for another device. Asked only when the run has several processes: left over in the
+    environment of a one-process run (an interactive SLURM shell, say), these variables mean nothing."""
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 

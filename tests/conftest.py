@@ -3,7 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -81,16 +81,16 @@ def alpaca_sample_path() -> Path:
 
 
 def run_script(
-    script: str, *args, check: bool = True, timeout: float = 600, isolated: bool = False
+    script: str, *args, check: bool = True, timeout: float = 600, isolated: bool = False, env: Optional[dict] = None
 ) -> subprocess.CompletedProcess:
     """Runs a repository script as a user would (`python SCRIPT ARGS`) from the repo root. By default in this
     process: the script runs as `__main__` (runpy) with its stdout and stderr captured, and an exception that
     escapes it is printed as the traceback Python would print; that saves starting Python and importing torch
     and Lightning again (3-5 s a script). `isolated`: a real subprocess, for what needs one (several processes,
-    environment variables read when a library is imported)."""
+    environment variables read when a library is imported, `env`)."""
     cmd = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
     if isolated:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     else:
         proc = _run_in_this_process(cmd)
     if check and proc.returncode != 0:

@@ -291,6 +291,21 @@ def test_finetune_lock(world):
                    ["lora_run_locked is in use by another run"])
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+@pytest.mark.parametrize("variable", RANK_VARIABLES)
+def test_finetune_rank_variables_of_no_launch(world, variable, monkeypatch):
+    """A rank left in the environment of a plain one-process run (an interactive SLURM shell, a copied export)
+    does not make the run skip the finished-run check or the lock: one process is the launching process."""
+    monkeypatch.setenv(variable, "1")
+    check_case(world, "finetune/lora.py", BASE + ["--out_dir", w("lora_run")], ["already holds checkpoints"])
+    with open(world / "lora_run_locked" / "run.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        check_case(world, "finetune/lora.py", BASE + ["--out_dir", w("lora_run_locked"), "--resume", "true"],
+                   ["lora_run_locked is in use by another run"])
+
+
 # --- generate.py, generate/lora.py, generate/adapter.py, generate/full.py ---------------------------------
 
 LORA = ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth")]

@@ -34,6 +34,11 @@ METHODS = {  # script, final file, method flags
 }
 LOSS_RTOL = 1e-5  # relative difference allowed between one and two processes (float32: summation order)
 WEIGHT_ATOL = 1e-5  # after 3 AdamW steps of up to the learning rate (adapter: 9e-3) each
+# The CPU threads of each process set from its start, for the runs compared bit for bit (two devices under
+# Lightning's launcher, two nodes under torchrun). Without OMP_NUM_THREADS Lightning's launcher calls
+# torch.set_num_threads(cores // 2) in the process the user started, once torch is running, while torchrun's
+# processes keep every core; since torch 2.14 the two give other last bits (1e-7 in every weight).
+TWO_PROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def flags(**settings):
@@ -69,7 +74,7 @@ def two_process_fsdp(base, tmp_path_factory):
     for method, (script, _, _) in METHODS.items():
         out_dir = tmp_path_factory.mktemp(f"{method}-fsdp") / "out"
         run_script(script, *flags(**common_args(base, method, out_dir), **TWO_PROCESSES, strategy="fsdp"),
-                   isolated=True)
+                   isolated=True, env=TWO_PROCESS_ENV)
         runs[method] = out_dir
     return runs
 
@@ -124,7 +129,8 @@ def test_two_fsdp_processes_train_like_one(method, one_process, two_process_fsdp
 def test_two_ddp_processes_train_like_one(method, base, one_process, tmp_path):
     script, final, _ = METHODS[method]
     out_dir = tmp_path / "out"
-    run_script(script, *flags(**common_args(base, method, out_dir), **TWO_PROCESSES, strategy="ddp"), isolated=True)
+    run_script(script, *flags(**common_args(base, method, out_dir), **TWO_PROCESSES, strategy="ddp"), isolated=True,
+               env=TWO_PROCESS_ENV)
     assert_same_training(one_process[method], out_dir)
     weights_one, _ = tensors(one_process[method] / final)
     for name, tensor in tensors(out_dir / final)[0].items():
@@ -132,7 +138,7 @@ def test_two_ddp_processes_train_like_one(method, base, one_process, tmp_path):
 
 
 def run_interrupted(script, args, at_iteration):
-    env = {**os.environ, "INTERRUPT_SCRIPT": script, "INTERRUPT_AT": str(at_iteration)}
+    env = {**TWO_PROCESS_ENV, "INTERRUPT_SCRIPT": script, "INTERRUPT_AT": str(at_iteration)}
     cmd = [sys.executable, str(REPO_ROOT / "tests" / "interrupted_run.py"), *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "interrupted at iteration" in proc.stderr, proc.stdout + proc.stderr
@@ -155,7 +161,7 @@ def test_interrupted_fsdp_run_resumes_where_it_stopped(method, base, two_process
     run_interrupted(script, args, at_iteration=2)  # after the checkpoint of step 2, before step 3
     assert not (out_dir / final).exists() and (out_dir / "resume.pth").exists()
 
-    proc = run_script(script, *args, "--resume", "true", isolated=True)
+    proc = run_script(script, *args, "--resume", "true", isolated=True, env=TWO_PROCESS_ENV)
     assert "Resuming from iteration 2 (step 2)" in proc.stdout
     uninterrupted = two_process_fsdp[method]
     assert metrics(out_dir)[1][-1] == metrics(uninterrupted)[1][-1]  # the final validation loss
@@ -187,6 +193,7 @@ def test_torchrun_two_nodes_train_like_two_devices(base, two_process_fsdp, tmp_p
              "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
              str(REPO_ROOT / script), *map(str, args)],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=TWO_PROCESS_ENV,
         )
         for node in (0, 1)
     ]
@@ -233,7 +240,7 @@ def test_lora_in_bf16_with_dropout_resumes_exactly(base, tmp_path):
             assert resume_state["world_size"] == 2 and len(resume_state["rng"]) == 2
             assert all(rng["cpu"].dtype == torch.uint8 for rng in resume_state["rng"])
             args += ["--resume", "true"]
-        run_script(script, *args, isolated=True)
+        run_script(script, *args, isolated=True, env=TWO_PROCESS_ENV)
         runs[name] = tensors(out_dir / final)[0]
     assert all(t.dtype == torch.float32 for t in runs["uninterrupted"].values())
     for name, tensor in runs["uninterrupted"].items():

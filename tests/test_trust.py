@@ -206,17 +206,23 @@ def test_finetune_on_a_full_disk_and_a_read_only_one(small_tmpfs, tiny_checkpoin
 
 
 def test_readme_install_command_installs_what_the_tests_need():
-    """The README's first two commands, in order, on a fresh machine: the install names extras that hold
-    pytest and hypothesis (and every library the tests import lazily); the CPU-only torch command is given."""
+    """The README's commands on a fresh machine: the CPU-only torch install as a command of its own, then the
+    install, whose extras hold pytest and hypothesis (and every library the tests import lazily), then the
+    tests; .ci/run runs each of them."""
     import ast
     import re
 
     readme = (REPO_ROOT / "README.md").read_text()
-    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    cpu_block, block = [b.split("```", 1)[0] for b in readme.split("```bash")[1:3]]
+    assert cpu_block.strip() == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
     install = next(line for line in block.splitlines() if line.startswith("pip install -e"))
     extras = re.search(r'"\.\[([\w,]+)\]"', install).group(1).split(",")
     assert block.index("pip install -e") < block.index("pytest tests")
-    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in block
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    # as written, but for .ci/run's optional constraints file between `pip install` and `-e`
+    for command in (cpu_block.strip(), install.split("#")[0].strip().replace("pip install ", ""), "pytest tests"):
+        assert command in ci, command
+    assert "python3 -m venv" in ci  # a fresh environment, not the machine's
 
     setup = ast.parse((REPO_ROOT / "setup.py").read_text())
     call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
