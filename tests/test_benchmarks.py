@@ -34,7 +34,7 @@ def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
     """Every stage's code on the CPU with tiny shapes, so a GPU session spends its minutes measuring."""
     results = tmp_path / "RESULTS.md"
     proc = run_script("benchmarks/gpu_suite.py", "--smoke", "--results_file", results, "--work_dir", tmp_path,
-                      isolated=True)  # its fsdp stage starts a process group
+                      isolated=True, timeout=1800)  # its fsdp stage starts a process group; compiles: minutes
     assert "failed" not in proc.stderr, proc.stderr
     text = results.read_text()
     for title in ("## Finetuning step: peak memory and speed", "## LoRA finetuning speed: lit-llama vs Hugging Face PEFT",
