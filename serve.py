@@ -7,7 +7,8 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
 
 * Adapters: each LoRA file FOLDER/NAME.pth (finetune/lora.py's) is the model NAME; "base" is the base model
   alone. The files there at start are checked and loaded then; a file added later is checked and loaded when a
-  request first names it, and loaded again when it changes (hot load). The base is loaded once, never merged
+  request first names it, and loaded again when its content changes (hot load). A file trained on another base
+  model, or with a bad field, is refused with the reason. The base is loaded once, never merged
   (lit_llama/multi_lora.py).
 * The request's `model` picks the adapter. Chat messages are put in the prompt style the adapter was trained
   with (recorded in its file; Alpaca for the base: the last user message is the instruction), see
@@ -17,10 +18,12 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
   decoded in one batch, each row with its own adapter, prompt length and `max_tokens` (`stream_batch`).
   Requests with another temperature or top_k in the same batch are decoded after the first ones. A batch runs
   to its end before the next one starts (no requests join a batch in flight). Greedy answers
-  (`"temperature": 0`) are the same alone or in a batch.
-* A bad request (unparsable JSON, a missing field, an unknown model, a prompt as long as the context,
-  max_tokens < 1, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
-  is queued, so it never reaches, nor fails, a batch.
+  (`"temperature": 0`, and below MIN_TEMPERATURE) are the same alone or in a batch. Should decoding fail (a bug),
+  only the requests of that temperature and top_k get a 500; the others of the batch are answered.
+* A bad request (unparsable JSON, nesting deeper than 32 levels, text that is not valid Unicode, a missing field,
+  an unknown model, a prompt as long as the context, max_tokens < 1, more than 4 stop strings or one longer than
+  256 characters, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
+  is queued, so it never reaches, nor fails, a batch. A body over 1 MiB is refused (413) before it is read.
 
 Processes: LitServe runs the model in a worker process (`LoRAServer`, loaded in its `setup`); the HTTP
 endpoints (`OpenAILoRASpec`) run in this process, check and tokenize each request and queue it for the worker,
@@ -30,10 +33,10 @@ which streams back each row's new text every few tokens.
 import asyncio
 import hashlib
 import json
-import traceback
 import socket
 import sys
 import time
+import traceback
 import uuid
 from collections import deque
 from queue import Empty, Queue
@@ -55,7 +58,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 from lit_llama.checks import check_at_least, check_range  # noqa: E402
 from lit_llama.generation import stream_batch  # noqa: E402
 from lit_llama.json_input import parse_json  # noqa: E402
-from lit_llama.model import Config  # noqa: E402
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
 from lit_llama.prompts import chat_turns, get_prompt_style  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
@@ -188,10 +190,14 @@ class AdapterFolder:
         if name not in self.names():  # only names listed in the folder: a name can never reach another path
             raise UserError(f"the model {name!r} does not exist: the models are {', '.join([BASE, *self.names()])} "
                             f"(the LoRA files in {self.folder})")
-        path, version = self.folder / f"{name}.pth", self.version(name)
-        if name not in self.checked or self.checked[name][0] != version:
-            _, style = read_lora_factors(path, self.paths.config, self.paths.weights)
-            self.checked[name] = (version, style)
+        path = self.folder / f"{name}.pth"
+        try:
+            version = self.version(name)
+            if name not in self.checked or self.checked[name][0] != version:
+                _, style = read_lora_factors(path, self.paths.config, self.paths.weights)
+                self.checked[name] = (version, style)
+        except OSError as e:  # removed or replaced just now
+            raise UserError(f"{path} could not be read: {e.strerror or e}")
         return path, version, self.checked[name][1]
 
 
@@ -218,10 +224,10 @@ class LoRAServer(ls.LitAPI):
             quantize_for_generation(self.model, self.quantize)
         self.loaded: Dict[str, str] = {}  # adapter name -> version of its file in the model
         for name in self.folder.names():
-            version = self.folder.version(name)  # before reading: a file replaced meanwhile is read again later
             try:
+                version = self.folder.version(name)  # before reading: a file replaced meanwhile is read again later
                 self.model.add_adapter(name, self.folder.folder / f"{name}.pth", self.paths.weights)
-            except UserError as e:  # replaced by a bad file since main() checked it: requests for it get the error
+            except (UserError, OSError) as e:  # replaced or removed since main() checked it: requests say why
                 print(f"the adapter {name!r} could not be loaded: {e}", file=sys.stderr)
                 continue
             self.loaded[name] = version
@@ -486,7 +492,9 @@ class OpenAILoRASpec(LitSpec):
     async def answer(self, request: Request, kind: type) -> Any:
         try:
             params = await read_params(request, kind)
-            job = self.job(params)
+            # in a thread: tokenizing a long prompt or checking a new adapter file takes a while, and meanwhile
+            # this process goes on answering other clients (/health too); SentencePiece releases the GIL
+            job = await asyncio.to_thread(self.job, params)
         except RequestError as e:
             return e.response()
         outputs = self.submit(job)
@@ -526,7 +534,7 @@ class OpenAILoRASpec(LitSpec):
         stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
         if len(stops) > MAX_STOP_STRINGS or not all(stops) or max(map(len, stops), default=0) > MAX_STOP_LENGTH:
             raise RequestError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_LENGTH} "
-                                    f"characters, got {len(stops)} of {', '.join(str(len(x)) for x in stops)}", "stop")
+                                    f"characters, got {len(stops)} of lengths {[len(stop) for stop in stops]}", "stop")
         path, version, style = None, None, "alpaca"
         if params.model != BASE:
             try:

@@ -562,8 +562,8 @@ def read_world(world) -> World:
 
     root, config = world / "read", Config.from_json(world.ckpt / "lit_config.json")
     root.mkdir()
-    torch.manual_seed(1)  # another base model of the same shape: only its weights file is needed
-    (root / "other_base").mkdir()
+    torch.manual_seed(1)  # another base model of the same shape (and the same tokenizer)
+    shutil.copytree(world.ckpt, root / "other_base")
     torch.save(LLaMA(config).state_dict(), root / "other_base" / "lit-llama.pth")
 
     def lora_file(name: str, lora_config=None, base=world.ckpt / "lit-llama.pth", **fields) -> None:
@@ -624,7 +624,8 @@ def lora_cases(lora: w, *fragments: str) -> list:
         ("scripts/merge_lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", lora, "--out_dir", w("new_out")],
          [lora.name, *fragments]),
         ("generate/multi_lora.py", ["--checkpoint_dir", w("ckpt"), "--lora", named("good", r("good.pth")), "--lora",
-                                    named("qv", lora), "--requests", r("requests_good.jsonl")], [lora.name, *fragments]),
+                                    named("qv", lora), "--requests", r("requests_good.jsonl")],
+         [lora.name, *fragments]),
     ]
 
 
@@ -636,6 +637,11 @@ READ_CASES = [
     *lora_cases(r("bad_base_model.pth"), "base_model must be"),
     *lora_cases(r("other_base.pth"), "was trained on the base model", "other_base/lit-llama.pth, not on",
                 "ckpt/lit-llama.pth"),
+    # finetune/lora.py's own file, on another base of its shape
+    ("generate/lora.py",
+     ["--checkpoint_dir", r("other_base"), "--lora_path", w("lora_run/lit-llama-lora-finetuned.pth")],
+     ["lit-llama-lora-finetuned.pth was trained on the base model", "ckpt/lit-llama.pth, not on",
+      "other_base/lit-llama.pth"]),
     ("generate/adapter.py", ["--checkpoint_dir", w("ckpt"), "--adapter_path", r("adapter_float_length.pth")],
      ["adapter_float_length.pth: adapter_config adapter_prompt_length must be a whole number, got 10.0"]),
     ("generate/adapter.py", ["--checkpoint_dir", w("ckpt"), "--adapter_path", r("adapter_list_style.pth")],
@@ -673,3 +679,6 @@ def test_lora_file_on_its_own_base_and_older_files(read_world, tmp_path):
                read_world / "read" / "good.pth", "--max_new_tokens", 2, "--precision", "32-true")
     run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", read_world / "lora.pth",
                "--max_new_tokens", 2, "--precision", "32-true")
+    finetuned = read_world.lora_run / "lit-llama-lora-finetuned.pth"
+    assert torch.load(finetuned)["base_model"]["weights"] == str(base / "lit-llama.pth")
+    run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", finetuned, "--max_new_tokens", 2)
