@@ -276,6 +276,9 @@ class LoRAServer(ls.LitAPI):
             self.loaded[row.adapter] = row.version
         except (UserError, OSError) as e:  # the file changed or went away since the request was checked
             row.fail(f"the adapter {row.adapter!r} could not be loaded: {e}", status=400)
+        except Exception:  # noqa: BLE001 - a bug (or no memory left) fails this request only, not its batch
+            traceback.print_exc()
+            row.fail(f"the adapter {row.adapter!r} could not be loaded: see the server's log", status=500)
 
     def encode_response(self, outputs: Iterator[List[Dict[str, Any]]]) -> Iterator[List[Dict[str, Any]]]:
         yield from outputs  # one dict per request per step, sent as JSON to the spec's endpoints
