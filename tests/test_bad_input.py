@@ -672,11 +672,12 @@ def test_lora_file_on_its_own_base_and_older_files(read_world, tmp_path):
     base = read_world.ckpt
     run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", read_world / "read" / "good.pth",
                "--max_new_tokens", 2, "--precision", "32-true")
-    shutil.copytree(base, tmp_path / "bf16")
     state = torch.load(base / "lit-llama.pth")
-    torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "bf16" / "lit-llama.pth")
-    run_script("generate/lora.py", "--checkpoint_dir", tmp_path / "bf16", "--lora_path",
-               read_world / "read" / "good.pth", "--max_new_tokens", 2, "--precision", "32-true")
+    for dtype in (torch.bfloat16, torch.float16):  # convert_hf_checkpoint.py --dtype: the same base
+        shutil.copytree(base, tmp_path / str(dtype))
+        torch.save({k: v.to(dtype) for k, v in state.items()}, tmp_path / str(dtype) / "lit-llama.pth")
+        run_script("generate/lora.py", "--checkpoint_dir", tmp_path / str(dtype), "--lora_path",
+                   read_world / "read" / "good.pth", "--max_new_tokens", 2, "--precision", "32-true")
     run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", read_world / "lora.pth",
                "--max_new_tokens", 2, "--precision", "32-true")
     finetuned = read_world.lora_run / "lit-llama-lora-finetuned.pth"
