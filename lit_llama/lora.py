@@ -16,7 +16,7 @@ DoRA adds a trained magnitude per output row (see `LoRALinear`).
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -346,7 +346,7 @@ def read_lora_checkpoint(path: Path) -> Dict[str, Any]:
     return checkpoint
 
 
-def lora_prompt_style(checkpoint: Dict[str, Any], path: Path) -> str:
+def lora_prompt_style(checkpoint: Dict[str, Any], path: Union[str, Path] = "the LoRA file") -> str:
     """The prompt style a LoRA file was trained with (files written before styles existed: alpaca)."""
     style = checkpoint.get("prompt_style", DEFAULT_PROMPT_STYLE)
     if not isinstance(style, str) or style not in PROMPT_STYLES:
