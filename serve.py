@@ -7,7 +7,8 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
 
 * Adapters: each LoRA file FOLDER/NAME.pth (finetune/lora.py's) is the model NAME; "base" is the base model
   alone. The files there at start are checked and loaded then; a file added later is checked and loaded when a
-  request first names it, and loaded again when it changes (hot load). The base is loaded once, never merged
+  request first names it, and loaded again when its content changes (hot load). A file trained on another base
+  model, or with a bad field, is refused with the reason. The base is loaded once, never merged
   (lit_llama/multi_lora.py).
 * The request's `model` picks the adapter. Chat messages are put in the prompt style the adapter was trained
   with (recorded in its file; Alpaca for the base: the last user message is the instruction), see
@@ -17,10 +18,12 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
   decoded in one batch, each row with its own adapter, prompt length and `max_tokens` (`stream_batch`).
   Requests with another temperature or top_k in the same batch are decoded after the first ones. A batch runs
   to its end before the next one starts (no requests join a batch in flight). Greedy answers
-  (`"temperature": 0`) are the same alone or in a batch.
-* A bad request (unparsable JSON, a missing field, an unknown model, a prompt as long as the context,
-  max_tokens < 1, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
-  is queued, so it never reaches, nor fails, a batch.
+  (`"temperature": 0`, and below MIN_TEMPERATURE) are the same alone or in a batch. Should decoding fail (a bug),
+  only the requests of that temperature and top_k get a 500; the others of the batch are answered.
+* A bad request (unparsable JSON, nesting deeper than 32 levels, text that is not valid Unicode, a missing field,
+  an unknown model, a prompt as long as the context, max_tokens < 1, more than 4 stop strings or one longer than
+  256 characters, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
+  is queued, so it never reaches, nor fails, a batch. A body over 1 MiB is refused (413) before it is read.
 
 Processes: LitServe runs the model in a worker process (`LoRAServer`, loaded in its `setup`); the HTTP
 endpoints (`OpenAILoRASpec`) run in this process, check and tokenize each request and queue it for the worker,
@@ -28,10 +31,12 @@ which streams back each row's new text every few tokens.
 """
 
 import asyncio
+import hashlib
 import json
 import socket
 import sys
 import time
+import traceback
 import uuid
 from collections import deque
 from queue import Empty, Queue
@@ -52,19 +57,25 @@ from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
 from lit_llama.checks import check_at_least, check_range  # noqa: E402
 from lit_llama.generation import stream_batch  # noqa: E402
-from lit_llama.lora import lora_prompt_style  # noqa: E402
-from lit_llama.model import Config  # noqa: E402
+from lit_llama.json_input import parse_json  # noqa: E402
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
 from lit_llama.prompts import chat_turns, get_prompt_style  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.utils import (  # noqa: E402
-    CheckpointPaths, UserError, check_vocab, default_device, load_model, load_state_dict, precision_dtype,
-    resolve_checkpoint, run_cli,
+    CheckpointPaths, UserError, check_vocab, default_device, load_model, precision_dtype, resolve_checkpoint, run_cli,
 )
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to: this machine only, or every interface
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_LENGTH = 256  # characters of a stop string: the stop test of every row at every step costs its length
+# a request body past this is refused before it is read: a prompt that fits a LLaMA context (2048 to 4096 tokens)
+# is some 10 to 20 KB of text, and reading, parsing and tokenizing 60 MB bodies would hold up every other client
+MAX_BODY_BYTES = 1 << 20
+# temperatures below this decode greedily: dividing the logits by 1e-45 gives infinities, and sampling then fails;
+# at 0.001 a difference of 0.01 between two logits is already a factor of e^10 in their probabilities
+MIN_TEMPERATURE = 1e-3
+RACY_SECONDS = 2  # the coarsest time step of a common file system (FAT's 2 s); see AdapterFolder.version
 
 
 def main(
@@ -117,7 +128,7 @@ def main(
     if max_new_tokens > paths.config.block_size:
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of "
                         f"{paths.config.block_size} tokens")
-    folder = AdapterFolder(Path(lora_dir), paths.config)
+    folder = AdapterFolder(Path(lora_dir), paths)
     names = [folder.check(name)[0].stem for name in folder.names()]  # each file read and checked now
     check_port_free(host, port)
 
@@ -141,32 +152,52 @@ def check_port_free(host: str, port: int) -> None:
 
 class AdapterFolder:
     """The LoRA files of a folder, one adapter per file, named by its stem. The folder is listed again for
-    every request (a glob: cheap), so files added while serving are found; a file's version is its
-    modification time and size, so a file changed is read again."""
+    every request (a glob: cheap), so files added while serving are found; a file's version is the hash of its
+    content (`version`), so a file changed is read again, even when it keeps its size and modification time."""
 
-    def __init__(self, folder: Path, config: Config) -> None:
-        self.folder, self.config = folder, config
-        self.checked: Dict[str, Tuple[Tuple[int, int], str]] = {}  # name -> (version checked, prompt style)
+    def __init__(self, folder: Path, paths: CheckpointPaths) -> None:
+        self.folder, self.paths = folder, paths
+        self.checked: Dict[str, Tuple[str, str]] = {}  # name -> (version checked, prompt style)
+        self.hashed: Dict[str, Tuple[Tuple[int, ...], str, int]] = {}  # name -> (file status, version, hashed at)
 
     def names(self) -> List[str]:
         return sorted(p.stem for p in self.folder.glob("*.pth") if p.is_file() and p.stem != BASE)
 
-    def version(self, name: str) -> Tuple[int, int]:
-        stat = (self.folder / f"{name}.pth").stat()
-        return stat.st_mtime_ns, stat.st_size
+    def version(self, name: str) -> str:
+        """The SHA-256 of the file's content. Hashed again only when the file's status (inode, size, modification
+        and change times) differs from when it was last hashed, or when its last change came less than
+        RACY_SECONDS before that hash (as git does: a file system keeps times in coarse steps, so a rewrite just
+        after the hash could keep every time). The change time cannot be set back (touch sets the modification
+        time only), so a file replaced later always has another status."""
+        path = self.folder / f"{name}.pth"
+        stat = path.stat()
+        status = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        known = self.hashed.get(name)
+        if known and known[0] == status and known[2] - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_SECONDS * 1e9:
+            return known[1]
+        hashed_at = time.time_ns()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        self.hashed[name] = (status, digest.hexdigest(), hashed_at)
+        return digest.hexdigest()
 
-    def check(self, name: str) -> Tuple[Path, Tuple[int, int], str]:
-        """The adapter's file, version and prompt style, after the checks of loading it on this base (ranks,
-        shapes, DoRA refused: `read_lora_factors`), done once per version; UserError if it cannot be served."""
+    def check(self, name: str) -> Tuple[Path, str, str]:
+        """The adapter's file, version and prompt style, after the checks of loading it on this base (its fields,
+        the base it was trained on, shapes, DoRA refused: `read_lora_factors`), done once per version; UserError
+        if it cannot be served."""
         if name not in self.names():  # only names listed in the folder: a name can never reach another path
             raise UserError(f"the model {name!r} does not exist: the models are {', '.join([BASE, *self.names()])} "
                             f"(the LoRA files in {self.folder})")
-        path, version = self.folder / f"{name}.pth", self.version(name)
-        if name not in self.checked or self.checked[name][0] != version:
-            read_lora_factors(path, self.config)
-            style = lora_prompt_style(load_state_dict(path))
-            get_prompt_style(style, f"{path}: prompt_style")
-            self.checked[name] = (version, style)
+        path = self.folder / f"{name}.pth"
+        try:
+            version = self.version(name)
+            if name not in self.checked or self.checked[name][0] != version:
+                _, style = read_lora_factors(path, self.paths.config, self.paths.weights)
+                self.checked[name] = (version, style)
+        except OSError as e:  # removed or replaced just now
+            raise UserError(f"{path} could not be read: {e.strerror or e}")
         return path, version, self.checked[name][1]
 
 
@@ -191,10 +222,14 @@ class LoRAServer(ls.LitAPI):
         self.model = load_model(self.paths, self.torch_device, precision_dtype(self.precision), MultiLoRALLaMA).eval()
         if self.quantize:  # the base's weights; the adapters' stacks stay in the model's dtype
             quantize_for_generation(self.model, self.quantize)
-        self.loaded: Dict[str, Tuple[int, int]] = {}  # adapter name -> version of its file in the model
+        self.loaded: Dict[str, str] = {}  # adapter name -> version of its file in the model
         for name in self.folder.names():
-            version = self.folder.version(name)  # before reading: a file replaced meanwhile is read again later
-            self.model.add_adapter(name, self.folder.folder / f"{name}.pth")
+            try:
+                version = self.folder.version(name)  # before reading: a file replaced meanwhile is read again later
+                self.model.add_adapter(name, self.folder.folder / f"{name}.pth", self.paths.weights)
+            except (UserError, OSError) as e:  # replaced or removed since main() checked it: requests say why
+                print(f"the adapter {name!r} could not be loaded: {e}", file=sys.stderr)
+                continue
             self.loaded[name] = version
 
     def decode_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
@@ -213,23 +248,37 @@ class LoRAServer(ls.LitAPI):
             if not row.error:
                 groups.setdefault((row.temperature, row.top_k), []).append(row)
         for (temperature, top_k), group in groups.items():
-            self.model.select([row.adapter for row in group])
-            prompts = [torch.tensor(row.prompt, device=self.torch_device) for row in group]
-            for chunk in stream_batch(self.model, prompts, [row.max_tokens for row in group], temperature, top_k,
-                                      self.tokenizer.eos_id, [row.stop_found if row.stops else None for row in group], self.compile):
-                for row, tokens in zip(group, chunk):
-                    row.add(tokens)
+            try:
+                for chunk in self.decode(group, temperature, top_k):
+                    for row, tokens in zip(group, chunk):
+                        row.add(tokens)
+                    yield [row.take() for row in rows]
+            except Exception:  # noqa: BLE001 - a failure (a bug) ends this group's requests only, not the batch's
+                traceback.print_exc()
+                for row in group:
+                    row.fail("the model failed on this request: see the server's log", status=500)
                 yield [row.take() for row in rows]
+
+    def decode(self, group: List["Row"], temperature: float, top_k: Optional[int]) -> Iterator[List[List[int]]]:
+        """`stream_batch` for rows of one sampling setting, each with its own adapter, prompt and limit."""
+        self.model.select([row.adapter for row in group])
+        prompts = [torch.tensor(row.prompt, device=self.torch_device) for row in group]
+        yield from stream_batch(self.model, prompts, [row.max_tokens for row in group], temperature, top_k,
+                                self.tokenizer.eos_id, [row.stop_found if row.stops else None for row in group],
+                                self.compile)
 
     def load_adapter(self, row: "Row") -> None:
         """Loads the row's adapter file if it is new or changed since it was loaded (hot load)."""
         if row.adapter == BASE or self.loaded.get(row.adapter) == row.version:
             return
         try:
-            self.model.add_adapter(row.adapter, Path(row.path))
+            self.model.add_adapter(row.adapter, Path(row.path), self.paths.weights)
             self.loaded[row.adapter] = row.version
         except (UserError, OSError) as e:  # the file changed or went away since the request was checked
-            row.error = f"the adapter {row.adapter!r} could not be loaded: {e}"
+            row.fail(f"the adapter {row.adapter!r} could not be loaded: {e}", status=400)
+        except Exception:  # noqa: BLE001 - a bug (or no memory left) fails this request only, not its batch
+            traceback.print_exc()
+            row.fail(f"the adapter {row.adapter!r} could not be loaded: see the server's log", status=500)
 
     def encode_response(self, outputs: Iterator[List[Dict[str, Any]]]) -> Iterator[List[Dict[str, Any]]]:
         yield from outputs  # one dict per request per step, sent as JSON to the spec's endpoints
@@ -292,8 +341,13 @@ class Row:
         self.tokens: List[int] = []
         self.sent, self.pending = "", ""
         self.finish_reason: Optional[str] = None
-        self.error: Optional[str] = None
+        self.error: Optional[Dict[str, Any]] = None  # {"message", "status"} of a request that failed
         self.reported = False
+
+    def fail(self, message: str, status: int) -> None:
+        """Ends this request with an error (answered with `status`), unless it has already ended."""
+        if not self.finish_reason and not self.error:
+            self.error = {"message": message, "status": status}
 
     def text(self, tokens: List[int]) -> str:
         """The answer's text, decoded after the prompt's last token so that its first word keeps its leading
@@ -333,7 +387,7 @@ class Row:
             return {}
         if self.error:
             self.reported = True
-            return {"error": self.error}
+            return {"error": self.error["message"], "status": self.error["status"]}
         output, self.pending = {"text": self.pending}, ""
         if self.finish_reason:
             self.reported = True
@@ -441,7 +495,9 @@ class OpenAILoRASpec(LitSpec):
     async def answer(self, request: Request, kind: type) -> Any:
         try:
             params = await read_params(request, kind)
-            job = self.job(params)
+            # in a thread: tokenizing a long prompt or checking a new adapter file takes a while, and meanwhile
+            # this process goes on answering other clients (/health too); SentencePiece releases the GIL
+            job = await asyncio.to_thread(self.job, params)
         except RequestError as e:
             return e.response()
         outputs = self.submit(job)
@@ -479,8 +535,9 @@ class OpenAILoRASpec(LitSpec):
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
         stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
-        if len(stops) > MAX_STOP_STRINGS or not all(stops):
-            raise RequestError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings, got {params.stop!r}", "stop")
+        if len(stops) > MAX_STOP_STRINGS or not all(stops) or max(map(len, stops), default=0) > MAX_STOP_LENGTH:
+            raise RequestError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_LENGTH} "
+                                    f"characters, got {len(stops)} of lengths {[len(stop) for stop in stops]}", "stop")
         path, version, style = None, None, "alpaca"
         if params.model != BASE:
             try:
@@ -505,7 +562,8 @@ class OpenAILoRASpec(LitSpec):
                                "context_length_exceeded")
         return {"adapter": params.model, "path": str(path) if path else None, "version": version, "prompt": prompt,
                 "max_tokens": min(max_tokens or self.max_new_tokens, context - len(prompt)),
-                "temperature": params.temperature, "top_k": params.top_k or self.top_k, "stops": stops,
+                "temperature": params.temperature if params.temperature >= MIN_TEMPERATURE else 0.0,
+                "top_k": params.top_k or self.top_k, "stops": stops,
                 "strip": isinstance(params, ChatParams)}
 
     async def submit(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
@@ -522,7 +580,7 @@ class OpenAILoRASpec(LitSpec):
                 if not output:  # this step had nothing for this request (another group of its batch decoding)
                     continue
                 if "error" in output:
-                    raise RequestError(400, output["error"], "model")
+                    raise RequestError(output["status"], output["error"], "model" if output["status"] < 500 else None)
                 yield output
                 if "finish_reason" in output:
                     return
@@ -532,9 +590,9 @@ class OpenAILoRASpec(LitSpec):
 
 async def read_params(request: Request, kind: type) -> Params:
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the request body is not valid JSON: {e}")
+        body = parse_json(await read_body(request), "the request body")
+    except UserError as e:
+        raise RequestError(400, str(e))
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
     try:
@@ -543,6 +601,21 @@ async def read_params(request: Request, kind: type) -> Params:
         error = e.errors()[0]
         field = ".".join(str(part) for part in error["loc"])
         raise RequestError(400, f"{field}: {error['msg']}", field or None)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, refused (413) past MAX_BODY_BYTES before it is read: by its Content-Length, or, sent
+    in chunks without one, as soon as it grows past the limit."""
+    too_large = RequestError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(body)
 
 
 def message_text(message: ChatMessage) -> Dict[str, str]:

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
+from lit_llama.lora import LoRAConfig, LoRALLaMA, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.prompts import prompt_style_of_data
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.training import (
@@ -189,6 +189,7 @@ def main(
 ) -> None:
     tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
     prompt_style = prompt_style_of_data(data_dir)  # recorded in the LoRA file: generate/lora.py prompts the same way
+    base_model = base_fingerprint(paths.weights)  # recorded too: the LoRA file is refused on another base model
 
     lora_model = load_model(paths, load_device(fabric, quantize), dtype, LoRALLaMA, lora=lora)
     mark_only_lora_as_trainable(lora_model)
@@ -204,7 +205,7 @@ def main(
     def save_lora(path: Path) -> None:
         trainable = full_state_dict(lora_model, trainable_only=True)  # under FSDP gathered from every rank
         if fabric.global_rank == 0:
-            save_atomic(lora_state_dict(lora_model, trainable, prompt_style), path)
+            save_atomic(lora_state_dict(lora_model, trainable, prompt_style, base_model), path)
             fabric.print(f"Saved LoRA weights to {path}")
 
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save_lora, FINAL_NAME, resume,

@@ -69,7 +69,7 @@ def main(
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     check_generate_quantize(quantize)
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    trained_with = adapter_prompt_style(load_state_dict(adapter_path))
+    trained_with = adapter_prompt_style(load_state_dict(adapter_path), adapter_path)
     style = get_prompt_style(prompt_style or trained_with)
     print(f"prompt style: {style.name}" + (" (from the adapter file)" if prompt_style is None else
                                            f" (the adapter was trained with {trained_with})"), file=sys.stderr)

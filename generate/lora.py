@@ -16,12 +16,11 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
-from lit_llama.lora import load_lora_model, lora_prompt_style
+from lit_llama.lora import load_lora_model, lora_prompt_style, read_lora_checkpoint
 from lit_llama.prompts import get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 from lit_llama.utils import (
     UserError,
-    load_state_dict,
     resolve_checkpoint,
     run_cli,
 )
@@ -73,7 +72,7 @@ def main(
     if quantize and not merge:
         raise UserError("--quantize needs --merge true: the LoRA is merged into the weights before they are quantized")
     paths = resolve_checkpoint(checkpoint_dir, pretrained_path, tokenizer_path)
-    trained_with = lora_prompt_style(load_state_dict(lora_path))
+    trained_with = lora_prompt_style(read_lora_checkpoint(lora_path), lora_path)
     style = get_prompt_style(prompt_style or trained_with)
     print(f"prompt style: {style.name}" + (" (from the LoRA file)" if prompt_style is None else
                                            f" (the LoRA was trained with {trained_with})"), file=sys.stderr)

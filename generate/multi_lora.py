@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from lit_llama.checks import check_at_least
 from lit_llama.generation import check_sampling_flags, generate_responses, setup_generation
-from lit_llama.lora import lora_prompt_style
-from lit_llama.multi_lora import BASE, MultiLoRALLaMA
+from lit_llama.json_input import parse_json
+from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.utils import UserError, load_model, load_state_dict, resolve_checkpoint, run_cli
+from lit_llama.utils import UserError, load_model, resolve_checkpoint, run_cli
 
 
 def main(
@@ -68,7 +68,8 @@ def main(
     paths = resolve_checkpoint(checkpoint_dir)
     tokenizer, device, dtype = setup_generation(paths, precision, "", max_new_tokens)  # prompts: checked below
     styles = {BASE: get_prompt_style(DEFAULT_PROMPT_STYLE)}  # each adapter's, from its file: as it was trained
-    styles.update({name: get_prompt_style(lora_prompt_style(load_state_dict(path))) for name, path in adapters.items()})
+    for name, path in adapters.items():  # every LoRA file checked (fields, base, shapes) before the model loads
+        styles[name] = get_prompt_style(read_lora_factors(path, paths.config, paths.weights)[1])
     for number, record in enumerate(records, 1):
         prompt = styles[record["adapter"]].prompt(record["instruction"], record["input"])
         length = len(tokenizer.encode(prompt, bos=True))
@@ -80,7 +81,7 @@ def main(
     if quantize:  # the base's weights; the adapters' stacks stay in the model's dtype
         quantize_for_generation(model, quantize)
     for name, lora_path in adapters.items():
-        model.add_adapter(name, lora_path)
+        model.add_adapter(name, lora_path, paths.weights)
 
     torch.manual_seed(seed)
     for start in range(0, len(records), batch_size):
@@ -111,21 +112,20 @@ def parse_adapters(lora: List[str]) -> Dict[str, Path]:
 
 
 def read_requests(path: Path, adapters: Dict[str, Path]) -> List[Dict[str, str]]:
-    """The requests file's records, checked: valid JSON objects with a string "instruction" and an adapter
-    that was loaded (or "base")."""
+    """The requests file's records, checked: UTF-8 lines of JSON objects (`parse_json`) with a string
+    "instruction" and an adapter that was loaded (or "base")."""
     if not Path(path).is_file():
         raise UserError(f"--requests {path} does not exist")
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number} is not valid JSON: {e}")
+        record = parse_json(line, f"{path} line {number}")
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
             raise UserError(f'{path} line {number}: expected an object with a string "instruction"')
         adapter = record.get("adapter", BASE)
+        if not isinstance(adapter, str):
+            raise UserError(f'{path} line {number}: "adapter" must be a name (a string), got {adapter!r}')
         if adapter != BASE and adapter not in adapters:
             known = ", ".join([BASE, *adapters])
             raise UserError(f"{path} line {number}: unknown adapter {adapter!r} (loaded: {known})")

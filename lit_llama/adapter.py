@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
-from lit_llama.prompts import DEFAULT_PROMPT_STYLE
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
 
 # what an adapter checkpoint records about the model it belongs to (see adapter_state_dict)
@@ -220,10 +220,10 @@ def adapter_state_dict(
     return state
 
 
-def adapter_prompt_style(checkpoint: Dict[str, Any]) -> str:
-    """The prompt style an adapter file was trained with (files written before styles existed: alpaca)."""
-    saved = checkpoint.get("adapter_config") if isinstance(checkpoint, dict) else None
-    return saved.get("prompt_style", DEFAULT_PROMPT_STYLE) if isinstance(saved, dict) else DEFAULT_PROMPT_STYLE
+def adapter_prompt_style(checkpoint: Dict[str, Any], path: Union[str, Path] = "adapter checkpoint") -> str:
+    """The prompt style an adapter file was trained with (files written before styles existed: alpaca), after
+    the checks of every field of its adapter_config."""
+    return _read_adapter_config(checkpoint, path).get("prompt_style", DEFAULT_PROMPT_STYLE)
 
 
 def adapter_config_from_checkpoint(
@@ -293,4 +293,13 @@ def _read_adapter_config(checkpoint: Any, path: Union[str, Path]) -> Dict[str, i
     absent = [f for f in (*ADAPTER_FIELDS, *BASE_FIELDS) if f not in saved]
     if absent:
         raise UserError(f"{path}: adapter_config lacks {', '.join(absent)}")
+    # the types too: a prompt length of 10.0 would pass every range check and fail deep inside nn.Embedding
+    for field in (*ADAPTER_FIELDS, *BASE_FIELDS):
+        expected = bool if field == "adapter_head" else int
+        if type(saved[field]) is not expected:
+            kind = "true or false" if expected is bool else "a whole number"
+            raise UserError(f"{path}: adapter_config {field} must be {kind}, got {saved[field]!r}")
+    style = saved.get("prompt_style", DEFAULT_PROMPT_STYLE)
+    if not isinstance(style, str) or style not in PROMPT_STYLES:
+        raise UserError(f"{path}: adapter_config prompt_style {style!r} is not one of {', '.join(PROMPT_STYLES)}")
     return saved

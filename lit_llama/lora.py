@@ -14,17 +14,17 @@ DoRA adds a trained magnitude per output row (see `LoRALinear`).
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import Config, LLaMA
-from lit_llama.prompts import DEFAULT_PROMPT_STYLE
-from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
+from lit_llama.utils import CheckpointPaths, UserError, check_finite, describe_exception, load_model, load_state_dict
 
 
 @dataclass
@@ -42,7 +42,16 @@ class LoRAConfig:
     dora: bool = False  # weight-decomposed LoRA (Liu et al., 2024): a trained magnitude per output row
 
     def __post_init__(self) -> None:
-        # each message starts with the field's name: finetune/lora.py puts "--lora_" before it
+        # each message starts with the field's name: finetune/lora.py puts "--lora_" before it. The types are
+        # checked too: a LoRA file's stored config (or a PEFT adapter_config.json) may hold r=8.0 or "true"
+        for field in fields(self):
+            value, kind = getattr(self, field.name), field.type
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"{field.name} must be true or false, got {value!r}")
+            if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{field.name} must be a number, got {value!r}")
+            if kind is int and not isinstance(value, int):
+                raise ValueError(f"{field.name} must be a whole number, got {value!r}")
         if self.r <= 0:
             raise ValueError(f"r (the LoRA rank) must be positive, got {self.r}")
         if not (0 < self.alpha < float("inf")):
@@ -243,24 +252,106 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
 
 
 def lora_state_dict(
-    model: LoRALLaMA, state_dict: Optional[Dict[str, torch.Tensor]] = None, prompt_style: str = DEFAULT_PROMPT_STYLE
+    model: LoRALLaMA,
+    state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
+    base_model: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The LoRA tensors alone (a few MB for 7B at r=8), with the hyperparameters, the base model's shape and
     the prompt style trained with, so generate and merge scripts rebuild the same model from the file alone.
-    `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards)."""
+    `state_dict`: the model's tensors if not its own `state_dict()` (under FSDP, those gathered from the shards).
+    `base_model`: the base's `base_fingerprint`, so that the file is refused on another base of the same shape."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {name: t.detach() for name, t in state_dict.items() if "lora_" in name}
-    return {
+    checkpoint = {
         "lora_config": asdict(model.lora_config),
         "base_config": asdict(model.config),
         "state_dict": tensors,
         "prompt_style": prompt_style,
     }
+    if base_model is not None:
+        checkpoint["base_model"] = base_model
+    return checkpoint
 
 
-def lora_prompt_style(checkpoint: Dict[str, Any]) -> str:
+# Which base model a LoRA file was trained on. Bases of the same shape (a model and its full finetune, two models
+# of one architecture) take each other's LoRA files without any error, and the answers are quietly wrong. A hash
+# of the base's weights file would have to read all of it (13 GB for 7B) and be cached somewhere, and it would
+# differ between two conversions of the same weights (convert_hf_checkpoint.py --dtype bfloat16 / float32). So
+# a LoRA file records a fingerprint instead: FINGERPRINT_SAMPLES values at fixed positions of every base tensor
+# (a few pages of the memory-mapped file each: milliseconds), and a base matches when it has the same tensors
+# and every value agrees within what a conversion to bfloat16 or float16 changes. Another model, or a finetune
+# of the same one, differs far more than that at some of the positions.
+FINGERPRINT_SAMPLES = 8
+FINGERPRINT_RTOL = 2**-7  # bfloat16 keeps 8 significant bits: rounding moves a value by at most 2^-9 of it
+FINGERPRINT_ATOL = 1e-6  # float16 rounds tiny values to its subnormals (steps of 6e-8)
+
+
+def base_fingerprint(weights: Path) -> Dict[str, Any]:
+    """{"weights": the base checkpoint file's path (to name it in errors), "samples": {tensor name: float32
+    values at fixed positions}} for `lora_state_dict`."""
+    try:
+        state_dict = torch.load(str(weights), mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - the base checkpoint is checked in full when it is loaded
+        raise UserError(f"{weights} is not a readable PyTorch checkpoint ({describe_exception(e)})")
+    samples = {}
+    for name, tensor in sorted(state_dict.items()):
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel() > 0:
+            flat = tensor.reshape(-1)
+            positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).long()
+            samples[name] = flat[positions].float().clone()
+    return {"weights": str(weights), "samples": samples}
+
+
+def check_lora_base(checkpoint: Dict[str, Any], path: Path, weights: Path) -> None:
+    """Refuses a LoRA file trained on another base model than the checkpoint `weights` (a file from before
+    fingerprints were recorded is not checked)."""
+    recorded = checkpoint.get("base_model")
+    if recorded is None:
+        return
+    ours, theirs = base_fingerprint(weights)["samples"], recorded["samples"]
+    differ = sorted(set(ours) ^ set(theirs)) or [
+        name for name in sorted(ours) if ours[name].shape != theirs[name].shape
+        or not torch.allclose(ours[name], theirs[name].float(), rtol=FINGERPRINT_RTOL, atol=FINGERPRINT_ATOL)
+    ]
+    if differ:
+        raise UserError(f"{path} was trained on the base model {recorded['weights']}, not on {weights}: their "
+                        f"weights differ (e.g. {differ[0]}); use the base it was trained on")
+
+
+SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "vocab_size")  # the base's, recorded in a LoRA file
+
+
+def read_lora_checkpoint(path: Path) -> Dict[str, Any]:
+    """Loads a LoRA file (finetune/lora.py's) and checks every field it stores, once, here: the config's types
+    and values, the prompt style, the base model's shape and fingerprint, the tensors. A bad field is one
+    UserError naming the file and the field (instead of a TypeError deep inside model building)."""
+    checkpoint = load_state_dict(path)
+    lora_config_from_checkpoint(checkpoint, path)
+    lora_prompt_style(checkpoint, path)
+    tensors = checkpoint["state_dict"]
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise UserError(f"{path}: state_dict must map names to tensors")
+    base = checkpoint.get("base_config", {})
+    if not isinstance(base, dict) or any(type(base[name]) is not int for name in SHAPE_FIELDS if name in base):
+        raise UserError(f"{path}: base_config must be an object whose sizes ({', '.join(SHAPE_FIELDS)}) are integers")
+    fingerprint = checkpoint.get("base_model")
+    if fingerprint is not None and not (
+        isinstance(fingerprint, dict) and isinstance(fingerprint.get("weights"), str)
+        and isinstance(fingerprint.get("samples"), dict)
+        and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in fingerprint["samples"].values())
+    ):
+        raise UserError(f'{path}: base_model must be {{"weights": path, "samples": {{name: tensor}}}} '
+                        "(as finetune/lora.py writes it)")
+    return checkpoint
+
+
+def lora_prompt_style(checkpoint: Dict[str, Any], path: Union[str, Path] = "the LoRA file") -> str:
     """The prompt style a LoRA file was trained with (files written before styles existed: alpaca)."""
-    return checkpoint.get("prompt_style", DEFAULT_PROMPT_STYLE)
+    style = checkpoint.get("prompt_style", DEFAULT_PROMPT_STYLE)
+    if not isinstance(style, str) or style not in PROMPT_STYLES:
+        raise UserError(f"{path}: prompt_style {style!r} is not one of {', '.join(PROMPT_STYLES)}")
+    return style
 
 
 def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAConfig:
@@ -271,6 +362,8 @@ def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAC
                 "scripts/convert_lit_llama_checkpoint.py"
             )
         raise UserError(f"{path} is not a LoRA checkpoint written by finetune/lora.py (no lora_config)")
+    if not isinstance(checkpoint["lora_config"], dict):
+        raise UserError(f"{path}: invalid lora_config: expected an object, got {checkpoint['lora_config']!r}")
     try:
         return LoRAConfig(**checkpoint["lora_config"])
     except (TypeError, ValueError) as e:
@@ -282,7 +375,7 @@ def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Pat
     another base model (other size) or with another rank / targets."""
     base = checkpoint.get("base_config", {})
     ours = asdict(model.config)
-    for field in ("n_layer", "n_embd", "n_head", "n_query_groups", "vocab_size"):
+    for field in SHAPE_FIELDS:
         if field in base and base[field] != ours[field]:
             raise UserError(
                 f"{path} was trained on a base model with {field}={base[field]}, this checkpoint has {ours[field]}"
@@ -308,7 +401,8 @@ def load_lora_model(
     paths: CheckpointPaths, lora_path: Path, device: torch.device, dtype: torch.dtype, merge: bool = True
 ) -> LoRALLaMA:
     """Base checkpoint + LoRA file -> model, with the LoRA settings read from the file; merged by default."""
-    checkpoint = load_state_dict(lora_path)
+    checkpoint = read_lora_checkpoint(lora_path)
+    check_lora_base(checkpoint, lora_path, paths.weights)
     model = load_model(paths, device, dtype, LoRALLaMA, lora=lora_config_from_checkpoint(checkpoint, lora_path))
     load_lora_state_dict(model, checkpoint, lora_path)
     if merge:

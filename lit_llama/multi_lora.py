@@ -23,10 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_llama.lora import LoRALinear, LoRALLaMA, load_lora_state_dict, lora_config_from_checkpoint, lora_prompt_style
+from lit_llama.lora import (
+    LoRALinear, LoRALLaMA, check_lora_base, load_lora_state_dict, lora_config_from_checkpoint, lora_prompt_style,
+    read_lora_checkpoint,
+)
 from lit_llama.model import Config, LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
-from lit_llama.utils import UserError, load_state_dict
+from lit_llama.utils import UserError
 
 BASE = "base"  # the name that selects no adapter
 
@@ -90,12 +93,13 @@ class MultiLoRALLaMA(LLaMA):
     def multi_lora_layers(self) -> Dict[str, MultiLoRALinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, MultiLoRALinear)}
 
-    def add_adapter(self, name: str, lora_path: Path) -> None:
-        """Loads a LoRA file (finetune/lora.py's) under `name`; a name already there is replaced (hot reload)."""
+    def add_adapter(self, name: str, lora_path: Path, base_weights: Optional[Path] = None) -> None:
+        """Loads a LoRA file (finetune/lora.py's) under `name`; a name already there is replaced (hot reload).
+        `base_weights`: the base checkpoint file, to refuse a LoRA file trained on another base (`check_lora_base`)."""
         if name == BASE or not name:
             raise UserError(f"adapter name {name!r} is reserved or empty: choose another")
-        factors = read_lora_factors(Path(lora_path), self.config)
-        self.prompt_styles[name] = lora_prompt_style(load_state_dict(Path(lora_path)))
+        factors, style = read_lora_factors(Path(lora_path), self.config, base_weights)
+        self.prompt_styles[name] = style
         slot = self.adapters.index(name) if name in self.adapters else len(self.adapters)
         device = self.lm_head.weight.device
         for layer_name, layer in self.multi_lora_layers().items():
@@ -123,11 +127,16 @@ def _multi(linear: nn.Linear) -> MultiLoRALinear:
     return MultiLoRALinear(linear.in_features, linear.out_features)
 
 
-def read_lora_factors(lora_path: Path, base_config: Config) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Per adapted layer name, the (A, B) of a LoRA file as `LoRALinear.factors` gives them, after the same
-    checks as loading the file into a LoRA model (base model shape, names, ranks)."""
-    checkpoint = load_state_dict(lora_path)
+def read_lora_factors(
+    lora_path: Path, base_config: Config, base_weights: Optional[Path] = None
+) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], str]:
+    """Per adapted layer name, the (A, B) of a LoRA file as `LoRALinear.factors` gives them, and the prompt style
+    it was trained with, after the same checks as loading the file into a LoRA model (its fields, the base
+    model's shape, and with `base_weights` its identity, names, ranks)."""
+    checkpoint = read_lora_checkpoint(lora_path)
     lora = lora_config_from_checkpoint(checkpoint, lora_path)
+    if base_weights is not None:
+        check_lora_base(checkpoint, lora_path, base_weights)
     if lora.dora:  # a magnitude per row divides by a norm of W + BA: no low-rank product to stack
         raise UserError(f"{lora_path} is a DoRA adapter: several adapters on one base take plain LoRA (or rsLoRA) "
                         "only; merge it with scripts/merge_lora.py and serve it on its own")
@@ -141,4 +150,4 @@ def read_lora_factors(lora_path: Path, base_config: Config) -> Dict[str, Tuple[t
             layer.lora_A = nn.Parameter(tensors[f"{name}.lora_A"].float(), requires_grad=False)
             layer.lora_B = nn.Parameter(tensors[f"{name}.lora_B"].float(), requires_grad=False)
             factors[name] = tuple(t.detach() for t in layer.factors())
-    return factors
+    return factors, lora_prompt_style(checkpoint, lora_path)

@@ -562,3 +562,139 @@ def test_number_of_cases():
     """The issue asks for at least 80 bad inputs."""
     cases = FINETUNE_CASES + GENERATE_CASES + PREPARE_CASES + CONVERT_CASES + OTHER_CASES
     assert len(cases) + 1 >= 80  # + test_finetune_lock
+
+
+# --- LoRA and adapter files as they are read (generate, merge, generate/multi_lora.py, serve.py at start), and
+# generate/multi_lora.py's --requests file ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def read_world(world) -> World:
+    """LoRA and adapter files each wrong in one stored field, a LoRA file trained on another base of the same
+    shape, serve.py folders of each, and bad --requests files; all under world/read."""
+    from lit_llama.lora import base_fingerprint
+    from lit_llama.model import LLaMA
+
+    root, config = world / "read", Config.from_json(world.ckpt / "lit_config.json")
+    root.mkdir()
+    torch.manual_seed(1)  # another base model of the same shape (and the same tokenizer)
+    shutil.copytree(world.ckpt, root / "other_base")
+    torch.save(LLaMA(config).state_dict(), root / "other_base" / "lit-llama.pth")
+
+    def lora_file(name: str, lora_config=None, base=world.ckpt / "lit-llama.pth", **fields) -> None:
+        checkpoint = lora_state_dict(LoRALLaMA(config, lora=LoRAConfig()), base_model=base_fingerprint(base))
+        checkpoint.update(fields)
+        checkpoint["lora_config"].update(lora_config or {})
+        torch.save(checkpoint, root / name)
+
+    lora_file("float_rank.pth", {"r": 8.0})
+    lora_file("string_alpha.pth", {"alpha": "16"})
+    lora_file("int_bool.pth", {"query": 1})
+    lora_file("list_style.pth", prompt_style=["alpaca"])
+    lora_file("other_base.pth", base=root / "other_base" / "lit-llama.pth")
+    lora_file("bad_base_model.pth", base_model=[1, 2])
+    lora_file("good.pth")
+    for name in ("float_rank", "list_style", "other_base"):
+        (root / f"serve_{name}").mkdir()
+        shutil.copy(root / f"{name}.pth", root / f"serve_{name}" / f"{name}.pth")
+    for name, field, value in [("float_length", "adapter_prompt_length", 10.0), ("list_style", "prompt_style", ["a"]),
+                               ("string_version", "adapter_version", "1")]:
+        checkpoint = adapter_state_dict(AdapterLLaMA(config, adapter_start_layer=1))
+        checkpoint["adapter_config"][field] = value
+        torch.save(checkpoint, root / f"adapter_{name}.pth")
+
+    good = json.dumps({"adapter": "qv", "instruction": "hi"})
+    (root / "requests_latin1.jsonl").write_bytes(f'{good}\n{{"instruction": "caf\xe9"}}\n'.encode("latin-1"))
+    (root / "requests_list_adapter.jsonl").write_text(json.dumps({"adapter": ["qv"], "instruction": "hi"}) + "\n")
+    (root / "requests_deep.jsonl").write_text('{"instruction": "hi", "input": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    (root / "requests_nested.jsonl").write_text('{"instruction": "hi", "x": ' + "[" * 100 + "]" * 100 + "}\n")
+    (root / "requests_surrogate.jsonl").write_text(f'{good}\n{{"instruction": "hi \\ud800 there"}}\n')
+    (root / "requests_surrogate_key.jsonl").write_text('{"instruction": "hi", "\\udfff": 1}\n')
+    (root / "requests_good.jsonl").write_text(good + "\n")
+    return world
+
+
+def r(name: str) -> w:
+    return w(f"read/{name}")
+
+
+class named(w):
+    """generate/multi_lora.py's `--lora NAME=PATH`, PATH in the world folder."""
+
+    def __init__(self, adapter: str, path: w) -> None:
+        super().__init__(path.name)
+        self.adapter = adapter
+
+    def __call__(self, world: World) -> str:
+        return f"{self.adapter}={world / self.name}"
+
+    def __repr__(self) -> str:
+        return f"{self.adapter}={self.name}"
+
+
+def lora_cases(lora: w, *fragments: str) -> list:
+    """The same bad LoRA file in every script that reads LoRA files."""
+    return [
+        ("generate/lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", lora], [lora.name, *fragments]),
+        ("scripts/merge_lora.py", ["--checkpoint_dir", w("ckpt"), "--lora_path", lora, "--out_dir", w("new_out")],
+         [lora.name, *fragments]),
+        ("generate/multi_lora.py", ["--checkpoint_dir", w("ckpt"), "--lora", named("good", r("good.pth")), "--lora",
+                                    named("qv", lora), "--requests", r("requests_good.jsonl")],
+         [lora.name, *fragments]),
+    ]
+
+
+READ_CASES = [
+    *lora_cases(r("float_rank.pth"), "invalid lora_config: r must be a whole number, got 8.0"),
+    *lora_cases(r("string_alpha.pth"), "alpha must be a number, got '16'"),
+    *lora_cases(r("int_bool.pth"), "query must be true or false, got 1"),
+    *lora_cases(r("list_style.pth"), "prompt_style ['alpaca'] is not one of"),
+    *lora_cases(r("bad_base_model.pth"), "base_model must be"),
+    *lora_cases(r("other_base.pth"), "was trained on the base model", "other_base/lit-llama.pth, not on",
+                "ckpt/lit-llama.pth"),
+    # finetune/lora.py's own file, on another base of its shape
+    ("generate/lora.py",
+     ["--checkpoint_dir", r("other_base"), "--lora_path", w("lora_run/lit-llama-lora-finetuned.pth")],
+     ["lit-llama-lora-finetuned.pth was trained on the base model", "ckpt/lit-llama.pth, not on",
+      "other_base/lit-llama.pth"]),
+    ("generate/adapter.py", ["--checkpoint_dir", w("ckpt"), "--adapter_path", r("adapter_float_length.pth")],
+     ["adapter_float_length.pth: adapter_config adapter_prompt_length must be a whole number, got 10.0"]),
+    ("generate/adapter.py", ["--checkpoint_dir", w("ckpt"), "--adapter_path", r("adapter_list_style.pth")],
+     ["adapter_list_style.pth: adapter_config prompt_style ['a'] is not one of"]),
+    ("generate/adapter.py", ["--checkpoint_dir", w("ckpt"), "--adapter_path", r("adapter_string_version.pth")],
+     ["adapter_version must be a whole number, got '1'"]),
+    *[("serve.py", ["--checkpoint_dir", w("ckpt"), "--lora_dir", r(f"serve_{name}")], [f"{name}.pth", fragment])
+      for name, fragment in [("float_rank", "r must be a whole number"), ("list_style", "prompt_style ['alpaca']"),
+                             ("other_base", "was trained on the base model")]],
+    *[("generate/multi_lora.py", ["--checkpoint_dir", w("ckpt"), "--lora", named("qv", r("good.pth")), "--requests",
+                                  r(f"requests_{name}.jsonl")], [f"requests_{name}.jsonl line {line}", fragment])
+      for name, line, fragment in [("latin1", 2, "is not UTF-8 text"), ("list_adapter", 1, '"adapter" must be a name'),
+                                   ("deep", 1, "nests deeper than 32 levels"),
+                                   ("nested", 1, "nests deeper than 32 levels"),
+                                   ("surrogate", 2, "instruction holds a lone surrogate ('\\ud800')"),
+                                   ("surrogate_key", 1, "a key holds a lone surrogate")]],
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", READ_CASES, ids=[case_id(c) for c in READ_CASES])
+def test_reading_lora_and_adapter_files(read_world, script, flags, fragments):
+    check_case(read_world, script, flags, fragments)
+
+
+def test_lora_file_on_its_own_base_and_older_files(read_world, tmp_path):
+    """The fingerprint lets a LoRA file through on the base it was trained on, also converted to another dtype,
+    and a file without one (written before it was recorded) still loads."""
+    base = read_world.ckpt
+    run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", read_world / "read" / "good.pth",
+               "--max_new_tokens", 2, "--precision", "32-true")
+    state = torch.load(base / "lit-llama.pth")
+    for dtype in (torch.bfloat16, torch.float16):  # convert_hf_checkpoint.py --dtype: the same base
+        shutil.copytree(base, tmp_path / str(dtype))
+        torch.save({k: v.to(dtype) for k, v in state.items()}, tmp_path / str(dtype) / "lit-llama.pth")
+        run_script("generate/lora.py", "--checkpoint_dir", tmp_path / str(dtype), "--lora_path",
+                   read_world / "read" / "good.pth", "--max_new_tokens", 2, "--precision", "32-true")
+    run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", read_world / "lora.pth",
+               "--max_new_tokens", 2, "--precision", "32-true")
+    finetuned = read_world.lora_run / "lit-llama-lora-finetuned.pth"
+    assert torch.load(finetuned)["base_model"]["weights"] == str(base / "lit-llama.pth")
+    run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", finetuned, "--max_new_tokens", 2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run
 
-from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict, mark_only_lora_as_trainable
+from lit_llama.lora import LoRAConfig, LoRALLaMA, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import Config
 from lit_llama.quantize import frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.utils import load_model, load_state_dict, resolve_checkpoint
@@ -88,7 +88,7 @@ def test_qlora_run_trains_and_its_file_is_the_usual_one(script, base, tmp_path, 
     if "lora" in script:  # the same file as a full-precision run writes: it merges into the full-precision base
         paths = resolve_checkpoint(checkpoint_dir)
         template = load_model(paths, torch.device("cpu"), torch.float32, LoRALLaMA, lora=LoRAConfig())
-        assert set(checkpoint) == set(lora_state_dict(template))
+        assert set(checkpoint) == set(lora_state_dict(template, base_model=base_fingerprint(paths.weights)))
         assert set(tensors) == set(lora_state_dict(template)["state_dict"])
         merged_dir = tmp_path / "merged"
         load_script("scripts/merge_lora.py").main(lora_path=final, checkpoint_dir=checkpoint_dir,

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 from lit_llama.generation import generate_responses
-from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict
+from lit_llama.lora import LoRAConfig, LoRALLaMA, base_fingerprint, lora_state_dict
+from lit_llama.model import LLaMA
 from lit_llama.multi_lora import MultiLoRALLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import load_model, resolve_checkpoint
@@ -39,14 +40,17 @@ ADAPTERS = {  # name: (config, prompt style it was trained with)
 START_TIMEOUT = 180  # seconds for the server to load (Python, torch and LitServe's processes on a busy CPU)
 
 
-def save_lora(paths, path: Path, lora: LoRAConfig, style: str, seed: int) -> None:
-    """A LoRA file as finetune/lora.py writes it, with random (not zero) B: a trained adapter."""
+def save_lora(paths, path: Path, lora: LoRAConfig, style, seed: int, base_model=None, **fields) -> None:
+    """A LoRA file as finetune/lora.py writes it, with random (not zero) B: a trained adapter. `fields`: stored
+    fields to change (a bad file)."""
     torch.manual_seed(seed)
     model = load_model(paths, CPU, FP32, LoRALLaMA, lora=lora)
     with torch.no_grad():
         for layer in model.lora_layers():
             layer.lora_B.normal_(std=0.2)
-    torch.save(lora_state_dict(model, prompt_style=style), path)
+    checkpoint = lora_state_dict(model, prompt_style=style, base_model=base_model)
+    checkpoint["lora_config"].update(fields)
+    torch.save(checkpoint, path)
 
 
 def free_port() -> int:
@@ -116,6 +120,16 @@ def world(tiny_checkpoint_dir, tmp_path_factory):
     save_lora(paths, root / "later" / "late.pth", LoRAConfig(r=6, alpha=12, projection=True), "alpaca", seed=20)
     save_lora(paths, root / "later" / "late2.pth", LoRAConfig(r=3, alpha=3), "alpaca", seed=21)
     save_lora(paths, root / "later" / "dora.pth", LoRAConfig(r=4, dora=True), "alpaca", seed=22)
+    # bad files, and two adapters whose files have the same size
+    torch.manual_seed(1)
+    torch.save(LLaMA(paths.config).state_dict(), root / "other_base.pth")  # another base of the same shape
+    save_lora(paths, root / "later" / "float_rank.pth", LoRAConfig(r=4), "alpaca", seed=23, r=4.0)
+    save_lora(paths, root / "later" / "list_style.pth", LoRAConfig(r=4), ["alpaca"], seed=24)
+    save_lora(paths, root / "later" / "other_base.pth", LoRAConfig(r=4), "alpaca", seed=25,
+              base_model=base_fingerprint(root / "other_base.pth"))
+    for i, name in enumerate(["same_a", "same_b"]):
+        save_lora(paths, root / "later" / f"{name}.pth", LoRAConfig(r=4), "alpaca", seed=26 + i,
+                  base_model=base_fingerprint(paths.weights))
     proc, url = start_server(tiny_checkpoint_dir, root / "adapters", root / "server.log",
                              "--max_batch_size", "8", "--batch_timeout", "0.3", "--max_new_tokens", "24")
     try:
@@ -284,3 +298,154 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(world, client):
         assert info.value.code == 400
         assert fragment in json.loads(info.value.read())["error"]["message"]
     assert chat(client, "qv", "Give three tips.", max_tokens=8) == good
+
+
+# --- bad inputs: each answered 4xx with its reason, the server serving the others all along ------------------
+
+
+def post(url: str, body: bytes, timeout: float = 60):
+    """(status, parsed body) of a POST sent as raw bytes (what the openai client would never send)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_adapter_files_added_while_serving(world, client):
+    good = chat(client, "qv", "Give three tips.", max_tokens=8)
+    for name, fragment in [("float_rank", "r must be a whole number, got 4.0"),
+                           ("list_style", "prompt_style ['alpaca'] is not one of"),
+                           ("other_base", "was trained on the base model")]:
+        shutil.copy(world[0] / "later" / f"{name}.pth", world[0] / "adapters" / f"{name}.pth")
+        code, message = error_of(lambda: chat(client, name, "Give three tips.", max_tokens=8))
+        assert code == 400 and f"{name}.pth" in message and fragment in message, (code, message)
+        (world[0] / "adapters" / f"{name}.pth").unlink()
+    assert chat(client, "qv", "Give three tips.", max_tokens=8) == good
+
+
+def test_adapter_replaced_by_one_of_the_same_size_and_time(world, client):
+    """A file replaced by another adapter of the same size, its modification time set back: the new adapter
+    answers (the version is the content's hash, not size and time)."""
+    later, folder = world[0] / "later", world[0] / "adapters"
+    assert (later / "same_a.pth").stat().st_size == (later / "same_b.pth").stat().st_size
+    shutil.copy(later / "same_b.pth", folder / "same_b.pth")
+    expected = chat(client, "same_b", "Give three tips.", max_tokens=12)[0]
+    shutil.copy(later / "same_a.pth", folder / "same.pth")
+    first = chat(client, "same", "Give three tips.", max_tokens=12)[0]
+    assert first != expected
+    stat = (folder / "same.pth").stat()
+    shutil.copy(later / "same_b.pth", folder / "same.pth")
+    os.utime(folder / "same.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (folder / "same.pth").stat().st_mtime_ns == stat.st_mtime_ns
+    assert chat(client, "same", "Give three tips.", max_tokens=12)[0] == expected
+
+
+def test_bad_bodies_get_400(world, client):
+    url = world[1] + "/v1/chat/completions"
+    chat_body = '{"model": "qv", "max_tokens": 4, "messages": [{"role": "user", "content": %s}]}'
+    cases = [
+        (chat_body % ("[" * 100000 + "]" * 100000), "nests deeper than 32 levels"),
+        (chat_body % ("[" * 40 + "]" * 40), "nests deeper than 32 levels"),
+        (chat_body % '"hi \\ud800"', "messages[0].content holds a lone surrogate"),
+        (chat_body % '[{"type": "text", "text": "\\udfff"}]', "messages[0].content[0].text holds a lone surrogate"),
+        ('{"model": "base", "prompt": "the sky \\ud800"}', "prompt holds a lone surrogate"),
+        ('{"model": "\\ud800", "prompt": "the sky"}', "model holds a lone surrogate"),
+        (chat_body % '"hi"' + "x", "not valid JSON"),
+        ('{"model": "base", "prompt": "the sky", "max_tokens": ' + "9" * 5000 + "}", "not valid JSON"),
+    ]
+    for body, fragment in cases:
+        endpoint = url if "messages" in body else world[1] + "/v1/completions"
+        status, answer = post(endpoint, body.encode())
+        assert status == 400 and fragment in answer["error"]["message"], (fragment, status, answer)
+    assert post(url, b"\xff\xfe{}")[0] == 400  # not UTF-8
+
+
+def test_tiny_temperature_is_greedy_and_shares_a_batch(world, client):
+    """A request with temperature 1e-45 (whose logits / temperature would be infinite) and another client's
+    greedy request in the same batch: both answered, the tiny temperature as greedy."""
+    greedy = complete(client, "qv", "the water", max_tokens=10)[:2]
+    with ThreadPoolExecutor(2) as pool:
+        tiny = pool.submit(lambda: client.completions.create(model="qv", prompt="the water", temperature=1e-45,
+                                                             max_tokens=10))
+        other = pool.submit(complete, client, "wide", "the sky", max_tokens=6)
+        assert (tiny.result().choices[0].text, tiny.result().choices[0].finish_reason) == greedy
+        assert other.result()[1] in ("stop", "length")
+
+
+def test_a_failing_group_fails_alone(world, tiny_checkpoint_dir, monkeypatch):
+    """Should decoding fail for the rows of one sampling setting, those requests get a 500 and the other rows of
+    the batch their answers (the worker's predict, in this process)."""
+    serve = load_script("serve.py")
+    paths = resolve_checkpoint(tiny_checkpoint_dir)
+    folder = serve.AdapterFolder(world[0] / "later", paths)
+    api = serve.LoRAServer(paths, folder, "32-true", None, False, 8, 0.05, serve.OpenAILoRASpec(paths, folder, 8, None))
+    api.setup("cpu")
+    decode = api.decode
+
+    def failing_decode(group, temperature, top_k):
+        if temperature == 0.5:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        yield from decode(group, temperature, top_k)
+
+    monkeypatch.setattr(api, "decode", failing_decode)
+    prompt = api.tokenizer.encode("the sky", bos=True).tolist()
+    jobs = [{"adapter": "late", "path": str(folder.folder / "late.pth"), "version": folder.version("late"),
+             "prompt": prompt, "max_tokens": 5, "temperature": temperature, "top_k": None, "stops": [],
+             "strip": False} for temperature in (0.5, 0.0, 0.5)]
+    outputs = list(api.predict(jobs))
+    failed = [[step[i] for step in outputs if step[i]] for i in (0, 2)]
+    assert failed == [[{"error": "the model failed on this request: see the server's log", "status": 500}]] * 2
+    answered = [step[1] for step in outputs if step[1]]
+    assert answered[-1]["finish_reason"] == "length" and answered[-1]["completion_tokens"] == 5
+
+
+def test_stop_strings_are_bounded(world, client):
+    """A stop string of a million characters is refused at once; one of the longest allowed does not hold up
+    another client's short request in the same batch."""
+    start = time.monotonic()
+    code, message = error_of(lambda: complete(client, "base", "the sky", max_tokens=4, stop=["x" * 1_000_000]))
+    assert code == 400 and "256 characters" in message and time.monotonic() - start < 30
+    short = complete(client, "qv", "the sky", max_tokens=4)
+    start = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        long_stop = pool.submit(complete, client, "base", "the water", max_tokens=24, stop=["é" * 256] * 4)
+        assert pool.submit(complete, client, "qv", "the sky", max_tokens=4).result() == short
+        assert long_stop.result()[1] == "length"
+    assert time.monotonic() - start < 60
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(world):
+    """Twelve clients announcing 60 MB bodies each get a 413 without sending them, and /health stays fast; a
+    body sent in chunks without a length is cut off past 1 MiB."""
+    port = int(world[1].rsplit(":", 1)[1])
+
+    def announce(length: int, chunked: bool = False) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            head = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}\r\n\r\n"
+                      .encode())
+            try:
+                if chunked:  # 20 chunks of 64 KiB
+                    for _ in range(20):
+                        s.sendall(b"10000\r\n" + b"a" * 65536 + b"\r\n")
+                else:  # the start of the body only
+                    s.sendall(b'{"model": "base", "prompt": "')
+            except OSError:  # the server answered and closed before the rest was sent
+                pass
+            answer = b""
+            while b"}}" not in answer:  # the end of the JSON error body
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = [pool.submit(announce, 60_000_000) for _ in range(12)]
+        start = time.monotonic()
+        assert get(world[1] + "/health") == 200 and time.monotonic() - start < 5
+        for answer in answers:
+            assert answer.result().startswith(b"HTTP/1.1 413") and b"larger than 1048576 bytes" in answer.result()
+    assert announce(0, chunked=True).startswith(b"HTTP/1.1 413")
