@@ -629,6 +629,8 @@ def interop(world) -> Path:
     next(iter(tensors.values()))[0, 0] = float("nan")
     save_file(tensors, root / "peft_nan" / "adapter_model.safetensors")
 
+    (root / "demo_link").symlink_to(world.data, target_is_directory=True)  # a demo --out_dir that is a link
+
     # a LoRA file whose lora_config gives another rank than its tensors have
     lora = torch.load(world / "lora.pth")
     torch.save({**lora, "lora_config": {**lora["lora_config"], "r": 4}}, root / "lora_rank_4.pth")
@@ -700,6 +702,9 @@ INTEROP_CASES = [
      ["lora_rank_4.pth", "lora_A", "r=4"]),
     ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth"), "--output_dir", w("a_file")],
      ["--output_dir", "is a file"]),
+    # the demo's --out_dir: a link is refused (replacing it would remove the folder it points to)
+    ("demo", ["--out_dir", i("demo_link")], ["--out_dir", "demo_link is a symbolic link"]),
+    ("demo", ["--overwrite", "true", "--out_dir", i("demo_link")], ["--out_dir", "demo_link is a symbolic link"]),
     # downloads: a repository id that is a path
     ("download", ["--repo_id", "../../..", "--out_dir", w("new_out")], ["--repo_id '../../..'", "owner/name"]),
 ]
