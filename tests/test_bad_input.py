@@ -644,43 +644,44 @@ class i(w):
         return world / "interop" / self.name
 
 
+OUT = "new_out_interop"  # what no case may write (check_case allows "new_out" names)
 PROMPT = ["--prompt", "Hello", "--max_new_tokens", 2]
 INTEROP_CASES = [
     # an index must not make the converter read a file outside --checkpoint_dir
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape"), "--out_dir", w(OUT)],
      ["model.safetensors.index.json", "'../outside/model.safetensors'", "not inside"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape_absolute"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape_absolute"), "--out_dir", w(OUT)],
      ["model.safetensors.index.json", "not inside"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape_link"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape_link"), "--out_dir", w(OUT)],
      ["'link.safetensors'", "not inside"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_latin1"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_latin1"), "--out_dir", w(OUT)],
      ["model.safetensors.index.json", "UTF-8"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_list"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_list"), "--out_dir", w(OUT)],
      ["model.safetensors.index.json", "'weight_map' must be an object"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_number"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_number"), "--out_dir", w(OUT)],
      ["pytorch_model.bin.index.json", "1 is not a file name"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/config_list"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/config_list"), "--out_dir", w(OUT)],
      ["config.json", "expected a JSON object", "list"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/config_latin1"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/config_latin1"), "--out_dir", w(OUT)],
      ["config.json", "UTF-8"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/huge"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/huge"), "--out_dir", w(OUT)],
      ["config.json", "n_layer=3000000000", "more than"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/inf"), "--out_dir", w("new_out")],
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/inf"), "--out_dir", w(OUT)],
      ["model.safetensors", "'model.layers.1.mlp.up_proj.weight'", "NaN or infinite"]),
-    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/float16_overflow"), "--out_dir", w("new_out"),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/float16_overflow"), "--out_dir", w(OUT),
                                "--dtype", "float16"], ["'model.norm.weight'", "too large for float16"]),
-    ("convert_checkpoint", ["--checkpoint_dir", i("meta/multiple_of_0"), "--out_dir", w("new_out")],
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/multiple_of_0"), "--out_dir", w(OUT)],
      ["params.json", "'multiple_of' is 0", "positive integer"]),
-    ("convert_checkpoint", ["--checkpoint_dir", i("meta/str_dim"), "--out_dir", w("new_out")],
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/str_dim"), "--out_dir", w(OUT)],
      ["params.json", "'dim' is '64'"]),
-    ("convert_checkpoint", ["--checkpoint_dir", i("meta/list"), "--out_dir", w("new_out")],
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/list"), "--out_dir", w(OUT)],
      ["params.json", "expected a JSON object"]),
-    ("convert_checkpoint", ["--checkpoint_dir", i("meta/latin1"), "--out_dir", w("new_out")], ["params.json", "UTF-8"]),
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/latin1"), "--out_dir", w(OUT)], ["params.json", "UTF-8"]),
     # a lit_config.json that does not belong to the weights is refused before a model is built
     ("generate", [*PROMPT, "--checkpoint_dir", i("ckpt_layers_3")], ["lit_config.json", "n_layer is 3", "2 layers"]),
     ("generate", [*PROMPT, "--checkpoint_dir", i("ckpt_layers_3m")], ["lit_config.json", "n_layer", "3000000"]),
     ("generate", [*PROMPT, "--checkpoint_dir", i("ckpt_block_1e9")], ["lit_config.json", "'block_size'", "1000000000"]),
-    ("convert_lit_checkpoint", ["--checkpoint_dir", i("ckpt_layers_3m"), "--out_dir", w("new_out")],
+    ("convert_lit_checkpoint", ["--checkpoint_dir", i("ckpt_layers_3m"), "--out_dir", w(OUT)],
      ["lit_config.json", "n_layer is 3000000", "2 layers"]),
     # PEFT import: never over the base weights; adapter_config.json of another shape; weights generation refuses
     ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", w("ckpt/lit-llama.pth")],
@@ -689,16 +690,16 @@ INTEROP_CASES = [
                      "--overwrite", "true"], ["--output_path", "the base model's weights"]),
     ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", w("lora.pth")],
      ["--output_path", "already exists", "--overwrite"]),
-    ("import_peft", ["--adapter_dir", i("peft_list"), "--checkpoint_dir", w("ckpt"), "--output_path", w("new_out.pth")],
+    ("import_peft", ["--adapter_dir", i("peft_list"), "--checkpoint_dir", w("ckpt"), "--output_path", w(OUT + ".pth")],
      ["adapter_config.json", "expected a JSON object", "list"]),
     ("import_peft", ["--adapter_dir", i("peft_latin1"), "--checkpoint_dir", w("ckpt"), "--output_path",
-                     w("new_out.pth")], ["adapter_config.json", "UTF-8"]),
+                     w(OUT + ".pth")], ["adapter_config.json", "UTF-8"]),
     ("import_peft", ["--adapter_dir", i("peft_float_rank"), "--checkpoint_dir", w("ckpt"), "--output_path",
-                     w("new_out.pth")], ["adapter_config.json", "r is 8.5", "integer"]),
-    ("import_peft", ["--adapter_dir", i("peft_nan"), "--checkpoint_dir", w("ckpt"), "--output_path", w("new_out.pth")],
+                     w(OUT + ".pth")], ["adapter_config.json", "r is 8.5", "integer"]),
+    ("import_peft", ["--adapter_dir", i("peft_nan"), "--checkpoint_dir", w("ckpt"), "--output_path", w(OUT + ".pth")],
      ["adapter_model.safetensors", "NaN or infinite"]),
     # PEFT export: the rank written is the tensors'; the flag named is the script's own
-    ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", i("lora_rank_4.pth"), "--output_dir", w("new_out")],
+    ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", i("lora_rank_4.pth"), "--output_dir", w(OUT)],
      ["lora_rank_4.pth", "lora_A", "r=4"]),
     ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth"), "--output_dir", w("a_file")],
      ["--output_dir", "is a file"]),
@@ -706,7 +707,7 @@ INTEROP_CASES = [
     ("demo", ["--out_dir", i("demo_link")], ["--out_dir", "demo_link is a symbolic link"]),
     ("demo", ["--overwrite", "true", "--out_dir", i("demo_link")], ["--out_dir", "demo_link is a symbolic link"]),
     # downloads: a repository id that is a path
-    ("download", ["--repo_id", "../../..", "--out_dir", w("new_out")], ["--repo_id '../../..'", "owner/name"]),
+    ("download", ["--repo_id", "../../..", "--out_dir", w(OUT)], ["--repo_id '../../..'", "owner/name"]),
 ]
 
 
@@ -718,4 +719,4 @@ def interop_id(case) -> str:
 @pytest.mark.parametrize("script, flags, fragments", INTEROP_CASES, ids=[interop_id(c) for c in INTEROP_CASES])
 def test_interop(world, interop, script, flags, fragments):
     check_case(world, "generate.py" if script == "generate" else f"scripts/{script}.py", flags, fragments)
-    assert not (world / "new_out").exists() and not (world / "new_out.pth").exists()
+    assert not (world / OUT).exists() and not (world / f"{OUT}.pth").exists()
