@@ -153,8 +153,8 @@ def resolve_checkpoint(
 
 
 def file_in_folder(folder: Path, name: Any, source: Path) -> Path:
-    """`folder / name` for a file name read from the file `source` (an index, a manifest), refused unless it
-    stays inside `folder`: a crafted file must not make a script read (or delete) a file elsewhere, by `..`,
+    """`folder / name` for a file name read from the file `source` (a sharded checkpoint's index), refused unless it
+    stays inside `folder`: a crafted file must not make a script read a file elsewhere, by `..`,
     an absolute path or a symbolic link out of the folder. Links within a Hugging Face cache snapshot point
     into its repository's blobs/ folder: those are allowed."""
     if not isinstance(name, str) or not name:
@@ -338,7 +338,8 @@ def check_model_fits(config: Config, dtype: torch.dtype, device: torch.device, s
         sizes = ", ".join(f"{f}={getattr(config, f)}" for f in ("n_layer", "n_embd", "intermediate_size", "vocab_size"))
         raise UserError(
             f"{source} describes a model of {n_params:,} parameters ({sizes}): {needed / 1e9:,.1f} GB in "
-            f"{str(dtype).removeprefix('torch.')}, more than the {memory / 1e9:,.1f} GB of memory of the {device} device"
+            f"{str(dtype).removeprefix('torch.')}, more than the {memory / 1e9:,.1f} GB of memory of the {device} "
+            "device"
         )
 
 

@@ -646,6 +646,7 @@ class i(w):
 
 OUT = "new_out_interop"  # what no case may write (check_case allows "new_out" names)
 PROMPT = ["--prompt", "Hello", "--max_new_tokens", 2]
+BASE_WEIGHTS = w("ckpt/lit-llama.pth")
 INTEROP_CASES = [
     # an index must not make the converter read a file outside --checkpoint_dir
     ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape"), "--out_dir", w(OUT)],
@@ -684,9 +685,9 @@ INTEROP_CASES = [
     ("convert_lit_checkpoint", ["--checkpoint_dir", i("ckpt_layers_3m"), "--out_dir", w(OUT)],
      ["lit_config.json", "n_layer is 3000000", "2 layers"]),
     # PEFT import: never over the base weights; adapter_config.json of another shape; weights generation refuses
-    ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", w("ckpt/lit-llama.pth")],
+    ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", BASE_WEIGHTS],
      ["--output_path", "the base model's weights"]),
-    ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", w("ckpt/lit-llama.pth"),
+    ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", BASE_WEIGHTS,
                      "--overwrite", "true"], ["--output_path", "the base model's weights"]),
     ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", w("lora.pth")],
      ["--output_path", "already exists", "--overwrite"]),

@@ -20,7 +20,8 @@ def test_demo_runs_the_whole_pipeline_offline(tmp_path):
     (out / "data" / "mine.json").write_text("[]")
     proc = run_script("scripts/demo.py", "--out_dir", out, "--overwrite", "true", check=False)
     assert_clean_error(proc, "holds 'data/mine.json', which the demo did not write")
-    assert (out / "data" / "mine.json").read_text() == "[]" and (out / "lora" / "lit-llama-lora-finetuned.pth").is_file()
+    assert (out / "data" / "mine.json").read_text() == "[]"
+    assert (out / "lora" / "lit-llama-lora-finetuned.pth").is_file()
 
 
 def test_overwrite_removes_only_what_the_demo_wrote(tmp_path):
