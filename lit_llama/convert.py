@@ -12,13 +12,13 @@ holds more than the tensors it has already converted, plus at most one layer's q
 import math
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import UserError
+from lit_llama.utils import UserError, check_finite
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -147,6 +147,17 @@ def check_tensor(name: str, tensor: torch.Tensor, expected: Dict[str, Tuple[int,
         )
 
 
+def converted_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, source: Path) -> torch.Tensor:
+    """`tensor` as a fresh copy in `dtype` (never a view into a memory-mapped file), refused if it holds NaN or
+    infinite values (a trained model has none: corrupted bytes), or values too large for `dtype`."""
+    check_finite({name: tensor}, source)
+    converted = tensor.to(dtype=dtype, copy=True)
+    if not torch.isfinite(converted).all():
+        raise UserError(f"{source}: tensor {name!r} holds values too large for {str(dtype).removeprefix('torch.')} "
+                        "(give --dtype bfloat16 or float32)")
+    return converted
+
+
 def check_complete(seen: Iterable[str], expected: Dict[str, Tuple[int, ...]], source: Path) -> None:
     missing = sorted(set(expected) - set(seen))
     if missing:
@@ -235,12 +246,27 @@ def lora_layer_modules(lora: LoRAConfig, config: Config) -> List[Tuple[str, List
     return layers
 
 
-def lora_to_peft(tensors: Dict[str, torch.Tensor], lora: LoRAConfig, config: Config) -> Dict[str, torch.Tensor]:
+def lora_to_peft(
+    tensors: Dict[str, torch.Tensor], lora: LoRAConfig, config: Config, source: Any = "the LoRA tensors"
+) -> Dict[str, torch.Tensor]:
     """Our LoRA tensors -> PEFT's, the stacked q/k/v pairs split per projection. Each tensor is cloned:
-    safetensors wants every tensor in its own memory, not views of one stack."""
+    safetensors wants every tensor in its own memory, not views of one stack. Every tensor must have the shape
+    `lora` (its rank, its targets) gives it: the rank written beside them must be theirs."""
     peft: Dict[str, torch.Tensor] = {}
     for ours, modules in lora_layer_modules(lora, config):
         sizes = [size for _, size in modules]
+        in_features = config.intermediate_size if ours.endswith("mlp.c_proj") else config.n_embd
+        expected = {"lora_A": (lora.r * len(modules), in_features), "lora_B": (sum(sizes), lora.r),
+                    "lora_magnitude": (sum(sizes),)}
+        for kind, shape in expected.items():
+            name = f"{ours}.{kind}"
+            if name not in tensors:
+                if kind == "lora_magnitude" and not lora.dora:
+                    continue
+                raise UserError(f"{source}: missing tensor {name!r}, which its lora_config implies")
+            if tuple(tensors[name].shape) != shape:
+                raise UserError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                                f"for its lora_config (r={lora.r})")
         pieces = {
             "lora_A": tensors[f"{ours}.lora_A"].split(lora.r),
             "lora_B": tensors[f"{ours}.lora_B"].split(sizes),

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
+MAX_BLOCK_SIZE = 2**24
+
+
 @dataclass
 class Config:
     block_size: int = 2048  # longest sequence the model was trained on
@@ -45,6 +48,10 @@ class Config:
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"field {field.name!r} is {value!r}, expected a positive number")
             setattr(self, field.name, number(value))
+        if self.block_size > MAX_BLOCK_SIZE:
+            # the rotary tables hold positions as float32, exact only up to 2**24
+            raise ValueError(f"field 'block_size' is {self.block_size}, more than the {MAX_BLOCK_SIZE} positions "
+                             "a model here can tell apart")
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.n_embd % self.n_head:
@@ -69,12 +76,18 @@ class Config:
     @classmethod
     def from_hf_config(cls, hf: Dict[str, Any]) -> "Config":
         """Builds a config from a Hugging Face `config.json` of any LLaMA-architecture model."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"expected a JSON object of model settings, got a {type(hf).__name__}")
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list):
+            raise ValueError(f"field 'architectures' is {archs!r}, expected a list of class names")
         if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-            found = hf.get("model_type") or ", ".join(archs) or "unknown"
+            found = hf.get("model_type") or ", ".join(map(str, archs)) or "unknown"
             raise ValueError(f"not a LLaMA-architecture model (model_type {found!r}, expected 'llama')")
         # transformers < 5 writes rope_theta / rope_scaling, transformers >= 5 a rope_parameters dict
-        rope = dict(hf.get("rope_parameters") or {})
+        rope = hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"field 'rope_parameters' is {rope!r}, expected an object")
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling:

@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import sys
 import zipfile
 import zlib
@@ -95,6 +96,7 @@ class CheckpointPaths:
     weights: Path
     config: Config
     tokenizer: Path
+    config_file: Optional[Path] = None  # where `config` was read from (None: from the folder's name)
 
 
 def resolve_checkpoint(
@@ -126,14 +128,14 @@ def resolve_checkpoint(
         raise UserError(f"--checkpoint_path {checkpoint_path} does not exist")
     folder = checkpoint_path.parent
 
-    config_file = folder / CONFIG_NAME
+    config_file: Optional[Path] = folder / CONFIG_NAME
     if config_file.is_file():
         try:
             config = Config.from_json(config_file)
         except (ValueError, TypeError) as e:
             raise UserError(f"{config_file} is not a valid model config: {e}")
     elif folder.name in llama_configs:
-        config = Config.from_name(folder.name)
+        config, config_file = Config.from_name(folder.name), None
     else:
         raise UserError(
             f"no {CONFIG_NAME} beside {checkpoint_path} and its folder name {folder.name!r} is not a known size "
@@ -147,7 +149,25 @@ def resolve_checkpoint(
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found (give --tokenizer_path or put it in the checkpoint dir)")
-    return CheckpointPaths(checkpoint_path, config, tokenizer_path)
+    return CheckpointPaths(checkpoint_path, config, tokenizer_path, config_file)
+
+
+def file_in_folder(folder: Path, name: Any, source: Path) -> Path:
+    """`folder / name` for a file name read from the file `source` (a sharded checkpoint's index), refused unless it
+    stays inside `folder`: a crafted file must not make a script read a file elsewhere, by `..`,
+    an absolute path or a symbolic link out of the folder. Links within a Hugging Face cache snapshot point
+    into its repository's blobs/ folder: those are allowed."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{source}: {name!r} is not a file name")
+    folder = Path(folder)
+    root = folder.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        root = root.parent.parent  # models--org--name/snapshots/<revision>/x -> models--org--name/blobs/<hash>
+    path = folder / name
+    escapes = Path(name).is_absolute() or ".." in Path(name).parts
+    if escapes or not path.resolve().is_relative_to(root):
+        raise UserError(f"{source} names {name!r}, which is not inside {folder}: refused")
+    return path
 
 
 def check_vocab(tokenizer: Any, paths: CheckpointPaths) -> None:
@@ -267,9 +287,14 @@ def load_model(
     """Builds the model without allocating memory (meta device), then loads the weights straight into
     `dtype` on `device`, tensor by tensor. Keys the model has but the file lacks (LoRA or adapter
     parameters) keep a fresh initialisation."""
+    # a config that does not belong to the weights is refused before the model is built: building even on the
+    # meta device takes minutes for millions of layers, and allocating its weights may never end
+    config_source = paths.config_file or f"the {paths.weights.parent.name} model config"
+    check_model_fits(paths.config, dtype, device, config_source)
+    state_dict = load_state_dict(paths.weights)
+    check_layer_count(paths.config, state_dict, paths.weights, config_source)
     with torch.device("meta"), default_dtype(dtype):
         model = model_class(paths.config, **model_kwargs)
-    state_dict = load_state_dict(paths.weights)
     check_state_dict_fits(model, state_dict, paths.weights)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -283,6 +308,46 @@ def load_model(
             if hasattr(module, "reset_extra_parameters"):
                 module.reset_extra_parameters()
     return model
+
+
+def parameter_count(config: Config) -> int:
+    """The base model's number of parameters, computed from the config (nothing is built)."""
+    q_size, kv_size = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    attention = config.n_embd * (q_size + 2 * kv_size) + q_size * config.n_embd
+    per_layer = attention + 3 * config.n_embd * config.intermediate_size + 2 * config.n_embd
+    return 2 * config.vocab_size * config.n_embd + config.n_layer * per_layer + config.n_embd
+
+
+def device_memory(device: torch.device) -> Optional[int]:
+    """The memory of `device` in bytes: the machine's RAM for the CPU, the GPU's own for CUDA."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index if device.index is not None else 0).total_memory
+    return None  # meta, or a device whose memory we cannot ask about
+
+
+def check_model_fits(config: Config, dtype: torch.dtype, device: torch.device, source: Any) -> None:
+    """The weights of the model `config` describes fit in the memory of `device` in `dtype` (before anything
+    is built or allocated: a wrong size otherwise ends, minutes later, in a MemoryError or the OOM killer)."""
+    memory = device_memory(device)
+    n_params = parameter_count(config)
+    needed = n_params * dtype.itemsize
+    if memory is not None and needed > memory:
+        sizes = ", ".join(f"{f}={getattr(config, f)}" for f in ("n_layer", "n_embd", "intermediate_size", "vocab_size"))
+        raise UserError(
+            f"{source} describes a model of {n_params:,} parameters ({sizes}): {needed / 1e9:,.1f} GB in "
+            f"{str(dtype).removeprefix('torch.')}, more than the {memory / 1e9:,.1f} GB of memory of the {device} "
+            "device"
+        )
+
+
+def check_layer_count(config: Config, state_dict: Dict[str, Any], path: Path, source: Any) -> None:
+    """The config's n_layer is the number of layers in the weights file."""
+    layers = {name.split(".")[2] for name in state_dict if name.startswith("transformer.h.")}
+    if layers and config.n_layer != len(layers):
+        raise UserError(f"{source}: n_layer is {config.n_layer}, but {path} holds {len(layers)} layers")
 
 
 @contextmanager
@@ -332,7 +397,17 @@ def save_atomic(obj: Any, path: Path, save: Callable[[Any, Path], None] = torch.
     with disk_errors(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
         save(obj, tmp)
+        # some writers (safetensors) create their file readable by its owner only: give it the mode any new
+        # file of the user's gets (0666 less the umask), or keep the mode of the file it replaces
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask())
         os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(text: str, path: Path) -> None:
@@ -384,11 +459,14 @@ def disk_state(path: Path) -> Optional[str]:
     return None
 
 
-def check_output_dir(output_dir: Path, overwrite: bool = False, filename: str = WEIGHTS_NAME) -> None:
-    """`--out_dir` can be written, and an existing checkpoint in it is replaced only when asked to."""
+def check_output_dir(
+    output_dir: Path, overwrite: bool = False, filename: str = WEIGHTS_NAME, flag: str = "out_dir"
+) -> None:
+    """`--out_dir` (or the script's `--flag`) can be written, and an existing checkpoint in it is replaced only
+    when asked to."""
     from lit_llama.checks import check_out_dir  # lit_llama.checks imports this module
 
-    check_out_dir(output_dir)
+    check_out_dir(output_dir, flag)
     if (Path(output_dir) / filename).exists() and not overwrite:
         raise UserError(f"{Path(output_dir) / filename} already exists; pass --overwrite true to replace it")
 

@@ -7,6 +7,7 @@ beside the model folders (llama/tokenizer.model, llama/7B/...); it is found in e
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.convert import (
     check_complete,
     check_tensor,
+    converted_tensor,
     expected_hf_shapes,
     hf_to_lit,
     is_ignored,
@@ -32,6 +34,7 @@ from lit_llama.model import Config
 from lit_llama.utils import (
     TOKENIZER_NAME,
     UserError,
+    check_model_fits,
     check_output_dir,
     deprecated_flag,
     load_state_dict,
@@ -83,6 +86,7 @@ def convert(
         raise UserError(f"{shard_paths[0]} has no 'tok_embeddings.weight': is it one of Meta's LLaMA checkpoints?")
     vocab_size = shards[0]["tok_embeddings.weight"].shape[0]  # split along dim 1, so every shard has all rows
     config = config_from_params(params, vocab_size, block_size, checkpoint_dir / "params.json")
+    check_model_fits(config, torch_dtype, torch.device("cpu"), checkpoint_dir / "params.json")  # all held in RAM
 
     expected = expected_hf_shapes(config)
     seen: List[str] = []
@@ -105,8 +109,7 @@ def convert(
                 tensor = permute_meta(tensor, config.n_head)
             elif hf_name.endswith("k_proj.weight"):
                 tensor = permute_meta(tensor, config.n_query_groups)
-            # copy=True: a fresh tensor in the target dtype, never a view into a memory-mapped file
-            yield hf_name, tensor.to(dtype=torch_dtype, copy=True)
+            yield hf_name, converted_tensor(name, tensor, torch_dtype, checkpoint_dir)
 
     state_dict = dict(hf_to_lit(hf_tensors()))
     check_complete(seen, expected, checkpoint_dir)
@@ -120,13 +123,30 @@ def read_params(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} not found: is {path.parent} one of Meta's LLaMA model folders?")
     try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}")
-    missing = [key for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps") if key not in params]
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid UTF-8 JSON: {e}")
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: expected a JSON object of model settings, got a {type(params).__name__}")
+    missing = [key for key in REQUIRED_PARAMS if key not in params]
     if missing:
         raise UserError(f"{path} lacks the field {missing[0]!r}")
+    # the fields used in arithmetic before Config checks its own (multiple_of divides, dim multiplies)
+    for key, number in PARAMS_FIELDS.items():
+        value = params.get(key)
+        if value is None and key not in REQUIRED_PARAMS:
+            continue
+        wrong_type = isinstance(value, bool) or not isinstance(value, number)
+        if wrong_type or not math.isfinite(value) or value <= 0:
+            expected = "a positive integer" if number is int else "a positive number"
+            raise UserError(f"{path}: field {key!r} is {value!r}, expected {expected}")
     return params
+
+
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps")
+# params.json's numeric fields -> their type (vocab_size, often -1 for "the tokenizer's", is checked below)
+PARAMS_FIELDS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "multiple_of": int,
+                 "norm_eps": (int, float), "ffn_dim_multiplier": (int, float), "rope_theta": (int, float)}
 
 
 def config_from_params(params: Dict[str, Any], vocab_size: int, block_size: Optional[int], path: Path) -> Config:

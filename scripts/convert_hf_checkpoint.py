@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.convert import (
     check_complete,
     check_tensor,
+    converted_tensor,
     expected_hf_shapes,
     hf_to_lit,
     is_ignored,
@@ -28,8 +29,10 @@ from lit_llama.model import Config
 from lit_llama.utils import (
     TOKENIZER_NAME,
     UserError,
+    check_model_fits,
     check_output_dir,
     deprecated_flag,
+    file_in_folder,
     load_state_dict,
     run_cli,
     save_checkpoint_dir,
@@ -65,6 +68,7 @@ def convert(
     check_output_dir(out_dir, overwrite)
 
     config = read_hf_config(checkpoint_dir / "config.json")
+    check_model_fits(config, torch_dtype, torch.device("cpu"), checkpoint_dir / "config.json")  # all held in RAM
     tokenizer = checkpoint_dir / TOKENIZER_NAME
     if not tokenizer.is_file():
         raise UserError(f"{checkpoint_dir} has no {TOKENIZER_NAME} (the SentencePiece tokenizer LLaMA models use)")
@@ -82,8 +86,7 @@ def convert(
                     check_tensor(name, tensor, expected, path)
                     seen.append(name)
                     bar.update()
-                    # copy=True: a fresh tensor in the target dtype, never a view into a memory-mapped file
-                    yield name, tensor.to(dtype=torch_dtype, copy=True)
+                    yield name, converted_tensor(name, tensor, torch_dtype, path)
 
     state_dict = dict(hf_to_lit(checked_tensors()))
     check_complete(seen, expected, checkpoint_dir)
@@ -97,10 +100,10 @@ def read_hf_config(path: Path) -> Config:
     if not path.is_file():
         raise UserError(f"{path} not found: is {path.parent} a Hugging Face model folder?")
     try:
-        hf_config = json.loads(path.read_text())
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
         return Config.from_hf_config(hf_config)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid UTF-8 JSON: {e}")
     except KeyError as e:
         raise UserError(f"{path} lacks the field {e}")
     except ValueError as e:
@@ -113,10 +116,14 @@ def weight_files(checkpoint_dir: Path) -> List[Path]:
         index = checkpoint_dir / index_name
         if index.is_file():
             try:
-                weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{index} is not a valid index file (expected a 'weight_map'): {e}")
-            files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+                weight_map: Dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index} is not a valid UTF-8 JSON index file (expected a 'weight_map'): {e}")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
+            # each name is checked to stay inside the folder: an index must not make us read a file elsewhere
+            names = dict.fromkeys(weight_map.values())  # in order, once each
+            files = sorted(file_in_folder(checkpoint_dir, name, index) for name in names)
             missing = [f for f in files if not f.is_file()]
             if missing:
                 raise UserError(f"{index} lists {missing[0].name}, which is not in {checkpoint_dir}")

@@ -23,6 +23,7 @@ from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import (
     UserError,
+    check_layer_count,
     check_output_dir,
     check_state_dict_fits,
     copy_tokenizer,
@@ -67,6 +68,7 @@ def convert(
             f"{paths.weights} holds LoRA or adapter weights ({extra[0]!r}), which have no Hugging Face name: "
             "merge them into the base model first"
         )
+    check_layer_count(config, lit_state_dict, paths.weights, paths.config_file or "the model config")
     with torch.device("meta"):
         check_state_dict_fits(LLaMA(config), lit_state_dict, paths.weights)
 

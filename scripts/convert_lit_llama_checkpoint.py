@@ -149,7 +149,7 @@ def convert_base(
     output_dir = Path(output_dir or f"{folder}-converted")
     if output_dir.resolve() == folder.resolve():
         raise UserError(f"--output_dir {output_dir} is the Lit-LLaMA checkpoint's folder: choose another")
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, flag="output_dir")
     if n_head is None:
         size = model_size or folder.name
         if size not in LIT_LLAMA_N_HEAD:

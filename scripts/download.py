@@ -50,9 +50,11 @@ def main(
 
     out_dir = deprecated_flag("out_dir", out_dir, "checkpoint_dir", checkpoint_dir)
     check_out_dir(out_dir)
+    check_repo_id(repo_id)  # also keeps <out_dir>/<repo_id> inside --out_dir
     token = access_token.get_secret_value() if access_token is not None else os.getenv("HF_TOKEN")
     local_dir = Path(out_dir) / repo_id
-    check_hub_resolves(repo_id)
+    limit_hub_waits()
+    check_hub_answers(repo_id)
     with hub_errors(repo_id, token):
         files = HfApi().list_repo_files(repo_id, token=token)
     patterns = download_patterns(repo_id, files)
@@ -105,20 +107,69 @@ def hub_errors(repo_id: str, token: Optional[str] = None) -> Iterator[None]:
         ) from None
 
 
-def check_hub_resolves(repo_id: str) -> None:
-    """Fails at once, in one line, where the hub's name does not resolve (no network), instead of after
-    the client's retries and their log lines."""
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(
+            f"--repo_id {repo_id!r} is not a Hugging Face repository id: expected owner/name (letters, digits, "
+            "'-', '_', '.'), e.g. openlm-research/open_llama_3b"
+        ) from None
+
+
+def hub_timeout() -> float:
+    """Seconds to wait for the hub to answer a request: huggingface_hub's own setting for metadata requests."""
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT)
+
+
+def limit_hub_waits() -> None:
+    """huggingface_hub >= 1.0 makes its API requests (the file list) without a timeout: one that is never
+    answered would wait forever. Its downloads have their own timeout (HF_HUB_DOWNLOAD_TIMEOUT)."""
+    import huggingface_hub
+
+    if not hasattr(huggingface_hub, "set_client_factory"):
+        return  # older versions (requests) pass their timeouts themselves
+    from huggingface_hub.utils._http import default_client_factory
+
+    def client_with_timeout():
+        client = default_client_factory()
+        client.timeout = hub_timeout()
+        return client
+
+    huggingface_hub.set_client_factory(client_with_timeout)
+
+
+def check_hub_answers(repo_id: str) -> None:
+    """Fails at once, in one line, where the hub's name does not resolve (no network) or the hub does not
+    answer, instead of after the client's retries and their log lines."""
     import socket
     from urllib.parse import urlparse
 
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
     if os.getenv("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return  # the client itself says offline mode
-    host = urlparse(os.getenv("HF_ENDPOINT", "https://huggingface.co")).hostname
+    endpoint = constants.ENDPOINT
+    host = urlparse(endpoint).hostname
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
         raise UserError(
             f"could not reach the Hugging Face hub ({host}) to download {repo_id}: this step needs network access"
+        ) from None
+    try:
+        get_session().head(endpoint, timeout=hub_timeout())  # any answer will do: an error status is an answer
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a network failure
+        if not is_network_error(e):
+            raise
+        what = f"did not answer within {hub_timeout():g} s" if "Timeout" in type(e).__name__ else "could not be reached"
+        raise UserError(
+            f"the Hugging Face hub at {endpoint} {what} (to download {repo_id}; HF_HUB_ETAG_TIMEOUT sets the wait)"
         ) from None
 
 

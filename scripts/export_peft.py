@@ -20,7 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from lit_llama.convert import LORA_TARGET_MODULES, lora_to_peft
 from lit_llama.lora import LoRAConfig, lora_config_from_checkpoint
-from lit_llama.utils import UserError, check_output_dir, load_state_dict, resolve_checkpoint, run_cli, save_atomic
+from lit_llama.utils import (
+    UserError,
+    check_finite,
+    check_output_dir,
+    load_state_dict,
+    resolve_checkpoint,
+    run_cli,
+    save_atomic,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -45,7 +53,7 @@ def main(
     """
     paths = resolve_checkpoint(checkpoint_dir)
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, WEIGHTS_FILE)
+    check_output_dir(output_dir, overwrite, WEIGHTS_FILE, flag="output_dir")
     checkpoint = load_state_dict(lora_path)
     lora = lora_config_from_checkpoint(checkpoint, lora_path)
     base = checkpoint.get("base_config", {})
@@ -56,10 +64,10 @@ def main(
                 f"{lora_path} was trained on a base model with {field}={base[field]}, --checkpoint_dir "
                 f"{checkpoint_dir} has {ours[field]}"
             )
-    try:
-        tensors = lora_to_peft(checkpoint["state_dict"], lora, paths.config)
-    except (KeyError, RuntimeError) as e:  # a tensor missing, or one whose shape does not split as the config says
-        raise UserError(f"{lora_path}: its tensors do not fit its lora_config ({type(e).__name__}: {e})")
+    if not isinstance(checkpoint["state_dict"], dict):
+        raise UserError(f"{lora_path}: its state_dict is not a dict of tensors")
+    check_finite(checkpoint["state_dict"], lora_path)
+    tensors = lora_to_peft(checkpoint["state_dict"], lora, paths.config, lora_path)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(tensors, output_dir / WEIGHTS_FILE, lambda sd, tmp: save_file(sd, str(tmp), {"format": "pt"}))

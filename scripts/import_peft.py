@@ -10,6 +10,7 @@ trained modules_to_save, biases, a subset of layers, other architectures) is ref
 """
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -21,10 +22,11 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.checks import check_out_dir
 from lit_llama.convert import PEFT_PREFIX, peft_targets, peft_to_lora
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import Config
-from lit_llama.utils import UserError, load_state_dict, resolve_checkpoint, run_cli, save_atomic
+from lit_llama.utils import UserError, check_finite, load_state_dict, resolve_checkpoint, run_cli, save_atomic
 
 # adapter_config.json fields whose non-default values our LoRA cannot represent, and why
 UNSUPPORTED = {
@@ -58,8 +60,7 @@ def main(
     """
     adapter_dir, output_path = Path(adapter_dir), Path(output_path)
     paths = resolve_checkpoint(checkpoint_dir)
-    if output_path.exists() and not overwrite:
-        raise UserError(f"--output_path {output_path} already exists; pass --overwrite true to replace it")
+    check_output_path(output_path, overwrite, paths.weights)
     adapter_config, config_file = read_adapter_config(adapter_dir)
     tensors, weights_file = read_adapter_tensors(adapter_dir)
     drop_unchanged_base_layers(tensors, paths.weights, paths.config, weights_file)
@@ -77,6 +78,7 @@ def main(
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{config_file}: cannot build a LoRA config from it ({type(e).__name__}: {e})")
     state_dict = peft_to_lora(tensors, lora, paths.config, weights_file)
+    check_finite(state_dict, weights_file)  # generation refuses NaN or infinite LoRA weights: refused here already
 
     checkpoint = {"lora_config": asdict(lora), "base_config": asdict(paths.config), "state_dict": state_dict}
     save_atomic(checkpoint, output_path)
@@ -85,14 +87,33 @@ def main(
           f"targets {', '.join(on)}) to {output_path}")
 
 
+def check_output_path(output_path: Path, overwrite: bool, base_weights: Path) -> None:
+    """--output_path is a new file (or, with --overwrite, a file to replace), never the base model's weights."""
+    if output_path.exists() and output_path.samefile(base_weights):  # also through a link
+        raise UserError(f"--output_path {output_path} is the base model's weights: give another file")
+    if output_path.is_dir():
+        raise UserError(f"--output_path {output_path} is a folder, expected a file name")
+    if output_path.exists() and not overwrite:
+        raise UserError(f"--output_path {output_path} already exists; pass --overwrite true to replace it")
+    check_out_dir(output_path.parent, "output_path")
+
+
 def read_adapter_config(adapter_dir: Path) -> "tuple[Dict[str, Any], Path]":
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise UserError(f"--adapter_dir {adapter_dir} has no adapter_config.json; is it a PEFT adapter folder?")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file} is not valid JSON: {e}")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_file} is not valid UTF-8 JSON: {e}")
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: expected a JSON object of adapter settings, got a {type(config).__name__}")
+    # the numbers LoRAConfig takes as they are: JSON may give 8.5 for the rank, or a string
+    for field, expected in (("r", int), ("lora_alpha", (int, float)), ("lora_dropout", (int, float))):
+        value = config.get(field, 1)
+        if isinstance(value, bool) or not isinstance(value, expected) or not math.isfinite(value):
+            what = "an integer" if expected is int else "a number"
+            raise UserError(f"{config_file}: {field} is {value!r}, expected {what}")
     if config.get("peft_type") != "LORA":
         raise UserError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be imported")
     for field, what in UNSUPPORTED.items():

@@ -505,7 +505,7 @@ OTHER_CASES = [
     ("download", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
     ("demo", ["--out_dir", w("a_file")], ["--out_dir", "is a file"]),
     ("demo", ["--out_dir", w("data")], ["already exists", "--overwrite"]),
-    ("demo", ["--out_dir", w("data"), "--overwrite", "true"], ["holds 'prepare_config.json'", "not replacing it"]),
+    ("demo", ["--out_dir", w("data"), "--overwrite", "true"], ["has no demo_manifest.json", "not replacing it"]),
     ("demo", ["--out_dir", w("demo"), "--max_iters", 0], ["--max_iters"]),
     ("demo", ["--out_dir", w("demo"), "--model_size", "huge"], ["--model_size 'huge'"]),
 ]
@@ -698,3 +698,175 @@ def test_lora_file_on_its_own_base_and_older_files(read_world, tmp_path):
     finetuned = read_world.lora_run / "lit-llama-lora-finetuned.pth"
     assert torch.load(finetuned)["base_model"]["weights"] == str(base / "lit-llama.pth")
     run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", finetuned, "--max_new_tokens", 2)
+# --- conversion, config files and PEFT interop: files that name other files, wrong shapes and sizes ----------
+
+
+@pytest.fixture(scope="module")
+def interop(world) -> Path:
+    """Hugging Face and Meta folders, lit configs and PEFT adapters made from the tiny checkpoint, each wrong in
+    one way."""
+    from safetensors.torch import save_file
+
+    from lit_llama.convert import lit_to_hf
+
+    root = world / "interop"
+    config = Config.from_json(world.ckpt / "lit_config.json")
+    hf_state = {name: t.clone() for name, t in lit_to_hf(torch.load(world.ckpt / "lit-llama.pth").items(), config)}
+    hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176}
+
+    def hf_folder(name: str, config_text: str = json.dumps(hf_config)) -> Path:
+        folder = root / "hf" / name
+        folder.mkdir(parents=True)
+        shutil.copy(world.ckpt / "tokenizer.model", folder / "tokenizer.model")
+        (folder / "config.json").write_text(config_text)
+        return folder
+
+    # a complete model outside the folders whose index names it
+    save_file(hf_state, hf_folder("outside") / "model.safetensors")
+    index = lambda file: json.dumps({"weight_map": {name: file for name in hf_state}})  # noqa: E731
+    (hf_folder("escape") / "model.safetensors.index.json").write_text(index("../outside/model.safetensors"))
+    (hf_folder("escape_absolute") / "model.safetensors.index.json").write_text(
+        index(str(root / "hf" / "outside" / "model.safetensors")))
+    (hf_folder("escape_link") / "model.safetensors.index.json").write_text(index("link.safetensors"))
+    (root / "hf" / "escape_link" / "link.safetensors").symlink_to(root / "hf" / "outside" / "model.safetensors")
+    (hf_folder("index_latin1") / "model.safetensors.index.json").write_bytes(
+        '{"weight_map": {"caf\xe9": "model.safetensors"}}'.encode("latin-1"))
+    (hf_folder("index_list") / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    (hf_folder("index_number") / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {name: 1 for name in hf_state}}))
+    hf_folder("config_list", json.dumps([hf_config]))
+    hf_folder("config_latin1").joinpath("config.json").write_bytes(b'{"model_type": "llama\xe9"}')
+    hf_folder("huge", json.dumps({**hf_config, "num_hidden_layers": 3_000_000_000}))
+    inf_state = {**hf_state, "model.layers.1.mlp.up_proj.weight": hf_state["model.layers.1.mlp.up_proj.weight"].clone()}
+    inf_state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("inf")
+    save_file(inf_state, hf_folder("inf") / "model.safetensors")
+    big_state = {**hf_state, "model.norm.weight": torch.full((64,), 1e6)}
+    save_file(big_state, hf_folder("float16_overflow") / "model.safetensors")
+
+    # Meta's params.json, wrong in one field each (read before any weight)
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": -1, "norm_eps": 1e-5, "multiple_of": 16}
+    for name, text in [("multiple_of_0", json.dumps({**params, "multiple_of": 0})),
+                       ("str_dim", json.dumps({**params, "dim": "64"})),
+                       ("list", json.dumps([params]))]:
+        (root / "meta" / name).mkdir(parents=True)
+        (root / "meta" / name / "params.json").write_text(text)
+    (root / "meta" / "latin1").mkdir()
+    (root / "meta" / "latin1" / "params.json").write_bytes(b'{"dim": 64, "note": "caf\xe9"}')
+
+    # lit_config.json of another depth or an absurd context length beside the tiny weights
+    for name, change in [("layers_3", {"n_layer": 3}), ("layers_3m", {"n_layer": 3_000_000}),
+                         ("block_1e9", {"block_size": 1e9})]:
+        shutil.copytree(world.ckpt, root / f"ckpt_{name}")
+        (root / f"ckpt_{name}" / "lit_config.json").write_text(json.dumps({**asdict(config), **change}))
+
+    # PEFT adapters exported from the tiny LoRA, then changed
+    load_script("scripts/export_peft.py").main(checkpoint_dir=world.ckpt, lora_path=world / "lora.pth",
+                                              output_dir=root / "peft")
+    adapter_config = json.loads((root / "peft" / "adapter_config.json").read_text())
+
+    def peft_folder(name: str, config_bytes: bytes = json.dumps(adapter_config).encode()) -> Path:
+        shutil.copytree(root / "peft", root / name)
+        (root / name / "adapter_config.json").write_bytes(config_bytes)
+        return root / name
+
+    peft_folder("peft_list", json.dumps([adapter_config]).encode())
+    peft_folder("peft_latin1", b'{"peft_type": "LORA", "note": "caf\xe9"}')
+    peft_folder("peft_float_rank", json.dumps({**adapter_config, "r": 8.5}).encode())
+    from safetensors.torch import load_file
+    tensors = load_file(peft_folder("peft_nan") / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, root / "peft_nan" / "adapter_model.safetensors")
+
+    (root / "demo_link").symlink_to(world.data, target_is_directory=True)  # a demo --out_dir that is a link
+
+    # a LoRA file whose lora_config gives another rank than its tensors have
+    lora = torch.load(world / "lora.pth")
+    torch.save({**lora, "lora_config": {**lora["lora_config"], "r": 4}}, root / "lora_rank_4.pth")
+    return root
+
+
+class i(w):
+    """A path in the interop folder."""
+
+    def __call__(self, world: World) -> Path:
+        return world / "interop" / self.name
+
+
+OUT = "new_out_interop"  # what no case may write (check_case allows "new_out" names)
+PROMPT = ["--prompt", "Hello", "--max_new_tokens", 2]
+BASE_WEIGHTS = w("ckpt/lit-llama.pth")
+INTEROP_CASES = [
+    # an index must not make the converter read a file outside --checkpoint_dir
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape"), "--out_dir", w(OUT)],
+     ["model.safetensors.index.json", "'../outside/model.safetensors'", "not inside"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape_absolute"), "--out_dir", w(OUT)],
+     ["model.safetensors.index.json", "not inside"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/escape_link"), "--out_dir", w(OUT)],
+     ["'link.safetensors'", "not inside"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_latin1"), "--out_dir", w(OUT)],
+     ["model.safetensors.index.json", "UTF-8"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_list"), "--out_dir", w(OUT)],
+     ["model.safetensors.index.json", "'weight_map' must be an object"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/index_number"), "--out_dir", w(OUT)],
+     ["pytorch_model.bin.index.json", "1 is not a file name"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/config_list"), "--out_dir", w(OUT)],
+     ["config.json", "expected a JSON object", "list"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/config_latin1"), "--out_dir", w(OUT)],
+     ["config.json", "UTF-8"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/huge"), "--out_dir", w(OUT)],
+     ["config.json", "n_layer=3000000000", "more than"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/inf"), "--out_dir", w(OUT)],
+     ["model.safetensors", "'model.layers.1.mlp.up_proj.weight'", "NaN or infinite"]),
+    ("convert_hf_checkpoint", ["--checkpoint_dir", i("hf/float16_overflow"), "--out_dir", w(OUT),
+                               "--dtype", "float16"], ["'model.norm.weight'", "too large for float16"]),
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/multiple_of_0"), "--out_dir", w(OUT)],
+     ["params.json", "'multiple_of' is 0", "positive integer"]),
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/str_dim"), "--out_dir", w(OUT)],
+     ["params.json", "'dim' is '64'"]),
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/list"), "--out_dir", w(OUT)],
+     ["params.json", "expected a JSON object"]),
+    ("convert_checkpoint", ["--checkpoint_dir", i("meta/latin1"), "--out_dir", w(OUT)], ["params.json", "UTF-8"]),
+    # a lit_config.json that does not belong to the weights is refused before a model is built
+    ("generate", [*PROMPT, "--checkpoint_dir", i("ckpt_layers_3")], ["lit_config.json", "n_layer is 3", "2 layers"]),
+    ("generate", [*PROMPT, "--checkpoint_dir", i("ckpt_layers_3m")], ["lit_config.json", "n_layer", "3000000"]),
+    ("generate", [*PROMPT, "--checkpoint_dir", i("ckpt_block_1e9")], ["lit_config.json", "'block_size'", "1000000000"]),
+    ("convert_lit_checkpoint", ["--checkpoint_dir", i("ckpt_layers_3m"), "--out_dir", w(OUT)],
+     ["lit_config.json", "n_layer is 3000000", "2 layers"]),
+    # PEFT import: never over the base weights; adapter_config.json of another shape; weights generation refuses
+    ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", BASE_WEIGHTS],
+     ["--output_path", "the base model's weights"]),
+    ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", BASE_WEIGHTS,
+                     "--overwrite", "true"], ["--output_path", "the base model's weights"]),
+    ("import_peft", ["--adapter_dir", i("peft"), "--checkpoint_dir", w("ckpt"), "--output_path", w("lora.pth")],
+     ["--output_path", "already exists", "--overwrite"]),
+    ("import_peft", ["--adapter_dir", i("peft_list"), "--checkpoint_dir", w("ckpt"), "--output_path", w(OUT + ".pth")],
+     ["adapter_config.json", "expected a JSON object", "list"]),
+    ("import_peft", ["--adapter_dir", i("peft_latin1"), "--checkpoint_dir", w("ckpt"), "--output_path",
+                     w(OUT + ".pth")], ["adapter_config.json", "UTF-8"]),
+    ("import_peft", ["--adapter_dir", i("peft_float_rank"), "--checkpoint_dir", w("ckpt"), "--output_path",
+                     w(OUT + ".pth")], ["adapter_config.json", "r is 8.5", "integer"]),
+    ("import_peft", ["--adapter_dir", i("peft_nan"), "--checkpoint_dir", w("ckpt"), "--output_path", w(OUT + ".pth")],
+     ["adapter_model.safetensors", "NaN or infinite"]),
+    # PEFT export: the rank written is the tensors'; the flag named is the script's own
+    ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", i("lora_rank_4.pth"), "--output_dir", w(OUT)],
+     ["lora_rank_4.pth", "lora_A", "r=4"]),
+    ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth"), "--output_dir", w("a_file")],
+     ["--output_dir", "is a file"]),
+    # the demo's --out_dir: a link is refused (replacing it would remove the folder it points to)
+    ("demo", ["--out_dir", i("demo_link")], ["--out_dir", "demo_link is a symbolic link"]),
+    ("demo", ["--overwrite", "true", "--out_dir", i("demo_link")], ["--out_dir", "demo_link is a symbolic link"]),
+    # downloads: a repository id that is a path
+    ("download", ["--repo_id", "../../..", "--out_dir", w(OUT)], ["--repo_id '../../..'", "owner/name"]),
+]
+
+
+def interop_id(case) -> str:
+    """The script and the files it is given: each case's culprit."""
+    return f"{case[0]}:{' '.join(repr(a) for a in case[1] if isinstance(a, w))}"
+
+
+@pytest.mark.parametrize("script, flags, fragments", INTEROP_CASES, ids=[interop_id(c) for c in INTEROP_CASES])
+def test_interop(world, interop, script, flags, fragments):
+    check_case(world, "generate.py" if script == "generate" else f"scripts/{script}.py", flags, fragments)
+    assert not (world / OUT).exists() and not (world / f"{OUT}.pth").exists()

@@ -278,3 +278,57 @@ def test_download_offline(tmp_path, monkeypatch):
     assert_clean_error(proc, "could not reach the Hugging Face hub", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
                        "network access")
     assert not any(tmp_path.iterdir())
+
+
+def test_download_gives_up_on_a_hub_that_never_answers(tmp_path):
+    """An endpoint that accepts connections and never answers: one line after the timeout, not a hang."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))  # localhost only, any free port
+    server.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    thread.start()
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2", "HF_HUB_OFFLINE": "0"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            proc = run_script("scripts/download.py", "--repo_id", "owner/model", "--out_dir", tmp_path, check=False,
+                              timeout=120, isolated=True)
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        server.close()
+    assert held, "the script never connected"
+    assert_clean_error(proc, "127.0.0.1", "did not answer within 2 s", "owner/model")
+    assert not any(tmp_path.iterdir())
+
+
+def test_convert_from_a_hugging_face_cache_snapshot(tmp_path, hf_dirs):
+    """In huggingface_hub's cache the files of a snapshot are links into the repository's blobs/ folder: they
+    are read, although links out of the folder an index names are refused elsewhere."""
+    repo = tmp_path / "models--owner--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(hf_dirs["dirs"]["gqa-sharded"].iterdir())):
+        shutil.copy(file, repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", snapshot, "--out_dir", tmp_path / "out")
+    assert (tmp_path / "out" / "lit-llama.pth").is_file()

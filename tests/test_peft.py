@@ -152,6 +152,24 @@ def test_export_bad_input(bases, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_export_writes_files_with_the_users_permissions(bases, tmp_path):
+    """safetensors creates its files readable by their owner only: the exported adapter gets the mode any new file
+    of the user's gets (0666 less the umask), so that the accounts that serve it can read it."""
+    import os
+    import stat
+
+    checkpoint_dir, _ = bases["tiny"]
+    model = trained_lora(checkpoint_dir, COMBINATIONS["query"])
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        previous = os.umask(umask)
+        try:
+            adapter_dir = export(checkpoint_dir, model, tmp_path / oct(umask))
+        finally:
+            os.umask(previous)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert stat.S_IMODE((adapter_dir / name).stat().st_mode) == mode, (name, oct(umask))
+
+
 # --- import: PEFT -> ours ------------------------------------------------------------------------------
 
 
