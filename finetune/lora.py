@@ -170,7 +170,7 @@ def setup(
     check_quantize(quantize, devices * num_nodes, strategy)
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize,
-                "batches": training.batch_settings()}
+                "batches": training.batch_settings(), "training": training.run_settings(precision, data_dir)}
     with claim_out_dir(out_dir, resume, run_info):
         fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
 

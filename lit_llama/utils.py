@@ -11,7 +11,7 @@ import zlib
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -57,6 +57,7 @@ def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
     try:
         check_torch_version()
+        check_yaml_arguments(kwargs.get("args") or sys.argv[1:])
         return CLI(fn, *args, exit_on_error=False, **kwargs)
     except ArgumentError as e:
         print(f"error: {describe_argument_error(e)} (--help lists the flags)", file=sys.stderr)
@@ -67,6 +68,58 @@ def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+MAX_YAML_NODES = 100_000  # a config or flag value with more values than this, once its aliases are expanded
+
+
+def check_yaml_arguments(argv: List[str]) -> None:
+    """What jsonargparse would read as YAML, checked before it does: a `--config` file must be UTF-8, and no
+    config or flag value may expand, through YAML aliases (`*name` repeating an `&name` anchor), into more
+    than MAX_YAML_NODES values. A "billion laughs" file of a few hundred bytes expands into billions and
+    runs out of memory after minutes."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            name, value = arg.split("=", 1)
+        else:
+            name, value = (argv[i - 1] if i and argv[i - 1].startswith("--") else f"argument {i + 1}"), arg
+        if name == "--config" and Path(value).is_file():  # else jsonargparse reads the value as YAML itself
+            name = f"--config {value}"
+            try:
+                value = Path(value).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{name} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        if "*" not in value:
+            continue  # no alias: nothing can expand
+        try:
+            nodes = yaml_expanded_size(yaml.compose(value, Loader=yaml.SafeLoader))
+        except (yaml.YAMLError, RecursionError):
+            continue  # not YAML, or nested too deeply: jsonargparse reports it
+        if nodes > MAX_YAML_NODES:
+            raise UserError(f"{name} expands through YAML aliases into {nodes:.3g} values (at most "
+                            f"{MAX_YAML_NODES:,} are accepted): write the values out")
+
+
+def yaml_expanded_size(root: Any) -> int:
+    """How many values a composed YAML node stands for with every alias expanded, counted without expanding
+    them (an alias is the same node object as its anchor: each node is counted once, then reused)."""
+    import yaml
+
+    sizes: Dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) not in sizes:
+            if isinstance(node, yaml.SequenceNode):
+                sizes[id(node)] = 1 + sum(size(child) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                sizes[id(node)] = 1 + sum(size(key) + size(value) for key, value in node.value)
+            else:
+                sizes[id(node)] = 1
+        return sizes[id(node)]
+
+    return size(root) if root is not None else 0
 
 
 def describe_argument_error(e: Exception) -> str:
