@@ -24,6 +24,7 @@ from lit_llama.training import (
     TrainingConfig,
     claim_out_dir,
     fit,
+    launch,
     full_state_dict,
     load_device,
     load_tokenizer_and_data,
@@ -168,7 +169,7 @@ def setup(
     run_info = {"method": "adapter", "model": asdict(paths.config), "adapter": asdict(adapter), "quantize": quantize,
                 "batches": training.batch_settings(), "training": training.run_settings(precision, data_dir)}
     with claim_out_dir(out_dir, resume, run_info):
-        fabric.launch(main, paths, dtype, run_info, adapter, training, data_dir, out_dir, resume, quantize)
+        launch(fabric, main, paths, dtype, run_info, adapter, training, data_dir, out_dir, resume, quantize)
 
 
 def main(

@@ -23,6 +23,7 @@ from lit_llama.training import (
     claim_out_dir,
     choose_strategy,
     fit,
+    launch,
     full_state_dict,
     load_device,
     load_tokenizer_and_data,
@@ -154,7 +155,7 @@ def setup(
     run_info = {"method": "full", "model": asdict(paths.config), "batches": training.batch_settings(),
                 "training": training.run_settings(precision, data_dir)}
     with claim_out_dir(out_dir, resume, run_info):
-        fabric.launch(main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)
+        launch(fabric, main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)
 
 
 def default_training_precision() -> str:

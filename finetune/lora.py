@@ -23,6 +23,7 @@ from lit_llama.training import (
     TrainingConfig,
     claim_out_dir,
     fit,
+    launch,
     full_state_dict,
     load_device,
     load_tokenizer_and_data,
@@ -172,7 +173,7 @@ def setup(
     run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize,
                 "batches": training.batch_settings(), "training": training.run_settings(precision, data_dir)}
     with claim_out_dir(out_dir, resume, run_info):
-        fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
+        launch(fabric, main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
 
 
 def main(

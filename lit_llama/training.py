@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager, suppress
@@ -826,6 +827,25 @@ def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> Iter
             with suppress(OSError):
                 (out_dir / LOCK_NAME).unlink()
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def launch(fabric: L.Fabric, function: Callable, *args: Any) -> Any:
+    """`fabric.launch(function, *args)`. When it fails in the process the user started, the processes Fabric
+    started for the other devices are stopped with it: they may be waiting in a collective for this one, and
+    would wait for a timeout of many minutes (NCCL) or print a traceback of a lost connection (gloo)."""
+    try:
+        return fabric.launch(function, *args)
+    except BaseException:
+        processes = getattr(getattr(fabric.strategy, "launcher", None), "procs", [])
+        for process in processes:
+            process.terminate()
+        deadline = time.monotonic() + 10
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # hanging in a collective: only SIGKILL ends it
+                process.kill()
+        raise
 
 
 def is_launching_process() -> bool:

@@ -68,6 +68,29 @@ def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        rank = peer_failure_rank(e)
+        if rank is None:
+            raise  # a bug: keep its traceback
+        # another process of this multi-process run stopped, and printed why: this one follows it, and only the
+        # first process says so
+        if rank == 0:
+            print("error: another process of this run stopped (its error is printed above): stopping too",
+                  file=sys.stderr)
+        sys.exit(1)
+
+
+def peer_failure_rank(e: BaseException) -> Optional[int]:
+    """This process's rank, if `e` is a collective of a multi-process run failing because another process of
+    it has ended (gloo: "Connection closed by peer"); else None."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return None
+    lost_peer = isinstance(e, distributed.DistError) or (
+        isinstance(e, RuntimeError)
+        and re.search(r"connection (closed|reset) by peer|broken pipe|remote worker", str(e), re.IGNORECASE)
+    )
+    return distributed.get_rank() if lost_peer and distributed.get_world_size() > 1 else None
 
 
 MAX_YAML_NODES = 100_000  # a config or flag value with more values than this, once its aliases are expanded
@@ -408,7 +431,10 @@ def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
     removes the `temporary` files the write left. torch.save reports a failed write as a RuntimeError."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, checkpoint_exception_type()) as caught:
+        # torch.distributed.checkpoint gathers every rank's failed write into one CheckpointException, raised on
+        # every rank: the reason is the first write error in it
+        e = first_write_error(caught)
         for tmp in temporary:
             if Path(tmp).is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -416,13 +442,29 @@ def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
                 with suppress(OSError):  # on a read-only file system there is none (and none can be removed)
                     Path(tmp).unlink(missing_ok=True)
         reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(Path(path))
-        if reason is None and isinstance(e, RuntimeError):
-            if "write" not in str(e).lower():
+        if reason is None and not isinstance(e, OSError):
+            if not isinstance(e, RuntimeError) or "write" not in str(e).lower():
                 raise  # not a failed write: a bug, keep its traceback
             reason = "the write failed"
         if reason is None:
             reason = getattr(e, "strerror", None) or str(e)
         raise UserError(f"could not write {path}: {reason}") from None
+
+
+def checkpoint_exception_type() -> type:
+    """torch.distributed.checkpoint's CheckpointException (a BaseException) once that module is loaded, without
+    loading it (seconds) where it is not: it cannot have raised anything then."""
+    module = sys.modules.get("torch.distributed.checkpoint.api")
+    return module.CheckpointException if module is not None else OSError
+
+
+def first_write_error(e: BaseException) -> BaseException:
+    """The first OSError or RuntimeError a CheckpointException gathered from the ranks, else `e` itself."""
+    failures = getattr(e, "failures", None) if isinstance(e, checkpoint_exception_type()) else None
+    for failure, _ in (failures or {}).values():
+        if isinstance(failure, (OSError, RuntimeError)):
+            return failure
+    return e
 
 
 def disk_state(path: Path) -> Optional[str]:
