@@ -431,24 +431,30 @@ def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
     removes the `temporary` files the write left. torch.save reports a failed write as a RuntimeError."""
     try:
         yield
-    except (OSError, RuntimeError, checkpoint_exception_type()) as caught:
-        # torch.distributed.checkpoint gathers every rank's failed write into one CheckpointException, raised on
-        # every rank: the reason is the first write error in it
-        e = first_write_error(caught)
+    except (OSError, RuntimeError, checkpoint_exception_type()) as e:
         for tmp in temporary:
             if Path(tmp).is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 with suppress(OSError):  # on a read-only file system there is none (and none can be removed)
                     Path(tmp).unlink(missing_ok=True)
-        reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(Path(path))
-        if reason is None and not isinstance(e, OSError):
-            if not isinstance(e, RuntimeError) or "write" not in str(e).lower():
-                raise  # not a failed write: a bug, keep its traceback
-            reason = "the write failed"
+        # torch.distributed.checkpoint gathers every rank's failed write into one CheckpointException, raised on
+        # every rank: the reason is the first write error in it. (No other name here may hold the exception:
+        # its traceback keeps torch.save's file open, on a disk that could then not be unmounted.)
+        reason = write_failure_reason(first_write_error(e), Path(path))
         if reason is None:
-            reason = getattr(e, "strerror", None) or str(e)
+            raise  # not a failed write: a bug, keep its traceback
         raise UserError(f"could not write {path}: {reason}") from None
+
+
+def write_failure_reason(e: BaseException, path: Path) -> Optional[str]:
+    """Why writing `path` failed, in words; None for an exception that is no failed write."""
+    reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(path)
+    if reason is None and not isinstance(e, OSError):
+        if not isinstance(e, RuntimeError) or "write" not in str(e).lower():
+            return None
+        reason = "the write failed"
+    return reason or getattr(e, "strerror", None) or str(e)
 
 
 def checkpoint_exception_type() -> type:
