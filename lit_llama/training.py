@@ -836,7 +836,11 @@ def launch(fabric: L.Fabric, function: Callable, *args: Any) -> Any:
     try:
         return fabric.launch(function, *args)
     except BaseException:
-        processes = getattr(getattr(fabric.strategy, "launcher", None), "procs", [])
+        launched = getattr(getattr(fabric.strategy, "launcher", None), "procs", [])
+        processes = list(launched)
+        # emptied in place: Fabric's observer thread watches this list, and would kill this process too (before
+        # it prints its error) when it sees the others ended
+        launched.clear()
         for process in processes:
             process.terminate()
         deadline = time.monotonic() + 10

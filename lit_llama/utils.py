@@ -113,7 +113,8 @@ def check_yaml_arguments(argv: List[str]) -> None:
             try:
                 value = Path(value).read_bytes().decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{name} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+                byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+                raise UserError(f"{name} is not UTF-8 text ({byte})") from None
         if "*" not in value:
             continue  # no alias: nothing can expand
         try:

@@ -291,7 +291,8 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
     summary = read_json(run_dir / "summary.json", retrain)
     for key in SUMMARY_NUMBERS:
         if isinstance(summary.get(key), bool) or not isinstance(summary.get(key), (int, float)):
-            raise UserError(f"{run_dir / 'summary.json'}: {key!r} is {summary.get(key)!r}, expected a number: {retrain}")
+            raise UserError(f"{run_dir / 'summary.json'}: {key!r} is {summary.get(key)!r}, expected a number: "
+                            f"{retrain}")
     rows = read_metrics(run_dir, retrain)
     train_losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
     last = train_losses[-max(1, len(train_losses) // 10) :]  # the last tenth: one micro-batch is noisy

@@ -187,8 +187,8 @@ def case_id(case) -> str:
 
 # --- finetune/lora.py, finetune/adapter.py, finetune/full.py ----------------------------------------------
 
-BASE = ["--checkpoint_dir", w("ckpt"), "--data_dir", w("data"), "--precision", "32-true", "--max_iters", 4, "--warmup_iters", 1,
-        "--batch_size", 2, "--micro_batch_size", 2, "--eval_iters", 1]
+BASE = ["--checkpoint_dir", w("ckpt"), "--data_dir", w("data"), "--precision", "32-true", "--max_iters", 4,
+        "--batch_size", 2, "--micro_batch_size", 2, "--eval_iters", 1, "--warmup_iters", 1]  # lora_run's warmup
 NEW = ["--out_dir", w("new_out")]  # a folder no case may leave behind a checkpoint in
 
 FINETUNE_CASES = [
@@ -638,7 +638,8 @@ BAD_TRAIN_CASES = [
     ("scripts/compare.py", COMPARE + ["--method_args", '{"lora": "--lora_r \\"8"}'],
      ["--method_args: the flags of lora", "cannot be split", "quotation"]),
     ("scripts/compare.py", COMPARE + ["--method_args", '{"qlora": "--lora_r 8"}'], ["--method_args", "'qlora'"]),
-    ("scripts/compare.py", COMPARE + ["--methods", '["lora", "adapter"]', "--run_dirs", run_dirs("lora_run_summary_json")],
+    ("scripts/compare.py",
+     COMPARE + ["--methods", '["lora", "adapter"]', "--run_dirs", run_dirs("lora_run_summary_json")],
      ["lora_run_summary_json/summary.json is not valid JSON"]),
     ("scripts/compare.py", COMPARE + ["--methods", '["lora", "full"]', "--run_dirs", run_dirs("lora_run_summary_type")],
      ["lora_run_summary_type/summary.json: 'train_seconds' is None, expected a number"]),
