@@ -40,7 +40,8 @@ def main(
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer.model (default: beside the weights).
         num_samples: How many samples to draw.
         max_new_tokens: The most tokens to generate per sample.
-        temperature: Sampling temperature; 0 is greedy decoding (always the most likely token).
+        temperature: Sampling temperature; 0 is greedy decoding (always the most likely token), as is one so small
+            that logits / temperature overflow (e.g. 1e-45).
         top_k: Sample only among the k most likely tokens.
         seed: Random seed, for repeatable samples.
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).

@@ -24,6 +24,7 @@ from lit_llama.training import (
     choose_strategy,
     fit,
     full_state_dict,
+    launch,
     load_device,
     load_tokenizer_and_data,
     make_fabric,
@@ -151,9 +152,10 @@ def setup(
         raise UserError("--state_dict_type sharded needs FSDP (--strategy fsdp, or --devices > 1); without it "
                         "checkpoints are always one full file")
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
-    run_info = {"method": "full", "model": asdict(paths.config), "batches": training.batch_settings()}
+    run_info = {"method": "full", "model": asdict(paths.config), "batches": training.batch_settings(),
+                "training": training.run_settings(precision, data_dir)}
     with claim_out_dir(out_dir, resume, run_info, fabric.world_size):
-        fabric.launch(main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)
+        launch(fabric, main, paths, dtype, run_info, training, data_dir, out_dir, resume, sharded)
 
 
 def default_training_precision() -> str:

@@ -24,6 +24,7 @@ from lit_llama.training import (
     claim_out_dir,
     fit,
     full_state_dict,
+    launch,
     load_device,
     load_tokenizer_and_data,
     make_fabric,
@@ -170,9 +171,9 @@ def setup(
     check_quantize(quantize, devices * num_nodes, strategy)
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir, cpu_offload, logger_name)
     run_info = {"method": "lora", "model": asdict(paths.config), "lora": asdict(lora), "quantize": quantize,
-                "batches": training.batch_settings()}
+                "batches": training.batch_settings(), "training": training.run_settings(precision, data_dir)}
     with claim_out_dir(out_dir, resume, run_info, fabric.world_size):
-        fabric.launch(main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
+        launch(fabric, main, paths, dtype, run_info, lora, training, data_dir, out_dir, resume, quantize)
 
 
 def main(

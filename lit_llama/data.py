@@ -17,14 +17,13 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
-from lit_llama.tokenizer import Tokenizer
+from lit_llama.tokenizer import Tokenizer, check_text
 from lit_llama.utils import (
     TOKENIZER_NAME,
     UserError,
     describe_exception,
-    save_atomic,
+    disk_errors,
     verify_checksums,
-    write_text_atomic,
 )
 
 # PyTorch's `cross_entropy(ignore_index=-100)` default: label positions with this value add no loss
@@ -69,6 +68,8 @@ def load_records(path: Path, field_map: Optional[Dict[str, str]] = None) -> List
     else:
         try:
             data = json.loads(text)
+        except RecursionError:  # json's parser recurses once per level of nesting
+            raise UserError(f"{path} nests arrays or objects too deeply to be a list of records") from None
         except json.JSONDecodeError as e:
             try:  # several objects, one per line, is JSON Lines in a file named .json
                 located = _parse_json_lines(path, text)
@@ -95,6 +96,7 @@ def load_records(path: Path, field_map: Optional[Dict[str, str]] = None) -> List
                 raise UserError(f"{path}: {where}: field {name!r} {problem}, expected a string")
             if field != "input" and not value.strip():
                 raise UserError(f"{path}: {where}: field {name!r} is empty, expected a non-empty string")
+            check_text(value, f"{path}: {where}: field {name!r}")
             checked[field] = value
         records.append(checked)
     return records
@@ -116,6 +118,8 @@ def _parse_json_lines(path: Path, text: str) -> List[Tuple[Any, str]]:
             located.append((json.loads(line), where))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: {where} is not valid JSON: {e}")
+        except RecursionError:
+            raise UserError(f"{path}: {where} nests arrays or objects too deeply to be a record") from None
     return located
 
 
@@ -251,18 +255,34 @@ def prepare_dataset(
         "token_lengths": percentiles,
     }
 
-    outputs = {"train.pt": train, "test.pt": test}
-    for name in [*outputs, "prepare_config.json"]:
+    outputs = {"train.pt": train, "test.pt": test, PREPARE_CONFIG_NAME: json.dumps(config, indent=2) + "\n"}
+    for name in outputs:
         if (out_dir / name).exists():
             print(f"note: replacing the existing {out_dir / name}", file=sys.stderr)
-    for name, split in outputs.items():
-        save_atomic(split, out_dir / name)
-    write_text_atomic(json.dumps(config, indent=2) + "\n", out_dir / PREPARE_CONFIG_NAME)
+    save_dataset_files({out_dir / name: content for name, content in outputs.items()})
 
     print(f"train: {len(train)} samples, test: {len(test)} samples -> {out_dir}")
     print(f"truncated to --max_seq_length {max_seq_length}: {truncated} of {len(samples)}")
     print("tokens per record (before truncation): " + ", ".join(f"{k} {v}" for k, v in percentiles.items()))
     return train, test
+
+
+def save_dataset_files(files: Dict[Path, Any]) -> None:
+    """Writes every file (text as text, anything else with torch.save) under a temporary name beside the
+    one it replaces, and renames them only once all are complete: a full disk or a crash while writing
+    leaves an earlier dataset in the folder whole, never new train.pt beside old test.pt. (The renames
+    themselves take microseconds.) On a failed write the temporary files are removed."""
+    temporary = {path: path.with_name(path.name + ".tmp") for path in files}
+    for path, content in files.items():
+        with disk_errors(path, *temporary.values()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                temporary[path].write_text(content, encoding="utf-8")
+            else:
+                torch.save(content, temporary[path])
+    for path, tmp in temporary.items():
+        with disk_errors(path, *temporary.values()):
+            os.replace(tmp, path)
 
 
 def load_prepared(
@@ -287,10 +307,37 @@ def load_prepared(
             split = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
             raise UserError(f"{path} is not a readable prepared dataset ({describe_exception(e)}): {hint}")
-        if not isinstance(split, list) or not split or not isinstance(split[0], dict) or "input_ids" not in split[0]:
+        if not isinstance(split, list) or not split:
             raise UserError(f"{path} does not hold a list of samples: {hint}")
+        for i, sample in enumerate(split):
+            check_sample(sample, f"{path}: sample {i}", hint)
         splits.append(split)
     return splits[0], splits[1]
+
+
+def check_sample(sample: Any, where: str, hint: str) -> None:
+    """What the training loop takes from a prepared sample (see `prepare_sample`), checked once when the data is
+    loaded: an instruction, and input_ids and labels as equally long, non-empty 1-D integer tensors of token
+    ids (labels may also be IGNORE_INDEX). Else the loop would fail deep inside with a KeyError, a max() of an
+    empty tensor or an embedding lookup of float indices. Ids past the vocabulary: `check_data_fits`."""
+    if not isinstance(sample, dict):
+        raise UserError(f"{where} is not a dict of tensors: {hint}")
+    if not isinstance(sample.get("instruction"), str):
+        raise UserError(f"{where} has no 'instruction' text: {hint}")
+    for field in ("input_ids", "labels"):
+        value = sample.get(field)
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{where} has no {field!r} tensor: {hint}")
+        if value.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise UserError(f"{where}: {field!r} holds {value.dtype} values, expected integer token ids: {hint}")
+        if value.dim() != 1 or value.numel() == 0:
+            raise UserError(f"{where}: {field!r} has shape {tuple(value.shape)}, expected a non-empty list of ids: "
+                          f"{hint}")
+    input_ids, labels = sample["input_ids"], sample["labels"]
+    if len(labels) != len(input_ids):
+        raise UserError(f"{where}: 'labels' has {len(labels)} ids and 'input_ids' {len(input_ids)}: {hint}")
+    if int(input_ids.min()) < 0 or bool(((labels < 0) & (labels != IGNORE_INDEX)).any()):
+        raise UserError(f"{where} holds negative token ids: {hint}")
 
 
 def check_prepared_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:

@@ -11,22 +11,28 @@ import torch
 from lit_llama.checks import check_at_least, check_range
 from lit_llama.model import LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PromptStyle, get_prompt_style
-from lit_llama.tokenizer import Tokenizer
+from lit_llama.tokenizer import Tokenizer, check_text
 from lit_llama.utils import CheckpointPaths, UserError, check_vocab, default_device, precision_dtype
 
 SYNC_EVERY = 8  # decoded tokens between looks from the host (end-of-text, stop text): see `stream_batch`
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> torch.Tensor:
-    """Picks the next token from the last position's logits (B, vocab); temperature 0 is greedy."""
+    """Picks the next token from the last position's logits (B, vocab); temperature 0 is greedy, and so is a
+    temperature too small for logits / temperature to be a float32 number."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    greedy = logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature  # in float32: in float16, logit 70 / temperature 0.001 already overflows
+    # a temperature so small that this overflows (float32 ends at 3.4e38: e.g. 1e-45) is greedy, its limit:
+    # softmax would be NaN. Decided per row on the device: the decoding loop never waits for the host
+    finite = torch.isfinite(logits).all(dim=-1, keepdim=True)  # before top-k's -inf
+    logits = torch.where(finite, logits, 0.0)
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.where(finite, torch.multinomial(probs, num_samples=1), greedy)
 
 
 @torch.inference_mode()
@@ -230,6 +236,7 @@ def setup_generation(
 ) -> Tuple[Tokenizer, torch.device, torch.dtype]:
     """The checkpoint's tokenizer (checked against the model), the device and the weights' dtype; and the
     `prompt` (as the model will read it) checked to leave room in the model's context, before any weights load."""
+    check_text(prompt, "--prompt")
     tokenizer = Tokenizer(paths.tokenizer)
     check_vocab(tokenizer, paths)
     context = paths.config.block_size

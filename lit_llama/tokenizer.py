@@ -10,6 +10,19 @@ from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 from lit_llama.utils import UserError
 
 
+def check_text(text: str, what: str) -> None:
+    """`text` can be tokenized: SentencePiece takes UTF-8, and a lone surrogate (a JSON "\\ud800", or an
+    invalid byte of a command-line argument, which Python keeps as "\\udcff") has no UTF-8 form: its C++
+    binding would fail with a traceback. `what` names the text in the error: a flag, or a record's field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"{what} is not valid Unicode text: character {e.start} is {text[e.start]!r}, a lone surrogate "
+            "(an invalid UTF-8 byte, or a JSON \\ud800-\\udfff escape without its pair)"
+        ) from None
+
+
 class Tokenizer:
     def __init__(self, model_path: Path) -> None:
         model_path = Path(model_path)

@@ -14,6 +14,8 @@ import math
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -113,6 +115,13 @@ class TrainingConfig:
         keep them (run.json records them) to be the run it continues."""
         return {name: getattr(self, name)
                 for name in ("seed", "batch_size", "micro_batch_size", "max_seq_length", "group_by_length")}
+
+    def run_settings(self, precision: str, data_dir: Path) -> Dict[str, Any]:
+        """The other settings that change what a run computes (the schedule, the optimizer, the numbers'
+        precision and the data): run.json records them too, and --resume refuses other values."""
+        return {"learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
+                "warmup_iters": self.warmup_iters, "max_iters": self.max_iters, "epochs": self.epochs,
+                "precision": precision, "data_dir": str(Path(data_dir).resolve())}
 
     def gradient_accumulation_iters(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -255,6 +264,25 @@ def get_lr(step: int, learning_rate: float, warmup_steps: int, max_steps: int) -
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def check_response_tokens(fabric: L.Fabric, data: List[Sample], name: str, max_seq_length: int) -> None:
+    """Examples cut at --max_seq_length before their response (a prompt at least that long) have no scored
+    position left: they add nothing to the loss. A warning when some do; refused when all do, since the
+    losses would then be exactly 0 and nothing would train."""
+    first_scored = []  # per example: the first position whose label is scored (position 0 predicts nothing)
+    for sample in data:
+        scored = (sample["labels"][1:] != IGNORE_INDEX).nonzero()
+        first_scored.append(int(scored[0]) + 1 if len(scored) else None)
+    lost = sum(1 for first in first_scored if first is None or first >= max_seq_length)
+    if lost == len(data):
+        needed = min((first for first in first_scored if first is not None), default=None)
+        hint = f": raise it to at least {needed + 1}" if needed is not None else ""
+        raise UserError(f"--max_seq_length {max_seq_length} cuts away the response of all {lost} {name} examples "
+                        f"(their prompts are as long or longer), so nothing would be learned{hint}")
+    if lost and fabric.global_rank == 0:
+        print(f"warning: --max_seq_length {max_seq_length} cuts away the response of {lost} of {len(data)} {name} "
+              "examples: they add nothing to the loss", file=sys.stderr)
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -288,6 +316,8 @@ def fit(
         )
     if len(val_data) == 0:
         raise UserError("the validation set is empty; prepare the data with a --test_split_size of at least 1")
+    for name, split in (("training", train_data), ("validation", val_data)):
+        check_response_tokens(fabric, split, name, config.max_seq_length)
     max_steps = max_iters // accumulation
     warmup_steps = min(config.warmup_iters, max_steps)
 
@@ -295,15 +325,16 @@ def fit(
     fit_start = time.perf_counter()
     resume_path = out_dir / RESUME_NAME
     metrics_log = MetricsLog(out_dir / METRICS_NAME, enabled=fabric.global_rank == 0, loggers=fabric.loggers)
-    if resume and resume_path.exists():
-        state = load_resume_state(fabric, model, optimizer, resume_path)
+    found = find_resume_state(resume_path) if resume else None
+    if found is not None:
+        state = load_resume_state(fabric, model, optimizer, found)
         fabric.print(f"Resuming from iteration {state['iter_num']} (step {state['step_count']})")
     elif resume:  # see claim_out_dir: the run was stopped before its first resume state
         fabric.print(f"No resume state in {out_dir} yet: starting that run from the beginning")
-    if fabric.global_rank == 0 and run_info is not None:
-        write_text_atomic(json.dumps(run_info, indent=2) + "\n", out_dir / RUN_NAME)
     # rows after the resumed iteration were logged by the interrupted part after its last save: they come again
     metrics_log.start(keep_until=state["iter_num"])
+    if fabric.global_rank == 0 and run_info is not None:
+        write_text_atomic(json.dumps(run_info, indent=2) + "\n", out_dir / RUN_NAME)
     resumed_finished = state["iter_num"] >= max_iters  # stopped between the final resume state and the summary
 
     # --group_by_length: the token counts the examples are padded from, once (the batches are a function of them)
@@ -415,9 +446,13 @@ class MetricsLog:
             return
         kept = []
         if keep_until > 0 and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = csv.DictReader(f)
-                kept = [row for row in rows if row.get("iter", "").isdigit() and int(row["iter"]) <= keep_until]
+            try:
+                with open(self.path, newline="", encoding="utf-8") as f:
+                    rows = csv.DictReader(f)
+                    kept = [row for row in rows if (row.get("iter") or "").isdigit() and int(row["iter"]) <= keep_until]
+            except (UnicodeDecodeError, csv.Error) as e:  # the run's own file, edited or damaged since
+                raise UserError(f"--resume: {self.path} is not a UTF-8 CSV file of metrics ({describe_exception(e)}): "
+                                "repair it, or move it away to start a new one") from None
         text = io.StringIO()  # header and kept rows replace the file in one piece: a kill now loses no row
         writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -499,10 +534,34 @@ def save_resume_state(
             torch.save({"model": weights, "optimizer": optimizer_state, **meta}, tmp)
         fabric.barrier()
         if fabric.global_rank == 0:
-            if path.is_dir():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_checkpoint(tmp, path)
     fabric.barrier()
+
+
+def replace_checkpoint(tmp: Path, path: Path) -> None:
+    """Puts the complete file or folder `tmp` in the place of `path` so that a kill at any instruction leaves a
+    complete one: a file is replaced in one rename; a folder cannot be, so the old one is first renamed to
+    `<path>.old` and deleted only once the new one has its name (`find_resume_state` falls back to it)."""
+    old = path.with_name(path.name + ".old")
+    if not path.is_dir() and not tmp.is_dir():
+        os.replace(tmp, path)
+        return
+    if path.exists():
+        if old.exists():  # left by a kill while it was being deleted: `path` is complete
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def find_resume_state(path: Path) -> Optional[Path]:
+    """The resume state at `path`, or the previous one at `<path>.old` if a kill came between the renames of
+    `replace_checkpoint`; None when there is none."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        return path
+    return old if old.exists() else None
 
 
 def load_resume_state(
@@ -580,9 +639,7 @@ def save_sharded_weights(fabric: L.Fabric, model: torch.nn.Module, path: Path) -
         dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
         fabric.barrier()
         if fabric.global_rank == 0:
-            if path.is_dir():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_checkpoint(tmp, path)
     fabric.barrier()
 
 
@@ -723,7 +780,7 @@ def load_device(fabric: L.Fabric, quantize: Optional[str] = None) -> torch.devic
 
 def check_data_fits(data: List[Sample], vocab_size: int, data_dir: Path) -> None:
     """Token ids past the model's vocabulary mean the data was prepared with another tokenizer."""
-    largest = max(int(s["input_ids"].max()) for s in data)
+    largest = max(max(int(s["input_ids"].max()), int(s["labels"].max())) for s in data)
     if largest >= vocab_size:
         raise UserError(
             f"{data_dir} holds token id {largest} but the model's vocabulary has {vocab_size} tokens: "
@@ -771,6 +828,29 @@ def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any], world_s
             with suppress(OSError):
                 (out_dir / LOCK_NAME).unlink()
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def launch(fabric: L.Fabric, function: Callable, *args: Any) -> Any:
+    """`fabric.launch(function, *args)`. When it fails in the process the user started, the processes Fabric
+    started for the other devices are stopped with it: they may be waiting in a collective for this one, and
+    would wait for a timeout of many minutes (NCCL) or print a traceback of a lost connection (gloo)."""
+    try:
+        return fabric.launch(function, *args)
+    except BaseException:
+        launched = getattr(getattr(fabric.strategy, "launcher", None), "procs", [])
+        processes = list(launched)
+        # emptied in place: Fabric's observer thread watches this list, and would kill this process too (before
+        # it prints its error) when it sees the others ended
+        launched.clear()
+        for process in processes:
+            process.terminate()
+        deadline = time.monotonic() + 10
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # hanging in a collective: only SIGKILL ends it
+                process.kill()
+        raise
 
 
 def is_launching_process() -> bool:
@@ -822,7 +902,7 @@ def load_tokenizer_and_data(
     tokenizer = Tokenizer(paths.tokenizer)
     check_vocab(tokenizer, paths)
     train_data, val_data = load_prepared(data_dir, tokenizer)
-    check_data_fits(train_data, paths.config.vocab_size, data_dir)
+    check_data_fits(train_data + val_data, paths.config.vocab_size, data_dir)
     return tokenizer, train_data, val_data
 
 

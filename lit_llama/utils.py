@@ -12,7 +12,7 @@ import zlib
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -58,6 +58,7 @@ def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
     try:
         check_torch_version()
+        check_yaml_arguments(kwargs.get("args") or sys.argv[1:])
         return CLI(fn, *args, exit_on_error=False, **kwargs)
     except ArgumentError as e:
         print(f"error: {describe_argument_error(e)} (--help lists the flags)", file=sys.stderr)
@@ -68,6 +69,82 @@ def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        rank = peer_failure_rank(e)
+        if rank is None:
+            raise  # a bug: keep its traceback
+        # another process of this multi-process run stopped, and printed why: this one follows it, and only the
+        # first process says so
+        if rank == 0:
+            print("error: another process of this run stopped (its error is printed above): stopping too",
+                  file=sys.stderr)
+        sys.exit(1)
+
+
+def peer_failure_rank(e: BaseException) -> Optional[int]:
+    """This process's rank, if `e` is a collective of a multi-process run failing because another process of
+    it has ended (gloo: "Connection closed by peer"); else None."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return None
+    lost_peer = isinstance(e, distributed.DistError) or (
+        isinstance(e, RuntimeError)
+        and re.search(r"connection (closed|reset) by peer|broken pipe|remote worker", str(e), re.IGNORECASE)
+    )
+    return distributed.get_rank() if lost_peer and distributed.get_world_size() > 1 else None
+
+
+MAX_YAML_NODES = 100_000  # a config or flag value with more values than this, once its aliases are expanded
+
+
+def check_yaml_arguments(argv: List[str]) -> None:
+    """What jsonargparse would read as YAML, checked before it does: a `--config` file must be UTF-8, and no
+    config or flag value may expand, through YAML aliases (`*name` repeating an `&name` anchor), into more
+    than MAX_YAML_NODES values. A "billion laughs" file of a few hundred bytes expands into billions and
+    runs out of memory after minutes."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            name, value = arg.split("=", 1)
+        else:
+            name, value = (argv[i - 1] if i and argv[i - 1].startswith("--") else f"argument {i + 1}"), arg
+        if name == "--config" and Path(value).is_file():  # else jsonargparse reads the value as YAML itself
+            name = f"--config {value}"
+            try:
+                value = Path(value).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+                raise UserError(f"{name} is not UTF-8 text ({byte})") from None
+        if "*" not in value:
+            continue  # no alias: nothing can expand
+        try:
+            nodes = yaml_expanded_size(yaml.compose(value, Loader=yaml.SafeLoader))
+        except (yaml.YAMLError, RecursionError):
+            continue  # not YAML, or nested too deeply: jsonargparse reports it
+        if nodes > MAX_YAML_NODES:
+            raise UserError(f"{name} expands through YAML aliases into {nodes:.3g} values (at most "
+                            f"{MAX_YAML_NODES:,} are accepted): write the values out")
+
+
+def yaml_expanded_size(root: Any) -> int:
+    """How many values a composed YAML node stands for with every alias expanded, counted without expanding
+    them (an alias is the same node object as its anchor: each node is counted once, then reused)."""
+    import yaml
+
+    sizes: Dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) not in sizes:
+            if isinstance(node, yaml.SequenceNode):
+                sizes[id(node)] = 1 + sum(size(child) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                sizes[id(node)] = 1 + sum(size(key) + size(value) for key, value in node.value)
+            else:
+                sizes[id(node)] = 1
+        return sizes[id(node)]
+
+    return size(root) if root is not None else 0
 
 
 def describe_argument_error(e: Exception) -> str:
@@ -430,21 +507,46 @@ def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
     removes the `temporary` files the write left. torch.save reports a failed write as a RuntimeError."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, checkpoint_exception_type()) as e:
         for tmp in temporary:
             if Path(tmp).is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 with suppress(OSError):  # on a read-only file system there is none (and none can be removed)
                     Path(tmp).unlink(missing_ok=True)
-        reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(Path(path))
-        if reason is None and isinstance(e, RuntimeError):
-            if "write" not in str(e).lower():
-                raise  # not a failed write: a bug, keep its traceback
-            reason = "the write failed"
+        # torch.distributed.checkpoint gathers every rank's failed write into one CheckpointException, raised on
+        # every rank: the reason is the first write error in it. (No other name here may hold the exception:
+        # its traceback keeps torch.save's file open, on a disk that could then not be unmounted.)
+        reason = write_failure_reason(first_write_error(e), Path(path))
         if reason is None:
-            reason = getattr(e, "strerror", None) or str(e)
+            raise  # not a failed write: a bug, keep its traceback
         raise UserError(f"could not write {path}: {reason}") from None
+
+
+def write_failure_reason(e: BaseException, path: Path) -> Optional[str]:
+    """Why writing `path` failed, in words; None for an exception that is no failed write."""
+    reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(path)
+    if reason is None and not isinstance(e, OSError):
+        if not isinstance(e, RuntimeError) or "write" not in str(e).lower():
+            return None
+        reason = "the write failed"
+    return reason or getattr(e, "strerror", None) or str(e)
+
+
+def checkpoint_exception_type() -> type:
+    """torch.distributed.checkpoint's CheckpointException (a BaseException) once that module is loaded, without
+    loading it (seconds) where it is not: it cannot have raised anything then."""
+    module = sys.modules.get("torch.distributed.checkpoint.api")
+    return module.CheckpointException if module is not None else OSError
+
+
+def first_write_error(e: BaseException) -> BaseException:
+    """The first OSError or RuntimeError a CheckpointException gathered from the ranks, else `e` itself."""
+    failures = getattr(e, "failures", None) if isinstance(e, checkpoint_exception_type()) else None
+    for failure, _ in (failures or {}).values():
+        if isinstance(failure, (OSError, RuntimeError)):
+            return failure
+    return e
 
 
 def disk_state(path: Path) -> Optional[str]:

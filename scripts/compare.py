@@ -110,9 +110,13 @@ def main(
         max_new_tokens: The most tokens per response.
         block_size: Deprecated name of --max_seq_length.
     """
+    if not methods:
+        raise UserError(f"--methods is empty: name at least one of {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    check_matplotlib()  # before hours of training, not at the plot after them
+    extra_flags = parse_method_args(method_args or {})
     max_seq_length = deprecated_flag("max_seq_length", max_seq_length, "block_size", block_size)
     for flag, value, low in [("max_iters", max_iters, 1), ("batch_size", batch_size, 1),
                              ("micro_batch_size", micro_batch_size, 1), ("eval_iters", eval_iters, 1),
@@ -139,9 +143,10 @@ def main(
     if precision:
         shared_flags += ["--precision", precision]
     run_dirs = dict(run_dirs or {})
-    method_args = method_args or {}
 
-    runs = {}
+    # first every finished run to reuse is checked and read, then the others train: a broken one is found
+    # before any training, not after hours of it
+    runs, to_train = {}, []
     for method in methods:
         run_dir = Path(run_dirs.get(method, out_dir / method))
         final = run_dir / METHODS[method]["final"]
@@ -150,17 +155,22 @@ def main(
             raise UserError(
                 f"--run_dirs: {run_dir} holds no finished {method} run (summary.json, {METRICS_NAME} and {final.name})"
             )
-        flags = shared_flags + shlex.split(method_args.get(method, "")) + METHODS[method]["args"]
+        flags = shared_flags + extra_flags.get(method, []) + METHODS[method]["args"]
         wanted = run_settings(method, checkpoint_dir, data_dir, flags)
         if not finished or (retrain and method not in run_dirs):
-            train(method, run_dir, flags, fresh=retrain)
-            (run_dir / SETTINGS_NAME).write_text(json.dumps(wanted, indent=2) + "\n")
-        elif method in run_dirs:
+            to_train.append((method, run_dir, final, flags, wanted))
+            continue
+        if method in run_dirs:
             print(f"{method}: reading the finished run in {run_dir} (--run_dirs: trained elsewhere)")
         else:  # a run compare.py trained before: reused only if it was trained exactly as asked now
             check_same_settings(method, run_dir, wanted)
             print(f"{method}: reading the finished run in {run_dir}")
         runs[method] = read_run(run_dir, final)
+    for method, run_dir, final, flags, wanted in to_train:
+        train(method, run_dir, flags, fresh=retrain)
+        (run_dir / SETTINGS_NAME).write_text(json.dumps(wanted, indent=2) + "\n")
+        runs[method] = read_run(run_dir, final)
+    runs = {method: runs[method] for method in methods}  # in the order asked
 
     print("Generating the greedy responses ...")
     for method, run in runs.items():
@@ -173,6 +183,39 @@ def main(
     write_text_atomic(json.dumps(runs, indent=2, default=str) + "\n", out_dir / "compare.json")
     print((out_dir / "compare.md").read_text())
     print(f"Wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'} and {out_dir / 'compare.json'}")
+
+
+def check_matplotlib() -> None:
+    """compare.png needs matplotlib, an optional dependency."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("scripts/compare.py draws compare.png with matplotlib, which is not installed: "
+                        "pip install matplotlib") from None
+
+
+def parse_method_args(method_args: Dict[str, str]) -> Dict[str, List[str]]:
+    """--method_args' extra flags per method, split as a shell would split them."""
+    parsed = {}
+    for method, text in method_args.items():
+        if method not in METHODS:
+            raise UserError(f"--method_args: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        try:
+            parsed[method] = shlex.split(text)
+        except ValueError as e:  # an unclosed quote
+            raise UserError(f"--method_args: the flags of {method} ({text!r}) cannot be split: {e}") from None
+    return parsed
+
+
+def read_json(path: Path, expected: str) -> Dict[str, Any]:
+    """A JSON object a run wrote (summary.json, compare_settings.json), or one line saying why it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}): {expected}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object: {expected}")
+    return data
 
 
 def run_settings(method: str, checkpoint_dir: Path, data_dir: Path, flags: List[Any]) -> Dict[str, Any]:
@@ -200,7 +243,7 @@ def check_same_settings(method: str, run_dir: Path, wanted: Dict[str, Any]) -> N
     if not settings_file.is_file():
         raise UserError(f"{run_dir} holds a finished {method} run whose settings were not recorded: pass "
                         "--retrain true to train it again with these settings, or choose another --out_dir")
-    recorded = json.loads(settings_file.read_text())
+    recorded = read_json(settings_file, "remove it, or pass --retrain true to train that run again")
     differences = []
     if recorded.get("checkpoint") != wanted["checkpoint"]:
         differences.append(f"base checkpoint {recorded.get('checkpoint')}")
@@ -240,16 +283,24 @@ def train(method: str, run_dir: Path, flags: List[Any], fresh: bool) -> None:
         raise UserError(f"{method}: {spec['script']} failed (its error is printed above)")
 
 
+SUMMARY_NUMBERS = ("train_seconds", "tokens", "tokens_per_sec", "val_loss")  # what the table takes from summary.json
+
+
 def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = read_metrics(run_dir)
+    retrain = "pass --retrain true to train that run again (or give another folder in --run_dirs)"
+    summary = read_json(run_dir / "summary.json", retrain)
+    for key in SUMMARY_NUMBERS:
+        if isinstance(summary.get(key), bool) or not isinstance(summary.get(key), (int, float)):
+            raise UserError(f"{run_dir / 'summary.json'}: {key!r} is {summary.get(key)!r}, expected a number: "
+                            f"{retrain}")
+    rows = read_metrics(run_dir, retrain)
     train_losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
     last = train_losses[-max(1, len(train_losses) // 10) :]  # the last tenth: one micro-batch is noisy
     checkpoint = load_state_dict(final)
     settings_file = run_dir / SETTINGS_NAME
     return {
         "run_dir": str(run_dir),
-        "settings": json.loads(settings_file.read_text()) if settings_file.is_file() else None,
+        "settings": read_json(settings_file, retrain) if settings_file.is_file() else None,
         "final": str(final),
         # the final file holds exactly the trained tensors (LoRA, adapter, or every weight for full)
         "trainable_params": count_tensor_elements(checkpoint),
@@ -260,13 +311,25 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
         "tokens_per_sec": summary["tokens_per_sec"],
         "train_loss": sum(last) / len(last) if last else float("nan"),
         "val_loss": summary["val_loss"],
-        "val_curve": [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r.get("val_loss")],
+        "val_curve": [(int(float(r.get("tokens") or 0)), float(r["val_loss"])) for r in rows if r.get("val_loss")],
     }
 
 
-def read_metrics(run_dir: Path) -> List[Dict[str, str]]:
-    with open(run_dir / METRICS_NAME, newline="") as f:
-        return list(csv.DictReader(f))  # one file, also for a resumed run
+def read_metrics(run_dir: Path, retrain: str) -> List[Dict[str, str]]:
+    """The rows of the run's metrics.csv (one file, also for a resumed run), their numbers checked."""
+    path = run_dir / METRICS_NAME
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path} is not a UTF-8 CSV file ({type(e).__name__}): {retrain}") from None
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        for key in ("iter", "tokens", "train_loss", "val_loss", "peak_memory"):
+            try:
+                float(row.get(key) or 0)
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: line {i}: {key} {row.get(key)!r} is not a number: {retrain}") from None
+    return rows
 
 
 def count_tensor_elements(checkpoint: Any) -> int:
@@ -360,6 +423,8 @@ def plot(runs: Dict[str, Dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, r in runs.items():
+        if not r["val_curve"]:  # a metrics.csv without validation rows: nothing to draw
+            continue
         tokens, losses = zip(*r["val_curve"])
         ax.plot(tokens, losses, marker="o", markersize=3, label=method)
     ax.set_xlabel("training tokens seen")

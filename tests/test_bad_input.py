@@ -188,7 +188,7 @@ def case_id(case) -> str:
 # --- finetune/lora.py, finetune/adapter.py, finetune/full.py ----------------------------------------------
 
 BASE = ["--checkpoint_dir", w("ckpt"), "--data_dir", w("data"), "--precision", "32-true", "--max_iters", 4,
-        "--batch_size", 2, "--micro_batch_size", 2, "--eval_iters", 1]
+        "--batch_size", 2, "--micro_batch_size", 2, "--eval_iters", 1, "--warmup_iters", 1]  # lora_run's warmup
 NEW = ["--out_dir", w("new_out")]  # a folder no case may leave behind a checkpoint in
 
 FINETUNE_CASES = [
@@ -870,3 +870,225 @@ def interop_id(case) -> str:
 def test_interop(world, interop, script, flags, fragments):
     check_case(world, "generate.py" if script == "generate" else f"scripts/{script}.py", flags, fragments)
     assert not (world / OUT).exists() and not (world / f"{OUT}.pth").exists()
+# --- data preparation, training, generation sampling, scripts/compare.py, YAML configs ----------------------
+
+import errno  # noqa: E402 - this section's own imports, kept with it
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+
+from lit_llama.utils import UserError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bad_train(world) -> World:
+    """Files of this section in the world folder: data files, broken prepared data, copies of the LoRA run."""
+    root = world.root
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "deep.jsonl").write_text('{"instruction": "a", "context": "", "response": ' + "[" * 100_000 + "\n")
+    (root / "surrogate.json").write_text('[{"instruction": "a", "input": "", "output": "x\\ud800y"}]')
+    (root / "surrogate.jsonl").write_text('{"instruction": "a\\udfff", "context": "", "response": "b"}\n')
+
+    def broken_data(name: str, change: Callable[[dict], None]) -> None:
+        shutil.copytree(world.data, root / name)
+        train = torch.load(root / name / "train.pt", weights_only=True)
+        change(train[1])
+        torch.save(train, root / name / "train.pt")
+
+    broken_data("data_no_labels", lambda s: s.pop("labels"))
+    broken_data("data_no_tokens", lambda s: s.update(input_ids=s["input_ids"][:0], labels=s["labels"][:0]))
+    broken_data("data_float_ids", lambda s: s.update(input_ids=s["input_ids"].float()))
+    broken_data("data_negative_ids", lambda s: s["input_ids"].__setitem__(0, -3))
+    broken_data("data_labels_past_vocab", lambda s: s["labels"].__setitem__(-1, 10_000))
+    broken_data("data_short_labels", lambda s: s.update(labels=s["labels"][:-1]))
+    shutil.copytree(world.data, root / "data_copy")
+
+    shutil.copytree(world.lora_run, root / "lora_run_metrics_latin1")
+    (root / "lora_run_metrics_latin1" / "metrics.csv").write_bytes("iter,train_loss\n1,caf\xe9\n".encode("latin-1"))
+    for name, summary in [("lora_run_summary_json", "{broken"), ("lora_run_summary_type", '{"val_loss": "low"}')]:
+        shutil.copytree(world.lora_run, root / name)
+        (root / name / "summary.json").write_text(summary)
+
+    (root / "latin1.yaml").write_bytes("prompt: caf\xe9\n".encode("latin-1"))
+    laughs = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (root / "laughs.yaml").write_text("\n".join(laughs + ["prompt: *a9"]) + "\n")  # 10^10 strings
+    return world
+
+
+def run_dirs(name: str) -> Callable[[World], str]:
+    return lambda world: json.dumps({"lora": str(world / name)})
+
+
+BAD_TRAIN_CASES = [
+    # prepare scripts: records the JSON parser or the tokenizer cannot take
+    ("scripts/prepare_alpaca.py", PREPARE + ["--data_file", w("deep.json")], ["deep.json nests", "too deeply"]),
+    ("scripts/prepare_dolly.py", PREPARE + ["--data_file", w("deep.jsonl")], ["deep.jsonl: record 0 (line 1) nests"]),
+    ("scripts/prepare_alpaca.py", PREPARE + ["--data_file", w("surrogate.json")],
+     ["surrogate.json: record 0: field 'output' is not valid Unicode text", "'\\ud800'"]),
+    ("scripts/prepare_dolly.py", PREPARE + ["--data_file", w("surrogate.jsonl")],
+     ["record 0 (line 1): field 'instruction' is not valid Unicode"]),
+    # prepared data whose samples the training loop cannot take
+    ("finetune/lora.py", BASE + NEW + ["--data_dir", w("data_no_labels")],
+     ["data_no_labels/train.pt: sample 1 has no 'labels' tensor"]),
+    ("finetune/adapter.py", BASE + NEW + ["--data_dir", w("data_no_tokens")],
+     ["data_no_tokens/train.pt: sample 1: 'input_ids' has shape (0,)"]),
+    ("finetune/full.py", BASE + NEW + ["--data_dir", w("data_float_ids")],
+     ["data_float_ids/train.pt: sample 1: 'input_ids' holds torch.float32 values, expected integer token ids"]),
+    ("finetune/lora.py", BASE + NEW + ["--data_dir", w("data_negative_ids")], ["sample 1 holds negative token ids"]),
+    ("finetune/lora.py", BASE + NEW + ["--data_dir", w("data_labels_past_vocab")], ["holds token id 10000"]),
+    ("finetune/lora.py", BASE + NEW + ["--data_dir", w("data_short_labels")], ["sample 1: 'labels' has"]),
+    # every response cut away: the prompts alone are about 97 tokens
+    ("finetune/lora.py", BASE + NEW + ["--max_seq_length", 50],
+     ["--max_seq_length 50 cuts away the response of all 20 training examples", "raise it to at least"]),
+    # --resume with settings that change the result
+    ("finetune/lora.py", BASE + ["--out_dir", w("lora_run"), "--resume", "true", "--learning_rate", 0.001],
+     ["--resume", "training learning_rate=0.0003", "learning_rate=0.001"]),
+    ("finetune/lora.py", BASE + ["--out_dir", w("lora_run"), "--resume", "true", "--data_dir", w("data_copy")],
+     ["--resume", "data_dir=", "/data_copy"]),
+    ("finetune/lora.py", BASE + ["--out_dir", w("lora_run"), "--resume", "true", "--precision", "bf16-true"],
+     ["--resume", "precision=32-true", "precision=bf16-true"]),
+    ("finetune/lora.py", BASE + ["--out_dir", w("lora_run_metrics_latin1"), "--resume", "true"],
+     ["--resume", "lora_run_metrics_latin1/metrics.csv is not a UTF-8 CSV file"]),
+    # generation
+    ("generate.py", ["--checkpoint_dir", w("ckpt"), "--prompt", "caf\udcff"],  # how Python passes the byte 0xff
+     ["--prompt is not valid Unicode text: character 3 is '\\udcff'"]),
+    # scripts/compare.py
+    ("scripts/compare.py", COMPARE + ["--methods", "[]"], ["--methods is empty"]),
+    ("scripts/compare.py", COMPARE + ["--method_args", '{"lora": "--lora_r \\"8"}'],
+     ["--method_args: the flags of lora", "cannot be split", "quotation"]),
+    ("scripts/compare.py", COMPARE + ["--method_args", '{"qlora": "--lora_r 8"}'], ["--method_args", "'qlora'"]),
+    ("scripts/compare.py",
+     COMPARE + ["--methods", '["lora", "adapter"]', "--run_dirs", run_dirs("lora_run_summary_json")],
+     ["lora_run_summary_json/summary.json is not valid JSON"]),
+    ("scripts/compare.py", COMPARE + ["--methods", '["lora", "full"]', "--run_dirs", run_dirs("lora_run_summary_type")],
+     ["lora_run_summary_type/summary.json: 'train_seconds' is None, expected a number"]),
+    # YAML configs
+    ("generate.py", ["--config", w("latin1.yaml")], ["--config", "latin1.yaml is not UTF-8 text (byte 0xe9"]),
+    ("finetune/lora.py", BASE + NEW + ["--config", w("laughs.yaml")],
+     ["--config", "laughs.yaml expands through YAML aliases into", "at most 100,000"]),
+    ("generate.py", ["--prompt", lambda world: (world / "laughs.yaml").read_text()], ["--prompt expands"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragments", BAD_TRAIN_CASES, ids=[case_id(c) for c in BAD_TRAIN_CASES])
+def test_bad_train_input(bad_train, script, flags, fragments):
+    check_case(bad_train, script, flags, fragments)
+    assert not any((bad_train / "new_out").glob("*.pth")) and not (bad_train / "compared").exists()
+
+
+def test_billion_laughs_is_refused_fast(bad_train):
+    start = time.perf_counter()
+    check_case(bad_train, "generate.py", ["--config", w("laughs.yaml")], ["laughs.yaml expands"])
+    assert time.perf_counter() - start < 5
+
+
+def test_compare_without_matplotlib_trains_nothing(bad_train, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` then raises: ImportError
+    check_case(bad_train, "scripts/compare.py", COMPARE, ["matplotlib, which is not installed", "pip install"])
+    assert not (bad_train / "compared").exists()
+
+
+def test_full_disk_while_preparing_keeps_the_earlier_dataset(bad_train, monkeypatch):
+    """The disk fills up at the second file: the dataset already in --out_dir stays whole (never a new
+    train.pt beside the old test.pt), and no temporary file is left."""
+    out_dir = bad_train / "data_replaced"
+    shutil.copytree(bad_train.data, out_dir)
+    real_save, saved = torch.save, []
+
+    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
+        saved.append(path)
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    check_case(bad_train, "scripts/prepare_alpaca.py", ["--checkpoint_dir", w("ckpt"), "--out_dir", out_dir,
+                                                        "--data_file", w("tiny_data.json"), "--test_split_size", 1],
+               ["could not write", "data_replaced/test.pt: the disk is full"])
+    assert len(saved) == 2
+
+
+def test_response_tokens_warning_when_some_examples_lose_them(capsys):
+    from lit_llama.training import check_response_tokens
+
+    fabric = types.SimpleNamespace(global_rank=0)
+    short = {"labels": torch.tensor([-100, -100, 5, 6])}  # the response starts at position 2
+    long = {"labels": torch.tensor([-100] * 10 + [7])}
+    check_response_tokens(fabric, [short, long], "training", max_seq_length=4)
+    assert "--max_seq_length 4 cuts away the response of 1 of 2 training examples" in capsys.readouterr().err
+    check_response_tokens(fabric, [short, long], "training", max_seq_length=11)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UserError, match="all 2 training examples .* at least 3"):
+        check_response_tokens(fabric, [short, long], "training", max_seq_length=2)
+
+
+def test_resume_of_a_run_json_without_training_settings(bad_train):
+    """run.json files written before it recorded the training settings still resume."""
+    out_dir = bad_train / "lora_run_old_json"
+    shutil.copytree(bad_train.lora_run, out_dir)
+    run = json.loads((out_dir / "run.json").read_text())
+    del run["training"]
+    (out_dir / "run.json").write_text(json.dumps(run))
+    base = [a(bad_train) if callable(a) else a for a in BASE]
+    run_script("finetune/lora.py", *base, "--out_dir", out_dir, "--resume", "true", "--learning_rate", 0.001)
+    assert json.loads((out_dir / "run.json").read_text())["training"]["learning_rate"] == 0.001
+
+
+@pytest.mark.parametrize("kill_at", range(6))
+def test_sharded_resume_state_survives_a_kill_at_any_step(tmp_path, monkeypatch, kill_at):
+    """replace_checkpoint swaps a resume folder for a new one; a kill after any of its renames and deletions
+    leaves find_resume_state a complete folder: the new one, or the old one under `.old`."""
+    import lit_llama.training as training
+
+    path, tmp = tmp_path / "resume.pth", tmp_path / "resume.pth.tmp"
+    for folder, content in [(path, "old"), (tmp, "new")]:
+        folder.mkdir()
+        (folder / "a").write_text(content)
+        (folder / "b").write_text(content)
+    (tmp_path / "resume.pth.old").mkdir()  # a half-deleted .old of an earlier kill
+    steps = []
+
+    def counted(function):
+        def step(*args, **kwargs):
+            if len(steps) == kill_at:
+                raise Interrupted
+            steps.append(function.__name__)
+            return function(*args, **kwargs)
+        return step
+
+    monkeypatch.setattr(training.os, "replace", counted(os.replace))
+    monkeypatch.setattr(training.shutil, "rmtree", counted(shutil.rmtree))
+    try:
+        training.replace_checkpoint(tmp, path)
+    except Interrupted:
+        pass
+    found = training.find_resume_state(path)
+    contents = {(found / name).read_text() for name in ("a", "b")}
+    assert contents in ({"old"}, {"new"}), (steps, contents)
+    if kill_at >= 4:  # every step done
+        assert steps == ["rmtree", "replace", "replace", "rmtree"] and contents == {"new"}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pth"]
+
+
+class Interrupted(Exception):
+    """A kill at a known instruction."""
+
+
+def test_tiny_temperature_samples_greedily():
+    """logits / 1e-45 overflow float32 (softmax NaN): such a temperature is greedy, as 0 is; float16 logits are
+    divided in float32."""
+    from lit_llama.generation import sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    assert sample(logits, 1e-45).tolist() == [[1], [0]]
+    assert sample(logits, 1e-45, top_k=2).tolist() == [[1], [0]]
+    assert sample(logits.half() * 30, 1e-3).tolist() == [[1], [0]]  # 90 / 0.001 is past float16's 65504
+    torch.manual_seed(0)
+    assert {sample(logits, 100.0)[0, 0].item() for _ in range(50)} == {0, 1, 2}  # a normal temperature samples
+
+
+def test_generate_with_a_tiny_temperature(bad_train):
+    proc = run_script("generate.py", "--checkpoint_dir", bad_train.ckpt, "--temperature", 1e-45, "--max_new_tokens", 3)
+    assert "Traceback" not in proc.stderr

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_script, make_arithmetic_run, run_script
+from conftest import REPO_ROOT, assert_clean_error, load_script, make_arithmetic_run, run_script
 
 from lit_llama.utils import load_state_dict
 
@@ -245,3 +245,17 @@ def test_lora_in_bf16_with_dropout_resumes_exactly(base, tmp_path):
     assert all(t.dtype == torch.float32 for t in runs["uninterrupted"].values())
     for name, tensor in runs["uninterrupted"].items():
         assert torch.equal(runs["resumed"][name], tensor), name
+
+
+def test_full_disk_under_fsdp_ends_every_process_in_one_line(base, tmp_path):
+    """Rank 0 finds the disk full while writing the resume state, as the other rank waits for it in a
+    collective: the run ends, in one `error:` line and no traceback from any process (tests/full_disk_run.py
+    fakes the full disk in every process Fabric starts)."""
+    out_dir = tmp_path / "out"
+    args = flags(**common_args(base, "full", out_dir), **{**TWO_PROCESSES, "max_iters": 1, "eval_interval": 0},
+                 strategy="fsdp")
+    env = {**os.environ, "FULL_DISK_SCRIPT": "finetune/full.py", "FULL_DISK_MATCH": "resume.pth"}
+    cmd = [sys.executable, str(REPO_ROOT / "tests" / "full_disk_run.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert_clean_error(proc, f"could not write {out_dir / 'resume.pth'}: the disk is full")
+    assert not any(p.name.endswith(".tmp") for p in out_dir.iterdir())
