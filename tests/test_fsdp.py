@@ -94,6 +94,9 @@ def tensors(path):
     inner = checkpoint.get("state_dict", checkpoint)
     weights = {name: t for name, t in inner.items() if isinstance(t, torch.Tensor)}
     rest = {key: value for key, value in checkpoint.items() if key != "state_dict" and key not in weights}
+    if "base_model" in rest:  # a LoRA file's fingerprint of its base: tensors, compared as lists
+        rest["base_model"] = {**rest["base_model"],
+                              "samples": {n: t.tolist() for n, t in rest["base_model"]["samples"].items()}}
     return weights, rest
 
 
