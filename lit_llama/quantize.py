@@ -82,7 +82,7 @@ def _to_nf4():
     try:
         try:
             from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-        except ImportError:  # torchao before 0.15
+        except ImportError:  # torchao before 0.18
             from torchao.dtypes.nf4tensor import to_nf4
     except ImportError:
         raise UserError("--quantize nf4 needs torchao: pip install torchao")

@@ -198,7 +198,11 @@ def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str], servers: Li
         if "<<" in command or argv[0] in SHELL_COMMANDS:  # a heredoc (a file, a Python example), mkdir, cp, curl
             if servers:
                 command = command.replace(GUIDE_PORT, f":{servers[-1][1]}")
-            proc = subprocess.run(["bash", "-c", command], cwd=work, capture_output=True, text=True, timeout=300)
+            # `python` in a guide's example is the interpreter running the tests (its virtual environment's,
+            # active or not)
+            path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+            proc = subprocess.run(["bash", "-c", command], cwd=work, capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "PATH": path})
             assert proc.returncode == 0, f"{doc}: {command} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
             if argv[0] == "curl":
                 assert '"choices"' in proc.stdout, f"{doc}: {command}:\n{proc.stdout}"
