@@ -55,16 +55,15 @@ from litserve.specs.base import LitSpec  # noqa: E402
 from litserve.utils import LitAPIStatus, ResponseBufferItem  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
-from lit_llama.checks import check_at_least, check_range  # noqa: E402
+from lit_llama.checkpoint import CheckpointPaths, check_vocab, load_model, resolve_checkpoint
+from lit_llama.cli import check_at_least, check_range, UserError, run_cli
+from lit_llama.distributed import default_device, precision_dtype
 from lit_llama.generation import stream_batch  # noqa: E402
 from lit_llama.json_input import parse_json  # noqa: E402
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
 from lit_llama.prompts import chat_turns, get_prompt_style  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
-from lit_llama.utils import (  # noqa: E402
-    CheckpointPaths, UserError, check_vocab, default_device, load_model, precision_dtype, resolve_checkpoint, run_cli,
-)
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to: this machine only, or every interface
 MAX_STOP_STRINGS = 4  # as OpenAI

@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_flatten
 from lit_llama.convert import lit_to_hf
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError, default_dtype
+from lit_llama.checkpoint import default_dtype
+from lit_llama.cli import UserError
 
 
 def add_rows(results_file: Optional[Path], section: str, rows: List[str]) -> None:

@@ -36,7 +36,8 @@ from benchmarks.common import add_rows
 from lit_llama.convert import expected_hf_shapes
 from lit_llama.model import Config
 from lit_llama.tokenizer import train_from_texts
-from lit_llama.utils import WEIGHTS_NAME, UserError, run_cli
+from lit_llama.checkpoint import WEIGHTS_NAME
+from lit_llama.cli import UserError, run_cli
 
 HEADING = "## Checkpoint conversion memory"
 TABLE_HEADER = (

@@ -29,8 +29,11 @@ from lit_llama.adapter import AdapterConfig, AdapterLLaMA, mark_only_adapter_as_
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
-from lit_llama.training import compute_loss, keep_trainable_in_fp32
-from lit_llama.utils import UserError, default_dtype, num_parameters, precision_dtype, run_cli
+from lit_llama.checkpoint import default_dtype, num_parameters
+from lit_llama.cli import UserError, run_cli
+from lit_llama.distributed import precision_dtype
+from lit_llama.finetune import keep_trainable_in_fp32
+from lit_llama.training import compute_loss
 
 RESULTS_HEADER = """
 ## Finetuning step: peak memory and speed

@@ -33,7 +33,8 @@ from benchmarks.common import add_rows, hf_llama, sync_time  # noqa: E402
 from lit_llama.generation import generate  # noqa: E402
 from lit_llama.model import Config, LLaMA  # noqa: E402
 from lit_llama.quantize import quantize_for_generation  # noqa: E402
-from lit_llama.utils import UserError, default_dtype, run_cli  # noqa: E402
+from lit_llama.checkpoint import default_dtype
+from lit_llama.cli import UserError, run_cli
 
 RESULTS_HEADER = """
 ## Generation speed: lit-llama vs Hugging Face transformers

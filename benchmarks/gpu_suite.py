@@ -52,7 +52,7 @@ from lit_llama.generation import generate  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA  # noqa: E402
 from lit_llama.model import LLaMA, Config  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
-from lit_llama.utils import default_dtype  # noqa: E402
+from lit_llama.checkpoint import default_dtype
 
 STAGES = ("lora", "qlora", "adapter", "peft", "fsdp", "generate", "quantized", "decode")
 

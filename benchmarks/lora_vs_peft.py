@@ -43,8 +43,11 @@ from lit_llama.data import prepare_sample
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import batch_indices, compute_loss, keep_trainable_in_fp32, pad_batch, peak_memory_gb
-from lit_llama.utils import UserError, default_dtype, precision_dtype, run_cli
+from lit_llama.checkpoint import default_dtype
+from lit_llama.cli import UserError, run_cli
+from lit_llama.distributed import peak_memory_gb, precision_dtype
+from lit_llama.finetune import keep_trainable_in_fp32
+from lit_llama.training import batch_indices, compute_loss, pad_batch
 
 RESULTS_HEADER = """
 ## LoRA finetuning speed: lit-llama vs Hugging Face PEFT

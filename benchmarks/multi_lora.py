@@ -33,7 +33,9 @@ from lit_llama.generation import generate_batch  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict  # noqa: E402
 from lit_llama.model import Config, LLaMA  # noqa: E402
 from lit_llama.multi_lora import MultiLoRALLaMA  # noqa: E402
-from lit_llama.utils import default_dtype, precision_dtype, run_cli  # noqa: E402
+from lit_llama.checkpoint import default_dtype
+from lit_llama.cli import run_cli
+from lit_llama.distributed import precision_dtype
 
 RESULTS_HEADER = """
 ## Many LoRA adapters on one base

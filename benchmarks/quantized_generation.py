@@ -28,7 +28,8 @@ from benchmarks.common import add_rows, sync_time  # noqa: E402
 from lit_llama.generation import generate  # noqa: E402
 from lit_llama.model import Config, LLaMA  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
-from lit_llama.utils import UserError, default_dtype, run_cli  # noqa: E402
+from lit_llama.checkpoint import default_dtype
+from lit_llama.cli import UserError, run_cli
 
 RESULTS_HEADER = """
 ## Quantized generation: what it changes, what it saves

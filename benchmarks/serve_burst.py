@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import add_rows, write_random_checkpoint  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict  # noqa: E402
 from lit_llama.model import Config  # noqa: E402
-from lit_llama.utils import UserError, load_model, resolve_checkpoint, run_cli  # noqa: E402
+from lit_llama.checkpoint import load_model, resolve_checkpoint
+from lit_llama.cli import UserError, run_cli
 
 RESULTS_HEADER = """
 ## serve.py: a burst of requests for several adapters vs one at a time

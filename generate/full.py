@@ -10,33 +10,18 @@ run with `--state_dict_type sharded`, a folder of FSDP shards: it is then put to
 """
 
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.data import generate_prompt
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
-from lit_llama.model import Config, LLaMA
+from lit_llama.model import Config
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.utils import (
-    CONFIG_NAME,
-    TOKENIZER_NAME,
-    CheckpointPaths,
-    UserError,
-    check_state_dict_fits,
-    default_dtype,
-    check_finite,
-    dcp_load_weights_only,
-    describe_exception,
-    load_model,
-    read_dcp_metadata,
-    resolve_checkpoint,
-    run_cli,
-)
+from lit_llama.checkpoint import CONFIG_NAME, TOKENIZER_NAME, CheckpointPaths, load_model, load_sharded, resolve_checkpoint
+from lit_llama.cli import UserError, run_cli
 
 
 def main(
@@ -118,37 +103,6 @@ def resolve_finetuned(
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found (give --tokenizer_path)")
     return CheckpointPaths(checkpoint_path, config, tokenizer_path)
-
-
-def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtype) -> LLaMA:
-    """Reads the folder of an FSDP sharded checkpoint (torch.distributed.checkpoint format, the weights under
-    "model") in a single process, straight into the model's tensors."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        metadata = read_dcp_metadata(paths.weights)  # refuses anything but metadata: a crafted file runs no code
-    except Exception as e:  # noqa: BLE001 - any unreadable folder is the user's input
-        raise UserError(f"{paths.weights} is not a sharded checkpoint folder ({describe_exception(e)})")
-    with torch.device("meta"), default_dtype(dtype):
-        model = LLaMA(paths.config)
-    stored = {  # the shapes of the stored weights, as empty tensors, to check them like a .pth file's
-        name[len("model.") :]: torch.empty(entry.size, device="meta")
-        for name, entry in metadata.state_dict_metadata.items()
-        if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)
-    }
-    check_state_dict_fits(model, stored, paths.weights)
-    model.to_empty(device=device)
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        # fills the tensors in place, casting them to dtype; one process reads every shard
-        try:
-            dcp_load_weights_only(state, paths.weights, no_dist=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable shard is the user's input
-            raise UserError(f"{paths.weights} has unreadable shards ({describe_exception(e)})")
-    model.load_state_dict(state["model"])
-    check_finite(state["model"], paths.weights)
-    return model
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ from lit_llama.generation import check_sampling_flags, respond_and_report, setup
 from lit_llama.lora import load_lora_model, lora_prompt_style, read_lora_checkpoint
 from lit_llama.prompts import get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.utils import (
-    UserError,
-    resolve_checkpoint,
-    run_cli,
-)
+from lit_llama.checkpoint import resolve_checkpoint
+from lit_llama.cli import UserError, run_cli
 
 
 def main(

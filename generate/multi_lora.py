@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.checks import check_at_least
+from lit_llama.checkpoint import load_model, resolve_checkpoint
+from lit_llama.cli import check_at_least, UserError, run_cli
 from lit_llama.generation import check_sampling_flags, generate_responses, setup_generation
 from lit_llama.json_input import parse_json
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.utils import UserError, load_model, resolve_checkpoint, run_cli
 
 
 def main(

@@ -27,8 +27,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
-from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
-from lit_llama.utils import CheckpointPaths, UserError, check_finite, load_model, load_state_dict
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, prompt_style_of_data
+from lit_llama.checkpoint import (
+    CheckpointPaths,
+    check_finite,
+    full_state_dict,
+    load_model,
+    load_state_dict,
+    num_parameters,
+    save_atomic,
+)
+from lit_llama.cli import UserError
+from lit_llama.distributed import load_device, unwrap
+from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 
 # what an adapter checkpoint records about the model it belongs to (see adapter_state_dict)
 ADAPTER_FIELDS = ("adapter_version", "adapter_prompt_length", "adapter_start_layer", "adapter_head")
@@ -303,3 +314,57 @@ def _read_adapter_config(checkpoint: Any, path: Union[str, Path]) -> Dict[str, i
     if not isinstance(style, str) or style not in PROMPT_STYLES:
         raise UserError(f"{path}: adapter_config prompt_style {style!r} is not one of {', '.join(PROMPT_STYLES)}")
     return saved
+
+
+DEFAULT_START_LAYER = 2  # the article's: the two lowest layers keep plain attention
+
+
+class AdapterFinetune:
+    """Finetuning with LLaMA-Adapter (finetune/adapter.py): the base frozen (in NF4 with `quantize`), the
+    adapter weights trained, and each checkpoint only those, with the prompt style of the data."""
+
+    name, final_name, trains_every_weight, sharded_resume = "adapter", "lit-llama-adapter-finetuned.pth", False, False
+
+    def __init__(self, prompt_length: int, start_layer: Optional[int], version: int,
+                 quantize: Optional[str] = None) -> None:
+        self.adapter_fields = {"adapter_prompt_length": prompt_length, "adapter_start_layer": start_layer,
+                               "adapter_version": version}
+        self.quantize = quantize
+
+    def configure(self, config: Config, run: Any) -> Dict[str, Any]:
+        if self.adapter_fields["adapter_start_layer"] is None:
+            self.adapter_fields["adapter_start_layer"] = min(DEFAULT_START_LAYER, config.n_layer - 1)
+        try:
+            adapter = AdapterConfig.from_config(config, **self.adapter_fields)
+        except ValueError as e:
+            raise UserError(f"--{e}")  # AdapterConfig's messages start with the field's (= the flag's) name
+        check_quantize(self.quantize, run.devices * run.num_nodes, run.strategy)
+        return {"adapter": asdict(adapter), "quantize": self.quantize}
+
+    def default_out_dir(self) -> Path:
+        return Path("out/adapter/alpaca" if self.adapter_fields["adapter_version"] == 1 else "out/adapter_v2/alpaca")
+
+    def load(self, fabric: Any, paths: CheckpointPaths, dtype: torch.dtype) -> AdapterLLaMA:
+        model = load_model(paths, load_device(fabric, self.quantize), dtype, AdapterLLaMA, **self.adapter_fields)
+        mark_only_adapter_as_trainable(model)
+        if self.quantize:
+            quantize_frozen_linears(model, fabric.device)
+            fabric.print(f"Frozen block weights in NF4: {frozen_weight_bytes(model):.3f} bytes per weight")
+        config = model.config
+        fabric.print(
+            f"LLaMA-Adapter v{config.adapter_version} (prompt length {config.adapter_prompt_length}, from layer "
+            f"{config.adapter_start_layer}): {num_parameters(model, requires_grad=True):,} trainable of "
+            f"{num_parameters(model):,} parameters"
+        )
+        return model
+
+    def saver(self, fabric: Any, model: nn.Module, paths: CheckpointPaths, data_dir: Path, out_dir: Path) -> Any:
+        prompt_style = prompt_style_of_data(data_dir)  # recorded in the adapter file for generate/adapter.py
+
+        def save_adapter(path: Path) -> None:
+            trainable = full_state_dict(model, trainable_only=True)  # under FSDP gathered from every rank
+            if fabric.global_rank == 0:
+                save_atomic(adapter_state_dict(unwrap(model), trainable, prompt_style), path)
+                fabric.print(f"Saved adapter weights to {path}")
+
+        return save_adapter

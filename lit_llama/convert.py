@@ -18,7 +18,8 @@ import torch
 
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import UserError, check_finite
+from lit_llama.checkpoint import check_finite
+from lit_llama.cli import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

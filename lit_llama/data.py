@@ -18,13 +18,9 @@ from tqdm import tqdm
 
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
 from lit_llama.tokenizer import Tokenizer, check_text
-from lit_llama.utils import (
-    TOKENIZER_NAME,
-    UserError,
-    describe_exception,
-    disk_errors,
-    verify_checksums,
-)
+from lit_llama.checkpoint import TOKENIZER_NAME, find_tokenizer, verify_checksums
+from lit_llama.cli import UserError, describe_exception
+from lit_llama.disk import disk_errors
 
 # PyTorch's `cross_entropy(ignore_index=-100)` default: label positions with this value add no loss
 IGNORE_INDEX = -100
@@ -184,7 +180,7 @@ def check_prepare_flags(
     out_dir: Path, data_file: Optional[Path], test_split_size: Optional[int], max_seq_length: int, seed: int
 ) -> None:
     """What scripts/prepare_*.py are given, checked before anything is read or downloaded."""
-    from lit_llama.checks import check_at_least, check_file, check_out_dir, check_range
+    from lit_llama.cli import check_at_least, check_file, check_out_dir, check_range
 
     check_out_dir(out_dir)
     check_file(data_file, "data_file")
@@ -364,9 +360,7 @@ def load_tokenizer(
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise UserError(f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory")
-        tokenizer_path = checkpoint_dir / TOKENIZER_NAME
-        if not tokenizer_path.is_file() and (checkpoint_dir.parent / TOKENIZER_NAME).is_file():
-            tokenizer_path = checkpoint_dir.parent / TOKENIZER_NAME
+        tokenizer_path = find_tokenizer(checkpoint_dir)
     elif tokenizer_path is None:
         if not DEFAULT_TOKENIZER_PATH.is_file():
             raise UserError("give --checkpoint_dir (a folder with tokenizer.model) or --tokenizer_path")

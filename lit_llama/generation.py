@@ -8,11 +8,12 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lit_llama.checks import check_at_least, check_range
+from lit_llama.checkpoint import CheckpointPaths, check_vocab
+from lit_llama.cli import check_at_least, check_range, UserError
+from lit_llama.distributed import default_device, precision_dtype
 from lit_llama.model import LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PromptStyle, get_prompt_style
 from lit_llama.tokenizer import Tokenizer, check_text
-from lit_llama.utils import CheckpointPaths, UserError, check_vocab, default_device, precision_dtype
 
 SYNC_EVERY = 8  # decoded tokens between looks from the host (end-of-text, stop text): see `stream_batch`
 

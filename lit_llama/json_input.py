@@ -7,7 +7,7 @@ are each one UserError naming where."""
 import json
 from typing import Any, Union
 
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 MAX_DEPTH = 32  # an OpenAI request nests 4 levels deep (messages, a message, its content parts, a part)
 

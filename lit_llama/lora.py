@@ -23,8 +23,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.model import Config, LLaMA
-from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
-from lit_llama.utils import CheckpointPaths, UserError, check_finite, describe_exception, load_model, load_state_dict
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, prompt_style_of_data
+from lit_llama.checkpoint import (
+    CheckpointPaths,
+    check_finite,
+    full_state_dict,
+    load_model,
+    load_state_dict,
+    num_parameters,
+    save_atomic,
+)
+from lit_llama.cli import UserError, describe_exception
+from lit_llama.distributed import load_device, unwrap
+from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 
 
 @dataclass
@@ -408,3 +419,43 @@ def load_lora_model(
     if merge:
         model.merge_lora()
     return model
+
+
+class LoRAFinetune:
+    """Finetuning with LoRA (finetune/lora.py): the base frozen (in NF4 with `quantize`: QLoRA), the LoRA
+    weights trained, and each checkpoint only those (a few MB), with the prompt style of the data and a
+    fingerprint of the base, so that generate/lora.py prompts the same way and refuses another base."""
+
+    name, final_name, trains_every_weight, sharded_resume = "lora", "lit-llama-lora-finetuned.pth", False, False
+
+    def __init__(self, lora: LoRAConfig, quantize: Optional[str] = None) -> None:
+        self.lora, self.quantize = lora, quantize
+
+    def configure(self, config: Config, run: Any) -> Dict[str, Any]:
+        check_quantize(self.quantize, run.devices * run.num_nodes, run.strategy)
+        return {"lora": asdict(self.lora), "quantize": self.quantize}
+
+    def default_out_dir(self) -> Path:
+        return Path("out/lora/alpaca")
+
+    def load(self, fabric: Any, paths: CheckpointPaths, dtype: torch.dtype) -> LoRALLaMA:
+        model = load_model(paths, load_device(fabric, self.quantize), dtype, LoRALLaMA, lora=self.lora)
+        mark_only_lora_as_trainable(model)
+        if self.quantize:
+            quantize_frozen_linears(model, fabric.device)
+            fabric.print(f"Frozen block weights in NF4: {frozen_weight_bytes(model):.3f} bytes per weight")
+        fabric.print(f"LoRA r={self.lora.r} alpha={self.lora.alpha}: {num_parameters(model, requires_grad=True):,} "
+                     f"trainable of {num_parameters(model):,} parameters")
+        return model
+
+    def saver(self, fabric: Any, model: nn.Module, paths: CheckpointPaths, data_dir: Path, out_dir: Path) -> Any:
+        prompt_style = prompt_style_of_data(data_dir)  # recorded in the LoRA file: generate/lora.py prompts the same way
+        base_model = base_fingerprint(paths.weights)  # recorded too: the LoRA file is refused on another base model
+
+        def save_lora(path: Path) -> None:
+            trainable = full_state_dict(model, trainable_only=True)  # under FSDP gathered from every rank
+            if fabric.global_rank == 0:
+                save_atomic(lora_state_dict(unwrap(model), trainable, prompt_style, base_model), path)
+                fabric.print(f"Saved LoRA weights to {path}")
+
+        return save_lora

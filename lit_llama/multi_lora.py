@@ -29,7 +29,7 @@ from lit_llama.lora import (
 )
 from lit_llama.model import Config, LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 BASE = "base"  # the name that selects no adapter
 

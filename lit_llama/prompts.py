@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 
 @dataclass(frozen=True)

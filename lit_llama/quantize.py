@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 QUANTIZE_MODES = ("nf4",)  # finetune/lora.py, finetune/adapter.py --quantize
 GENERATE_QUANTIZE_MODES = ("int8", "int4")  # generate.py, generate/*.py --quantize

@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import torch
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 
 def check_text(text: str, what: str) -> None:

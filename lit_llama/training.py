@@ -1,94 +1,48 @@
-"""The finetuning loop shared by finetune/lora.py, finetune/adapter.py and finetune/full.py.
-
-Each script builds its model, says which parameters train and how to save them; everything else lives
-here once: the strategy (one device, DDP or FSDP2 sharding), batching (padded to the longest sequence in
-the batch; optionally of examples of similar length), the loss (optionally in chunks), the learning-rate schedule, gradient accumulation, validation with a greedy sample,
-checkpointing, resuming, the progress bar and CSV metrics.
+"""The finetuning loop shared by LoRA, the adapter and full finetuning (see lit_llama/finetune.py): batches
+(padded to the longest sequence in the batch; optionally of examples of similar length), the loss (optionally
+in chunks), the learning-rate schedule, gradient accumulation, validation with a greedy sample, checkpoints at
+intervals, the progress bar and metrics.csv.
 """
 
 import csv
-import fcntl
 import io
 import json
 import math
 import os
-import resource
-import shutil
-import subprocess
 import sys
 import time
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from lightning.fabric.loggers import Logger
-from lightning.fabric.strategies import ModelParallelStrategy, Strategy
-from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from lit_llama.checks import check_at_least, check_positive, check_range
-from lit_llama.checks import check_out_dir as check_writable_dir
-from lit_llama.data import IGNORE_INDEX, load_prepared
+from lit_llama.args import EvalArgs, TrainArgs
+from lit_llama.cli import UserError, check_at_least, check_positive, check_range, describe_exception
+from lit_llama.data import IGNORE_INDEX
+from lit_llama.disk import disk_errors, write_text_atomic
+from lit_llama.distributed import is_fsdp, peak_memory_gb, unwrap
 from lit_llama.generation import generate_response
-from lit_llama.model import Config
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
+from lit_llama.run_dir import RESUME_NAME, RUN_NAME, find_resume_state, load_resume_state, save_resume_state
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import (
-    CheckpointPaths,
-    UserError,
-    check_finite,
-    check_vocab,
-    dcp_load_weights_only,
-    deprecated_flag,
-    describe_exception,
-    disk_errors,
-    verify_checksums,
-    write_text_atomic,
-)
 
 Sample = Dict[str, Any]
-RESUME_NAME = "resume.pth"  # trainable weights, optimizer, counters and RNG of the last save
-RESUME_META = "meta.pth"  # in a sharded resume folder: the counters and RNG beside the shards
-RUN_NAME = "run.json"  # what the run in a folder is (method, model, method settings): --resume compares it
-LOCK_NAME = "run.lock"  # held by the running process: a second run on the same folder stops at once
 METRICS_NAME = "metrics.csv"  # one row per logged iteration, every row once, over all resumed parts
 METRICS_FIELDS = ("iter", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "peak_memory")
-STRATEGIES = ("auto", "ddp", "fsdp")  # what every finetune script offers; the tests run each one
 
 
-@dataclass(kw_only=True)  # 16 settings: named where built, never by position
-class TrainingConfig:
-    learning_rate: float
-    batch_size: int  # examples per optimizer step, over all devices
-    micro_batch_size: int  # examples per forward/backward pass on one device
-    max_iters: Optional[int]  # micro-batch iterations per device; None = `epochs` over the training set
-    epochs: float
-    warmup_iters: int  # optimizer steps of linear warmup
-    weight_decay: float
-    max_seq_length: int  # longer examples are cut (the article's block size)
-    eval_interval: int  # optimizer steps between validations (0 = only at start and end)
-    eval_iters: int  # validation batches per validation
-    save_interval: int  # optimizer steps between checkpoints (0 = only the final one)
-    log_interval: int = 1  # iterations between metric rows
-    seed: int = 1337
-    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
-    chunked_ce: bool = False  # the loss through the output layer a chunk of positions at a time: less memory
-    group_by_length: bool = False  # micro-batches of examples of similar length: less padding
+@dataclass(kw_only=True)
+class TrainingConfig(TrainArgs, EvalArgs):
+    """What the loop needs: the training and evaluation flags (each described in lit_llama/args.py), with
+    `max_seq_length` resolved against the model (see finetune.resolve_max_seq_length) and `warmup_iters`
+    against the data."""
 
     def __post_init__(self) -> None:
         """Every value is checked when the config is built, before any work: one line naming the flag."""
@@ -135,23 +89,6 @@ class TrainingConfig:
         if self.max_iters is not None:
             return self.max_iters
         return int(self.epochs * train_size) // (self.micro_batch_size * world_size)
-
-
-DEFAULT_MAX_SEQ_LENGTH = 512  # the article's
-
-
-def resolve_max_seq_length(max_seq_length: Optional[int], block_size: Optional[int], config: Config) -> int:
-    """--max_seq_length (or its deprecated name --block_size); by default 512, or the model's context if that
-    is shorter. A longer value than the model's context is refused: the model has no positions for it."""
-    max_seq_length = deprecated_flag("max_seq_length", max_seq_length, "block_size", block_size)
-    if max_seq_length is None:
-        return min(DEFAULT_MAX_SEQ_LENGTH, config.block_size)
-    if max_seq_length > config.block_size:
-        raise UserError(
-            f"--max_seq_length {max_seq_length} is longer than the model's context ({config.block_size} tokens, "
-            "block_size in lit_config.json)"
-        )
-    return max_seq_length
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -509,421 +446,6 @@ def print_sample(fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer,
     fabric.print(f"Instruction: {sample['instruction']}\nResponse: {response}\n")
 
 
-def save_resume_state(
-    fabric: L.Fabric,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    counters: Dict[str, Any],
-    path: Path,
-    sharded: bool = False,
-) -> None:
-    """Everything `--resume` needs: the trainable weights, the AdamW states, the counters and every rank's
-    random generators. One file, gathered on rank 0; or with `sharded` a torch.distributed.checkpoint folder
-    in which each rank writes its own shards (no gathering: for full finetuning of large models). Written
-    under a temporary name and renamed when complete, so a crash never leaves half a resume state."""
-    options = StateDictOptions(full_state_dict=not sharded, cpu_offload=True, ignore_frozen_params=True)
-    weights, optimizer_state = get_state_dict(unwrap(model), unwrap(optimizer), options=options)
-    meta = {**counters, "world_size": fabric.world_size, "rng": gather_rng_states(fabric)}
-    tmp = path.with_name(path.name + ".tmp")
-    with disk_errors(path, tmp):
-        if sharded:
-            dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
-            if fabric.global_rank == 0:
-                torch.save(meta, tmp / RESUME_META)
-        elif fabric.global_rank == 0:
-            torch.save({"model": weights, "optimizer": optimizer_state, **meta}, tmp)
-        fabric.barrier()
-        if fabric.global_rank == 0:
-            replace_checkpoint(tmp, path)
-    fabric.barrier()
-
-
-def replace_checkpoint(tmp: Path, path: Path) -> None:
-    """Puts the complete file or folder `tmp` in the place of `path` so that a kill at any instruction leaves a
-    complete one: a file is replaced in one rename; a folder cannot be, so the old one is first renamed to
-    `<path>.old` and deleted only once the new one has its name (`find_resume_state` falls back to it)."""
-    old = path.with_name(path.name + ".old")
-    if not path.is_dir() and not tmp.is_dir():
-        os.replace(tmp, path)
-        return
-    if path.exists():
-        if old.exists():  # left by a kill while it was being deleted: `path` is complete
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def find_resume_state(path: Path) -> Optional[Path]:
-    """The resume state at `path`, or the previous one at `<path>.old` if a kill came between the renames of
-    `replace_checkpoint`; None when there is none."""
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        return path
-    return old if old.exists() else None
-
-
-def load_resume_state(
-    fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path
-) -> Dict[str, Any]:
-    """Restores what `save_resume_state` wrote (a file or a sharded folder, on any strategy) into the set-up
-    model and optimizer, and this rank's random generators; returns the counters. Only tensors and plain
-    values are read (`weights_only`): a resume file cannot run code."""
-    if path.is_file():
-        verify_checksums(path)
-    try:
-        if path.is_dir():
-            # the set-up model's own (sharded) state dicts are the templates the shards are read into
-            weights, optimizer_state = get_state_dict(
-                unwrap(model), unwrap(optimizer), options=StateDictOptions(ignore_frozen_params=True)
-            )
-            saved = {"model": weights, "optimizer": optimizer_state}
-            dcp_load_weights_only(saved, path)
-            meta = torch.load(path / RESUME_META, weights_only=True)
-            options = StateDictOptions(ignore_frozen_params=True)
-        else:
-            saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-            meta = saved
-            options = StateDictOptions(full_state_dict=True, strict=False)  # frozen weights are not in it
-    except Exception as e:  # noqa: BLE001 - any unreadable resume state is the user's file
-        raise UserError(f"--resume: {path} is not a resume state this version can read ({describe_exception(e)})")
-    if not isinstance(meta, dict) or "world_size" not in meta or "rng" not in meta:
-        raise UserError(f"--resume: {path} was written by an older version; start a new run in another --out_dir")
-    if meta["world_size"] != fabric.world_size:
-        raise UserError(
-            f"--resume: {path} was written by {meta['world_size']} processes; resume it with as many "
-            f"(--devices x --num_nodes), not {fabric.world_size}"
-        )
-    trainable = {name for name, p in unwrap(model).named_parameters() if p.requires_grad}
-    if set(saved["model"]) != trainable:
-        unexpected = sorted(set(saved["model"]) ^ trainable)
-        raise UserError(f"--resume: {path} holds the weights of another model or method (e.g. {unexpected[0]!r})")
-    check_finite({name: t.to_local() if isinstance(t, DTensor) else t for name, t in saved["model"].items()}, path)
-    set_state_dict(
-        unwrap(model), unwrap(optimizer), model_state_dict=saved["model"],
-        optim_state_dict=saved["optimizer"], options=options,
-    )
-    rng = meta["rng"][fabric.global_rank]
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and fabric.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], fabric.device)
-    return {key: meta[key] for key in ("iter_num", "step_count", "tokens", "train_seconds")}
-
-
-def gather_rng_states(fabric: L.Fabric) -> List[Dict[str, torch.Tensor]]:
-    """Every rank's CPU (and CUDA) random generator state, in rank order: LoRA dropout draws from the
-    generator of the device it runs on, and each rank has its own."""
-    mine = {"cpu": torch.get_rng_state()}
-    if fabric.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(fabric.device)
-    if fabric.world_size == 1:
-        return [mine]
-    states: List[Any] = [None] * fabric.world_size
-    torch.distributed.all_gather_object(states, mine)
-    return states
-
-
-def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
-    """The model's weights (or only those that train), whole, in CPU memory on rank 0; the other ranks get
-    an empty dict. Under FSDP they are gathered from the shards, so every rank must call this."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(unwrap(model), options=options)
-
-
-def save_sharded_weights(fabric: L.Fabric, model: torch.nn.Module, path: Path) -> None:
-    """A torch.distributed.checkpoint folder of the weights (under "model"; each rank writes its shards, no
-    gathering), written under a temporary name and renamed when complete. generate/full.py reads it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with disk_errors(path, tmp):
-        dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
-        fabric.barrier()
-        if fabric.global_rank == 0:
-            replace_checkpoint(tmp, path)
-    fabric.barrier()
-
-
-def unwrap(obj: Any) -> Any:
-    """The model or optimizer itself, from Fabric's wrapper (under FSDP2 the model is sharded in place)."""
-    if isinstance(obj, _FabricModule):
-        return obj.module
-    if isinstance(obj, _FabricOptimizer):
-        return obj.optimizer
-    return obj
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or on CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
-
-
 # --- setup helpers used by every finetune script ---------------------------------------------------
 
 
-def make_fabric(
-    devices: int,
-    num_nodes: int,
-    strategy: str,
-    precision: str,
-    out_dir: Path,
-    cpu_offload: bool = False,
-    logger_name: str = "csv",
-) -> L.Fabric:
-    """Fabric with the devices, strategy (see `choose_strategy`) and precision of a run, and for --logger_name
-    tensorboard or wandb the logger that gets every metrics.csv row too (see `make_logger`)."""
-    available = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
-    check_at_least("devices", devices, 1)
-    check_at_least("num_nodes", num_nodes, 1)
-    if devices > available and num_nodes == 1:
-        raise UserError(f"--devices {devices} is more than the {available} devices available on this machine")
-    logger = make_logger(logger_name, out_dir)
-    return L.Fabric(
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=choose_strategy(strategy, devices, num_nodes, precision, cpu_offload),
-        # the scripts load the weights in their dtype themselves (with the trainable ones in float32, see
-        # setup_model_and_optimizer): Fabric's "-true" precisions would cast every weight once more
-        precision="32-true" if precision.endswith("-true") else precision,
-        loggers=[logger] if logger is not None else None,
-    )
-
-
-LOGGER_NAMES = ("csv", "tensorboard", "wandb")
-
-
-def make_logger(logger_name: str, out_dir: Path) -> Optional[Logger]:
-    """Where the metrics of a run go besides out_dir/metrics.csv, which every run writes. csv (default): nowhere
-    else. tensorboard: out_dir/logs/version_N/events.out.tfevents.* (`tensorboard --logdir out_dir/logs`).
-    wandb: a Weights & Biases run, its local files in out_dir/wandb; with WANDB_MODE=offline nothing leaves the
-    machine (`wandb sync` uploads the run later)."""
-    if logger_name == "csv":
-        return None
-    if logger_name == "tensorboard":
-        from lightning.fabric.loggers import TensorBoardLogger
-
-        try:
-            return TensorBoardLogger(root_dir=out_dir, name="logs")
-        except ModuleNotFoundError:
-            raise UserError("--logger_name tensorboard needs the tensorboard package: pip install tensorboard")
-    if logger_name == "wandb":
-        try:
-            import wandb  # noqa: F401
-            from lightning.pytorch.loggers import WandbLogger
-        except ModuleNotFoundError:
-            raise UserError("--logger_name wandb needs the wandb package: pip install wandb")
-
-        class FinishingWandbLogger(WandbLogger):
-            """Lightning's Trainer finishes the W&B run at the end; under Fabric the logger's finalize does."""
-
-            def finalize(self, status: str) -> None:
-                super().finalize(status)
-                if self._experiment is not None:
-                    self._experiment.finish()
-
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        return FinishingWandbLogger(project="lit-llama", name=Path(out_dir).name, save_dir=str(out_dir))
-    raise UserError(f"--logger_name {logger_name!r} is not one of {', '.join(LOGGER_NAMES)}")
-
-
-def choose_strategy(
-    strategy: str, devices: int, num_nodes: int, precision: str, cpu_offload: bool = False
-) -> Union[str, Strategy]:
-    """--strategy as Fabric takes it. auto: FSDP over several devices, nothing to distribute on one. ddp:
-    every device holds the whole model and its AdamW states; gradients are averaged. fsdp: FSDP2 sharding
-    (see `shard_model`), also on one device, over NCCL on GPUs or gloo on CPUs."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    fsdp = strategy == "fsdp" or (strategy == "auto" and devices * num_nodes > 1)
-    if cpu_offload and not fsdp:
-        raise UserError("--cpu_offload needs FSDP: add --strategy fsdp")
-    if not fsdp:
-        return strategy
-    if precision == "16-mixed":
-        raise UserError("--precision 16-mixed does not work with FSDP (its gradient scaler cannot unscale sharded "
-                        "gradients): use bf16-mixed, bf16-true or 32-true")
-    # bf16-mixed: float32 shards, gathered for computation in bf16 (half the traffic and memory of float32)
-    param_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
-    parallelize = partial(shard_model, param_dtype=param_dtype, cpu_offload=cpu_offload)
-    return ModelParallelStrategy(parallelize, data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
-
-
-def shard_model(
-    model: torch.nn.Module, device_mesh: Any, param_dtype: Optional[torch.dtype], cpu_offload: bool
-) -> torch.nn.Module:
-    """FSDP2: every transformer block is one unit, gathered whole only while it runs (forward, and again in
-    backward), then the root unit holds the rest (embedding, final norm, output layer). Weights, gradients
-    and AdamW states are split among all processes. Each shard keeps its weight's dtype, so LoRA and adapter
-    weights stay float32 beside a bf16 base; gradients are averaged in float32. With `cpu_offload` the
-    shards (and the AdamW step) live in CPU memory and each block is copied to the GPU when it runs."""
-    mesh = device_mesh["data_parallel"]
-    options: Dict[str, Any] = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype, torch.float32)}
-    if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for block in model.transformer.h:
-        fully_shard(block, **options)
-    fully_shard(model, **options)
-    return model
-
-
-def is_fsdp(fabric: L.Fabric) -> bool:
-    return isinstance(fabric.strategy, ModelParallelStrategy)
-
-
-def load_device(fabric: L.Fabric, quantize: Optional[str] = None) -> torch.device:
-    """Where a script loads the weights: under FSDP (or to quantize them) into CPU memory, from which sharding
-    (or quantization) moves each block to its device, so no GPU ever holds the whole model at full size;
-    else straight onto the device."""
-    return torch.device("cpu") if is_fsdp(fabric) or quantize else fabric.device
-
-
-def check_data_fits(data: List[Sample], vocab_size: int, data_dir: Path) -> None:
-    """Token ids past the model's vocabulary mean the data was prepared with another tokenizer."""
-    largest = max(max(int(s["input_ids"].max()), int(s["labels"].max())) for s in data)
-    if largest >= vocab_size:
-        raise UserError(
-            f"{data_dir} holds token id {largest} but the model's vocabulary has {vocab_size} tokens: "
-            "prepare the data with this checkpoint's tokenizer"
-        )
-
-
-@contextmanager
-def claim_out_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any], world_size: int) -> Iterator[None]:
-    """Makes `out_dir` this run's own for as long as the run lasts. The folder must be writable; a lock file
-    keeps a second run out while this one runs (the lock goes with the process, also when it is killed). A
-    new run refuses a folder with checkpoints in it; `--resume` refuses a folder whose `run.json` describes
-    another method, model or method settings than `run_info` (`fit` writes it when training starts). Only
-    the launching process (global rank 0) does this: the processes Fabric starts for the other devices run
-    the script again and skip it. `world_size` is the number of processes the flags ask for (devices x nodes):
-    a one-process run is always the launching process, whatever RANK or SLURM_PROCID its environment holds."""
-    check_writable_dir(out_dir)
-    if world_size > 1 and not is_launching_process():
-        yield
-        return
-    if resume and not out_dir.is_dir():
-        raise UserError(f"--resume: {out_dir} does not exist: there is no run to continue")
-    with disk_errors(out_dir / LOCK_NAME):  # only the lock's own writing: not the run it guards
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / LOCK_NAME, "a+")
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            owner = lock.read().strip() or "another process"
-            raise UserError(
-                f"--out_dir {out_dir} is in use by another run ({owner}): wait for it to end or choose another "
-                "--out_dir"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        lock.flush()
-        try:
-            check_run_dir(out_dir, resume, run_info)
-            yield
-        finally:
-            # removed while still held: a run starting now creates a new lock file, and this one is done
-            with suppress(OSError):
-                (out_dir / LOCK_NAME).unlink()
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def launch(fabric: L.Fabric, function: Callable, *args: Any) -> Any:
-    """`fabric.launch(function, *args)`. When it fails in the process the user started, the processes Fabric
-    started for the other devices are stopped with it: they may be waiting in a collective for this one, and
-    would wait for a timeout of many minutes (NCCL) or print a traceback of a lost connection (gloo)."""
-    try:
-        return fabric.launch(function, *args)
-    except BaseException:
-        launched = getattr(getattr(fabric.strategy, "launcher", None), "procs", [])
-        processes = list(launched)
-        # emptied in place: Fabric's observer thread watches this list, and would kill this process too (before
-        # it prints its error) when it sees the others ended
-        launched.clear()
-        for process in processes:
-            process.terminate()
-        deadline = time.monotonic() + 10
-        for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:  # hanging in a collective: only SIGKILL ends it
-                process.kill()
-        raise
-
-
-def is_launching_process() -> bool:
-    """In a launch of several processes: the process a user started (global rank 0), not one Fabric, torchrun or
-    SLURM started for another device. Asked only when the run has several processes: left over in the
-    environment of a one-process run (an interactive SLURM shell, say), these variables mean nothing."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-def check_run_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> None:
-    """A finished or interrupted run in `out_dir` is never overwritten by a new one, and only the same kind of
-    run continues it."""
-    if not resume:
-        if any(out_dir.glob("*.pth")):
-            raise UserError(
-                f"--out_dir {out_dir} already holds checkpoints: pass --resume true to continue that run, "
-                "or choose another --out_dir"
-            )
-        return
-    run_file = out_dir / RUN_NAME
-    if not run_file.is_file():
-        if (out_dir / RESUME_NAME).exists():
-            return  # written before run.json existed: load_resume_state still checks what it holds
-        raise UserError(f"--resume: {out_dir} holds no run to continue (no {RUN_NAME}); start without --resume")
-    try:
-        there = json.loads(run_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--resume: {run_file} is not valid JSON ({e})")
-    if not isinstance(there, dict):
-        raise UserError(f"--resume: {run_file} is not a run description")
-    for key, ours in run_info.items():
-        theirs = there.get(key)
-        if theirs == ours or key not in there:  # a key newer than the run.json: nothing to compare with
-            continue
-        if key == "method":
-            raise UserError(f"--resume: {out_dir} holds a run of finetune/{theirs}.py, not of finetune/{ours}.py")
-        if isinstance(theirs, dict) and isinstance(ours, dict):  # name only the settings that differ
-            differ = [k for k in {**theirs, **ours} if theirs.get(k) != ours.get(k)]
-            theirs = ", ".join(f"{k}={theirs.get(k)}" for k in differ)
-            ours = ", ".join(f"{k}={ours.get(k)}" for k in differ)
-        raise UserError(f"--resume: {out_dir} holds a run with {key} {theirs}; this run has {ours}")
-
-
-def load_tokenizer_and_data(
-    fabric: L.Fabric, paths: CheckpointPaths, data_dir: Path, seed: int
-) -> Tuple[Tokenizer, List[Sample], List[Sample]]:
-    """Seeds everything, then loads the tokenizer and the prepared data, both checked against the model."""
-    fabric.seed_everything(seed)
-    tokenizer = Tokenizer(paths.tokenizer)
-    check_vocab(tokenizer, paths)
-    train_data, val_data = load_prepared(data_dir, tokenizer)
-    check_data_fits(train_data + val_data, paths.config.vocab_size, data_dir)
-    return tokenizer, train_data, val_data
-
-
-def setup_model_and_optimizer(
-    fabric: L.Fabric, model: torch.nn.Module, config: TrainingConfig
-) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Hands the model to Fabric (devices, strategy, precision) and builds AdamW over what trains. When
-    only some weights train (LoRA, adapter), those are kept in float32."""
-    if any(not p.requires_grad for p in model.parameters()):
-        # before Fabric wraps the model: DDP's gradient buckets and FSDP's shards take the dtypes they find
-        keep_trainable_in_fp32(model)
-    model.activation_checkpointing = config.activation_checkpointing
-    model = fabric.setup_module(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return model, fabric.setup_optimizers(optimizer)
-
-
-def keep_trainable_in_fp32(model: torch.nn.Module) -> None:
-    """Frozen weights stay in bf16 (half the memory); the few trainable ones are kept in float32 so small
-    updates are not lost to bf16 rounding."""
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()

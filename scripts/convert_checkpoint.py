@@ -31,16 +31,15 @@ from lit_llama.convert import (
     permute_meta,
 )
 from lit_llama.model import Config
-from lit_llama.utils import (
+from lit_llama.checkpoint import (
     TOKENIZER_NAME,
-    UserError,
+    WEIGHTS_NAME,
     check_model_fits,
-    check_output_dir,
-    deprecated_flag,
+    find_tokenizer,
     load_state_dict,
-    run_cli,
     save_checkpoint_dir,
 )
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 
 
 def convert(
@@ -71,10 +70,10 @@ def convert(
     if not checkpoint_dir.is_dir():
         raise UserError(f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory")
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints/lit-llama") / checkpoint_dir.name
-    check_output_dir(out_dir, overwrite)
+    check_out_dir(out_dir, replaces=WEIGHTS_NAME, overwrite=overwrite)
 
     params = read_params(checkpoint_dir / "params.json")
-    tokenizer = find_tokenizer(checkpoint_dir)
+    tokenizer = meta_tokenizer(checkpoint_dir)
     shard_paths = sorted(checkpoint_dir.glob("consolidated.*.pth"))
     if not shard_paths:
         hint = " (a Hugging Face folder: use scripts/convert_hf_checkpoint.py)" if (
@@ -174,11 +173,11 @@ def config_from_params(params: Dict[str, Any], vocab_size: int, block_size: Opti
         raise UserError(f"{path}: {e}")
 
 
-def find_tokenizer(checkpoint_dir: Path) -> Path:
-    for folder in (checkpoint_dir, checkpoint_dir.resolve().parent):
-        if (folder / TOKENIZER_NAME).is_file():
-            return folder / TOKENIZER_NAME
-    raise UserError(f"no {TOKENIZER_NAME} in {checkpoint_dir} or its parent folder (Meta ships it beside the model)")
+def meta_tokenizer(checkpoint_dir: Path) -> Path:
+    tokenizer = find_tokenizer(checkpoint_dir)
+    if not tokenizer.is_file():
+        raise UserError(f"no {TOKENIZER_NAME} in {checkpoint_dir} or its parent folder (Meta ships it beside the model)")
+    return tokenizer
 
 
 if __name__ == "__main__":

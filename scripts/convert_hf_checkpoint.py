@@ -26,17 +26,15 @@ from lit_llama.convert import (
     parse_dtype,
 )
 from lit_llama.model import Config
-from lit_llama.utils import (
+from lit_llama.checkpoint import (
     TOKENIZER_NAME,
-    UserError,
+    WEIGHTS_NAME,
     check_model_fits,
-    check_output_dir,
-    deprecated_flag,
     file_in_folder,
     load_state_dict,
-    run_cli,
     save_checkpoint_dir,
 )
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 
 
 def convert(
@@ -65,7 +63,7 @@ def convert(
             "(download a model with scripts/download.py)"
         )
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints/lit-llama") / checkpoint_dir.name
-    check_output_dir(out_dir, overwrite)
+    check_out_dir(out_dir, replaces=WEIGHTS_NAME, overwrite=overwrite)
 
     config = read_hf_config(checkpoint_dir / "config.json")
     check_model_fits(config, torch_dtype, torch.device("cpu"), checkpoint_dir / "config.json")  # all held in RAM

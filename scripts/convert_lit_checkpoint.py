@@ -21,20 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.convert import QKV, lit_to_hf
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import (
-    UserError,
+from lit_llama.checkpoint import (
     check_layer_count,
-    check_output_dir,
     check_state_dict_fits,
     copy_tokenizer,
-    deprecated_flag,
     is_extra_parameter,
     load_state_dict,
     resolve_checkpoint,
-    run_cli,
-    save_atomic,
-    write_text_atomic,
 )
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
+from lit_llama.disk import save_atomic, write_text_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -58,7 +54,7 @@ def convert(
     if out_dir is None:
         out_dir = Path("checkpoints/hf-export") / Path(checkpoint_dir).name
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite, WEIGHTS_FILE)
+    check_out_dir(out_dir, replaces=WEIGHTS_FILE, overwrite=overwrite)
     config = paths.config
 
     lit_state_dict = load_state_dict(paths.weights)  # memory-mapped

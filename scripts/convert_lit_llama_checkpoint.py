@@ -3,10 +3,10 @@ files and its adapter v1 / v2 files.
 
     # the base: checkpoints/lit-llama/7B/lit-llama.pth (+ checkpoints/lit-llama/tokenizer.model)
     python scripts/convert_lit_llama_checkpoint.py --checkpoint_path checkpoints/lit-llama/7B/lit-llama.pth \
-        --output_dir checkpoints/converted/7B
+        --out_dir checkpoints/converted/7B
     # a LoRA or adapter file trained on it, against the converted base
     python scripts/convert_lit_llama_checkpoint.py --checkpoint_path out/lora/alpaca/lit-llama-lora-finetuned.pth \
-        --checkpoint_dir checkpoints/converted/7B --output_path out/lora/alpaca/lora-converted.pth
+        --checkpoint_dir checkpoints/converted/7B  # -> out/lora/alpaca/lit-llama-lora-finetuned-converted.pth
 
 Lit-LLaMA's q/k rows are in Meta's interleaved rotary layout, ours in Hugging Face's: they are permuted (and so
 are LoRA's B rows and adapter v2's per-row scale and bias for q and k). See howto/lit_llama_checkpoints.md.
@@ -33,23 +33,21 @@ from lit_llama.convert import (
 )
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import LLaMA
-from lit_llama.utils import (
-    TOKENIZER_NAME,
-    UserError,
-    check_output_dir,
+from lit_llama.checkpoint import (
+    WEIGHTS_NAME,
     check_state_dict_fits,
+    find_tokenizer,
     load_state_dict,
     resolve_checkpoint,
-    run_cli,
-    save_atomic,
     save_checkpoint_dir,
 )
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
+from lit_llama.disk import save_atomic
 
 
 def main(
     checkpoint_path: Path = Path("checkpoints/lit-llama/7B/lit-llama.pth"),
-    output_dir: Optional[Path] = None,
-    output_path: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
     checkpoint_dir: Optional[Path] = None,
     model_size: Optional[str] = None,
     n_head: Optional[int] = None,
@@ -61,15 +59,17 @@ def main(
     lora_key: bool = False,
     lora_value: bool = True,
     overwrite: bool = False,
+    output_dir: Optional[Path] = None,
+    output_path: Optional[Path] = None,
 ) -> None:
     """Converts one Lit-LLaMA file; what it is (base, LoRA, adapter v1 or v2) is read from its tensor names.
 
     Args:
         checkpoint_path: The Lit-LLaMA file: a base lit-llama.pth, lit-llama-lora-finetuned.pth or
             lit-llama-adapter-finetuned.pth.
-        output_dir: For a base: the checkpoint folder to write (lit-llama.pth, lit_config.json, tokenizer.model);
-            default: <checkpoint_path's folder>-converted.
-        output_path: For a LoRA or adapter file: the file to write; default: <checkpoint_path stem>-converted.pth.
+        out_dir: For a base: the checkpoint folder to write (lit-llama.pth, lit_config.json, tokenizer.model);
+            default: <checkpoint_path's folder>-converted. For a LoRA or adapter file: the folder to write
+            <checkpoint_path stem>-converted.pth into; default: checkpoint_path's folder.
         checkpoint_dir: For a LoRA or adapter file: the base it was trained on, already converted by this script.
         model_size: For a base: Lit-LLaMA's size name (7B, 13B, 30B, 65B), giving the head count; default: the
             name of checkpoint_path's folder.
@@ -83,7 +83,10 @@ def main(
         lora_key: For a LoRA file: whether the keys were adapted (Lit-LLaMA: no).
         lora_value: For a LoRA file: whether the values were adapted (Lit-LLaMA: yes).
         overwrite: Replace an existing output.
+        output_dir: Deprecated name of --out_dir.
+        output_path: Deprecated: for a LoRA or adapter file, the file to write (instead of --out_dir).
     """
+    out_dir = deprecated_flag("out_dir", out_dir, "output_dir", output_dir)
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise UserError(f"--checkpoint_path {checkpoint_path} does not exist")
@@ -91,15 +94,16 @@ def main(
     if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise UserError(f"{checkpoint_path} is not a bare tensor dict as Lit-LLaMA writes them; already converted?")
     if is_lit_llama_base(tensors) and any(n.endswith("c_attn.weight") for n in tensors):
-        convert_base(checkpoint_path, tensors, output_dir, model_size, n_head, tokenizer_path, overwrite)
+        convert_base(checkpoint_path, tensors, out_dir, model_size, n_head, tokenizer_path, overwrite)
         return
     if checkpoint_dir is None:
         raise UserError(f"{checkpoint_path} is a finetuned file: give --checkpoint_dir, the converted base it was "
                         "trained on")
     paths = resolve_checkpoint(checkpoint_dir)
-    output_path = Path(output_path or checkpoint_path.with_name(f"{checkpoint_path.stem}-converted.pth"))
+    converted = Path(out_dir or checkpoint_path.parent) / f"{checkpoint_path.stem}-converted.pth"
+    output_path = Path(deprecated_flag("out_dir", converted, "output_path", output_path))
     if output_path.exists() and not overwrite:
-        raise UserError(f"--output_path {output_path} already exists; pass --overwrite true to replace it")
+        raise UserError(f"{output_path} already exists; pass --overwrite true to replace it")
     if paths.config.n_query_groups != paths.config.n_head:
         raise UserError(f"--checkpoint_dir {checkpoint_dir} has grouped-query attention; Lit-LLaMA models have not")
 
@@ -148,8 +152,8 @@ def convert_base(
     folder = checkpoint_path.parent
     output_dir = Path(output_dir or f"{folder}-converted")
     if output_dir.resolve() == folder.resolve():
-        raise UserError(f"--output_dir {output_dir} is the Lit-LLaMA checkpoint's folder: choose another")
-    check_output_dir(output_dir, overwrite, flag="output_dir")
+        raise UserError(f"--out_dir {output_dir} is the Lit-LLaMA checkpoint's folder: choose another")
+    check_out_dir(output_dir, replaces=WEIGHTS_NAME, overwrite=overwrite)
     if n_head is None:
         size = model_size or folder.name
         if size not in LIT_LLAMA_N_HEAD:
@@ -159,8 +163,7 @@ def convert_base(
             )
         n_head = LIT_LLAMA_N_HEAD[size]
     if tokenizer_path is None:
-        candidates = [folder / TOKENIZER_NAME, folder.parent / TOKENIZER_NAME]
-        tokenizer_path = next((c for c in candidates if c.is_file()), candidates[0])
+        tokenizer_path = find_tokenizer(folder)
     if not Path(tokenizer_path).is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found: give --tokenizer_path")
 

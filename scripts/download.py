@@ -18,8 +18,7 @@ from jsonargparse.typing import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.checks import check_out_dir
-from lit_llama.utils import UserError, deprecated_flag, run_cli
+from lit_llama.cli import check_out_dir, UserError, deprecated_flag, run_cli
 
 # the converter reads these; tokenizer.model is LLaMA's SentencePiece tokenizer
 REQUIRED_FILES = ("config.json", "tokenizer.model")

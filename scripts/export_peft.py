@@ -20,15 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from lit_llama.convert import LORA_TARGET_MODULES, lora_to_peft
 from lit_llama.lora import LoRAConfig, lora_config_from_checkpoint
-from lit_llama.utils import (
-    UserError,
-    check_finite,
-    check_output_dir,
-    load_state_dict,
-    resolve_checkpoint,
-    run_cli,
-    save_atomic,
-)
+from lit_llama.checkpoint import check_finite, load_state_dict, resolve_checkpoint
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
+from lit_llama.disk import save_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -37,23 +31,26 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 def main(
     checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
     lora_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
-    output_dir: Path = Path("out/peft/alpaca"),
+    out_dir: Path = Path("out/peft/alpaca"),
     base_model_name_or_path: Optional[str] = None,
     overwrite: bool = False,
+    output_dir: Optional[Path] = None,
 ) -> None:
     """Writes the LoRA file as adapter_config.json + adapter_model.safetensors in PEFT's format.
 
     Args:
         checkpoint_dir: The base model folder the LoRA was trained on (its config must match the LoRA file's).
         lora_path: The LoRA checkpoint written by finetune/lora.py (or scripts/import_peft.py).
-        output_dir: The adapter folder to write.
+        out_dir: The adapter folder to write.
         base_model_name_or_path: Recorded in adapter_config.json for peft to find the base model (a hub id such
             as meta-llama/Llama-2-7b-hf or a local Hugging Face folder); default: --checkpoint_dir.
-        overwrite: Replace an existing adapter in --output_dir.
+        overwrite: Replace an existing adapter in --out_dir.
+        output_dir: Deprecated name of --out_dir.
     """
+    flag = "output_dir" if output_dir is not None else "out_dir"
+    output_dir = Path(deprecated_flag("out_dir", out_dir, "output_dir", output_dir))
     paths = resolve_checkpoint(checkpoint_dir)
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, WEIGHTS_FILE, flag="output_dir")
+    check_out_dir(output_dir, flag, replaces=WEIGHTS_FILE, overwrite=overwrite)
     checkpoint = load_state_dict(lora_path)
     lora = lora_config_from_checkpoint(checkpoint, lora_path)
     base = checkpoint.get("base_config", {})

@@ -1,7 +1,7 @@
 """Import a PEFT LoRA adapter trained on a LLaMA-architecture model as our LoRA file.
 
     python scripts/import_peft.py --adapter_dir path/to/adapter --checkpoint_dir checkpoints/lit-llama/7B \
-        --output_path out/lora/imported/lit-llama-lora.pth
+        --out_dir out/lora/imported
 
 The adapter folder holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin); the
 output works with generate/lora.py, scripts/merge_lora.py and scripts/export_peft.py. Rank, alpha, dropout,
@@ -14,7 +14,7 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -22,11 +22,14 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.checks import check_out_dir
+from lit_llama.checkpoint import check_finite, load_state_dict, resolve_checkpoint
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
+from lit_llama.disk import save_atomic
 from lit_llama.convert import PEFT_PREFIX, peft_targets, peft_to_lora
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import Config
-from lit_llama.utils import UserError, check_finite, load_state_dict, resolve_checkpoint, run_cli, save_atomic
+
+LORA_NAME = "lit-llama-lora.pth"  # the file written into --out_dir
 
 # adapter_config.json fields whose non-default values our LoRA cannot represent, and why
 UNSUPPORTED = {
@@ -47,20 +50,24 @@ UNSUPPORTED = {
 def main(
     adapter_dir: Path = Path("out/peft/alpaca"),
     checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
-    output_path: Path = Path("out/lora/imported/lit-llama-lora.pth"),
+    out_dir: Path = Path("out/lora/imported"),
     overwrite: bool = False,
+    output_path: Optional[Path] = None,
 ) -> None:
     """Converts a PEFT LoRA adapter folder into our LoRA file.
 
     Args:
         adapter_dir: The PEFT adapter folder (adapter_config.json, adapter_model.safetensors or .bin).
         checkpoint_dir: Our converted base model folder, the same model the adapter was trained on.
-        output_path: The LoRA file to write.
-        overwrite: Replace an existing --output_path.
+        out_dir: The folder to write the LoRA file into, as lit-llama-lora.pth.
+        overwrite: Replace an existing LoRA file.
+        output_path: Deprecated: the LoRA file to write (instead of --out_dir).
     """
-    adapter_dir, output_path = Path(adapter_dir), Path(output_path)
+    flag = "output_path" if output_path is not None else "out_dir"
+    output_path = Path(deprecated_flag("out_dir", Path(out_dir) / LORA_NAME, "output_path", output_path))
+    adapter_dir = Path(adapter_dir)
     paths = resolve_checkpoint(checkpoint_dir)
-    check_output_path(output_path, overwrite, paths.weights)
+    check_output_path(output_path, overwrite, paths.weights, flag)
     adapter_config, config_file = read_adapter_config(adapter_dir)
     tensors, weights_file = read_adapter_tensors(adapter_dir)
     drop_unchanged_base_layers(tensors, paths.weights, paths.config, weights_file)
@@ -87,15 +94,15 @@ def main(
           f"targets {', '.join(on)}) to {output_path}")
 
 
-def check_output_path(output_path: Path, overwrite: bool, base_weights: Path) -> None:
-    """--output_path is a new file (or, with --overwrite, a file to replace), never the base model's weights."""
+def check_output_path(output_path: Path, overwrite: bool, base_weights: Path, flag: str) -> None:
+    """The LoRA file to write is new (or, with --overwrite, a file to replace), never the base model's weights."""
     if output_path.exists() and output_path.samefile(base_weights):  # also through a link
-        raise UserError(f"--output_path {output_path} is the base model's weights: give another file")
+        raise UserError(f"--{flag}: {output_path} is the base model's weights: give another file")
     if output_path.is_dir():
-        raise UserError(f"--output_path {output_path} is a folder, expected a file name")
+        raise UserError(f"--{flag}: {output_path} is a folder, expected a file name")
     if output_path.exists() and not overwrite:
-        raise UserError(f"--output_path {output_path} already exists; pass --overwrite true to replace it")
-    check_out_dir(output_path.parent, "output_path")
+        raise UserError(f"--{flag}: {output_path} already exists; pass --overwrite true to replace it")
+    check_out_dir(output_path.parent, flag)
 
 
 def read_adapter_config(adapter_dir: Path) -> "tuple[Dict[str, Any], Path]":

@@ -16,16 +16,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.lora import load_lora_model
-from lit_llama.utils import (
-    UserError,
-    check_output_dir,
-    deprecated_flag,
+from lit_llama.checkpoint import (
+    WEIGHTS_NAME,
     is_extra_parameter,
     load_state_dict,
     resolve_checkpoint,
-    run_cli,
     save_checkpoint_dir,
 )
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 
 
 def main(
@@ -53,7 +51,7 @@ def main(
     out_dir = Path(out_dir or f"{paths.weights.parent}-lora")
     if out_dir.resolve() == paths.weights.parent.resolve():
         raise UserError(f"--out_dir {out_dir} is the base checkpoint's folder: choose another")
-    check_output_dir(out_dir, overwrite)
+    check_out_dir(out_dir, replaces=WEIGHTS_NAME, overwrite=overwrite)
 
     base_dtype = next(iter(load_state_dict(paths.weights).values())).dtype
     model = load_lora_model(paths, lora_path, torch.device("cpu"), base_dtype, merge=True)

@@ -21,7 +21,7 @@ from lit_llama.data import (
     resolve_test_split_size,
 )
 from lit_llama.prompts import get_prompt_style
-from lit_llama.utils import deprecated_flag, run_cli
+from lit_llama.cli import deprecated_flag, run_cli
 
 DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data.json"
 DATA_FILE_NAME = "alpaca_data.json"  # the download's name in --out_dir

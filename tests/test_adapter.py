@@ -17,7 +17,8 @@ from lit_llama.adapter import (
 )
 from lit_llama.generation import generate
 from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm, apply_rope, build_rope_cache
-from lit_llama.utils import UserError, is_extra_parameter, load_model, load_state_dict, resolve_checkpoint
+from lit_llama.checkpoint import is_extra_parameter, load_model, load_state_dict, resolve_checkpoint
+from lit_llama.cli import UserError
 
 VERSIONS_AND_SIZES = [(v, name) for v in (1, 2) for name in ("tiny", "tiny-gqa")]
 

@@ -13,7 +13,7 @@ from lit_llama.adapter import AdapterLLaMA, adapter_state_dict
 from lit_llama.data import prepare_dataset
 from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 FINAL_NAME = "lit-llama-adapter-finetuned.pth"
 

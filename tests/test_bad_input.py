@@ -762,7 +762,7 @@ def interop(world) -> Path:
 
     # PEFT adapters exported from the tiny LoRA, then changed
     load_script("scripts/export_peft.py").main(checkpoint_dir=world.ckpt, lora_path=world / "lora.pth",
-                                              output_dir=root / "peft")
+                                              out_dir=root / "peft")
     adapter_config = json.loads((root / "peft" / "adapter_config.json").read_text())
 
     def peft_folder(name: str, config_bytes: bytes = json.dumps(adapter_config).encode()) -> Path:
@@ -849,7 +849,7 @@ INTEROP_CASES = [
     ("import_peft", ["--adapter_dir", i("peft_nan"), "--checkpoint_dir", w("ckpt"), "--output_path", w(OUT + ".pth")],
      ["adapter_model.safetensors", "NaN or infinite"]),
     # PEFT export: the rank written is the tensors'; the flag named is the script's own
-    ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", i("lora_rank_4.pth"), "--output_dir", w(OUT)],
+    ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", i("lora_rank_4.pth"), "--out_dir", w(OUT)],
      ["lora_rank_4.pth", "lora_A", "r=4"]),
     ("export_peft", ["--checkpoint_dir", w("ckpt"), "--lora_path", w("lora.pth"), "--output_dir", w("a_file")],
      ["--output_dir", "is a file"]),
@@ -878,7 +878,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
 
-from lit_llama.utils import UserError  # noqa: E402
+from lit_llama.cli import UserError
 
 
 @pytest.fixture(scope="module")
@@ -1041,7 +1041,8 @@ def test_resume_of_a_run_json_without_training_settings(bad_train):
 def test_sharded_resume_state_survives_a_kill_at_any_step(tmp_path, monkeypatch, kill_at):
     """replace_checkpoint swaps a resume folder for a new one; a kill after any of its renames and deletions
     leaves find_resume_state a complete folder: the new one, or the old one under `.old`."""
-    import lit_llama.training as training
+    import lit_llama.disk as disk
+    import lit_llama.run_dir as run_dir
 
     path, tmp = tmp_path / "resume.pth", tmp_path / "resume.pth.tmp"
     for folder, content in [(path, "old"), (tmp, "new")]:
@@ -1059,13 +1060,13 @@ def test_sharded_resume_state_survives_a_kill_at_any_step(tmp_path, monkeypatch,
             return function(*args, **kwargs)
         return step
 
-    monkeypatch.setattr(training.os, "replace", counted(os.replace))
-    monkeypatch.setattr(training.shutil, "rmtree", counted(shutil.rmtree))
+    monkeypatch.setattr(disk.os, "replace", counted(os.replace))
+    monkeypatch.setattr(disk.shutil, "rmtree", counted(shutil.rmtree))
     try:
-        training.replace_checkpoint(tmp, path)
+        disk.replace_checkpoint(tmp, path)
     except Interrupted:
         pass
-    found = training.find_resume_state(path)
+    found = run_dir.find_resume_state(path)
     contents = {(found / name).read_text() for name in ("a", "b")}
     assert contents in ({"old"}, {"new"}), (steps, contents)
     if kill_at >= 4:  # every step done

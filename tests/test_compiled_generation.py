@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from lit_llama.adapter import AdapterLLaMA, adapter_state_dict
 from lit_llama.generation import SYNC_EVERY, generate_batch, stream_batch
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import load_model, resolve_checkpoint
+from lit_llama.checkpoint import load_model, resolve_checkpoint
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 

@@ -12,7 +12,7 @@ from conftest import assert_clean_error, run_script
 
 from lit_llama.convert import meta_intermediate_size, permute_meta, unpermute_meta
 from lit_llama.model import apply_rope, build_rope_cache
-from lit_llama.utils import load_model, resolve_checkpoint
+from lit_llama.checkpoint import load_model, resolve_checkpoint
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

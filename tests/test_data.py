@@ -16,7 +16,7 @@ from lit_llama.data import (
     prepare_sample,
 )
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 RECORD = {"instruction": "Add the two numbers.", "input": "3 and 4", "output": "3 plus 4 is 7."}
 

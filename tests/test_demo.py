@@ -4,7 +4,7 @@ import shutil
 import pytest
 from conftest import assert_clean_error, load_script, run_script
 
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 
 def test_demo_runs_the_whole_pipeline_offline(tmp_path):

@@ -248,7 +248,7 @@ def test_readme_and_guides_work_as_written(workspace, lit_llama_checkout, capsys
             stop_server(proc)
     assert servers, "howto/multi_lora.md starts serve.py"
     run_doc(LIT_LLAMA_DOC, lit_llama_checkout, capsys, set(), ran, [])
-    assert (lit_llama_checkout / "out" / "lora" / "alpaca" / "lora-converted.pth").is_file()
+    assert (lit_llama_checkout / "out" / "lora" / "alpaca" / "lit-llama-lora-finetuned-converted.pth").is_file()
     with capsys.disabled():
         print(f"\nran {len(ran)} commands:\n" + "\n".join(ran))
     # what the guides promise exists afterwards

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, assert_clean_error, load_script, make_arithmetic_run, run_script
 
-from lit_llama.utils import load_state_dict
+from lit_llama.checkpoint import load_state_dict
 
 ONE_PROCESS = dict(precision="32-true", batch_size=4, micro_batch_size=2, max_iters=6, eval_interval=2, eval_iters=2,
                    save_interval=2, warmup_iters=1)

@@ -11,7 +11,7 @@ from conftest import assert_clean_error, load_script, run_script
 
 from lit_llama.adapter import load_adapter_model
 from lit_llama.lora import load_lora_model
-from lit_llama.utils import load_model, resolve_checkpoint
+from lit_llama.checkpoint import load_model, resolve_checkpoint
 
 N_LAYER, N_HEAD, N_EMBD, VOCAB = 2, 4, 64, 512
 N_HIDDEN = 256  # Lit-LLaMA's MLP size rule: find_multiple(int(2 * 4 * 64 / 3), 256)
@@ -145,7 +145,7 @@ def converted_base(tmp_path_factory, tiny_checkpoint_dir):
     torch.save(base, folder / "lit-llama.pth")
     shutil.copy(tiny_checkpoint_dir / "tokenizer.model", folder.parent / "tokenizer.model")
     load_script("scripts/convert_lit_llama_checkpoint.py").main(
-        checkpoint_path=folder / "lit-llama.pth", output_dir=root / "converted", n_head=N_HEAD)
+        checkpoint_path=folder / "lit-llama.pth", out_dir=root / "converted", n_head=N_HEAD)
     return {"root": root, "lit_llama_file": folder / "lit-llama.pth", "base": base, "dir": root / "converted"}
 
 

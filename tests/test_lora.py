@@ -16,7 +16,8 @@ from lit_llama.lora import (
     mark_only_lora_as_trainable,
 )
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import UserError, load_model, resolve_checkpoint
+from lit_llama.checkpoint import load_model, resolve_checkpoint
+from lit_llama.cli import UserError
 
 ALL_TARGETS = LoRAConfig(key=True, projection=True, mlp=True, head=True)
 

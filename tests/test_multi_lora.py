@@ -14,7 +14,8 @@ from lit_llama.generation import generate, generate_batch
 from lit_llama.lora import LoRAConfig, LoRALinear, LoRALLaMA, load_lora_model, lora_state_dict
 from lit_llama.model import LLaMA
 from lit_llama.multi_lora import MultiLoRALLaMA
-from lit_llama.utils import UserError, load_model, resolve_checkpoint
+from lit_llama.checkpoint import load_model, resolve_checkpoint
+from lit_llama.cli import UserError
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 ADAPTERS = {  # different ranks and targets, in one batch

@@ -77,7 +77,7 @@ def export(checkpoint_dir: Path, model: LoRALLaMA, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(lora_state_dict(model), out / "lora.pth")
     load_script("scripts/export_peft.py").main(checkpoint_dir=checkpoint_dir, lora_path=out / "lora.pth",
-                                              output_dir=out / "peft")
+                                              out_dir=out / "peft")
     return out / "peft"
 
 
@@ -139,7 +139,7 @@ def test_export_matches_peft_logits(name, combination, bases, tmp_path):
 def test_export_bad_input(bases, tmp_path):
     checkpoint_dir, _ = bases["tiny-gqa"]
     adapter_dir = export(checkpoint_dir, trained_lora(checkpoint_dir, COMBINATIONS["query"]), tmp_path)
-    args = ["--checkpoint_dir", checkpoint_dir, "--lora_path", tmp_path / "lora.pth", "--output_dir", adapter_dir]
+    args = ["--checkpoint_dir", checkpoint_dir, "--lora_path", tmp_path / "lora.pth", "--out_dir", adapter_dir]
     proc = run_script("scripts/export_peft.py", *args, check=False)
     assert_clean_error(proc, "adapter_model.safetensors", "--overwrite")
     proc = run_script("scripts/export_peft.py", *args[:2], "--lora_path", checkpoint_dir / "lit-llama.pth",
@@ -341,7 +341,7 @@ def test_variant_logits_and_gradients_match_peft(variant, combination, name, bas
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_starts_at_base_and_merged_equals_unmerged(variant, name, bases):
-    from lit_llama.utils import load_model, resolve_checkpoint
+    from lit_llama.checkpoint import load_model, resolve_checkpoint
 
     checkpoint_dir, _ = bases[name]
     paths = resolve_checkpoint(checkpoint_dir)
@@ -390,7 +390,7 @@ def test_finetune_with_rslora_dora_then_generate_merge_export(tiny_checkpoint_di
     """--lora_rslora --lora_dora are stored in the LoRA file; generate (merged or not), merge_lora.py and
     export_peft.py read them from there."""
     from lit_llama.lora import load_lora_model
-    from lit_llama.utils import load_model, resolve_checkpoint
+    from lit_llama.checkpoint import load_model, resolve_checkpoint
 
     load_script("finetune/lora.py").setup(
         checkpoint_dir=tiny_checkpoint_dir, data_dir=prepared_data, out_dir=tmp_path / "out", precision="32-true",

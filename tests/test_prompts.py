@@ -13,7 +13,7 @@ from lit_llama.generation import SYNC_EVERY, generate_response
 from lit_llama.model import Config
 from lit_llama.prompts import PROMPT_STYLES, chat_turns, get_prompt_style
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError
+from lit_llama.cli import UserError
 
 
 def test_templates():

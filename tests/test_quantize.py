@@ -10,7 +10,7 @@ from conftest import assert_clean_error, interrupt_at_iteration, load_script, ma
 from lit_llama.lora import LoRAConfig, LoRALLaMA, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import Config
 from lit_llama.quantize import frozen_weight_bytes, quantize_frozen_linears
-from lit_llama.utils import load_model, load_state_dict, resolve_checkpoint
+from lit_llama.checkpoint import load_model, load_state_dict, resolve_checkpoint
 
 pytest.importorskip("torchao")
 # torchao's NF4 tensor class: torchao.quantization.quantize_.workflows.nf4.nf4_tensor in 0.18 (not yet in 0.17), before

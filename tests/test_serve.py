@@ -26,7 +26,7 @@ from lit_llama.lora import LoRAConfig, LoRALLaMA, base_fingerprint, lora_state_d
 from lit_llama.model import LLaMA
 from lit_llama.multi_lora import MultiLoRALLaMA
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import load_model, resolve_checkpoint
+from lit_llama.checkpoint import load_model, resolve_checkpoint
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("litserve")

@@ -6,7 +6,7 @@ import torch
 from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run, run_script
 
 from lit_llama import training
-from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
+from lit_llama.lora import LoRAConfig, LoRAFinetune, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config, LLaMA
 
 
@@ -114,8 +114,8 @@ def test_levers_resume_exactly(arithmetic_run, tmp_path, monkeypatch):
     finetune.setup(out_dir=tmp_path / "straight", **args)
     interrupt_at_iteration(monkeypatch, 14, finetune.setup, out_dir=tmp_path / "resumed", **args)  # saved at 12
     finetune.setup(out_dir=tmp_path / "resumed", resume=True, **args)
-    straight = final_weights(tmp_path / "straight", finetune.FINAL_NAME)
-    resumed = final_weights(tmp_path / "resumed", finetune.FINAL_NAME)
+    straight = final_weights(tmp_path / "straight", LoRAFinetune.final_name)
+    resumed = final_weights(tmp_path / "resumed", LoRAFinetune.final_name)
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=0, rtol=0)
 
@@ -127,8 +127,8 @@ def test_chunked_ce_gives_the_same_run(script, arithmetic_run, tmp_path):
     args = run_args(arithmetic_run, max_iters=4, save_interval=0, group_by_length=True)
     finetune.setup(out_dir=tmp_path / "plain", **args)
     finetune.setup(out_dir=tmp_path / "chunked", chunked_ce=True, **args)
-    plain = final_weights(tmp_path / "plain", finetune.FINAL_NAME)
-    chunked = final_weights(tmp_path / "chunked", finetune.FINAL_NAME)
+    plain = final_weights(tmp_path / "plain", f"lit-llama-{script}-finetuned.pth")
+    chunked = final_weights(tmp_path / "chunked", f"lit-llama-{script}-finetuned.pth")
     for name in plain:
         torch.testing.assert_close(chunked[name], plain[name], atol=1e-5, rtol=0)
 

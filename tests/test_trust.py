@@ -15,12 +15,14 @@ import pytest
 import torch
 from conftest import REPO_ROOT, Interrupted, assert_clean_error, interrupt_at_iteration, load_script, run_script
 
+import lit_llama.run_dir as run_dir
 import lit_llama.training as training
-from lit_llama.checks import check_out_dir
+from lit_llama.cli import check_out_dir, UserError, check_torch_version
+from lit_llama.disk import save_atomic
 from lit_llama.data import prepare_dataset
+from lit_llama.finetune import resolve_max_seq_length
 from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError, check_torch_version, save_atomic
 
 FINAL = "lit-llama-lora-finetuned.pth"
 
@@ -166,12 +168,12 @@ def test_access_token_is_never_printed():
 
 def test_block_size_is_a_deprecated_name_of_max_seq_length(capsys):
     tiny = Config.from_name("tiny")  # a context of 256 tokens
-    assert training.resolve_max_seq_length(None, None, tiny) == 256  # 512 by default, but no longer than that
-    assert training.resolve_max_seq_length(128, None, tiny) == 128
-    assert training.resolve_max_seq_length(None, 64, tiny) == 64
+    assert resolve_max_seq_length(None, None, tiny) == 256  # 512 by default, but no longer than that
+    assert resolve_max_seq_length(128, None, tiny) == 128
+    assert resolve_max_seq_length(None, 64, tiny) == 64
     assert "--block_size is deprecated: use --max_seq_length" in capsys.readouterr().err
     with pytest.raises(UserError, match="--max_seq_length 300 is longer than the model's context"):
-        training.resolve_max_seq_length(300, None, tiny)
+        resolve_max_seq_length(300, None, tiny)
 
 
 def test_training_config_is_built_with_keywords():
@@ -239,8 +241,8 @@ def test_resume_checks_the_batch_settings_a_run_json_has(tmp_path):
     """run.json records the settings that decide each step's examples; one written before they were recorded
     (no "batches") still resumes, one that has them refuses others."""
     run_info = {"method": "lora", "batches": {"seed": 1, "micro_batch_size": 2}}
-    (tmp_path / training.RUN_NAME).write_text(json.dumps({"method": "lora"}))
-    training.check_run_dir(tmp_path, resume=True, run_info=run_info)
-    (tmp_path / training.RUN_NAME).write_text(json.dumps({"method": "lora", "batches": {"seed": 1, "micro_batch_size": 4}}))
+    (tmp_path / run_dir.RUN_NAME).write_text(json.dumps({"method": "lora"}))
+    run_dir.check_run_dir(tmp_path, resume=True, run_info=run_info)
+    (tmp_path / run_dir.RUN_NAME).write_text(json.dumps({"method": "lora", "batches": {"seed": 1, "micro_batch_size": 4}}))
     with pytest.raises(UserError, match="batches micro_batch_size=4; this run has micro_batch_size=2"):
-        training.check_run_dir(tmp_path, resume=True, run_info=run_info)
+        run_dir.check_run_dir(tmp_path, resume=True, run_info=run_info)

@@ -1,171 +1,40 @@
-"""Checkpoint I/O, precision helpers and the command-line error handling every script shares."""
+"""Checkpoints: where a model's files are (`resolve_checkpoint`), reading them safely (no code runs, checksums
+and shapes checked), building the model from them, and each of our formats' reader beside its writer:
 
-import errno
+- a checkpoint folder: `lit-llama.pth` (the weights), `lit_config.json`, the tokenizer (`save_checkpoint_dir`,
+  `load_model`);
+- a sharded folder (torch.distributed.checkpoint, written by every FSDP rank: `save_sharded_weights`,
+  `load_sharded`).
+
+LoRA and adapter files are read and written in lit_llama/lora.py and lit_llama/adapter.py, resume states in
+lit_llama/run_dir.py."""
+
 import os
 import pickle
-import re
 import shutil
-import stat
-import sys
+import warnings
 import zipfile
 import zlib
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
+import lightning as L
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from lit_llama.cli import UserError, describe_exception
+from lit_llama.disk import disk_errors, replace_checkpoint, save_atomic, write_text_atomic
+from lit_llama.distributed import unwrap
 from lit_llama.model import Config, LLaMA, llama_configs
 
 WEIGHTS_NAME = "lit-llama.pth"
+
 CONFIG_NAME = "lit_config.json"
+
 TOKENIZER_NAME = "tokenizer.model"
-
-
-class UserError(Exception):
-    """A mistake in the user's input (a path, a flag, a file): printed as one line, exit code 1."""
-
-
-# from 2.6 on, `torch.load` reads only tensors and plain values unless told otherwise; every load here also
-# says `weights_only=True`, but an older torch would unpickle (run code from) files inside its own helpers
-MIN_TORCH_VERSION = (2, 6)
-
-
-def describe_exception(e: BaseException) -> str:
-    """"Type: first line of the message": torch's loading errors run over many lines of advice."""
-    if isinstance(e, pickle.UnpicklingError):  # what weights_only refuses; torch's advice is to load it anyway
-        return "it holds Python objects other than tensors, which could run code when loaded: refused"
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
-def check_torch_version(version: str = torch.__version__) -> None:
-    numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-    if numbers < MIN_TORCH_VERSION:
-        raise UserError(
-            f"torch {version} is too old: lit-llama needs torch >= {'.'.join(map(str, MIN_TORCH_VERSION))}, "
-            "whose torch.load cannot run code from a checkpoint (pip install -U torch)"
-        )
-
-
-def run_cli(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """`jsonargparse.CLI(fn)` that turns `UserError`s into one clear line on stderr and exit code 1, and a
-    flag it cannot parse (unknown, or a value of the wrong type) into one line and exit code 2."""
-    from argparse import ArgumentError
-
-    from jsonargparse import CLI
-
-    try:
-        check_torch_version()
-        check_yaml_arguments(kwargs.get("args") or sys.argv[1:])
-        return CLI(fn, *args, exit_on_error=False, **kwargs)
-    except ArgumentError as e:
-        print(f"error: {describe_argument_error(e)} (--help lists the flags)", file=sys.stderr)
-        sys.exit(2)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        rank = peer_failure_rank(e)
-        if rank is None:
-            raise  # a bug: keep its traceback
-        # another process of this multi-process run stopped, and printed why: this one follows it, and only the
-        # first process says so
-        if rank == 0:
-            print("error: another process of this run stopped (its error is printed above): stopping too",
-                  file=sys.stderr)
-        sys.exit(1)
-
-
-def peer_failure_rank(e: BaseException) -> Optional[int]:
-    """This process's rank, if `e` is a collective of a multi-process run failing because another process of
-    it has ended (gloo: "Connection closed by peer"); else None."""
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
-        return None
-    lost_peer = isinstance(e, distributed.DistError) or (
-        isinstance(e, RuntimeError)
-        and re.search(r"connection (closed|reset) by peer|broken pipe|remote worker", str(e), re.IGNORECASE)
-    )
-    return distributed.get_rank() if lost_peer and distributed.get_world_size() > 1 else None
-
-
-MAX_YAML_NODES = 100_000  # a config or flag value with more values than this, once its aliases are expanded
-
-
-def check_yaml_arguments(argv: List[str]) -> None:
-    """What jsonargparse would read as YAML, checked before it does: a `--config` file must be UTF-8, and no
-    config or flag value may expand, through YAML aliases (`*name` repeating an `&name` anchor), into more
-    than MAX_YAML_NODES values. A "billion laughs" file of a few hundred bytes expands into billions and
-    runs out of memory after minutes."""
-    import yaml
-
-    for i, arg in enumerate(argv):
-        if arg.startswith("--") and "=" in arg:
-            name, value = arg.split("=", 1)
-        else:
-            name, value = (argv[i - 1] if i and argv[i - 1].startswith("--") else f"argument {i + 1}"), arg
-        if name == "--config" and Path(value).is_file():  # else jsonargparse reads the value as YAML itself
-            name = f"--config {value}"
-            try:
-                value = Path(value).read_bytes().decode("utf-8")
-            except UnicodeDecodeError as e:
-                byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
-                raise UserError(f"{name} is not UTF-8 text ({byte})") from None
-        if "*" not in value:
-            continue  # no alias: nothing can expand
-        try:
-            nodes = yaml_expanded_size(yaml.compose(value, Loader=yaml.SafeLoader))
-        except (yaml.YAMLError, RecursionError):
-            continue  # not YAML, or nested too deeply: jsonargparse reports it
-        if nodes > MAX_YAML_NODES:
-            raise UserError(f"{name} expands through YAML aliases into {nodes:.3g} values (at most "
-                            f"{MAX_YAML_NODES:,} are accepted): write the values out")
-
-
-def yaml_expanded_size(root: Any) -> int:
-    """How many values a composed YAML node stands for with every alias expanded, counted without expanding
-    them (an alias is the same node object as its anchor: each node is counted once, then reused)."""
-    import yaml
-
-    sizes: Dict[int, int] = {}
-
-    def size(node: Any) -> int:
-        if id(node) not in sizes:
-            if isinstance(node, yaml.SequenceNode):
-                sizes[id(node)] = 1 + sum(size(child) for child in node.value)
-            elif isinstance(node, yaml.MappingNode):
-                sizes[id(node)] = 1 + sum(size(key) + size(value) for key, value in node.value)
-            else:
-                sizes[id(node)] = 1
-        return sizes[id(node)]
-
-    return size(root) if root is not None else 0
-
-
-def describe_argument_error(e: Exception) -> str:
-    """jsonargparse's multi-line message in one line: `--top_k 'many' is not a valid int or null`."""
-    text = str(e)
-    key = re.match(r'Parser key "([^"]+)"', text)
-    value = re.search(r"(?:Given|Got) value: (.*)", text)
-    if not key or not value:
-        return " ".join(line.strip() for line in text.splitlines())
-    expected_part = re.sub(r"Given value type: .*", "", text)  # the type of what was given is not expected
-    types = dict.fromkeys(re.findall(r"<class '(\w+)'>", expected_part))  # in order, once each
-    expected = " or ".join("null" if t == "NoneType" else t for t in types) or "value"
-    return f"--{key.group(1)} {value.group(1).strip()!r} is not a valid {expected}"
-
-
-def deprecated_flag(new: str, value: Any, old: str, old_value: Any) -> Any:
-    """The value of `--new`, or of its deprecated old name `--old` when that was given (with a note)."""
-    if old_value is None:
-        return value
-    print(f"note: --{old} is deprecated: use --{new}", file=sys.stderr)
-    return old_value
 
 
 @dataclass
@@ -220,13 +89,19 @@ def resolve_checkpoint(
         )
 
     if tokenizer_path is None:
-        tokenizer_path = folder / TOKENIZER_NAME
-        if not tokenizer_path.is_file() and (folder.parent / TOKENIZER_NAME).is_file():
-            tokenizer_path = folder.parent / TOKENIZER_NAME  # lit-llama layout: checkpoints/lit-llama/tokenizer.model
+        tokenizer_path = find_tokenizer(folder)
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found (give --tokenizer_path or put it in the checkpoint dir)")
     return CheckpointPaths(checkpoint_path, config, tokenizer_path, config_file)
+
+
+def find_tokenizer(folder: Path) -> Path:
+    """The tokenizer beside a model's weights in `folder`, or in its parent folder (Lit-LLaMA's and Meta's layout:
+    checkpoints/lit-llama/tokenizer.model beside checkpoints/lit-llama/7B/); where there is none, the path it
+    would have beside the weights (for the caller's error)."""
+    candidates = [Path(folder) / TOKENIZER_NAME, Path(folder).resolve().parent / TOKENIZER_NAME]
+    return next((path for path in candidates if path.is_file()), candidates[0])
 
 
 def file_in_folder(folder: Path, name: Any, source: Path) -> Path:
@@ -465,114 +340,6 @@ def is_extra_parameter(name: str) -> bool:
     return "lora_" in name or "adapter_" in name
 
 
-def save_atomic(obj: Any, path: Path, save: Callable[[Any, Path], None] = torch.save) -> None:
-    """`save(obj, temporary name)`, then rename: an interrupted save never leaves half a file, and an
-    existing file is only replaced by a complete one. A full or read-only disk is one clear error, with the
-    temporary file removed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with disk_errors(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save(obj, tmp)
-        # some writers (safetensors) create their file readable by its owner only: give it the mode any new
-        # file of the user's gets (0666 less the umask), or keep the mode of the file it replaces
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask())
-        os.replace(tmp, path)
-
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it: it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Like `save_atomic`, for a text file."""
-    save_atomic(text, path, lambda text, tmp: Path(tmp).write_text(text))
-
-
-DISK_ERRORS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-}
-
-
-@contextmanager
-def disk_errors(path: Path, *temporary: Path) -> Iterator[None]:
-    """Turns a failed write of `path` (full disk, read-only file system, no permission) into one line, and
-    removes the `temporary` files the write left. torch.save reports a failed write as a RuntimeError."""
-    try:
-        yield
-    except (OSError, RuntimeError, checkpoint_exception_type()) as e:
-        for tmp in temporary:
-            if Path(tmp).is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                with suppress(OSError):  # on a read-only file system there is none (and none can be removed)
-                    Path(tmp).unlink(missing_ok=True)
-        # torch.distributed.checkpoint gathers every rank's failed write into one CheckpointException, raised on
-        # every rank: the reason is the first write error in it. (No other name here may hold the exception:
-        # its traceback keeps torch.save's file open, on a disk that could then not be unmounted.)
-        reason = write_failure_reason(first_write_error(e), Path(path))
-        if reason is None:
-            raise  # not a failed write: a bug, keep its traceback
-        raise UserError(f"could not write {path}: {reason}") from None
-
-
-def write_failure_reason(e: BaseException, path: Path) -> Optional[str]:
-    """Why writing `path` failed, in words; None for an exception that is no failed write."""
-    reason = DISK_ERRORS.get(getattr(e, "errno", None)) or disk_state(path)
-    if reason is None and not isinstance(e, OSError):
-        if not isinstance(e, RuntimeError) or "write" not in str(e).lower():
-            return None
-        reason = "the write failed"
-    return reason or getattr(e, "strerror", None) or str(e)
-
-
-def checkpoint_exception_type() -> type:
-    """torch.distributed.checkpoint's CheckpointException (a BaseException) once that module is loaded, without
-    loading it (seconds) where it is not: it cannot have raised anything then."""
-    module = sys.modules.get("torch.distributed.checkpoint.api")
-    return module.CheckpointException if module is not None else OSError
-
-
-def first_write_error(e: BaseException) -> BaseException:
-    """The first OSError or RuntimeError a CheckpointException gathered from the ranks, else `e` itself."""
-    failures = getattr(e, "failures", None) if isinstance(e, checkpoint_exception_type()) else None
-    for failure, _ in (failures or {}).values():
-        if isinstance(failure, (OSError, RuntimeError)):
-            return failure
-    return e
-
-
-def disk_state(path: Path) -> Optional[str]:
-    """Why nothing can be written where `path` goes, if the file system says so."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    stats = os.statvfs(path)
-    if stats.f_flag & os.ST_RDONLY:
-        return DISK_ERRORS[errno.EROFS]
-    if stats.f_bavail * stats.f_frsize < 1 << 20:  # less than 1 MB left
-        return DISK_ERRORS[errno.ENOSPC]
-    return None
-
-
-def check_output_dir(
-    output_dir: Path, overwrite: bool = False, filename: str = WEIGHTS_NAME, flag: str = "out_dir"
-) -> None:
-    """`--out_dir` (or the script's `--flag`) can be written, and an existing checkpoint in it is replaced only
-    when asked to."""
-    from lit_llama.checks import check_out_dir  # lit_llama.checks imports this module
-
-    check_out_dir(output_dir, flag)
-    if (Path(output_dir) / filename).exists() and not overwrite:
-        raise UserError(f"{Path(output_dir) / filename} already exists; pass --overwrite true to replace it")
-
-
 def save_checkpoint_dir(
     output_dir: Path, state_dict: Dict[str, torch.Tensor], config: Config, tokenizer_path: Path
 ) -> None:
@@ -588,31 +355,54 @@ def copy_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
         save_atomic(tokenizer_path, Path(output_dir) / TOKENIZER_NAME, shutil.copyfile)
 
 
-PRECISION_DTYPES = {
-    "32-true": torch.float32,
-    "16-true": torch.float16,
-    "bf16-true": torch.bfloat16,
-    "16-mixed": torch.float32,
-    "bf16-mixed": torch.float32,
-}
+def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
+    """The model's weights (or only those that train), whole, in CPU memory on rank 0; the other ranks get
+    an empty dict. Under FSDP they are gathered from the shards, so every rank must call this."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(unwrap(model), options=options)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def save_sharded_weights(fabric: L.Fabric, model: torch.nn.Module, path: Path) -> None:
+    """A torch.distributed.checkpoint folder of the weights (under "model"; each rank writes its shards, no
+    gathering), written under a temporary name and renamed when complete. generate/full.py reads it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with disk_errors(path, tmp):
+        dcp.save({"model": get_model_state_dict(unwrap(model))}, checkpoint_id=tmp)
+        fabric.barrier()
+        if fabric.global_rank == 0:
+            replace_checkpoint(tmp, path)
+    fabric.barrier()
 
 
-def default_precision() -> str:
-    """bf16 where the GPU supports it, full precision on CPU."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-true"
-    return "32-true"
+def load_sharded(paths: CheckpointPaths, device: torch.device, dtype: torch.dtype) -> LLaMA:
+    """Reads what `save_sharded_weights` writes: the folder of an FSDP sharded checkpoint (torch.distributed.checkpoint format, the weights under
+    "model") in a single process, straight into the model's tensors."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-
-def precision_dtype(precision: Optional[str]) -> torch.dtype:
-    precision = precision or default_precision()
-    if precision not in PRECISION_DTYPES:
-        raise UserError(f"--precision {precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
-    return PRECISION_DTYPES[precision]
+    try:
+        metadata = read_dcp_metadata(paths.weights)  # refuses anything but metadata: a crafted file runs no code
+    except Exception as e:  # noqa: BLE001 - any unreadable folder is the user's input
+        raise UserError(f"{paths.weights} is not a sharded checkpoint folder ({describe_exception(e)})")
+    with torch.device("meta"), default_dtype(dtype):
+        model = LLaMA(paths.config)
+    stored = {  # the shapes of the stored weights, as empty tensors, to check them like a .pth file's
+        name[len("model.") :]: torch.empty(entry.size, device="meta")
+        for name, entry in metadata.state_dict_metadata.items()
+        if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)
+    }
+    check_state_dict_fits(model, stored, paths.weights)
+    model.to_empty(device=device)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        # fills the tensors in place, casting them to dtype; one process reads every shard
+        try:
+            dcp_load_weights_only(state, paths.weights, no_dist=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable shard is the user's input
+            raise UserError(f"{paths.weights} has unreadable shards ({describe_exception(e)})")
+    model.load_state_dict(state["model"])
+    check_finite(state["model"], paths.weights)
+    return model
 
 
 def num_parameters(module: torch.nn.Module, requires_grad: Optional[bool] = None) -> int:
