@@ -194,7 +194,7 @@ class Suite:
         write_random_checkpoint(config, checkpoint_dir, self.device)
         tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
         records = json.loads((REPO / "lit_llama" / "demo_instructions.json").read_text())
-        prepare_dataset(records, tokenizer, data_dir, test_split_size=8, seed=42, max_seq_length=self.lengths[1])
+        prepare_dataset(records, tokenizer, data_dir, test_split_size=8, seed=42, max_example_tokens=self.lengths[1])
         precision, micro_batch_size, iterations = ("32-true", 2, 4) if self.smoke else ("bf16-mixed", 4, 40)
         finetune_full.setup(
             checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, precision=precision, devices=1,

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
@@ -41,15 +40,10 @@ def adapter(
     return AdapterFinetune(adapter_prompt_length, adapter_start_layer, adapter_version, quantize)
 
 
-# warmup_iters null: 2 epochs' worth, the article's (and LLaMA-Adapter's) default
-DEFAULTS = dict(learning_rate=9e-3, weight_decay=0.02, warmup_iters=None)
-
-
 def setup(**flags: Any) -> None:
-    """`python finetune/adapter.py --name value ...` from Python: `setup(name=value, ...)`."""
-    finetune_from_python(adapter, flags, **DEFAULTS)
+    """`python finetune/adapter.py --flag value` from Python: `setup(flag=value)`."""
+    finetune_from_python(adapter, flags, AdapterFinetune.flag_defaults)
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
-    finetune_cli(adapter, **DEFAULTS)
+    finetune_cli(adapter, AdapterFinetune.flag_defaults)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
@@ -32,14 +31,10 @@ def full(state_dict_type: str = "full") -> FullFinetune:
     return FullFinetune(state_dict_type)
 
 
-DEFAULTS = dict(learning_rate=3e-5, weight_decay=0.0, warmup_iters=100)
-
-
 def setup(**flags: Any) -> None:
-    """`python finetune/full.py --name value ...` from Python: `setup(name=value, ...)`."""
-    finetune_from_python(full, flags, **DEFAULTS)
+    """`python finetune/full.py --flag value` from Python: `setup(flag=value)`."""
+    finetune_from_python(full, flags, FullFinetune.flag_defaults)
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
-    finetune_cli(full, **DEFAULTS)
+    finetune_cli(full, FullFinetune.flag_defaults)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
@@ -62,14 +61,10 @@ def lora(
     return LoRAFinetune(config, quantize)
 
 
-DEFAULTS = dict(learning_rate=3e-4, weight_decay=0.0, warmup_iters=100)
-
-
 def setup(**flags: Any) -> None:
-    """`python finetune/lora.py --name value ...` from Python: `setup(name=value, ...)`."""
-    finetune_from_python(lora, flags, **DEFAULTS)
+    """`python finetune/lora.py --flag value` from Python: `setup(flag=value)`."""
+    finetune_from_python(lora, flags, LoRAFinetune.flag_defaults)
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
-    finetune_cli(lora, **DEFAULTS)
+    finetune_cli(lora, LoRAFinetune.flag_defaults)

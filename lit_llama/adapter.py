@@ -324,6 +324,7 @@ class AdapterFinetune:
     adapter weights trained, and each checkpoint only those, with the prompt style of the data."""
 
     name, final_name, trains_every_weight, sharded_resume = "adapter", "lit-llama-adapter-finetuned.pth", False, False
+    flag_defaults = {"learning_rate": 9e-3, "weight_decay": 0.02, "warmup_iters": None}  # the article's; None: 2 epochs
 
     def __init__(self, prompt_length: int, start_layer: Optional[int], version: int,
                  quantize: Optional[str] = None) -> None:

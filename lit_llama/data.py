@@ -122,13 +122,13 @@ def _parse_json_lines(path: Path, text: str) -> List[Tuple[Any, str]]:
 def prepare_sample(
     record: Dict[str, str],
     tokenizer: Tokenizer,
-    max_seq_length: int,
+    max_example_tokens: int,
     mask_inputs: bool = True,
     prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> Dict[str, Any]:
     """Tokenizes one record into a training sample.
 
-    input_ids = bos + prompt + output + eos, cut to `max_seq_length`, the prompt in `prompt_style` (whose answers
+    input_ids = bos + prompt + output + eos, cut to `max_example_tokens`, the prompt in `prompt_style` (whose answers
     may end with a stop text before eos, as ChatML's "<|im_end|>"). The prompt and the output are encoded
     separately and concatenated, not encoded as one string: SentencePiece could merge characters across the
     boundary into one token, and then no token count could say where the prompt ends. This way the prompt's
@@ -140,14 +140,14 @@ def prepare_sample(
         input_ids_no_response: LongTensor of bos + prompt, what to generate from.
         labels: input_ids with the prompt's positions set to IGNORE_INDEX when `mask_inputs`, so that only
             the response is learned (the training loop shifts labels by one against the logits).
-        truncated: whether the example was longer than `max_seq_length`.
+        truncated: whether the example was longer than `max_example_tokens`.
         num_tokens: the example's length before truncation.
     """
     style = get_prompt_style(prompt_style)
     prompt_ids = tokenizer.encode(style.prompt(record["instruction"], record["input"]), bos=True, eos=False)
     output_ids = tokenizer.encode(style.answer(record["output"]), bos=False, eos=True)
     full_ids = torch.cat([prompt_ids, output_ids])
-    input_ids = full_ids[:max_seq_length].clone()  # clone: do not keep the untruncated tensor alive in the save
+    input_ids = full_ids[:max_example_tokens].clone()  # clone: do not keep the untruncated tensor alive in the save
     labels = input_ids.clone()
     if mask_inputs:
         labels[: len(prompt_ids)] = IGNORE_INDEX
@@ -156,9 +156,9 @@ def prepare_sample(
         "input": record["input"],
         "output": record["output"],
         "input_ids": input_ids,
-        "input_ids_no_response": prompt_ids[:max_seq_length].clone(),
+        "input_ids_no_response": prompt_ids[:max_example_tokens].clone(),
         "labels": labels,
-        "truncated": len(full_ids) > max_seq_length,
+        "truncated": len(full_ids) > max_example_tokens,
         "num_tokens": len(full_ids),
         "prompt_style": style.name,  # finetune's validation samples are generated in the same style
     }
@@ -177,7 +177,7 @@ def resolve_test_split_size(requested: Optional[int], num_records: int, default:
 
 
 def check_prepare_flags(
-    out_dir: Path, data_file: Optional[Path], test_split_size: Optional[int], max_seq_length: int, seed: int
+    out_dir: Path, data_file: Optional[Path], test_split_size: Optional[int], max_example_tokens: int, seed: int
 ) -> None:
     """What scripts/prepare_*.py are given, checked before anything is read or downloaded."""
     from lit_llama.cli import check_at_least, check_file, check_out_dir, check_range
@@ -185,7 +185,7 @@ def check_prepare_flags(
     check_out_dir(out_dir)
     check_file(data_file, "data_file")
     check_at_least("test_split_size", test_split_size, 1, optional=True)
-    check_at_least("max_seq_length", max_seq_length, 2)
+    check_at_least("max_example_tokens", max_example_tokens, 2)
     check_range("seed", seed, 0, 2**63 - 1)
 
 
@@ -195,7 +195,7 @@ def prepare_dataset(
     out_dir: Path,
     test_split_size: int,
     seed: int,
-    max_seq_length: int,
+    max_example_tokens: int,
     mask_inputs: bool = True,
     extra_config: Optional[Dict[str, Any]] = None,
     prompt_style: str = DEFAULT_PROMPT_STYLE,
@@ -206,21 +206,21 @@ def prepare_dataset(
     written resolved). Prints the split sizes, how many examples were truncated and their token lengths.
     Returns (train, test)."""
     out_dir = Path(out_dir)
-    if max_seq_length < 1:
-        raise UserError(f"--max_seq_length must be positive, got {max_seq_length}")
+    if max_example_tokens < 1:
+        raise UserError(f"--max_example_tokens must be positive, got {max_example_tokens}")
     get_prompt_style(prompt_style)  # a wrong name fails before the tokenizing
-    samples = [prepare_sample(r, tokenizer, max_seq_length, mask_inputs, prompt_style)
+    samples = [prepare_sample(r, tokenizer, max_example_tokens, mask_inputs, prompt_style)
                for r in tqdm(records, desc="tokenizing")]
 
-    lengths = sorted(s["num_tokens"] for s in samples)  # of every record: what --max_seq_length to choose
+    lengths = sorted(s["num_tokens"] for s in samples)  # of every record: what --max_example_tokens to choose
 
-    # a prompt that fills max_seq_length leaves no response token to learn: all labels ignored, a NaN loss
+    # a prompt that fills max_example_tokens leaves no response token to learn: all labels ignored, a NaN loss
     learnable = [s for s in samples if (s["labels"] != IGNORE_INDEX).any()]
     num_skipped = len(samples) - len(learnable)
     if not learnable:
-        raise UserError(f"every record's prompt alone fills --max_seq_length {max_seq_length}: raise it")
+        raise UserError(f"every record's prompt alone fills --max_example_tokens {max_example_tokens}: raise it")
     if num_skipped:
-        print(f"note: skipped {num_skipped} records whose prompt alone fills --max_seq_length", file=sys.stderr)
+        print(f"note: skipped {num_skipped} records whose prompt alone fills --max_example_tokens", file=sys.stderr)
     samples = learnable
     if not 1 <= test_split_size < len(samples):
         raise UserError(
@@ -240,7 +240,7 @@ def prepare_dataset(
         **{k: str(v.resolve()) if isinstance(v, Path) else v for k, v in (extra_config or {}).items()},
         "tokenizer_sha256": tokenizer.sha256,  # load_prepared refuses this data with any other tokenizer
         "prompt_style": prompt_style,
-        "max_seq_length": max_seq_length,
+        "max_seq_length": max_example_tokens,  # the key predates the flag's name
         "mask_inputs": mask_inputs,
         "seed": seed,
         "num_records": len(records),
@@ -258,7 +258,7 @@ def prepare_dataset(
     save_dataset_files({out_dir / name: content for name, content in outputs.items()})
 
     print(f"train: {len(train)} samples, test: {len(test)} samples -> {out_dir}")
-    print(f"truncated to --max_seq_length {max_seq_length}: {truncated} of {len(samples)}")
+    print(f"truncated to --max_example_tokens {max_example_tokens}: {truncated} of {len(samples)}")
     print("tokens per record (before truncation): " + ", ".join(f"{k} {v}" for k, v in percentiles.items()))
     return train, test
 

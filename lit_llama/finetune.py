@@ -59,14 +59,15 @@ class Method(Protocol):
         """The function that writes the method's checkpoint (called on every rank: under FSDP it gathers)."""
 
 
-def finetune_cli(method: Callable[..., Method], **defaults: Any) -> None:
+def finetune_cli(method: Callable[..., Method], defaults: Dict[str, Any]) -> None:
     """The command line of a finetune script: the flags of `method` (a function of the method's flags that
-    returns the method), then the shared ones of lit_llama/args.py, with this script's `defaults` for them."""
+    returns the method), then the shared ones of lit_llama/args.py, with the method's `defaults` for them."""
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     parser = flag_parser(method, defaults)
     with_one_line_errors(lambda: finetune_with_flags(method, parser.parse_args(sys.argv[1:])))
 
 
-def finetune_from_python(method: Callable[..., Method], flags: Dict[str, Any], **defaults: Any) -> None:
+def finetune_from_python(method: Callable[..., Method], flags: Dict[str, Any], defaults: Dict[str, Any]) -> None:
     """The same run from Python (each script's `setup(**flags)`): the flags checked as on the command line."""
     finetune_with_flags(method, flag_parser(method, defaults).parse_object(flags))
 
@@ -202,6 +203,7 @@ class FullFinetune:
     tokenizer beside it in --out_dir, so generate/full.py needs nothing else."""
 
     name, final_name, trains_every_weight = "full", "lit-llama-full-finetuned.pth", True
+    flag_defaults = {"learning_rate": 3e-5, "weight_decay": 0.0, "warmup_iters": 100}
 
     def __init__(self, state_dict_type: str = "full") -> None:
         self.state_dict_type = state_dict_type

@@ -427,6 +427,7 @@ class LoRAFinetune:
     fingerprint of the base, so that generate/lora.py prompts the same way and refuses another base."""
 
     name, final_name, trains_every_weight, sharded_resume = "lora", "lit-llama-lora-finetuned.pth", False, False
+    flag_defaults = {"learning_rate": 3e-4, "weight_decay": 0.0, "warmup_iters": 100}  # the article's
 
     def __init__(self, lora: LoRAConfig, quantize: Optional[str] = None) -> None:
         self.lora, self.quantize = lora, quantize

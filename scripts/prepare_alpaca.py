@@ -35,11 +35,12 @@ def prepare(
     checkpoint_dir: Optional[Path] = None,
     tokenizer_path: Optional[Path] = None,
     test_split_size: Optional[int] = None,
-    max_seq_length: int = 256,
+    max_example_tokens: int = 256,
     mask_inputs: bool = True,
     seed: int = 42,
     destination_path: Optional[Path] = None,
     prompt_style: str = "alpaca",
+    max_seq_length: Optional[int] = None,
 ) -> None:
     """Tokenizes Alpaca into a train and a test split.
 
@@ -52,7 +53,7 @@ def prepare(
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer.model itself (instead of --checkpoint_dir).
         test_split_size: Records held out for validation. Default: 2000, or 10% (at least 1) of a file with fewer
             than 4000 records.
-        max_seq_length: Longer examples are cut to this many tokens. With the LLaMA tokenizer 256 keeps over 90%
+        max_example_tokens: Longer examples are cut to this many tokens. With the LLaMA tokenizer 256 keeps over 90%
             of Alpaca examples whole; the summary prints the lengths and how many were cut.
         mask_inputs: Compute the loss on the response only, not on the instruction and input.
         seed: Random seed of the train/test split (the same seed and file give the same split).
@@ -60,16 +61,19 @@ def prepare(
         prompt_style: How instructions are put to the model: alpaca, llama2-chat or chatml (for chat
             checkpoints such as Llama-2-chat or TinyLlama-Chat). Recorded with the data; finetune/lora.py
             records it in the LoRA file and generate/lora.py prompts in it.
+        max_seq_length: Deprecated name of --max_example_tokens (finetuning's --max_seq_length cuts again, at
+            training time).
     """
     out_dir = deprecated_flag("out_dir", out_dir, "destination_path", destination_path)
+    max_example_tokens = deprecated_flag("max_example_tokens", max_example_tokens, "max_seq_length", max_seq_length)
     get_prompt_style(prompt_style)  # a wrong name fails before any download
-    check_prepare_flags(out_dir, data_file, test_split_size, max_seq_length, seed)
+    check_prepare_flags(out_dir, data_file, test_split_size, max_example_tokens, seed)
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
     data_file = data_file or download_if_missing(DATA_URL, out_dir / DATA_FILE_NAME)
     records = load_records(data_file)
     test_split_size = resolve_test_split_size(test_split_size, len(records), TEST_SPLIT_SIZE)
     sources = {"data_file": data_file, "tokenizer_path": tokenizer_path}  # recorded in prepare_config.json
-    prepare_dataset(records, tokenizer, out_dir, test_split_size, seed, max_seq_length, mask_inputs, sources,
+    prepare_dataset(records, tokenizer, out_dir, test_split_size, seed, max_example_tokens, mask_inputs, sources,
                     prompt_style)
 
 

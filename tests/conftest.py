@@ -54,7 +54,7 @@ def make_arithmetic_run(root: Path, records: int = 40, test_split_size: int = 4)
     data = [{"instruction": f"Add {i % 7} and {i // 7}.", "input": "", "output": str(i % 7 + i // 7)}
             for i in range(records)]
     prepare_dataset(data, Tokenizer(checkpoint_dir / "tokenizer.model"), root / "data", test_split_size=test_split_size,
-                    seed=42, max_seq_length=128)
+                    seed=42, max_example_tokens=128)
     return checkpoint_dir, root / "data"
 
 

@@ -24,7 +24,7 @@ def data_dir(tmp_path_factory, tiny_checkpoint_dir) -> Path:
                for i in range(120)]
     path = tmp_path_factory.mktemp("adapter") / "data"
     tokenizer = Tokenizer(tiny_checkpoint_dir / "tokenizer.model")
-    prepare_dataset(records, tokenizer, path, test_split_size=12, seed=42, max_seq_length=128)
+    prepare_dataset(records, tokenizer, path, test_split_size=12, seed=42, max_example_tokens=128)
     return path  # 108 training examples
 
 

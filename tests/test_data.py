@@ -51,7 +51,7 @@ def test_prompt_template():
 
 @pytest.mark.parametrize("record", [RECORD, {**RECORD, "input": ""}], ids=["with_input", "without_input"])
 def test_mask_covers_exactly_the_prompt(tokenizer, record):
-    sample = prepare_sample(record, tokenizer, max_seq_length=512, mask_inputs=True)
+    sample = prepare_sample(record, tokenizer, max_example_tokens=512, mask_inputs=True)
     prompt_ids = tokenizer.encode(generate_prompt(record["instruction"], record["input"]), bos=True)
     n = len(prompt_ids)
     input_ids, labels = sample["input_ids"], sample["labels"]
@@ -65,20 +65,20 @@ def test_mask_covers_exactly_the_prompt(tokenizer, record):
     assert not sample["truncated"] and sample["num_tokens"] == len(input_ids)
     assert {k: sample[k] for k in ("instruction", "input", "output")} == record
 
-    unmasked = prepare_sample(record, tokenizer, max_seq_length=512, mask_inputs=False)
+    unmasked = prepare_sample(record, tokenizer, max_example_tokens=512, mask_inputs=False)
     assert torch.equal(unmasked["labels"], input_ids) and torch.equal(unmasked["input_ids"], input_ids)
 
 
 def test_truncation(tiny_tokenizer):
-    full = prepare_sample(RECORD, tiny_tokenizer, max_seq_length=512)
+    full = prepare_sample(RECORD, tiny_tokenizer, max_example_tokens=512)
     n_prompt = len(full["input_ids_no_response"])
-    sample = prepare_sample(RECORD, tiny_tokenizer, max_seq_length=n_prompt + 2)
+    sample = prepare_sample(RECORD, tiny_tokenizer, max_example_tokens=n_prompt + 2)
     assert sample["truncated"] and sample["num_tokens"] == len(full["input_ids"])
     assert torch.equal(sample["input_ids"], full["input_ids"][: n_prompt + 2])
     assert torch.equal(sample["labels"], full["labels"][: n_prompt + 2])
     assert sample["input_ids"][-1] != tiny_tokenizer.eos_id  # the eos was cut off with the end of the output
 
-    short = prepare_sample(RECORD, tiny_tokenizer, max_seq_length=5)
+    short = prepare_sample(RECORD, tiny_tokenizer, max_example_tokens=5)
     assert len(short["input_ids"]) == len(short["input_ids_no_response"]) == 5
     assert (short["labels"] == IGNORE_INDEX).all()
 

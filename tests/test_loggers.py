@@ -17,7 +17,7 @@ def data_dir(tmp_path_factory, tiny_checkpoint_dir):
     (root / "records.json").write_text(json.dumps(records))
     load_script("scripts/prepare_alpaca.py").prepare(data_file=root / "records.json", destination_path=root / "data",
                                                      checkpoint_dir=tiny_checkpoint_dir, test_split_size=4,
-                                                     max_seq_length=128)
+                                                     max_example_tokens=128)
     return root / "data"
 
 

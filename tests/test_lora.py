@@ -148,7 +148,7 @@ def prepared(tmp_path_factory, tiny_checkpoint_dir):
     data_file = root / "records.json"
     data_file.write_text(json.dumps(arithmetic_records()))
     run_script("scripts/prepare_alpaca.py", "--checkpoint_dir", tiny_checkpoint_dir, "--data_file", data_file,
-               "--out_dir", root / "data", "--test_split_size", 12, "--max_seq_length", 128)
+               "--out_dir", root / "data", "--test_split_size", 12, "--max_example_tokens", 128)
     return root
 
 

@@ -32,7 +32,7 @@ def test_templates():
 def test_prepared_sample_in_each_style(style, tiny_checkpoint_dir):
     tokenizer = Tokenizer(tiny_checkpoint_dir / "tokenizer.model")
     record = {"instruction": "explain weight decay", "input": "", "output": "the model weight is"}
-    sample = prepare_sample(record, tokenizer, max_seq_length=256, prompt_style=style)
+    sample = prepare_sample(record, tokenizer, max_example_tokens=256, prompt_style=style)
     prompt = tokenizer.encode(PROMPT_STYLES[style].prompt(record["instruction"]), bos=True)
     answer = tokenizer.encode(PROMPT_STYLES[style].answer(record["output"]), bos=False, eos=True)
     assert torch.equal(sample["input_ids"], torch.cat([prompt, answer]))
