@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models and tokenizers built on the fly, and ../shared data when present."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,17 @@ def interrupt_at_iteration(monkeypatch, iteration: int, setup, **args) -> None:
             setup(**args)
     finally:
         monkeypatch.setattr(training, "batch_indices", real_batch_indices)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 1 MB file system (root only: elsewhere the test is skipped)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)

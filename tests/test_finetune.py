@@ -6,12 +6,15 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_ROOT, assert_clean_error, load_script, make_arithmetic_run, run_script
 
 from lit_llama.adapter import AdapterFinetune
 from lit_llama.args import SHARED_ARGS
-from lit_llama.finetune import FullFinetune, flag_parser
+from lit_llama.cli import UserError
+from lit_llama.finetune import FullFinetune, flag_parser, resolve_max_seq_length
 from lit_llama.lora import LoRAFinetune
+from lit_llama.model import Config
 
 SHARED_FLAGS = (  # what each of the three scripts took before the shared flags moved to lit_llama/args.py
     "checkpoint_dir data_dir out_dir precision devices num_nodes strategy cpu_offload logger_name learning_rate "
@@ -104,3 +107,24 @@ def test_method_objects_say_what_run_json_records(tiny_checkpoint_dir):
     assert adapter.configure(config, run)["adapter"]["adapter_start_layer"] == 1  # tiny has 2 layers
     assert adapter.default_out_dir() == Path("out/adapter/alpaca")
     assert FullFinetune().configure(config, run) == {}
+
+
+def test_block_size_is_a_deprecated_name_of_max_seq_length(capsys):
+    tiny = Config.from_name("tiny")  # a context of 256 tokens
+    assert resolve_max_seq_length(None, None, tiny) == 256  # 512 by default, but no longer than that
+    assert resolve_max_seq_length(128, None, tiny) == 128
+    assert resolve_max_seq_length(None, 64, tiny) == 64
+    assert "--block_size is deprecated: use --max_seq_length" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--max_seq_length 300 is longer than the model's context"):
+        resolve_max_seq_length(300, None, tiny)
+
+
+def test_adapter_on_a_two_layer_model_with_default_settings(arithmetic_run, tmp_path):
+    """The article's start layer 2 does not exist in a 2-layer model: the default adapts its last layer."""
+    checkpoint_dir, data_dir = arithmetic_run
+    finetune = load_script("finetune/adapter.py")
+    finetune.setup(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=tmp_path / "out",
+                   precision="32-true", batch_size=2, micro_batch_size=2, max_iters=2, eval_interval=0, eval_iters=1,
+                   save_interval=0)
+    saved = torch.load(tmp_path / "out" / "lit-llama-adapter-finetuned.pth")
+    assert saved["adapter_config"]["adapter_start_layer"] == 1

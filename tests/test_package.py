@@ -47,3 +47,33 @@ def test_no_module_is_longer_than_a_sitting():
     long = {path.name: n for path in (REPO_ROOT / "lit_llama").glob("*.py")
             if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, f"over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_readme_install_command_installs_what_the_tests_need():
+    """The README's commands on a fresh machine: the CPU-only torch install as a command of its own, then the
+    install, whose extras hold pytest and hypothesis (and every library the tests import lazily), then the
+    tests; .ci/run runs each of them."""
+    import ast
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    cpu_block, block = [b.split("```", 1)[0] for b in readme.split("```bash")[1:3]]
+    assert cpu_block.strip() == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    install = next(line for line in block.splitlines() if line.startswith("pip install -e"))
+    extras = re.search(r'"\.\[([\w,]+)\]"', install).group(1).split(",")
+    assert block.index("pip install -e") < block.index("pytest tests")
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    # as written, but for .ci/run's optional constraints file between `pip install` and `-e`
+    for command in (cpu_block.strip(), install.split("#")[0].strip().replace("pip install ", ""), "pytest tests"):
+        assert command in ci, command
+    assert "python3 -m venv" in ci  # a fresh environment, not the machine's
+
+    setup = ast.parse((REPO_ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+                if k.arg in ("install_requires", "extras_require")}
+    installed = {re.split(r"[<>=\[]", r)[0] for r in keywords["install_requires"]}
+    installed |= {re.split(r"[<>=\[]", r)[0] for extra in extras for r in keywords["extras_require"][extra]}
+    needed = {"pytest", "hypothesis", "transformers", "peft", "safetensors", "matplotlib", "pyyaml", "huggingface_hub",
+              "torch", "lightning", "sentencepiece", "jsonargparse"}
+    assert needed <= installed, needed - installed

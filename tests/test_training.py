@@ -138,3 +138,8 @@ def test_lever_flags_are_documented_and_checked(flag):
     for script in ("lora", "adapter", "full"):
         assert flag in run_script(f"finetune/{script}.py", "--help").stdout
     assert_clean_error(run_script("finetune/lora.py", flag, "maybe", check=False), flag.lstrip("-"))
+
+
+def test_training_config_is_built_with_keywords():
+    with pytest.raises(TypeError):
+        training.TrainingConfig(3e-4, 4, 2, 8, 1.0, 1, 0.0, 64, 1, 1, 1)  # the positional form is gone
