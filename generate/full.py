@@ -22,9 +22,9 @@ from lit_llama.data import generate_prompt
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.model import Config, LLaMA
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
+from lit_llama.tokenizer import find_tokenizer
 from lit_llama.utils import (
     CONFIG_NAME,
-    TOKENIZER_NAME,
     CheckpointPaths,
     UserError,
     check_state_dict_fits,
@@ -114,7 +114,7 @@ def resolve_finetuned(
         config = Config.from_json(folder / CONFIG_NAME)
     except (ValueError, TypeError) as e:
         raise UserError(f"{folder / CONFIG_NAME} is not a valid model config: {e}")
-    tokenizer_path = Path(tokenizer_path or folder / TOKENIZER_NAME)
+    tokenizer_path = Path(tokenizer_path or find_tokenizer(folder))
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found (give --tokenizer_path)")
     return CheckpointPaths(checkpoint_path, config, tokenizer_path)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
-from lit_llama.tokenizer import Tokenizer, check_text
+from lit_llama.tokenizer import Tokenizer, check_text, find_tokenizer
 from lit_llama.utils import (
     TOKENIZER_NAME,
     UserError,
@@ -364,7 +364,7 @@ def load_tokenizer(
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise UserError(f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory")
-        tokenizer_path = checkpoint_dir / TOKENIZER_NAME
+        tokenizer_path = find_tokenizer(checkpoint_dir)  # tokenizer.model, else tokenizer.json
         if not tokenizer_path.is_file() and (checkpoint_dir.parent / TOKENIZER_NAME).is_file():
             tokenizer_path = checkpoint_dir.parent / TOKENIZER_NAME
     elif tokenizer_path is None:

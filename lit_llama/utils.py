@@ -21,6 +21,8 @@ from lit_llama.model import Config, LLaMA, llama_configs
 WEIGHTS_NAME = "lit-llama.pth"
 CONFIG_NAME = "lit_config.json"
 TOKENIZER_NAME = "tokenizer.model"
+# embedding rows a model may have beyond its tokenizer's tokens (padding to a round size: Qwen2.5 has 271)
+MAX_VOCAB_PADDING = 512
 
 
 class UserError(Exception):
@@ -220,7 +222,9 @@ def resolve_checkpoint(
         )
 
     if tokenizer_path is None:
-        tokenizer_path = folder / TOKENIZER_NAME
+        from lit_llama.tokenizer import find_tokenizer  # tokenizer.model, else tokenizer.json
+
+        tokenizer_path = find_tokenizer(folder)
         if not tokenizer_path.is_file() and (folder.parent / TOKENIZER_NAME).is_file():
             tokenizer_path = folder.parent / TOKENIZER_NAME  # lit-llama layout: checkpoints/lit-llama/tokenizer.model
     tokenizer_path = Path(tokenizer_path)
@@ -250,7 +254,7 @@ def file_in_folder(folder: Path, name: Any, source: Path) -> Path:
 def check_vocab(tokenizer: Any, paths: CheckpointPaths) -> None:
     """The tokenizer must not produce ids the model has no embedding for (a few padding rows are fine)."""
     model_vocab, tokenizer_vocab = paths.config.vocab_size, tokenizer.vocab_size
-    if not 0 <= model_vocab - tokenizer_vocab <= 128:
+    if not 0 <= model_vocab - tokenizer_vocab <= MAX_VOCAB_PADDING:
         raise UserError(
             f"tokenizer {paths.tokenizer} has {tokenizer_vocab} tokens but the model has {model_vocab}: "
             "they do not belong together"
@@ -584,8 +588,17 @@ def save_checkpoint_dir(
 
 
 def copy_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
-    if Path(tokenizer_path).resolve() != (Path(output_dir) / TOKENIZER_NAME).resolve():  # may be the same folder
-        save_atomic(tokenizer_path, Path(output_dir) / TOKENIZER_NAME, shutil.copyfile)
+    """Copies the tokenizer file (tokenizer.model, or tokenizer.json under its own name) and the settings files
+    beside it that say its special tokens (tokenizer_config.json, generation_config.json, ...)."""
+    from lit_llama.tokenizer import SENTENCEPIECE_NAME, TOKENIZER_SETTINGS
+
+    tokenizer_path = Path(tokenizer_path)
+    name = tokenizer_path.name if tokenizer_path.suffix == ".json" else SENTENCEPIECE_NAME
+    sources = [(tokenizer_path, name)] + [
+        (tokenizer_path.parent / s, s) for s in TOKENIZER_SETTINGS if (tokenizer_path.parent / s).is_file()]
+    for source, name in sources:
+        if source.resolve() != (Path(output_dir) / name).resolve():  # may be the same folder
+            save_atomic(source, Path(output_dir) / name, shutil.copyfile)
 
 
 PRECISION_DTYPES = {
