@@ -192,6 +192,16 @@ class Tokenizer:
         return prefix.with_suffix(".model")
 
 
+def check_tokenizer_vocab(tokenizer: Tokenizer, config: Any, source: Any) -> None:
+    """The tokenizer belongs to the weights: none of its ids is past the embedding, and the embedding has no more
+    rows than a round-up of the tokenizer's size (Qwen2.5 pads 271): else a UserError naming both."""
+    from lit_llama.utils import MAX_VOCAB_PADDING
+
+    if not 0 <= config.vocab_size - tokenizer.vocab_size <= MAX_VOCAB_PADDING:
+        raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but {source} says the model "
+                        f"has {config.vocab_size}: they do not belong together")
+
+
 def _read_json(path: Path) -> Dict[str, Any]:
     """A tokenizer settings file as a dict ({} where there is none); one that is not a JSON object is refused."""
     if not path.is_file():
