@@ -149,7 +149,9 @@ def prepare_sample(
     """
     style = get_prompt_style(prompt_style)
     prompt_ids = tokenizer.encode(style.prompt(record["instruction"], record["input"]), bos=True, eos=False)
-    output_ids = tokenizer.encode(style.answer(record["output"]), bos=False, eos=True)
+    # eos after the answer, unless the style's stop text already is that token (Llama 3 Instruct's <|eot_id|>)
+    eos = not style.stop_strings or tokenizer.token_id(style.stop_strings[0]) != tokenizer.eos_id
+    output_ids = tokenizer.encode(style.answer(record["output"]), bos=False, eos=eos)
     full_ids = torch.cat([prompt_ids, output_ids])
     input_ids = full_ids[:max_seq_length].clone()  # clone: do not keep the untruncated tensor alive in the save
     labels = input_ids.clone()

@@ -11,6 +11,12 @@ base `LLaMA` with the chosen linear layers swapped for `LoRALinear`: the model c
 
 Two variants are flags of `LoRAConfig`, stored in the LoRA file: rsLoRA scales the update by alpha / sqrt(r),
 DoRA adds a trained magnitude per output row (see `LoRALinear`).
+
+Every target works on every model family (LLaMA, Llama 3.x, SmolLM2, Qwen2.5, Mistral; Qwen2's q/k/v biases stay
+frozen), with one exception: `head` on a model with tied input/output embeddings is refused. There the output
+layer is the input embedding; a merged update would change every token's embedding as well, and an exported
+model would have to be untied to hold it. A LoRA file records its base's family fields (`FAMILY_FIELDS`) and is
+refused, in one line, on a base of another family.
 """
 
 import math
@@ -214,6 +220,11 @@ class LoRALLaMA(LLaMA):
     def __init__(self, config: Config, lora: Optional[LoRAConfig] = None) -> None:
         super().__init__(config)
         self.lora_config = lora = lora or LoRAConfig()
+        if lora.head and config.tie_embeddings:
+            # the output layer is the input embedding: a LoRA on it would, once merged, change the embedding of
+            # every input token too, and PEFT/transformers would untie the model to hold it. So it is refused.
+            raise UserError("LoRA on the output layer (--lora_head) is not supported for a model with tied input/"
+                            "output embeddings (SmolLM2, Llama 3.2, small Qwen2.5): leave --lora_head false")
         hs = config.head_size
         q_size, kv_size = config.n_head * hs, config.n_query_groups * hs
 
@@ -320,6 +331,9 @@ def check_lora_base(checkpoint: Dict[str, Any], path: Path, weights: Path) -> No
 
 
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "vocab_size")  # the base's, recorded in a LoRA file
+# what tells model families apart beyond their sizes (Qwen2's biases, tied embeddings, Llama 3's RoPE scaling,
+# Mistral's head size and window); a LoRA file written before they existed was made on a LLaMA: their defaults
+FAMILY_FIELDS = ("qkv_bias", "tie_embeddings", "head_dim", "rope_scaling", "sliding_window")
 
 
 def read_lora_checkpoint(path: Path) -> Dict[str, Any]:
@@ -375,6 +389,12 @@ def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Pat
     another base model (other size) or with another rank / targets."""
     base = checkpoint.get("base_config", {})
     ours = asdict(model.config)
+    defaults = asdict(Config(n_embd=ours["n_embd"], n_head=ours["n_head"]))
+    for field in FAMILY_FIELDS:
+        theirs = base.get(field, defaults[field])
+        if theirs != ours[field]:
+            raise UserError(f"{path} was made for another model family: its base has {field}={theirs}, this "
+                            f"checkpoint has {field}={ours[field]}")
     for field in SHAPE_FIELDS:
         if field in base and base[field] != ours[field]:
             raise UserError(

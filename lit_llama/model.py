@@ -301,6 +301,15 @@ class LLaMA(nn.Module):
         x = self.transformer.ln_f(x)
         return self.lm_head(x) if head else x
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LLaMA":
+        """`.to()`, `.to_empty()`, `.half()`, ... replace each module's parameters one module at a time, which
+        would give the output layer a copy of a tied embedding: tied before, tied after."""
+        tied = self.lm_head.weight is self.transformer.wte.weight
+        super()._apply(fn, *args, **kwargs)
+        if tied:
+            self.lm_head.weight = self.transformer.wte.weight
+        return self
+
     def _rope(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.rope_cache is None or self.rope_cache[0].device != device:
             self.rope_cache = build_rope_cache(
