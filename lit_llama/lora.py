@@ -384,17 +384,23 @@ def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAC
         raise UserError(f"{path}: invalid lora_config: {e}")
 
 
-def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Path) -> None:
-    """Loads LoRA tensors into a model built with the file's LoRAConfig; refuses files made for
-    another base model (other size) or with another rank / targets."""
-    base = checkpoint.get("base_config", {})
-    ours = asdict(model.config)
+def check_lora_family(checkpoint: Dict[str, Any], path: Path, config: Config) -> None:
+    """Refuses a LoRA file made on a base of another model family (Qwen2 vs Llama, tied vs untied, ...)."""
+    base, ours = checkpoint.get("base_config", {}), asdict(config)
     defaults = asdict(Config(n_embd=ours["n_embd"], n_head=ours["n_head"]))
     for field in FAMILY_FIELDS:
         theirs = base.get(field, defaults[field])
         if theirs != ours[field]:
             raise UserError(f"{path} was made for another model family: its base has {field}={theirs}, this "
                             f"checkpoint has {field}={ours[field]}")
+
+
+def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Path) -> None:
+    """Loads LoRA tensors into a model built with the file's LoRAConfig; refuses files made for
+    another base model (other size) or with another rank / targets."""
+    check_lora_family(checkpoint, path, model.config)
+    base = checkpoint.get("base_config", {})
+    ours = asdict(model.config)
     for field in SHAPE_FIELDS:
         if field in base and base[field] != ours[field]:
             raise UserError(
@@ -422,6 +428,7 @@ def load_lora_model(
 ) -> LoRALLaMA:
     """Base checkpoint + LoRA file -> model, with the LoRA settings read from the file; merged by default."""
     checkpoint = read_lora_checkpoint(lora_path)
+    check_lora_family(checkpoint, lora_path, paths.config)
     check_lora_base(checkpoint, lora_path, paths.weights)
     model = load_model(paths, device, dtype, LoRALLaMA, lora=lora_config_from_checkpoint(checkpoint, lora_path))
     load_lora_state_dict(model, checkpoint, lora_path)

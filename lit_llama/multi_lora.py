@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.lora import (
-    LoRALinear, LoRALLaMA, check_lora_base, load_lora_state_dict, lora_config_from_checkpoint, lora_prompt_style,
-    read_lora_checkpoint,
+    LoRALinear, LoRALLaMA, check_lora_base, check_lora_family, load_lora_state_dict, lora_config_from_checkpoint,
+    lora_prompt_style, read_lora_checkpoint,
 )
 from lit_llama.model import Config, LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
@@ -135,6 +135,7 @@ def read_lora_factors(
     model's shape, and with `base_weights` its identity, names, ranks)."""
     checkpoint = read_lora_checkpoint(lora_path)
     lora = lora_config_from_checkpoint(checkpoint, lora_path)
+    check_lora_family(checkpoint, lora_path, base_config)
     if base_weights is not None:
         check_lora_base(checkpoint, lora_path, base_weights)
     if lora.dora:  # a magnitude per row divides by a norm of W + BA: no low-rank product to stack

@@ -169,3 +169,7 @@ def interrupt_at_iteration(monkeypatch, iteration: int, setup, **args) -> None:
             setup(**args)
     finally:
         monkeypatch.setattr(training, "batch_indices", real_batch_indices)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU; deselect with -m 'not slow'")

@@ -47,7 +47,7 @@ FAMILIES: Dict[str, Dict[str, Any]] = {
     ),
     "mistral": dict(  # Mistral: head_dim apart from n_embd / n_head, a sliding window longer than the tests' texts
         cls="MistralForCausalLM", config_cls="MistralConfig",
-        config=dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=32, sliding_window=32,
+        config=dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=32, sliding_window=128,
                     tie_word_embeddings=False),
         bos="<s>", eos="</s>", add_bos=True, specials=["[INST]", "[/INST]"], stops=["</s>"],
     ),
@@ -64,7 +64,7 @@ def make_family_dir(folder: Path, family: str, seed: int = 0) -> "transformers.P
     stop_ids = [hf_tokenizer.token_id(t) for t in spec["stops"]]
     config = getattr(transformers, spec["config_cls"])(
         vocab_size=hf_tokenizer.vocab_size, hidden_size=N_EMBD, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=N_HEAD, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=hf_tokenizer.bos_id,
+        num_attention_heads=N_HEAD, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=hf_tokenizer.bos_id,
         eos_token_id=stop_ids, pad_token_id=None, **spec["config"])
     torch.manual_seed(seed)
     model = getattr(transformers, spec["cls"])(config).eval()
