@@ -100,8 +100,9 @@ class LoRALinear(nn.Linear):
         parts: Optional[Sequence[Tuple[int, bool]]] = None,
         rslora: bool = False,
         dora: bool = False,
+        bias: bool = False,
     ) -> None:
-        super().__init__(in_features, out_features, bias=False)
+        super().__init__(in_features, out_features, bias=bias)  # bias: Qwen2's q/k/v, frozen like the weight
         self.parts = list(parts or [(out_features, True)])
         if sum(size for size, _ in self.parts) != out_features:
             raise ValueError(f"parts {self.parts} do not add up to out_features {out_features}")
@@ -129,6 +130,11 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a frozen bias is added last: DoRA rescales W x, not the bias (as PEFT computes it, and as merging does)
+        y = self._weight_and_update(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _weight_and_update(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.merged:
             return y
@@ -230,7 +236,8 @@ class LoRALLaMA(LLaMA):
 
         def lora_linear(old: nn.Linear, parts: Optional[Sequence[Tuple[int, bool]]] = None) -> LoRALinear:
             return LoRALinear(
-                old.in_features, old.out_features, lora.r, lora.alpha, lora.dropout, parts, lora.rslora, lora.dora
+                old.in_features, old.out_features, lora.r, lora.alpha, lora.dropout, parts, lora.rslora, lora.dora,
+                bias=old.bias is not None,
             )
 
         for block in self.transformer.h:

@@ -38,15 +38,15 @@ class MultiLoRALinear(nn.Linear):
     """A frozen bias-free nn.Linear (its weight keeps the name "weight", so base checkpoints load as they are)
     plus the stacked updates of several adapters, one picked per row by `row_slots`."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)  # bias: Qwen2's q/k/v
         # not in state_dict(): adapters come from their own files, not from the base checkpoint
         self.register_buffer("lora_A_all", torch.zeros(1, 0, in_features), persistent=False)
         self.register_buffer("lora_B_all", torch.zeros(1, out_features, 0), persistent=False)
         self.row_slots: Optional[torch.Tensor] = None  # (batch,) slot per row; None: the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if self.row_slots is None or self.lora_A_all.size(1) == 0:
             return y
         A = self.lora_A_all[self.row_slots].to(x.dtype)  # (batch, R, in)
@@ -124,7 +124,7 @@ class MultiLoRALLaMA(LLaMA):
 
 
 def _multi(linear: nn.Linear) -> MultiLoRALinear:
-    return MultiLoRALinear(linear.in_features, linear.out_features)
+    return MultiLoRALinear(linear.in_features, linear.out_features, bias=linear.bias is not None)
 
 
 def read_lora_factors(

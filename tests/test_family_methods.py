@@ -6,6 +6,7 @@ the family's chat style, LoRA with rsLoRA + DoRA on every target, merge, PEFT ex
 import json
 from pathlib import Path
 
+import lightning  # noqa: F401 - imported here, its log handler writes to the test's stderr, not a script's
 import pytest
 import torch
 from conftest import assert_clean_error, load_script, run_script
