@@ -157,3 +157,64 @@ def test_family_tokenizer_from_checkpoint_files(family, family_dirs):
     assert ids[special] in encoded and encoded[0] == (ids[spec["bos"]] if spec["add_bos"] else encoded[0])
     assert (encoded[0] == tokenizer.bos_id) == spec["add_bos"]
     assert tokenizer.decode(encoded[1:] if spec["add_bos"] else encoded) == f"the{special}model"
+
+
+def test_family_conversion_bad_input(family_dirs, tmp_path):
+    """An unsupported architecture or RoPE type, or a tokenizer.json of another vocabulary: one error line,
+    nothing written."""
+    import shutil
+
+    def broken(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(family_dirs["llama3"]["hf"], folder)
+        change(folder)
+        return folder
+
+    def edit_config(**fields):
+        def change(folder: Path) -> None:
+            config = json.loads((folder / "config.json").read_text())
+            config.update(fields)
+            (folder / "config.json").write_text(json.dumps(config))
+        return change
+
+    def other_tokenizer(folder: Path) -> None:  # a tokenizer with ids past the model's embedding
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.add_special_tokens([f"<|reserved_{i}|>" for i in range(40)])
+        tokenizer.save(str(folder / "tokenizer.json"))
+
+    cases = [
+        (edit_config(model_type="gemma2", architectures=["Gemma2ForCausalLM"]), ["unsupported architecture", "gemma2"]),
+        (edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0},
+                     rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+         ["RoPE scaling type 'yarn' is not supported"]),
+        (edit_config(rope_scaling={"rope_type": "llama3", "factor": 8.0},
+                     rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}),
+         ["low_freq_factor"]),
+        (edit_config(attention_bias=True), ["attention_bias"]),
+        (other_tokenizer, ["tokenizer", "do not belong together"]),
+    ]
+    for i, (change, fragments) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", broken(f"case{i}", change),
+                          "--out_dir", out, check=False)
+        assert_clean_error(proc, *fragments)
+        assert not (out / "lit-llama.pth").exists() and not (out / "lit_config.json").exists()
+
+
+def test_config_family_fields_are_checked():
+    base = dict(n_layer=1, n_head=2, n_embd=8, vocab_size=16)
+    for fields, fragment in [(dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'dynamic' is not supported"),
+                             (dict(rope_scaling={"rope_type": "linear", "factor": -1}), "'factor' is -1"),
+                             (dict(tie_embeddings=1), "'tie_embeddings' is 1"),
+                             (dict(head_dim=0), "'head_dim' is 0")]:
+        with pytest.raises(ValueError, match=fragment):
+            Config(**base, **fields)
+    config = Config(**base, sliding_window=4)
+    from lit_llama.model import LLaMA
+
+    model = LLaMA(config)
+    model(torch.zeros(1, 4, dtype=torch.long))  # up to the window: plain causal attention
+    with pytest.raises(ValueError, match="sliding window of 4"):
+        model(torch.zeros(1, 5, dtype=torch.long))
