@@ -75,8 +75,8 @@ def main(
             through torchao: a half or a quarter of the bf16 weight bytes to read per token.
         compile: torch.compile the prefill and the decode step (gpt-fast's recipe: a static KV cache, no host sync
             per token, CUDA graphs on a GPU): faster decoding after a one-time compilation, printed apart.
-        prompt_style: The prompt style the model was finetuned with: alpaca, llama2-chat, chatml or llama3 (as given to
-            the prepare script).
+        prompt_style: The prompt style the model was finetuned with: alpaca, llama2-chat, chatml or llama3 (as
+            given to the prepare script).
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     check_generate_quantize(quantize)

@@ -155,7 +155,11 @@ def stream_batch(
 
 
 def take_until_done(
-    row: List[int], chunk: List[int], limit: int, eos_id: Union[int, Iterable[int], None], stop: Optional[Callable[[torch.Tensor], bool]]
+    row: List[int],
+    chunk: List[int],
+    limit: int,
+    eos_id: Union[int, Iterable[int], None],
+    stop: Optional[Callable[[torch.Tensor], bool]],
 ) -> Tuple[List[int], bool]:
     """Appends the chunk's tokens to the row one at a time until the row is done (end-of-text, its limit of
     new tokens, its stop text); returns the tokens it appended and whether the row is done."""

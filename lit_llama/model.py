@@ -121,7 +121,8 @@ class Config:
         rope_scaling = None if rope_type == "default" else dict(scaling, rope_type=rope_type)
         # Qwen2 has biases on q/k/v (always); LLaMA's attention_bias would put one on o_proj too
         if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("field 'attention_bias' or 'mlp_bias' is true: biases on o_proj or the MLP are not supported")
+            raise ValueError("field 'attention_bias' or 'mlp_bias' is true: biases on o_proj or the MLP are not "
+                             "supported")
         sliding_window = hf.get("sliding_window") if model_type == "mistral" else None
         if model_type == "qwen2" and hf.get("use_sliding_window"):
             raise ValueError("field 'use_sliding_window' is true: Qwen2's per-layer sliding window is not supported")

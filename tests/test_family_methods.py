@@ -160,8 +160,8 @@ def test_adapters_full_qlora_multi_lora_and_serve(world, tmp_path):
     x = tokens(paths.config.vocab_size)
     for version in (1, 2):
         out = tmp_path / f"adapter-v{version}"
-        load_script("finetune/adapter.py").setup(checkpoint_dir=lit, data_dir=data, out_dir=out, adapter_version=version,
-                                                 adapter_start_layer=1, **TRAIN)
+        load_script("finetune/adapter.py").setup(checkpoint_dir=lit, data_dir=data, out_dir=out,
+                                                 adapter_version=version, adapter_start_layer=1, **TRAIN)
         run_script("generate/adapter.py", "--adapter_path", out / "lit-llama-adapter-finetuned.pth", "--checkpoint_dir",
                    lit, "--prompt", "Add 1 and 2.", "--temperature", 0, "--max_new_tokens", 4, "--precision", "32-true")
 
