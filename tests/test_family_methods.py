@@ -190,7 +190,8 @@ def test_adapters_full_qlora_multi_lora_and_serve(world, tmp_path):
     proc = run_script("generate/multi_lora.py", "--checkpoint_dir", lit, "--lora", f"one={qlora}", "--lora",
                       f"two={tmp_path / 'lora2' / 'lit-llama-lora-finetuned.pth'}", "--requests", requests,
                       "--temperature", 0, "--max_new_tokens", 4, "--precision", "32-true")
-    assert len([line for line in proc.stdout.splitlines() if line.strip().startswith("{")]) >= 0
+    answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [a["adapter"] for a in answers] == ["one", "two", "one"]
 
     # the server, in this process: a chat request in the adapter's style answers and ends
     serve = load_script("serve.py")
