@@ -125,9 +125,9 @@ def main(
         raise UserError(f"--lora_dir {lora_dir} is not a folder")
     paths = resolve_checkpoint(checkpoint_dir)
     check_vocab(Tokenizer(paths.tokenizer), paths)
-    if max_new_tokens > paths.config.block_size:
+    if max_new_tokens > paths.config.context_length:
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of "
-                        f"{paths.config.block_size} tokens")
+                        f"{paths.config.context_length} tokens")
     folder = AdapterFolder(Path(lora_dir), paths)
     names = [folder.check(name)[0].stem for name in folder.names()]  # each file read and checked now
     check_port_free(host, port)
@@ -561,7 +561,7 @@ class OpenAILoRASpec(LitSpec):
             stops = [*get_prompt_style(style).stop_strings, *stops]
         else:
             prompt = self.tokenizer.encode(params.prompt, bos=True).tolist()
-        context = self.paths.config.block_size
+        context = self.paths.config.context_length
         if len(prompt) >= context:
             raise RequestError(400, f"the prompt is {len(prompt)} tokens: the model's context is {context} tokens, "
                                     "answer included", "messages" if isinstance(params, ChatParams) else "prompt",

@@ -201,7 +201,7 @@ def compile_steps() -> Tuple[Callable, Callable]:
 def static_cache_length(model: LLaMA, max_seq_length: int) -> int:
     """The compiled steps' KV-cache length: rounded up to a multiple of 256 (at most the block size), so
     requests of other lengths mostly reuse the same compiled graphs instead of compiling new ones."""
-    return min(model.config.block_size, 256 * math.ceil(max_seq_length / 256))
+    return min(model.config.context_length, 256 * math.ceil(max_seq_length / 256))
 
 
 def warm_up(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int]) -> float:
@@ -219,7 +219,7 @@ def warm_up(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperature
 
 def check_prompt_lengths(model: LLaMA, lengths: List[int], max_new_tokens: int) -> int:
     """The sequence length to allocate: the longest prompt plus `max_new_tokens`, at most the block size."""
-    block_size = model.config.block_size
+    block_size = model.config.context_length  # Mistral v0.1: its sliding window
     if max(lengths) >= block_size:
         raise ValueError(f"the prompt has {max(lengths)} tokens; the model's block size is {block_size}")
     return min(max(lengths) + max_new_tokens, block_size)
@@ -244,7 +244,7 @@ def setup_generation(
     check_text(prompt, "--prompt")
     tokenizer = Tokenizer(paths.tokenizer)
     check_vocab(tokenizer, paths)
-    context = paths.config.block_size
+    context = paths.config.context_length
     if max_new_tokens > context:
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of {context} tokens")
     prompt_tokens = len(tokenizer.encode(prompt, bos=True))
@@ -287,7 +287,7 @@ def generate_response(
     was_training = model.training
     model.eval()
     prompt = tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
-    max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.size(0))
+    max_new_tokens = min(max_new_tokens, model.config.context_length - prompt.size(0))
     stop = stop_at_text(style, tokenizer)
     output = generate(model, prompt, max_new_tokens, temperature, top_k, stop_ids(tokenizer, [style]), stop=stop,
                       compiled=compiled)

@@ -85,6 +85,11 @@ class Config:
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
 
+    @property
+    def context_length(self) -> int:
+        """The longest sequence this model computes: block_size, or a shorter sliding window (Mistral v0.1)."""
+        return min(self.block_size, self.sliding_window or self.block_size)
+
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
         if name not in llama_configs:
@@ -330,7 +335,7 @@ class LLaMA(nn.Module):
         """Allocates a key/value cache of `max_seq_length` positions in every attention layer (or keeps the one
         there if it has that shape: compiled decoding then finds its buffers where it left them), and the
         rotary and causal-mask tables decoding reads, so a forward pass only reads them."""
-        max_seq_length = max_seq_length or self.config.block_size
+        max_seq_length = max_seq_length or self.config.context_length
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds block_size {self.config.block_size}")
         check_sliding_window(self.config, max_seq_length)

@@ -145,11 +145,11 @@ def resolve_max_seq_length(max_seq_length: Optional[int], block_size: Optional[i
     is shorter. A longer value than the model's context is refused: the model has no positions for it."""
     max_seq_length = deprecated_flag("max_seq_length", max_seq_length, "block_size", block_size)
     if max_seq_length is None:
-        return min(DEFAULT_MAX_SEQ_LENGTH, config.block_size)
-    if max_seq_length > config.block_size:
+        return min(DEFAULT_MAX_SEQ_LENGTH, config.context_length)
+    if max_seq_length > config.context_length:
         raise UserError(
-            f"--max_seq_length {max_seq_length} is longer than the model's context ({config.block_size} tokens, "
-            "block_size in lit_config.json)"
+            f"--max_seq_length {max_seq_length} is longer than the model's context ({config.context_length} tokens, "
+            "block_size or sliding_window in lit_config.json)"
         )
     return max_seq_length
 

@@ -588,14 +588,15 @@ def save_checkpoint_dir(
 
 
 def copy_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
-    """Copies the tokenizer file (tokenizer.model, or tokenizer.json under its own name) and the settings files
-    beside it that say its special tokens (tokenizer_config.json, generation_config.json, ...)."""
-    from lit_llama.tokenizer import SENTENCEPIECE_NAME, TOKENIZER_SETTINGS
+    """Copies the tokenizer file (as tokenizer.model, or tokenizer.json), and every other tokenizer file beside
+    it: the other format where a model ships both (Mistral), and the settings files that say its special tokens
+    (tokenizer_config.json, generation_config.json, special_tokens_map.json)."""
+    from lit_llama.tokenizer import HF_TOKENIZER_NAME, SENTENCEPIECE_NAME, TOKENIZER_FILES
 
     tokenizer_path = Path(tokenizer_path)
-    name = tokenizer_path.name if tokenizer_path.suffix == ".json" else SENTENCEPIECE_NAME
-    sources = [(tokenizer_path, name)] + [
-        (tokenizer_path.parent / s, s) for s in TOKENIZER_SETTINGS if (tokenizer_path.parent / s).is_file()]
+    name = HF_TOKENIZER_NAME if tokenizer_path.suffix == ".json" else SENTENCEPIECE_NAME
+    sources = [(tokenizer_path, name)] + [(tokenizer_path.parent / other, other) for other in TOKENIZER_FILES
+                                          if other != name and (tokenizer_path.parent / other).is_file()]
     for source, name in sources:
         if source.resolve() != (Path(output_dir) / name).resolve():  # may be the same folder
             save_atomic(source, Path(output_dir) / name, shutil.copyfile)

@@ -210,3 +210,18 @@ def test_adapters_full_qlora_multi_lora_and_serve(world, tmp_path):
     assert outputs[-1]["finish_reason"] in ("stop", "length")
     with torch.no_grad():
         assert torch.isfinite(load_model(paths, torch.device("cpu"), torch.float32)(x)).all()
+
+
+def test_sequences_past_the_sliding_window_are_refused_up_front(world, tmp_path):
+    config = resolve_checkpoint(world["lit"]).config
+    if config.sliding_window is None:
+        pytest.skip("no sliding window in this family")
+    too_long = config.sliding_window + 1  # within block_size: only the window refuses it
+    assert too_long <= config.block_size
+    proc = run_script("finetune/lora.py", "--checkpoint_dir", world["lit"], "--data_dir", world["data"], "--out_dir",
+                      tmp_path / "out", "--max_seq_length", too_long, "--max_iters", 1, "--precision", "32-true",
+                      check=False)
+    assert_clean_error(proc, f"--max_seq_length {too_long}", "sliding_window")
+    proc = run_script("generate/full.py", "--checkpoint_path", world["lit"] / "lit-llama.pth", "--prompt", "Add",
+                      "--max_new_tokens", too_long, check=False)
+    assert_clean_error(proc, "--max_new_tokens")
