@@ -11,7 +11,7 @@ into the base model first: only base LLaMA weights have a Hugging Face name.
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -81,7 +81,9 @@ def convert(
 
     tokenizer = Tokenizer(paths.tokenizer)
     save_atomic(hf_state_dict, out_dir / WEIGHTS_FILE, lambda sd, tmp: save_file(sd, str(tmp), {"format": "pt"}))
-    hf_config = hf_config_from(config, dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    stops = list(tokenizer.stop_ids)  # several where generation_config.json lists several (Llama 3 Instruct)
+    hf_config = hf_config_from(config, dtype, bos_token_id=tokenizer.bos_id,
+                               eos_token_id=stops[0] if len(stops) == 1 else stops or None)
     write_text_atomic(json.dumps(hf_config, indent=2) + "\n", out_dir / "config.json")
     copy_tokenizer(paths.tokenizer, out_dir)
     n_params = sum(t.numel() for t in hf_state_dict.values())
@@ -89,7 +91,7 @@ def convert(
 
 
 def hf_config_from(
-    config: Config, dtype: torch.dtype, bos_token_id: Optional[int], eos_token_id: Optional[int]
+    config: Config, dtype: torch.dtype, bos_token_id: Optional[int], eos_token_id: Union[int, List[int], None]
 ) -> Dict[str, Any]:
     """transformers' config fields for our Config (LlamaConfig, Qwen2Config or MistralConfig, as
     `Config.hf_architecture` says), readable by transformers 4 and 5. Tied embeddings stay tied: the file has no
