@@ -68,7 +68,8 @@ def main(
     torch.manual_seed(seed)
     for _ in range(num_samples):
         t0 = time.perf_counter()
-        output = generate(model, encoded, max_new_tokens, temperature, top_k, tokenizer.eos_id, compiled=compile)
+        output = generate(model, encoded, max_new_tokens, temperature, top_k, tokenizer.stop_ids,
+                          compiled=compile)
         elapsed = time.perf_counter() - t0
         print(tokenizer.decode(output))
         report_speed(output.size(0) - encoded.size(0), elapsed, device)

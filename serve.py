@@ -41,7 +41,7 @@ import uuid
 from collections import deque
 from queue import Empty, Queue
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -58,10 +58,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 from lit_llama.checkpoint import CheckpointPaths, check_vocab, load_model, resolve_checkpoint
 from lit_llama.cli import check_at_least, check_range, UserError, run_cli
 from lit_llama.distributed import default_device, precision_dtype
-from lit_llama.generation import stream_batch  # noqa: E402
+from lit_llama.generation import stop_ids, stream_batch  # noqa: E402
 from lit_llama.json_input import parse_json  # noqa: E402
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
-from lit_llama.prompts import chat_turns, get_prompt_style  # noqa: E402
+from lit_llama.prompts import PROMPT_STYLES, chat_turns, get_prompt_style  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -124,9 +124,9 @@ def main(
         raise UserError(f"--lora_dir {lora_dir} is not a folder")
     paths = resolve_checkpoint(checkpoint_dir)
     check_vocab(Tokenizer(paths.tokenizer), paths)
-    if max_new_tokens > paths.config.block_size:
+    if max_new_tokens > paths.config.context_length:
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of "
-                        f"{paths.config.block_size} tokens")
+                        f"{paths.config.context_length} tokens")
     folder = AdapterFolder(Path(lora_dir), paths)
     names = [folder.check(name)[0].stem for name in folder.names()]  # each file read and checked now
     check_port_free(host, port)
@@ -218,6 +218,9 @@ class LoRAServer(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.torch_device = torch.device(device)
         self.tokenizer = Tokenizer(self.paths.tokenizer)
+        # every token that ends an answer: eos, generation_config.json's eos_token_id (Llama 3's <|eot_id|> and
+        # <|end_of_text|>), and the styles' stop texts this tokenizer has as one token (<|im_end|>)
+        self.stop_ids = stop_ids(self.tokenizer, list(PROMPT_STYLES.values()))
         self.model = load_model(self.paths, self.torch_device, precision_dtype(self.precision), MultiLoRALLaMA).eval()
         if self.quantize:  # the base's weights; the adapters' stacks stay in the model's dtype
             quantize_for_generation(self.model, self.quantize)
@@ -235,7 +238,7 @@ class LoRAServer(ls.LitAPI):
         return request  # checked and tokenized by the spec before it was queued
 
     def predict(self, requests: List[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
-        rows = [Row(request, self.tokenizer) for request in requests]
+        rows = [Row(request, self.tokenizer, self.stop_ids) for request in requests]
         print(f"batch of {len(rows)}: {', '.join(row.adapter for row in rows)}", file=sys.stderr, flush=True)
         for row in rows:
             self.load_adapter(row)
@@ -263,7 +266,7 @@ class LoRAServer(ls.LitAPI):
         self.model.select([row.adapter for row in group])
         prompts = [torch.tensor(row.prompt, device=self.torch_device) for row in group]
         yield from stream_batch(self.model, prompts, [row.max_tokens for row in group], temperature, top_k,
-                                self.tokenizer.eos_id, [row.stop_found if row.stops else None for row in group],
+                                self.stop_ids, [row.stop_found if row.stops else None for row in group],
                                 self.compile)
 
     def load_adapter(self, row: "Row") -> None:
@@ -334,9 +337,9 @@ class Row:
     decoded again after each chunk (SentencePiece pieces merge: decoding token by token would be wrong); what
     is new is sent, except an end that could still turn into a stop string or is half a UTF-8 character."""
 
-    def __init__(self, request: Dict[str, Any], tokenizer: Tokenizer) -> None:
+    def __init__(self, request: Dict[str, Any], tokenizer: Tokenizer, stop_ids: Sequence[int]) -> None:
         self.__dict__.update(request)  # adapter, path, version, prompt, max_tokens, temperature, top_k, stops, strip
-        self.tokenizer = tokenizer
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
         self.tokens: List[int] = []
         self.sent, self.pending = "", ""
         self.finish_reason: Optional[str] = None
@@ -363,12 +366,12 @@ class Row:
         if self.finish_reason:
             return
         self.tokens.extend(new_tokens)
-        eos = self.tokenizer.eos_id
-        text = self.text(self.tokens[: self.tokens.index(eos)] if eos in self.tokens else self.tokens)
+        end = next((i for i, token in enumerate(self.tokens) if token in self.stop_ids), None)
+        text = self.text(self.tokens[:end] if end is not None else self.tokens)
         cut = min((text.find(stop) for stop in self.stops if stop in text), default=-1)
         if cut >= 0:
             text, self.finish_reason = text[:cut], "stop"
-        elif eos in self.tokens:
+        elif end is not None:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.max_tokens:
             self.finish_reason = "length"
@@ -521,6 +524,9 @@ class OpenAILoRASpec(LitSpec):
         """The checked request as the worker reads it, with the prompt's tokens; RequestError if it is bad."""
         if self.tokenizer is None:
             self.tokenizer = Tokenizer(self.paths.tokenizer)
+        # every token that ends an answer: eos, generation_config.json's eos_token_id (Llama 3's <|eot_id|> and
+        # <|end_of_text|>), and the styles' stop texts this tokenizer has as one token (<|im_end|>)
+        self.stop_ids = stop_ids(self.tokenizer, list(PROMPT_STYLES.values()))
         if params.n != 1:
             raise RequestError(400, f"n must be 1 (one answer per request), got {params.n}", "n")
         if params.top_p != 1:
@@ -554,7 +560,7 @@ class OpenAILoRASpec(LitSpec):
             stops = [*get_prompt_style(style).stop_strings, *stops]
         else:
             prompt = self.tokenizer.encode(params.prompt, bos=True).tolist()
-        context = self.paths.config.block_size
+        context = self.paths.config.context_length
         if len(prompt) >= context:
             raise RequestError(400, f"the prompt is {len(prompt)} tokens: the model's context is {context} tokens, "
                                     "answer included", "messages" if isinstance(params, ChatParams) else "prompt",

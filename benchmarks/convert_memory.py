@@ -132,7 +132,7 @@ def main(
 # the modules scripts/convert_hf_checkpoint.py imports: what any run of it costs before reading a weight
 IMPORTS_ONLY = (
     "import sys; sys.path.insert(0, %r); import torch, tqdm, jsonargparse, safetensors; "
-    "import lit_llama.convert, lit_llama.utils" % str(REPO)
+    "import lit_llama.convert, lit_llama.checkpoint" % str(REPO)
 )
 
 

@@ -44,7 +44,8 @@ def lora(
         lora_value: Adapt the attention value projection.
         lora_projection: Adapt the attention output projection.
         lora_mlp: Adapt the three MLP projections.
-        lora_head: Adapt the output layer.
+        lora_head: Adapt the output layer. Refused for a model with tied input/output embeddings (SmolLM2,
+            Llama 3.2, Qwen2.5 up to 3B): merged, it would change the input embedding too.
         lora_rslora: Rank-stabilised LoRA: scale updates by alpha / sqrt(r) instead of alpha / r (larger ranks
             then learn as fast as small ones).
         lora_dora: DoRA: also train a magnitude per output row of each adapted layer; the LoRA update then only

@@ -60,8 +60,8 @@ def main(
             through torchao: a half or a quarter of the bf16 weight bytes to read per token.
         compile: torch.compile the prefill and the decode step (gpt-fast's recipe: a static KV cache, no host sync
             per token, CUDA graphs on a GPU): faster decoding after a one-time compilation, printed apart.
-        prompt_style: alpaca, llama2-chat or chatml; default: the style recorded in the adapter file (the one it
-            was trained with). Give it only to override that.
+        prompt_style: alpaca, llama2-chat, chatml or llama3; default: the style recorded in the adapter file (the
+            one it was trained with). Give it only to override that.
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     check_generate_quantize(quantize)

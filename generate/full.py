@@ -20,8 +20,9 @@ from lit_llama.data import generate_prompt
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.model import Config
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.checkpoint import CONFIG_NAME, TOKENIZER_NAME, CheckpointPaths, load_model, load_sharded, resolve_checkpoint
+from lit_llama.checkpoint import CONFIG_NAME, CheckpointPaths, load_model, load_sharded, resolve_checkpoint
 from lit_llama.cli import UserError, run_cli
+from lit_llama.tokenizer import find_tokenizer
 
 
 def main(
@@ -60,8 +61,8 @@ def main(
             through torchao: a half or a quarter of the bf16 weight bytes to read per token.
         compile: torch.compile the prefill and the decode step (gpt-fast's recipe: a static KV cache, no host sync
             per token, CUDA graphs on a GPU): faster decoding after a one-time compilation, printed apart.
-        prompt_style: The prompt style the model was finetuned with: alpaca, llama2-chat or chatml (as given to
-            the prepare script).
+        prompt_style: The prompt style the model was finetuned with: alpaca, llama2-chat, chatml or llama3 (as
+            given to the prepare script).
     """
     check_sampling_flags(num_samples, max_new_tokens, temperature, top_k, seed)
     check_generate_quantize(quantize)
@@ -99,7 +100,7 @@ def resolve_finetuned(
         config = Config.from_json(folder / CONFIG_NAME)
     except (ValueError, TypeError) as e:
         raise UserError(f"{folder / CONFIG_NAME} is not a valid model config: {e}")
-    tokenizer_path = Path(tokenizer_path or folder / TOKENIZER_NAME)
+    tokenizer_path = Path(tokenizer_path or find_tokenizer(folder))
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found (give --tokenizer_path)")
     return CheckpointPaths(checkpoint_path, config, tokenizer_path)

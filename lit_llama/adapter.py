@@ -15,7 +15,7 @@ and trains the RMSNorm weights.
 
 `AdapterLLaMA` is the base `LLaMA` with these pieces swapped in; the model code is not copied. Every new
 parameter has "adapter_" in its name, so a base checkpoint loads unchanged (see
-`lit_llama.utils.load_model`) and adapter checkpoints hold only those tensors (plus the v2 norms).
+`lit_llama.checkpoint.load_model`) and adapter checkpoints hold only those tensors (plus the v2 norms).
 """
 
 from dataclasses import asdict, dataclass, replace
@@ -138,8 +138,9 @@ class AdapterV2Linear(nn.Linear):
     scale and bias: y = adapter_scale * (W x) + adapter_bias. Scale 1 and bias 0 at first: the plain layer.
     The frozen weight keeps the name "weight", so base checkpoints load unchanged."""
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None, bias: bool = False) -> None:
+        # bias: a base layer's own (Qwen2's q/k/v), frozen; the adapter's scale then applies to W x + bias
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.adapter_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         self.adapter_bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         self.reset_extra_parameters()
@@ -147,7 +148,8 @@ class AdapterV2Linear(nn.Linear):
     @classmethod
     def like(cls, linear: nn.Linear) -> "AdapterV2Linear":
         """A fresh AdapterV2Linear of `linear`'s size, device and dtype (its weight is loaded later)."""
-        return cls(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
+        return cls(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype,
+                   bias=linear.bias is not None)
 
     def reset_extra_parameters(self) -> None:
         nn.init.ones_(self.adapter_scale)
@@ -170,7 +172,7 @@ class AdapterLLaMA(LLaMA):
     """LLaMA with LLaMA-Adapter prompts in the attention layers from `adapter_start_layer` on (v1), plus
     scale/bias on the linear layers and trainable norms (v2).
 
-    `config` may be a plain base `Config` (as `lit_llama.utils.load_model` passes it) with the adapter
+    `config` may be a plain base `Config` (as `lit_llama.checkpoint.load_model` passes it) with the adapter
     settings as keyword arguments, or an `AdapterConfig`; keyword arguments override its settings.
     """
 

@@ -29,6 +29,7 @@ from lit_llama.cli import UserError, describe_exception
 from lit_llama.disk import disk_errors, replace_checkpoint, save_atomic, write_text_atomic
 from lit_llama.distributed import unwrap
 from lit_llama.model import Config, LLaMA, llama_configs
+from lit_llama.tokenizer import HF_TOKENIZER_NAME, MAX_VOCAB_PADDING, SENTENCEPIECE_NAME, TOKENIZER_FILES, find_tokenizer
 
 WEIGHTS_NAME = "lit-llama.pth"
 
@@ -89,18 +90,19 @@ def resolve_checkpoint(
         )
 
     if tokenizer_path is None:
-        tokenizer_path = find_tokenizer(folder)
+        tokenizer_path = tokenizer_beside(folder)
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found (give --tokenizer_path or put it in the checkpoint dir)")
     return CheckpointPaths(checkpoint_path, config, tokenizer_path, config_file)
 
 
-def find_tokenizer(folder: Path) -> Path:
-    """The tokenizer beside a model's weights in `folder`, or in its parent folder (Lit-LLaMA's and Meta's layout:
-    checkpoints/lit-llama/tokenizer.model beside checkpoints/lit-llama/7B/); where there is none, the path it
-    would have beside the weights (for the caller's error)."""
-    candidates = [Path(folder) / TOKENIZER_NAME, Path(folder).resolve().parent / TOKENIZER_NAME]
+def tokenizer_beside(folder: Path) -> Path:
+    """The tokenizer beside a model's weights in `folder` (tokenizer.model, else tokenizer.json: see
+    `tokenizer.find_tokenizer`), or in its parent folder (Lit-LLaMA's and Meta's layout: checkpoints/lit-llama/
+    tokenizer.model beside checkpoints/lit-llama/7B/); where there is none, the path it would have beside the
+    weights (for the caller's error)."""
+    candidates = [find_tokenizer(folder), find_tokenizer(Path(folder).resolve().parent)]
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 
@@ -125,7 +127,7 @@ def file_in_folder(folder: Path, name: Any, source: Path) -> Path:
 def check_vocab(tokenizer: Any, paths: CheckpointPaths) -> None:
     """The tokenizer must not produce ids the model has no embedding for (a few padding rows are fine)."""
     model_vocab, tokenizer_vocab = paths.config.vocab_size, tokenizer.vocab_size
-    if not 0 <= model_vocab - tokenizer_vocab <= 128:
+    if not 0 <= model_vocab - tokenizer_vocab <= MAX_VOCAB_PADDING:
         raise UserError(
             f"tokenizer {paths.tokenizer} has {tokenizer_vocab} tokens but the model has {model_vocab}: "
             "they do not belong together"
@@ -351,8 +353,16 @@ def save_checkpoint_dir(
 
 
 def copy_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
-    if Path(tokenizer_path).resolve() != (Path(output_dir) / TOKENIZER_NAME).resolve():  # may be the same folder
-        save_atomic(tokenizer_path, Path(output_dir) / TOKENIZER_NAME, shutil.copyfile)
+    """Copies the tokenizer file (as tokenizer.model, or tokenizer.json), and every other tokenizer file beside
+    it: the other format where a model ships both (Mistral), and the settings files that say its special tokens
+    (tokenizer_config.json, generation_config.json, special_tokens_map.json)."""
+    tokenizer_path = Path(tokenizer_path)
+    name = HF_TOKENIZER_NAME if tokenizer_path.suffix == ".json" else SENTENCEPIECE_NAME
+    sources = [(tokenizer_path, name)] + [(tokenizer_path.parent / other, other) for other in TOKENIZER_FILES
+                                          if other != name and (tokenizer_path.parent / other).is_file()]
+    for source, name in sources:
+        if source.resolve() != (Path(output_dir) / name).resolve():  # may be the same folder
+            save_atomic(source, Path(output_dir) / name, shutil.copyfile)
 
 
 def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:

@@ -30,6 +30,10 @@ HF_TO_LIT = {
     "model.layers.{}.self_attn.q_proj.weight": "transformer.h.{}.attn.c_attn.weight",
     "model.layers.{}.self_attn.k_proj.weight": "transformer.h.{}.attn.c_attn.weight",
     "model.layers.{}.self_attn.v_proj.weight": "transformer.h.{}.attn.c_attn.weight",
+    # Qwen2's q/k/v biases, fused like the weights
+    "model.layers.{}.self_attn.q_proj.bias": "transformer.h.{}.attn.c_attn.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "transformer.h.{}.attn.c_attn.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "transformer.h.{}.attn.c_attn.bias",
     "model.layers.{}.self_attn.o_proj.weight": "transformer.h.{}.attn.c_proj.weight",
     "model.layers.{}.post_attention_layernorm.weight": "transformer.h.{}.rms_2.weight",
     "model.layers.{}.mlp.gate_proj.weight": "transformer.h.{}.mlp.c_fc1.weight",
@@ -108,12 +112,15 @@ def hf_to_lit(tensors: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str
 
 
 def lit_to_hf(tensors: Iterable[Tuple[str, torch.Tensor]], config: Config) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Renames a stream of our tensors to Hugging Face's, splitting c_attn back into q/k/v projections."""
+    """Renames a stream of our tensors to Hugging Face's, splitting c_attn back into q/k/v projections. With
+    tied embeddings the output layer is not written: transformers ties it to the embedding on loading."""
     for name, tensor in tensors:
-        if name.endswith(".attn.c_attn.weight"):
-            layer = name.split(".")[2]  # transformer.h.{i}.attn.c_attn.weight
+        if name.endswith((".attn.c_attn.weight", ".attn.c_attn.bias")):
+            layer, kind = name.split(".")[2], name.split(".")[-1]  # transformer.h.{i}.attn.c_attn.{weight,bias}
             for part, weight in zip(QKV, split_qkv(tensor, config)):
-                yield f"model.layers.{layer}.self_attn.{part}.weight", weight
+                yield f"model.layers.{layer}.self_attn.{part}.{kind}", weight
+            continue
+        if name == "lm_head.weight" and config.tie_embeddings:
             continue
         hf_name = _rename(name, LIT_TO_HF)
         if hf_name is None:

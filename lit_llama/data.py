@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
 from lit_llama.tokenizer import Tokenizer, check_text
-from lit_llama.checkpoint import TOKENIZER_NAME, find_tokenizer, verify_checksums
+from lit_llama.checkpoint import TOKENIZER_NAME, tokenizer_beside, verify_checksums
 from lit_llama.cli import UserError, describe_exception
 from lit_llama.disk import disk_errors
 
@@ -145,7 +145,9 @@ def prepare_sample(
     """
     style = get_prompt_style(prompt_style)
     prompt_ids = tokenizer.encode(style.prompt(record["instruction"], record["input"]), bos=True, eos=False)
-    output_ids = tokenizer.encode(style.answer(record["output"]), bos=False, eos=True)
+    # eos after the answer, unless the style's stop text already is that token (Llama 3 Instruct's <|eot_id|>)
+    eos = not style.stop_strings or tokenizer.token_id(style.stop_strings[0]) != tokenizer.eos_id
+    output_ids = tokenizer.encode(style.answer(record["output"]), bos=False, eos=eos)
     full_ids = torch.cat([prompt_ids, output_ids])
     input_ids = full_ids[:max_example_tokens].clone()  # clone: do not keep the untruncated tensor alive in the save
     labels = input_ids.clone()
@@ -360,7 +362,7 @@ def load_tokenizer(
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise UserError(f"--checkpoint_dir {checkpoint_dir} does not exist or is not a directory")
-        tokenizer_path = find_tokenizer(checkpoint_dir)
+        tokenizer_path = tokenizer_beside(checkpoint_dir)
     elif tokenizer_path is None:
         if not DEFAULT_TOKENIZER_PATH.is_file():
             raise UserError("give --checkpoint_dir (a folder with tokenizer.model) or --tokenizer_path")

@@ -28,13 +28,13 @@ from lit_llama.checkpoint import (
     save_sharded_weights,
 )
 from lit_llama.cli import UserError, deprecated_flag, with_one_line_errors
-from lit_llama.data import load_prepared
 from lit_llama.disk import write_text_atomic
 from lit_llama.distributed import Precision, launch, load_device, make_fabric, uses_fsdp
-from lit_llama.model import Config
 from lit_llama.run_dir import claim_out_dir
-from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import Sample, TrainingConfig, fit
+from lit_llama.data import load_prepared
+from lit_llama.model import Config
+from lit_llama.tokenizer import Tokenizer
 
 
 class Method(Protocol):
@@ -141,11 +141,11 @@ def resolve_max_seq_length(max_seq_length: Optional[int], block_size: Optional[i
     is shorter. A longer value than the model's context is refused: the model has no positions for it."""
     max_seq_length = deprecated_flag("max_seq_length", max_seq_length, "block_size", block_size)
     if max_seq_length is None:
-        return min(DEFAULT_MAX_SEQ_LENGTH, config.block_size)
-    if max_seq_length > config.block_size:
+        return min(DEFAULT_MAX_SEQ_LENGTH, config.context_length)
+    if max_seq_length > config.context_length:
         raise UserError(
-            f"--max_seq_length {max_seq_length} is longer than the model's context ({config.block_size} tokens, "
-            "block_size in lit_config.json)"
+            f"--max_seq_length {max_seq_length} is longer than the model's context ({config.context_length} tokens, "
+            "block_size or sliding_window in lit_config.json)"
         )
     return max_seq_length
 

@@ -4,7 +4,7 @@ import functools
 import math
 import sys
 import time
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -43,7 +43,7 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
-    eos_id: Optional[int] = None,
+    eos_id: Union[int, Iterable[int], None] = None,
     use_kv_cache: bool = True,
     stop: Optional[Callable[[torch.Tensor], bool]] = None,
     compiled: bool = False,
@@ -59,7 +59,7 @@ def generate(
     while tokens.size(1) < max_seq_length:
         next_token = sample(model(tokens)[:, -1], temperature, top_k)
         tokens = torch.cat((tokens, next_token), dim=1)
-        if eos_id is not None and next_token.item() == eos_id:
+        if next_token.item() in stop_id_set(eos_id):
             break
         if stop is not None and stop(tokens[0, prompt.size(0) :]):
             break
@@ -73,7 +73,7 @@ def generate_batch(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
-    eos_id: Optional[int] = None,
+    eos_id: Union[int, Iterable[int], None] = None,
     stops: Optional[Sequence[Optional[Callable[[torch.Tensor], bool]]]] = None,
     compiled: bool = False,
 ) -> List[torch.Tensor]:
@@ -96,7 +96,7 @@ def stream_batch(
     max_new_tokens: Union[int, Sequence[int]],
     temperature: float = 1.0,
     top_k: Optional[int] = None,
-    eos_id: Optional[int] = None,
+    eos_id: Union[int, Iterable[int], None] = None,
     stops: Optional[Sequence[Optional[Callable[[torch.Tensor], bool]]]] = None,
     compiled: bool = False,
     sync_every: int = SYNC_EVERY,
@@ -156,13 +156,18 @@ def stream_batch(
 
 
 def take_until_done(
-    row: List[int], chunk: List[int], limit: int, eos_id: Optional[int], stop: Optional[Callable[[torch.Tensor], bool]]
+    row: List[int],
+    chunk: List[int],
+    limit: int,
+    eos_id: Union[int, Iterable[int], None],
+    stop: Optional[Callable[[torch.Tensor], bool]],
 ) -> Tuple[List[int], bool]:
     """Appends the chunk's tokens to the row one at a time until the row is done (end-of-text, its limit of
     new tokens, its stop text); returns the tokens it appended and whether the row is done."""
+    stop_ids = stop_id_set(eos_id)
     for i, token in enumerate(chunk):
         row.append(token)
-        if token == eos_id or len(row) == limit or (stop is not None and stop(torch.tensor(row))):
+        if token in stop_ids or len(row) == limit or (stop is not None and stop(torch.tensor(row))):
             return chunk[: i + 1], True
     return chunk, False
 
@@ -197,7 +202,7 @@ def compile_steps() -> Tuple[Callable, Callable]:
 def static_cache_length(model: LLaMA, max_seq_length: int) -> int:
     """The compiled steps' KV-cache length: rounded up to a multiple of 256 (at most the block size), so
     requests of other lengths mostly reuse the same compiled graphs instead of compiling new ones."""
-    return min(model.config.block_size, 256 * math.ceil(max_seq_length / 256))
+    return min(model.config.context_length, 256 * math.ceil(max_seq_length / 256))
 
 
 def warm_up(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int]) -> float:
@@ -215,7 +220,7 @@ def warm_up(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperature
 
 def check_prompt_lengths(model: LLaMA, lengths: List[int], max_new_tokens: int) -> int:
     """The sequence length to allocate: the longest prompt plus `max_new_tokens`, at most the block size."""
-    block_size = model.config.block_size
+    block_size = model.config.context_length  # Mistral v0.1: its sliding window
     if max(lengths) >= block_size:
         raise ValueError(f"the prompt has {max(lengths)} tokens; the model's block size is {block_size}")
     return min(max(lengths) + max_new_tokens, block_size)
@@ -240,7 +245,7 @@ def setup_generation(
     check_text(prompt, "--prompt")
     tokenizer = Tokenizer(paths.tokenizer)
     check_vocab(tokenizer, paths)
-    context = paths.config.block_size
+    context = paths.config.context_length
     if max_new_tokens > context:
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of {context} tokens")
     prompt_tokens = len(tokenizer.encode(prompt, bos=True))
@@ -283,9 +288,10 @@ def generate_response(
     was_training = model.training
     model.eval()
     prompt = tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
-    max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.size(0))
+    max_new_tokens = min(max_new_tokens, model.config.context_length - prompt.size(0))
     stop = stop_at_text(style, tokenizer)
-    output = generate(model, prompt, max_new_tokens, temperature, top_k, tokenizer.eos_id, stop=stop, compiled=compiled)
+    output = generate(model, prompt, max_new_tokens, temperature, top_k, stop_ids(tokenizer, [style]), stop=stop,
+                      compiled=compiled)
     model.train(was_training)
     return style.cut_at_stop(tokenizer.decode(output[prompt.size(0) :]))[0].strip()
 
@@ -307,9 +313,28 @@ def generate_responses(
     prompts = [tokenizer.encode(style.prompt(instruction, input), bos=True, device=device)
                for style, (instruction, input) in zip(styles, requests)]
     stops = [stop_at_text(style, tokenizer) for style in styles]
-    outputs = generate_batch(model, prompts, max_new_tokens, temperature, top_k, tokenizer.eos_id, stops, compiled)
+    outputs = generate_batch(model, prompts, max_new_tokens, temperature, top_k, stop_ids(tokenizer, styles), stops,
+                             compiled)
     return [style.cut_at_stop(tokenizer.decode(output[prompt.size(0) :]))[0].strip()
             for style, prompt, output in zip(styles, prompts, outputs)]
+
+
+def stop_id_set(eos_id: Union[int, Iterable[int], None]) -> Set[int]:
+    """`eos_id` as a set: the generation functions take one id (LLaMA's eos) or several (Llama 3 Instruct stops
+    on both <|eot_id|> and <|end_of_text|>)."""
+    if eos_id is None:
+        return set()
+    return {eos_id} if isinstance(eos_id, int) else set(eos_id)
+
+
+def stop_ids(tokenizer: Tokenizer, styles: Sequence[PromptStyle] = ()) -> Tuple[int, ...]:
+    """Every token that ends an answer: the tokenizer's stop ids (eos and generation_config.json's
+    eos_token_id), and a style's stop text where it is one special token of this tokenizer (Llama 3's
+    <|eot_id|>, ChatML's <|im_end|> in tokenizers that have it)."""
+    ids = list(tokenizer.stop_ids)
+    for style in styles:
+        ids += [tokenizer.token_id(text) for text in style.stop_strings if tokenizer.token_id(text) is not None]
+    return tuple(dict.fromkeys(ids))
 
 
 def stop_at_text(style: PromptStyle, tokenizer: Tokenizer) -> Optional[Callable[[torch.Tensor], bool]]:

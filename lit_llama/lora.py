@@ -11,6 +11,12 @@ base `LLaMA` with the chosen linear layers swapped for `LoRALinear`: the model c
 
 Two variants are flags of `LoRAConfig`, stored in the LoRA file: rsLoRA scales the update by alpha / sqrt(r),
 DoRA adds a trained magnitude per output row (see `LoRALinear`).
+
+Every target works on every model family (LLaMA, Llama 3.x, SmolLM2, Qwen2.5, Mistral; Qwen2's q/k/v biases stay
+frozen), with one exception: `head` on a model with tied input/output embeddings is refused. There the output
+layer is the input embedding; a merged update would change every token's embedding as well, and an exported
+model would have to be untied to hold it. A LoRA file records its base's family fields (`FAMILY_FIELDS`) and is
+refused, in one line, on a base of another family.
 """
 
 import math
@@ -105,8 +111,9 @@ class LoRALinear(nn.Linear):
         parts: Optional[Sequence[Tuple[int, bool]]] = None,
         rslora: bool = False,
         dora: bool = False,
+        bias: bool = False,
     ) -> None:
-        super().__init__(in_features, out_features, bias=False)
+        super().__init__(in_features, out_features, bias=bias)  # bias: Qwen2's q/k/v, frozen like the weight
         self.parts = list(parts or [(out_features, True)])
         if sum(size for size, _ in self.parts) != out_features:
             raise ValueError(f"parts {self.parts} do not add up to out_features {out_features}")
@@ -134,6 +141,11 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a frozen bias is added last: DoRA rescales W x, not the bias (as PEFT computes it, and as merging does)
+        y = self._weight_and_update(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _weight_and_update(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.merged:
             return y
@@ -225,12 +237,18 @@ class LoRALLaMA(LLaMA):
     def __init__(self, config: Config, lora: Optional[LoRAConfig] = None) -> None:
         super().__init__(config)
         self.lora_config = lora = lora or LoRAConfig()
+        if lora.head and config.tie_embeddings:
+            # the output layer is the input embedding: a LoRA on it would, once merged, change the embedding of
+            # every input token too, and PEFT/transformers would untie the model to hold it. So it is refused.
+            raise UserError("LoRA on the output layer (--lora_head) is not supported for a model with tied input/"
+                            "output embeddings (SmolLM2, Llama 3.2, small Qwen2.5): leave --lora_head false")
         hs = config.head_size
         q_size, kv_size = config.n_head * hs, config.n_query_groups * hs
 
         def lora_linear(old: nn.Linear, parts: Optional[Sequence[Tuple[int, bool]]] = None) -> LoRALinear:
             return LoRALinear(
-                old.in_features, old.out_features, lora.r, lora.alpha, lora.dropout, parts, lora.rslora, lora.dora
+                old.in_features, old.out_features, lora.r, lora.alpha, lora.dropout, parts, lora.rslora, lora.dora,
+                bias=old.bias is not None,
             )
 
         for block in self.transformer.h:
@@ -331,6 +349,9 @@ def check_lora_base(checkpoint: Dict[str, Any], path: Path, weights: Path) -> No
 
 
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "vocab_size")  # the base's, recorded in a LoRA file
+# what tells model families apart beyond their sizes (Qwen2's biases, tied embeddings, Llama 3's RoPE scaling,
+# Mistral's head size and window); a LoRA file written before they existed was made on a LLaMA: their defaults
+FAMILY_FIELDS = ("qkv_bias", "tie_embeddings", "head_dim", "rope_scaling", "sliding_window")
 
 
 def read_lora_checkpoint(path: Path) -> Dict[str, Any]:
@@ -381,9 +402,21 @@ def lora_config_from_checkpoint(checkpoint: Dict[str, Any], path: Path) -> LoRAC
         raise UserError(f"{path}: invalid lora_config: {e}")
 
 
+def check_lora_family(checkpoint: Dict[str, Any], path: Path, config: Config) -> None:
+    """Refuses a LoRA file made on a base of another model family (Qwen2 vs Llama, tied vs untied, ...)."""
+    base, ours = checkpoint.get("base_config", {}), asdict(config)
+    defaults = asdict(Config(n_embd=ours["n_embd"], n_head=ours["n_head"]))
+    for field in FAMILY_FIELDS:
+        theirs = base.get(field, defaults[field])
+        if theirs != ours[field]:
+            raise UserError(f"{path} was made for another model family: its base has {field}={theirs}, this "
+                            f"checkpoint has {field}={ours[field]}")
+
+
 def load_lora_state_dict(model: LoRALLaMA, checkpoint: Dict[str, Any], path: Path) -> None:
     """Loads LoRA tensors into a model built with the file's LoRAConfig; refuses files made for
     another base model (other size) or with another rank / targets."""
+    check_lora_family(checkpoint, path, model.config)
     base = checkpoint.get("base_config", {})
     ours = asdict(model.config)
     for field in SHAPE_FIELDS:
@@ -413,6 +446,7 @@ def load_lora_model(
 ) -> LoRALLaMA:
     """Base checkpoint + LoRA file -> model, with the LoRA settings read from the file; merged by default."""
     checkpoint = read_lora_checkpoint(lora_path)
+    check_lora_family(checkpoint, lora_path, paths.config)
     check_lora_base(checkpoint, lora_path, paths.weights)
     model = load_model(paths, device, dtype, LoRALLaMA, lora=lora_config_from_checkpoint(checkpoint, lora_path))
     load_lora_state_dict(model, checkpoint, lora_path)

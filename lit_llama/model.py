@@ -1,4 +1,6 @@
-"""The LLaMA language model (LLaMA 1, Llama 2, OpenLLaMA, TinyLlama) in one file.
+"""The LLaMA language model in one file: LLaMA 1, Llama 2, OpenLLaMA, TinyLlama, and the models built the same
+way since: Llama 3.x, SmolLM2, Qwen2.5 and Mistral. They differ only in `Config` fields: tied input/output
+embeddings, RoPE scaling, biases on q/k/v, a head size apart from n_embd / n_head, and a sliding window.
 
 Read top to bottom: `Config` (sizes), `LLaMA` (embedding -> blocks -> norm -> head), `Block`,
 `CausalSelfAttention` (fused q/k/v projection, rotary embeddings, grouped-query attention, KV cache),
@@ -19,6 +21,8 @@ import torch.utils.checkpoint
 
 
 MAX_BLOCK_SIZE = 2**24
+# Hugging Face model types this model computes exactly, with their transformers class
+HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 @dataclass
@@ -32,12 +36,26 @@ class Config:
     intermediate_size: Optional[int] = None  # SwiGLU hidden size; None = LLaMA's rule of thumb below
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    head_dim: Optional[int] = None  # size of one attention head; None = n_embd // n_head (Mistral's can differ)
+    tie_embeddings: bool = False  # the output layer is the input embedding (SmolLM2, Llama 3.2, small Qwen2.5)
+    qkv_bias: bool = False  # the q/k/v projection has a bias (Qwen2)
+    # RoPE scaling for long contexts: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} (Llama 3.1 and later) or {"rope_type": "linear", "factor"}
+    rope_scaling: Optional[Dict[str, Any]] = None
+    sliding_window: Optional[int] = None  # Mistral: each position sees this many before it (longer is refused)
 
     def __post_init__(self) -> None:
         # every size is a positive number of its type, whichever file it came from (a ValueError naming it)
         for field in dataclasses.fields(Config):
             value = getattr(self, field.name)
             if value is None and "Optional" in str(field.type):
+                continue
+            if field.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"field {field.name!r} is {value!r}, expected true or false")
+                continue
+            if field.name == "rope_scaling":
+                self.rope_scaling = check_rope_scaling(value)
                 continue
             number = float if "float" in str(field.type) else int
             # JSON has one number type: 1 is a fine float, 1.5 is not an int; true/false are not numbers
@@ -54,7 +72,7 @@ class Config:
                              "a model here can tell apart")
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and self.head_dim is None:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_query_groups:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
@@ -65,7 +83,12 @@ class Config:
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence this model computes: block_size, or a shorter sliding window (Mistral v0.1)."""
+        return min(self.block_size, self.sliding_window or self.block_size)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
@@ -75,44 +98,68 @@ class Config:
 
     @classmethod
     def from_hf_config(cls, hf: Dict[str, Any]) -> "Config":
-        """Builds a config from a Hugging Face `config.json` of any LLaMA-architecture model."""
+        """Builds a config from a Hugging Face `config.json` of a LLaMA-architecture model: LlamaForCausalLM
+        (LLaMA, Llama 2 and 3.x, SmolLM2, TinyLlama), Qwen2ForCausalLM (Qwen2.5) or MistralForCausalLM. Anything
+        this model cannot compute exactly is a ValueError naming the field."""
         if not isinstance(hf, dict):
             raise ValueError(f"expected a JSON object of model settings, got a {type(hf).__name__}")
         archs = hf.get("architectures") or []
         if not isinstance(archs, list):
             raise ValueError(f"field 'architectures' is {archs!r}, expected a list of class names")
-        if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-            found = hf.get("model_type") or ", ".join(map(str, archs)) or "unknown"
-            raise ValueError(f"not a LLaMA-architecture model (model_type {found!r}, expected 'llama')")
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES and not set(archs) & set(HF_MODEL_TYPES.values()):
+            found = model_type or ", ".join(map(str, archs)) or "unknown"
+            raise ValueError(f"unsupported architecture {found!r} (supported model_type: {', '.join(HF_MODEL_TYPES)})")
+        model_type = model_type if model_type in HF_MODEL_TYPES else next(
+            t for t, a in HF_MODEL_TYPES.items() if a in archs)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"field 'hidden_act' is {hf['hidden_act']!r}: only SwiGLU ('silu') is supported")
         # transformers < 5 writes rope_theta / rope_scaling, transformers >= 5 a rope_parameters dict
         rope = hf.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ValueError(f"field 'rope_parameters' is {rope!r}, expected an object")
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling:
-            raise ValueError(f"RoPE scaling {scaling} is not supported")
-        if hf.get("tie_word_embeddings"):
-            raise ValueError("tied input/output embeddings are not supported")
+        scaling = hf.get("rope_scaling") or rope
+        if not isinstance(scaling, dict):
+            raise ValueError(f"field 'rope_scaling' is {scaling!r}, expected an object")
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        rope_scaling = None if rope_type == "default" else dict(scaling, rope_type=rope_type)
+        # Qwen2 has biases on q/k/v (always); LLaMA's attention_bias would put one on o_proj too
         if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("attention or MLP biases are not supported")
+            raise ValueError("field 'attention_bias' or 'mlp_bias' is true: biases on o_proj or the MLP are not "
+                             "supported")
+        sliding_window = hf.get("sliding_window") if model_type == "mistral" else None
+        if model_type == "qwen2" and hf.get("use_sliding_window"):
+            raise ValueError("field 'use_sliding_window' is true: Qwen2's per-layer sliding window is not supported")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
                 raise ValueError(f"field {key!r} is {hf[key]!r}, expected a positive integer")
-        n_head = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
-            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
+        n_head, n_embd = hf["num_attention_heads"], hf["hidden_size"]
+        head_dim = hf.get("head_dim")
+        block_size = hf.get("max_position_embeddings", 2048)
+        if sliding_window is not None and isinstance(block_size, int) and sliding_window >= block_size:
+            sliding_window = None  # a window as long as the context changes nothing
         return cls(
-            block_size=hf.get("max_position_embeddings", 2048),
+            block_size=block_size,
             vocab_size=hf["vocab_size"],
             n_layer=hf["num_hidden_layers"],
             n_head=n_head,
-            n_embd=hf["hidden_size"],
+            n_embd=n_embd,
             n_query_groups=hf.get("num_key_value_heads") or n_head,
             intermediate_size=hf["intermediate_size"],
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
+            head_dim=None if head_dim in (None, n_embd // n_head) else head_dim,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            rope_scaling=rope_scaling,
+            sliding_window=sliding_window,
         )
+
+    def hf_architecture(self) -> str:
+        """The model_type transformers builds this config as: Qwen2 for q/k/v biases, Mistral for a sliding window,
+        else LLaMA (a Mistral without a window, like v0.3, is a LLaMA)."""
+        return "qwen2" if self.qkv_bias else "mistral" if self.sliding_window else "llama"
 
     @classmethod
     def from_json(cls, path: Path) -> "Config":
@@ -138,6 +185,14 @@ class Config:
 
 _llama_7b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008)
 _llama_13b = dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824)
+_llama3_rope_scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=8192)
+_llama3 = dict(block_size=131072, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=_llama3_rope_scaling)
+_llama3_8b = dict(_llama3, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8, intermediate_size=14336)
+_llama3_70b = dict(_llama3, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8, intermediate_size=28672)
+_smollm2 = dict(block_size=8192, vocab_size=49152, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True)
+_qwen25 = dict(block_size=32768, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True)
 llama_configs: Dict[str, Dict[str, Any]] = {
     # LLaMA 1 (Meta, Feb 2023)
     "7B": dict(**_llama_7b, norm_eps=1e-6),
@@ -156,6 +211,32 @@ llama_configs: Dict[str, Dict[str, Any]] = {
     "open_llama_13b": dict(**_llama_13b, norm_eps=1e-6),
     # TinyLlama 1.1B (Llama 2 architecture, grouped-query attention)
     "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632, norm_eps=1e-5),
+    # Llama 3.1 / 3.3 (Meta, Jul / Dec 2024): 128K-token vocabulary, 128K context by "llama3" RoPE scaling
+    "Llama-3.1-8B": dict(**_llama3_8b),
+    "Llama-3.1-70B": dict(**_llama3_70b),
+    "Llama-3.3-70B": dict(**_llama3_70b),
+    # Llama 3.2 (Meta, Sep 2024): small models with tied embeddings
+    "Llama-3.2-1B": dict(_llama3, n_layer=16, n_head=32, n_embd=2048, n_query_groups=8, intermediate_size=8192,
+                         tie_embeddings=True, rope_scaling=dict(_llama3_rope_scaling, factor=32.0)),
+    "Llama-3.2-3B": dict(_llama3, n_layer=28, n_head=24, n_embd=3072, n_query_groups=8, intermediate_size=8192,
+                         tie_embeddings=True, rope_scaling=dict(_llama3_rope_scaling, factor=32.0)),
+    # SmolLM2 (Hugging Face, Nov 2024): LLaMA architecture, tied embeddings, 49,152-token byte-level BPE
+    "SmolLM2-135M": dict(**_smollm2, n_layer=30, n_head=9, n_embd=576, n_query_groups=3, intermediate_size=1536),
+    "SmolLM2-360M": dict(**_smollm2, n_layer=32, n_head=15, n_embd=960, n_query_groups=5, intermediate_size=2560),
+    "SmolLM2-1.7B": dict(_smollm2, n_layer=24, n_head=32, n_embd=2048, n_query_groups=32, intermediate_size=8192,
+                         rope_theta=130000.0),
+    # Qwen2.5 (Alibaba, Sep 2024): biases on q/k/v; the small ones tie their embeddings
+    "Qwen2.5-0.5B": dict(**_qwen25, n_layer=24, n_head=14, n_embd=896, n_query_groups=2, intermediate_size=4864,
+                         tie_embeddings=True),
+    "Qwen2.5-1.5B": dict(**_qwen25, n_layer=28, n_head=12, n_embd=1536, n_query_groups=2, intermediate_size=8960,
+                         tie_embeddings=True),
+    "Qwen2.5-3B": dict(**_qwen25, n_layer=36, n_head=16, n_embd=2048, n_query_groups=2, intermediate_size=11008,
+                       tie_embeddings=True),
+    "Qwen2.5-7B": dict(_qwen25, n_layer=28, n_head=28, n_embd=3584, n_query_groups=4, intermediate_size=18944,
+                       vocab_size=152064),
+    # Mistral 7B v0.3 (Mistral AI, May 2024): 32,768-token vocabulary, no sliding window any more
+    "Mistral-7B-v0.3": dict(block_size=32768, vocab_size=32768, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
+                            intermediate_size=14336, norm_eps=1e-5, rope_theta=1000000.0),
     # tiny sizes for tests and the offline demo
     "tiny": dict(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64, intermediate_size=176),
     "tiny-gqa": dict(
@@ -176,6 +257,8 @@ class LLaMA(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix both ways: its state dict names it twice, saved once
+            self.lm_head.weight = self.transformer.wte.weight
         # built on first use, on the input's device: plain attributes, so never saved in checkpoints
         self.rope_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         # trade compute for memory in training: see finetune/lora.py --activation_checkpointing
@@ -202,6 +285,7 @@ class LLaMA(nn.Module):
         max_len = self.max_seq_length if input_pos is not None else T
         if max_len > self.config.block_size:
             raise ValueError(f"sequence length {max_len} exceeds the model's block_size {self.config.block_size}")
+        check_sliding_window(self.config, max_len)
         cos, sin = self._rope(idx.device)
         if input_pos is None:  # training / full forward: positions 0..T-1, plain causal attention
             cos, sin, mask = cos[:T], sin[:T], None
@@ -223,10 +307,19 @@ class LLaMA(nn.Module):
         x = self.transformer.ln_f(x)
         return self.lm_head(x) if head else x
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LLaMA":
+        """`.to()`, `.to_empty()`, `.half()`, ... replace each module's parameters one module at a time, which
+        would give the output layer a copy of a tied embedding: tied before, tied after."""
+        tied = self.lm_head.weight is self.transformer.wte.weight
+        super()._apply(fn, *args, **kwargs)
+        if tied:
+            self.lm_head.weight = self.transformer.wte.weight
+        return self
+
     def _rope(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.rope_cache is None or self.rope_cache[0].device != device:
             self.rope_cache = build_rope_cache(
-                self.config.block_size, self.config.head_size, self.config.rope_theta, device
+                self.config.block_size, self.config.head_size, self.config.rope_theta, device, self.config.rope_scaling
             )
         return self.rope_cache
 
@@ -242,9 +335,10 @@ class LLaMA(nn.Module):
         """Allocates a key/value cache of `max_seq_length` positions in every attention layer (or keeps the one
         there if it has that shape: compiled decoding then finds its buffers where it left them), and the
         rotary and causal-mask tables decoding reads, so a forward pass only reads them."""
-        max_seq_length = max_seq_length or self.config.block_size
+        max_seq_length = max_seq_length or self.config.context_length
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds block_size {self.config.block_size}")
+        check_sliding_window(self.config, max_seq_length)
         weight = self.lm_head.weight
         device, dtype = torch.device(device or weight.device), dtype or weight.dtype
         shape = (batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size)
@@ -289,7 +383,7 @@ class CausalSelfAttention(nn.Module):
         hs, q_size = config.head_size, config.n_head * config.head_size
         kv_size = config.n_query_groups * hs
         # one fused projection whose output is [queries | keys | values]
-        self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=False)
+        self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=config.qkv_bias)
         self.c_proj = nn.Linear(q_size, config.n_embd, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
@@ -370,16 +464,73 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def check_sliding_window(config: Config, seq_len: int) -> None:
+    """Mistral's attention sees only the last `sliding_window` positions. Up to that length it is plain causal
+    attention, which is all this model computes: a longer sequence is refused rather than attended wrongly."""
+    if config.sliding_window is not None and seq_len > config.sliding_window:
+        raise ValueError(f"sequence length {seq_len} exceeds the model's sliding window of {config.sliding_window} "
+                         "positions: attention beyond the window is not supported (use shorter sequences)")
+
+
+ROPE_SCALING_FIELDS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: Any) -> Dict[str, Any]:
+    """`Config.rope_scaling` checked: a supported type with its positive numbers (a ValueError naming what is not)."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"field 'rope_scaling' is {scaling!r}, expected an object with a rope_type")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_FIELDS:
+        raise ValueError(f"RoPE scaling type {kind!r} is not supported (supported: {', '.join(ROPE_SCALING_FIELDS)})")
+    checked: Dict[str, Any] = {"rope_type": kind}
+    for name in ROPE_SCALING_FIELDS[kind]:
+        value = scaling.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"rope_scaling field {name!r} is {value!r}, expected a positive number")
+        checked[name] = value
+    return checked
+
+
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: Dict[str, Any]) -> torch.Tensor:
+    """RoPE frequencies stretched for a longer context than the model was pretrained on.
+
+    linear: every frequency divided by `factor` (positions compressed evenly).
+    llama3 (Llama 3.1): wavelengths longer than original_max_position_embeddings / low_freq_factor are divided
+    by `factor`, those shorter than .../high_freq_factor are kept, and the band between is interpolated, so
+    local (high-frequency) position information is untouched while the slow dimensions reach further.
+    """
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(between, smoothed, scaled)
+
+
 def build_rope_cache(
-    seq_len: int, head_size: int, theta: float = 10000.0, device: Optional[torch.device] = None
+    seq_len: int,
+    head_size: int,
+    theta: float = 10000.0,
+    device: Optional[torch.device] = None,
+    scaling: Optional[Dict[str, Any]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (seq_len, head_size), in float32.
+    """cos and sin tables of shape (seq_len, head_size), in float32, with `scaling` (see `scaled_inv_freq`).
 
     Rotary embeddings in the "rotate half" layout of Hugging Face checkpoints: dimension i is paired
     with dimension i + head_size/2. (Meta's original checkpoints pair neighbours instead; their q/k
     weights are permuted on conversion, see `permute_meta` in lit_llama/convert.py.)
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    if scaling is not None:
+        inv_freq = scaled_inv_freq(inv_freq, scaling)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.lora import (
-    LoRALinear, LoRALLaMA, check_lora_base, load_lora_state_dict, lora_config_from_checkpoint, lora_prompt_style,
-    read_lora_checkpoint,
+    LoRALinear, LoRALLaMA, check_lora_base, check_lora_family, load_lora_state_dict, lora_config_from_checkpoint,
+    lora_prompt_style, read_lora_checkpoint,
 )
 from lit_llama.model import Config, LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
@@ -38,15 +38,15 @@ class MultiLoRALinear(nn.Linear):
     """A frozen bias-free nn.Linear (its weight keeps the name "weight", so base checkpoints load as they are)
     plus the stacked updates of several adapters, one picked per row by `row_slots`."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)  # bias: Qwen2's q/k/v
         # not in state_dict(): adapters come from their own files, not from the base checkpoint
         self.register_buffer("lora_A_all", torch.zeros(1, 0, in_features), persistent=False)
         self.register_buffer("lora_B_all", torch.zeros(1, out_features, 0), persistent=False)
         self.row_slots: Optional[torch.Tensor] = None  # (batch,) slot per row; None: the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if self.row_slots is None or self.lora_A_all.size(1) == 0:
             return y
         A = self.lora_A_all[self.row_slots].to(x.dtype)  # (batch, R, in)
@@ -124,7 +124,7 @@ class MultiLoRALLaMA(LLaMA):
 
 
 def _multi(linear: nn.Linear) -> MultiLoRALinear:
-    return MultiLoRALinear(linear.in_features, linear.out_features)
+    return MultiLoRALinear(linear.in_features, linear.out_features, bias=linear.bias is not None)
 
 
 def read_lora_factors(
@@ -135,6 +135,7 @@ def read_lora_factors(
     model's shape, and with `base_weights` its identity, names, ranks)."""
     checkpoint = read_lora_checkpoint(lora_path)
     lora = lora_config_from_checkpoint(checkpoint, lora_path)
+    check_lora_family(checkpoint, lora_path, base_config)
     if base_weights is not None:
         check_lora_base(checkpoint, lora_path, base_weights)
     if lora.dora:  # a magnitude per row divides by a norm of W + BA: no low-rank product to stack

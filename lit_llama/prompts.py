@@ -11,6 +11,10 @@ generate/full.py takes `--prompt_style`.
 * chatml: `<|im_start|>user ... <|im_end|>` turns, as in TinyLlama-Chat v0.x. LLaMA's tokenizer has no
   `<|im_end|>` token, so it is text: training answers end with "<|im_end|>" and then EOS, and generation stops
   when either appears.
+* llama3: Llama 3 Instruct's headers, `<|start_header_id|>user<|end_header_id|>\n\n ... <|eot_id|>`, then the
+  assistant's header; bos (`<|begin_of_text|>`) is added by the tokenizer. In Llama 3's tokenizer.json these are
+  special tokens (written in the text, they encode as those tokens); answers end with `<|eot_id|>`, which
+  generation stops on as a token (and as text, with tokenizers that lack it).
 """
 
 import json
@@ -63,6 +67,14 @@ PROMPT_STYLES: Dict[str, PromptStyle] = {
             "<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n",
             stop_strings=("<|im_end|>",),
         ),
+        PromptStyle(
+            "llama3",
+            "<|start_header_id|>user<|end_header_id|>\n\n{instruction}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "<|start_header_id|>user<|end_header_id|>\n\n{instruction}\n\n{input}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            stop_strings=("<|eot_id|>",),
+        ),
     )
 }
 DEFAULT_PROMPT_STYLE = "alpaca"
@@ -98,6 +110,8 @@ def chat_turns(style: PromptStyle, messages: Sequence[Dict[str, str]]) -> List[s
     * llama2-chat: Meta's format, `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} ` per turn,
       the last `[INST] {user} [/INST]`; after the system message, user and assistant alternate.
     * chatml: every message as `<|im_start|>{role}\\n{content}<|im_end|>\\n`, then `<|im_start|>assistant\\n`.
+    * llama3: every message as `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`, then the
+      assistant's header.
     """
     for message in messages:
         if message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
@@ -107,6 +121,10 @@ def chat_turns(style: PromptStyle, messages: Sequence[Dict[str, str]]) -> List[s
     if style.name == "chatml":
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return [text + "<|im_start|>assistant\n"]
+    if style.name == "llama3":
+        header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+        text = "".join(header.format(m["role"]) + m["content"] + "<|eot_id|>" for m in messages)
+        return [text + header.format("assistant")]
     users = [m["content"] for m in turns if m["role"] == "user"]
     if not users:
         raise UserError("the chat has no user message")

@@ -35,7 +35,7 @@ from lit_llama.checkpoint import (
     TOKENIZER_NAME,
     WEIGHTS_NAME,
     check_model_fits,
-    find_tokenizer,
+    tokenizer_beside,
     load_state_dict,
     save_checkpoint_dir,
 )
@@ -174,7 +174,7 @@ def config_from_params(params: Dict[str, Any], vocab_size: int, block_size: Opti
 
 
 def meta_tokenizer(checkpoint_dir: Path) -> Path:
-    tokenizer = find_tokenizer(checkpoint_dir)
+    tokenizer = tokenizer_beside(checkpoint_dir)
     if not tokenizer.is_file():
         raise UserError(f"no {TOKENIZER_NAME} in {checkpoint_dir} or its parent folder (Meta ships it beside the model)")
     return tokenizer

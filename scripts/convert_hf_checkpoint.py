@@ -1,9 +1,12 @@
-"""Convert a Hugging Face LLaMA checkpoint (OpenLLaMA, Llama 2 "-hf", TinyLlama, ...) to a lit-llama checkpoint.
+"""Convert a Hugging Face LLaMA-architecture checkpoint to a lit-llama checkpoint: OpenLLaMA, Llama 2 "-hf",
+TinyLlama, Llama 3.1/3.2/3.3, SmolLM2, Qwen2.5 (Qwen2ForCausalLM) and Mistral (MistralForCausalLM).
 
     python scripts/download.py --repo_id openlm-research/open_llama_3b
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/hf/openlm-research/open_llama_3b
 
-writes checkpoints/lit-llama/open_llama_3b/{lit-llama.pth, lit_config.json, tokenizer.model}.
+writes checkpoints/lit-llama/open_llama_3b/{lit-llama.pth, lit_config.json, tokenizer.model}. A model with a
+`tokenizer.json` (Llama 3, SmolLM2, Qwen2.5) gets that instead, and every tokenizer file the model has is copied
+(tokenizer_config.json, generation_config.json, special_tokens_map.json: they say bos, eos and the stop tokens).
 """
 
 import json
@@ -26,14 +29,8 @@ from lit_llama.convert import (
     parse_dtype,
 )
 from lit_llama.model import Config
-from lit_llama.checkpoint import (
-    TOKENIZER_NAME,
-    WEIGHTS_NAME,
-    check_model_fits,
-    file_in_folder,
-    load_state_dict,
-    save_checkpoint_dir,
-)
+from lit_llama.tokenizer import TOKENIZER_NAMES, Tokenizer, check_tokenizer_vocab, find_tokenizer
+from lit_llama.checkpoint import WEIGHTS_NAME, check_model_fits, file_in_folder, load_state_dict, save_checkpoint_dir
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 
 
@@ -44,10 +41,11 @@ def convert(
     overwrite: bool = False,
     output_dir: Optional[Path] = None,
 ) -> None:
-    """Converts a Hugging Face LlamaForCausalLM checkpoint to lit-llama.pth + lit_config.json + tokenizer.model.
+    """Converts a Hugging Face LLaMA-architecture checkpoint to lit-llama.pth + lit_config.json + its tokenizer.
 
     Args:
-        checkpoint_dir: The Hugging Face model folder: config.json, tokenizer.model and the weights as
+        checkpoint_dir: The Hugging Face model folder: config.json, tokenizer.model or tokenizer.json (with
+            tokenizer_config.json and generation_config.json where the model has them), and the weights as
             *.safetensors or pytorch_model*.bin, in one file or sharded with its *.index.json.
         out_dir: Where to write the converted checkpoint (default: checkpoints/lit-llama/<checkpoint_dir name>).
         dtype: The precision to store the weights in: bfloat16, float16 or float32.
@@ -67,9 +65,10 @@ def convert(
 
     config = read_hf_config(checkpoint_dir / "config.json")
     check_model_fits(config, torch_dtype, torch.device("cpu"), checkpoint_dir / "config.json")  # all held in RAM
-    tokenizer = checkpoint_dir / TOKENIZER_NAME
+    tokenizer = find_tokenizer(checkpoint_dir)
     if not tokenizer.is_file():
-        raise UserError(f"{checkpoint_dir} has no {TOKENIZER_NAME} (the SentencePiece tokenizer LLaMA models use)")
+        raise UserError(f"{checkpoint_dir} has no {' or '.join(TOKENIZER_NAMES)} (the model's tokenizer)")
+    check_tokenizer_vocab(Tokenizer(tokenizer), config, checkpoint_dir / "config.json")
     files = weight_files(checkpoint_dir)
 
     expected = expected_hf_shapes(config)
@@ -88,6 +87,8 @@ def convert(
 
     state_dict = dict(hf_to_lit(checked_tensors()))
     check_complete(seen, expected, checkpoint_dir)
+    if config.tie_embeddings:  # one tensor under both names, as the model's own state dict has it
+        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
 
     save_checkpoint_dir(out_dir, state_dict, config, tokenizer)
     n_params = sum(t.numel() for t in state_dict.values())

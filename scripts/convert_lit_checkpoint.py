@@ -1,4 +1,5 @@
-"""Convert a lit-llama checkpoint back to a Hugging Face folder that transformers' LlamaForCausalLM loads.
+"""Convert a lit-llama checkpoint back to a Hugging Face folder that transformers loads (LlamaForCausalLM,
+Qwen2ForCausalLM or MistralForCausalLM, as the model's config says; tied embeddings stay tied).
 
     python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b
 
@@ -10,7 +11,7 @@ into the base model first: only base LLaMA weights have a Hugging Face name.
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -19,7 +20,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.convert import QKV, lit_to_hf
-from lit_llama.model import Config, LLaMA
+from lit_llama.model import HF_MODEL_TYPES, Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.checkpoint import (
     check_layer_count,
@@ -72,22 +73,35 @@ def convert(
     for name, tensor in lit_to_hf(tqdm(lit_state_dict.items(), desc="Converting", unit="tensor"), config):
         # q/k/v are views of one fused weight, but safetensors wants each tensor in its own memory
         hf_state_dict[name] = tensor.clone() if name.split(".")[-2] in QKV else tensor
-    dtype = hf_state_dict["lm_head.weight"].dtype
+    dtype = hf_state_dict["model.embed_tokens.weight"].dtype
 
     tokenizer = Tokenizer(paths.tokenizer)
     save_atomic(hf_state_dict, out_dir / WEIGHTS_FILE, lambda sd, tmp: save_file(sd, str(tmp), {"format": "pt"}))
-    hf_config = hf_config_from(config, dtype, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    stops = list(tokenizer.stop_ids)  # several where generation_config.json lists several (Llama 3 Instruct)
+    hf_config = hf_config_from(config, dtype, bos_token_id=tokenizer.bos_id,
+                               eos_token_id=stops[0] if len(stops) == 1 else stops or None)
     write_text_atomic(json.dumps(hf_config, indent=2) + "\n", out_dir / "config.json")
     copy_tokenizer(paths.tokenizer, out_dir)
     n_params = sum(t.numel() for t in hf_state_dict.values())
     print(f"Converted {n_params:,} parameters ({str(dtype).removeprefix('torch.')}) to {out_dir}")
 
 
-def hf_config_from(config: Config, dtype: torch.dtype, bos_token_id: int, eos_token_id: int) -> Dict[str, Any]:
-    """transformers' LlamaConfig fields for our Config, readable by transformers 4 and 5."""
+def hf_config_from(
+    config: Config, dtype: torch.dtype, bos_token_id: Optional[int], eos_token_id: Union[int, List[int], None]
+) -> Dict[str, Any]:
+    """transformers' config fields for our Config (LlamaConfig, Qwen2Config or MistralConfig, as
+    `Config.hf_architecture` says), readable by transformers 4 and 5. Tied embeddings stay tied: the file has no
+    lm_head.weight and `tie_word_embeddings` makes transformers share the embedding."""
+    model_type = config.hf_architecture()
+    rope_scaling = dict(config.rope_scaling) if config.rope_scaling else None
+    family: Dict[str, Any] = {
+        "llama": {"attention_bias": False, "mlp_bias": False},
+        "qwen2": {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer},
+        "mistral": {"sliding_window": config.sliding_window},
+    }[model_type]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [HF_MODEL_TYPES[model_type]],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size,
@@ -100,10 +114,10 @@ def hf_config_from(config: Config, dtype: torch.dtype, bos_token_id: int, eos_to
         "rms_norm_eps": config.norm_eps,
         # transformers < 5 reads rope_theta, transformers >= 5 rope_parameters
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "rope_scaling": rope_scaling,
+        "rope_parameters": dict(rope_scaling or {"rope_type": "default"}, rope_theta=config.rope_theta),
+        **family,
+        "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "initializer_range": 0.02,

@@ -36,7 +36,7 @@ from lit_llama.model import LLaMA
 from lit_llama.checkpoint import (
     WEIGHTS_NAME,
     check_state_dict_fits,
-    find_tokenizer,
+    tokenizer_beside,
     load_state_dict,
     resolve_checkpoint,
     save_checkpoint_dir,
@@ -163,7 +163,7 @@ def convert_base(
             )
         n_head = LIT_LLAMA_N_HEAD[size]
     if tokenizer_path is None:
-        tokenizer_path = find_tokenizer(folder)
+        tokenizer_path = tokenizer_beside(folder)
     if not Path(tokenizer_path).is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found: give --tokenizer_path")
 

@@ -2,8 +2,9 @@
 
     python scripts/download.py --repo_id openlm-research/open_llama_3b
     python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf --access_token hf_...  # gated: accept its licence
+    python scripts/download.py --repo_id HuggingFaceTB/SmolLM2-135M-Instruct  # also Llama 3.x, Qwen2.5, Mistral
 
-writes checkpoints/hf/<repo_id>/ (config.json, tokenizer.model, the weights); then run
+writes checkpoints/hf/<repo_id>/ (config.json, the tokenizer files, the weights); then run
 scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/hf/<repo_id>.
 """
 
@@ -20,8 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from lit_llama.cli import check_out_dir, UserError, deprecated_flag, run_cli
 
-# the converter reads these; tokenizer.model is LLaMA's SentencePiece tokenizer
-REQUIRED_FILES = ("config.json", "tokenizer.model")
+# the converter reads config.json and a tokenizer: LLaMA's SentencePiece tokenizer.model or a Hugging Face
+# tokenizer.json (Llama 3, SmolLM2, Qwen2.5); the settings files beside it say bos, eos and the stop tokens
+REQUIRED_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_SETTINGS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 # safetensors preferred (faster, safer to load); pickled .bin only where a repository has nothing else
 WEIGHT_PATTERNS = (
     ("model*.safetensors", "model.safetensors.index.json"),
@@ -35,11 +39,12 @@ def main(
     out_dir: Path = Path("checkpoints/hf"),
     checkpoint_dir: Optional[Path] = None,
 ) -> None:
-    """Downloads config.json, tokenizer.model and the weights of a Hugging Face model repository.
+    """Downloads config.json, the tokenizer files and the weights of a Hugging Face model repository.
 
     Args:
-        repo_id: The repository, e.g. openlm-research/open_llama_3b, meta-llama/Llama-2-7b-hf or
-            TinyLlama/TinyLlama-1.1B-Chat-v1.0.
+        repo_id: The repository, e.g. openlm-research/open_llama_3b, meta-llama/Llama-2-7b-hf,
+            TinyLlama/TinyLlama-1.1B-Chat-v1.0, meta-llama/Llama-3.2-1B-Instruct, HuggingFaceTB/SmolLM2-135M,
+            Qwen/Qwen2.5-0.5B-Instruct or mistralai/Mistral-7B-Instruct-v0.3 (howto/download_weights.md lists them).
         access_token: A Hugging Face token, needed for gated models such as Meta's Llama 2 (default: the
             HF_TOKEN environment variable). Never printed, also not by --print_config.
         out_dir: The folder to download into; the files go to <out_dir>/<repo_id>.
@@ -67,12 +72,13 @@ def download_patterns(repo_id: str, files: List[str]) -> List[str]:
     """Decides from the repository's file list what to fetch, before downloading gigabytes of it."""
     for name in REQUIRED_FILES:
         if name not in files:
-            raise UserError(
-                f"{repo_id} has no {name}: it is not a LLaMA-architecture model with a SentencePiece tokenizer"
-            )
+            raise UserError(f"{repo_id} has no {name}: it is not a Hugging Face transformers model")
+    tokenizer = [name for name in TOKENIZER_FILES + TOKENIZER_SETTINGS if name in files]
+    if not set(tokenizer) & set(TOKENIZER_FILES):
+        raise UserError(f"{repo_id} has no {' or '.join(TOKENIZER_FILES)}: a tokenizer is needed")
     for weights, index in WEIGHT_PATTERNS:
         if any(fnmatch(f, weights) for f in files):
-            return [*REQUIRED_FILES, weights, index]
+            return [*REQUIRED_FILES, *tokenizer, weights, index]
     raise UserError(f"{repo_id} has no weights in Hugging Face format (model*.safetensors or pytorch_model*.bin)")
 
 

@@ -58,7 +58,7 @@ def prepare(
         mask_inputs: Compute the loss on the response only, not on the instruction and input.
         seed: Random seed of the train/test split (the same seed and file give the same split).
         destination_path: Deprecated name of --out_dir.
-        prompt_style: How instructions are put to the model: alpaca, llama2-chat or chatml (for chat
+        prompt_style: How instructions are put to the model: alpaca, llama2-chat, chatml or llama3 (for chat
             checkpoints such as Llama-2-chat or TinyLlama-Chat). Recorded with the data; finetune/lora.py
             records it in the LoRA file and generate/lora.py prompts in it.
         max_seq_length: Deprecated name of --max_example_tokens (finetuning's --max_seq_length cuts again, at

@@ -184,3 +184,7 @@ def small_tmpfs(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU; deselect with -m 'not slow'")

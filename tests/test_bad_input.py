@@ -559,7 +559,7 @@ def test_serve(world, script, flags, fragments):
 
 
 def test_number_of_cases():
-    """The issue asks for at least 80 bad inputs."""
+    """A sweep wide enough to trust: at least 80 bad inputs across the scripts."""
     cases = FINETUNE_CASES + GENERATE_CASES + PREPARE_CASES + CONVERT_CASES + OTHER_CASES
     assert len(cases) + 1 >= 80  # + test_finetune_lock
 

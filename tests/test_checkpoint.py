@@ -12,7 +12,7 @@ from lit_llama.checkpoint import (
     CONFIG_NAME,
     TOKENIZER_NAME,
     WEIGHTS_NAME,
-    find_tokenizer,
+    tokenizer_beside,
     load_model,
     load_sharded,
     load_state_dict,
@@ -47,9 +47,9 @@ def test_checkpoint_folder_round_trip(tmp_path):
 def test_tokenizer_beside_the_weights_or_one_folder_up(tmp_path):
     """Lit-LLaMA's and Meta's layout keep one tokenizer.model for all sizes, in the parent folder."""
     folder = make_checkpoint_dir(tmp_path / "lit-llama" / "tiny")
-    assert find_tokenizer(folder) == folder / TOKENIZER_NAME
+    assert tokenizer_beside(folder) == folder / TOKENIZER_NAME
     shutil.move(folder / TOKENIZER_NAME, tmp_path / "lit-llama" / TOKENIZER_NAME)
-    assert find_tokenizer(folder) == (tmp_path / "lit-llama" / TOKENIZER_NAME).resolve()
+    assert tokenizer_beside(folder) == (tmp_path / "lit-llama" / TOKENIZER_NAME).resolve()
     assert resolve_checkpoint(folder).tokenizer == (tmp_path / "lit-llama" / TOKENIZER_NAME).resolve()
     (tmp_path / "lit-llama" / TOKENIZER_NAME).unlink()
     with pytest.raises(UserError, match="tokenizer"):

@@ -3,7 +3,8 @@ a tiny model.
 
 The only changes to the commands are these stand-ins, for a machine without network, GPUs or time:
 - `scripts/download.py` is not run (no network): its stand-in is a tiny random Hugging Face LLaMA written
-  where the download would put it (checkpoints/hf/<repo_id>). Meta's folder `/path/to/llama/7B` is a tiny
+  where the download would put it (checkpoints/hf/<repo_id>; SmolLM2's is tests/test_families.py's tiny
+  tied-embedding model with its tokenizer.json). Meta's folder `/path/to/llama/7B` is a tiny
   model in Meta's format.
 - `prepare_alpaca.py` / `prepare_dolly.py` get `--data_file` (a local copy instead of the download); the
   user's own `mine.json` is a small file of records.
@@ -96,6 +97,11 @@ def workspace(tmp_path_factory) -> Path:
     downloaded = work / "checkpoints" / "hf" / "openlm-research" / "open_llama_3b"
     hf_model.save_pretrained(downloaded)
     shutil.copy(tokenizer, downloaded / "tokenizer.model")
+
+    # howto/download_weights.md's family example: a tiny tied-embedding LLaMA with a tokenizer.json and ChatML tokens
+    from test_families import make_family_dir
+
+    make_family_dir(work / "checkpoints" / "hf" / "HuggingFaceTB" / "SmolLM2-135M-Instruct", "llama-tied")
 
     from test_convert import save_meta_checkpoint
 

@@ -22,6 +22,10 @@ def test_templates():
     chatml = PROMPT_STYLES["chatml"]
     assert chatml.prompt("Name a color.") == "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n"
     assert chatml.answer("Blue.") == "Blue.<|im_end|>"
+    llama3 = PROMPT_STYLES["llama3"]  # Llama 3 Instruct's headers (Meta's model card format)
+    assert llama3.prompt("Name a color.") == ("<|start_header_id|>user<|end_header_id|>\n\nName a color.<|eot_id|>"
+                                              "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert llama3.answer("Blue.") == "Blue.<|eot_id|>"
     assert PROMPT_STYLES["alpaca"].answer("Blue.") == "Blue."  # EOS alone ends Alpaca and Llama-2 answers
     assert PROMPT_STYLES["alpaca"].prompt("Name a color.").endswith("### Instruction:\nName a color.\n\n### Response:")
     with pytest.raises(UserError, match="'vicuna' is not one of alpaca, llama2-chat, chatml"):
@@ -150,6 +154,10 @@ def test_chat_turns_in_each_styles_multi_turn_format():
     assert chat_turns(chatml, chat) == [
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!"
         "<|im_end|>\n<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n"]
+    assert chat_turns(get_prompt_style("llama3"), chat) == [
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user"
+        "<|end_header_id|>\n\nName a color.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"]
     for style, bad, fragment in [(alpaca, [{"role": "system", "content": "x"}], "no user message"),
                                  (llama2, chat[1:3], "alternates"), (chatml, [{"role": "bot", "content": "x"}], "role")]:
         with pytest.raises(UserError, match=fragment):

@@ -1,5 +1,6 @@
-"""Training speed levers (issue 10, point 5): chunked cross-entropy computes the plain loss and gradients, and
---group_by_length batches show every example once per epoch, deterministically, with less padding."""
+"""lit_llama/training.py, the loop: the loss (chunked cross-entropy computes the plain loss and gradients), the
+batches (--group_by_length shows every example once per epoch, deterministically, with less padding) and the
+loop's config."""
 
 import pytest
 import torch
