@@ -53,7 +53,11 @@ def convert(
     try:
         with disk_errors(hf_dir):
             gguf_to_hf(gguf_file, hf_dir, parse_dtype(dtype))
-        convert_hf(checkpoint_dir=hf_dir, out_dir=out_dir, dtype=dtype, overwrite=overwrite)
+        try:
+            convert_hf(checkpoint_dir=hf_dir, out_dir=out_dir, dtype=dtype, overwrite=overwrite)
+        except UserError as e:  # about the temporary folder: name the file the user gave
+            message = str(e).replace(str(hf_dir / "config.json"), str(gguf_file)).replace(str(hf_dir), str(gguf_file))
+            raise UserError(message) from None
         for name in TOKENIZER_SETTINGS:  # what the HF converter did not copy itself
             if (hf_dir / name).is_file() and not (out_dir / name).is_file():
                 save_atomic(hf_dir / name, out_dir / name, shutil.copyfile)
