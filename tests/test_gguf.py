@@ -29,6 +29,7 @@ from lit_llama.gguf import (  # noqa: E402
     add_tokenizer,
     bpe_pre_tokenizer,
     dequantize_like_export,
+    field,
     gguf_to_hf,
     tokenizer_from_sentencepiece,
 )
@@ -267,14 +268,16 @@ def test_gguf_qwen2_to_hf_matches_transformers(tmp_path):
 def rewrite(source: Path, target: Path, arch: Optional[str] = None, tensor_type=None) -> None:
     """A copy of a GGUF file with another architecture name, or its first matrix declared as another type."""
     reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(str(target), arch or reader.fields["general.architecture"].contents())
-    old_arch = reader.fields["general.architecture"].contents()
+    old_arch = field(reader, "general.architecture")
+    writer = gguf.GGUFWriter(str(target), arch or old_arch)
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value, vtype = f.contents(), f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key.replace(old_arch, arch) if arch else key, value, vtype, sub_type=sub)
+        value, new_key = field(reader, key), key.replace(old_arch, arch) if arch else key
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_array(new_key, value)
+        else:
+            writer.add_key_value(new_key, value, f.types[0])
     changed = False
     for t in reader.tensors:
         data, qtype = np.asarray(t.data), t.tensor_type
