@@ -375,10 +375,11 @@ def sentencepiece_model(meta: TokenizerMetadata) -> bytes:
     proto.trainer_spec.model_type = pb.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = len(meta.tokens)
     proto.trainer_spec.byte_fallback = BYTE in meta.types
+    # SentencePiece wants the four ids distinct; files that pad with eos or unk get no pad id of their own
+    pad_id = meta.pad_id if meta.pad_id not in (meta.unk_id, meta.bos_id, meta.eos_id) else None
     for name, token_id in (("unk_id", meta.unk_id), ("bos_id", meta.bos_id), ("eos_id", meta.eos_id),
-                           ("pad_id", meta.pad_id)):
-        setattr(proto.trainer_spec, name, -1 if token_id is None or token_id == meta.eos_id and name == "pad_id"
-                else int(token_id))
+                           ("pad_id", pad_id)):
+        setattr(proto.trainer_spec, name, -1 if token_id is None else int(token_id))
     proto.normalizer_spec.name = "identity"
     proto.normalizer_spec.add_dummy_prefix = meta.add_space_prefix
     proto.normalizer_spec.remove_extra_whitespaces = False
@@ -469,28 +470,37 @@ EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 
 
-def quantized(tensor: torch.Tensor, dtype: str) -> Tuple[np.ndarray, Any]:
-    """A weight in the export's type, as (array, GGML type). Vectors (norms, biases) stay float32, as llama.cpp
-    keeps them, and so does a matrix whose rows are not whole q8_0 blocks of 32."""
+def export_type(shape: Sequence[int], dtype: str) -> Any:
+    """The GGML type a weight of `shape` gets in an export of `dtype`. Vectors (norms, biases) stay float32, as
+    llama.cpp keeps them, and a matrix whose rows are not whole q8_0 blocks of 32 is written in f16."""
+    from gguf import GGMLQuantizationType as T
+
+    if len(shape) == 1 or dtype == "f32":
+        return T.F32
+    if dtype == "f16" or (dtype == "q8_0" and shape[-1] % 32):
+        return T.F16
+    return T.BF16 if dtype == "bf16" else T.Q8_0
+
+
+def quantized(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
+    """A weight in GGML type `qtype`: float32/float16 arrays, or the bytes of bf16 / q8_0 blocks."""
     from gguf import GGMLQuantizationType as T, quantize
 
     data = tensor.detach().to(torch.float32).cpu().numpy()
-    if data.ndim == 1 or dtype == "f32":
-        return data, T.F32
-    if dtype == "f16":
-        return data.astype(np.float16), T.F16
-    qtype = T.BF16 if dtype == "bf16" else T.Q8_0
-    if qtype == T.Q8_0 and data.shape[-1] % 32:
-        return data.astype(np.float16), T.F16
-    return quantize(data, qtype), qtype
+    if qtype == T.F32:
+        return data
+    if qtype == T.F16:
+        return data.astype(np.float16)
+    return quantize(data, qtype)
 
 
 def dequantize_like_export(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
-    """`tensor` rounded as the export stores it: what a reader of the file gets back."""
+    """`tensor` rounded as an export in `dtype` stores it: what a reader of the file gets back."""
     from gguf import dequantize
 
-    data, qtype = quantized(tensor, dtype)
-    return torch.from_numpy(np.asarray(dequantize(data, qtype), dtype=np.float32).reshape(tuple(tensor.shape)).copy())
+    qtype = export_type(tuple(tensor.shape), dtype)
+    values = np.asarray(dequantize(quantized(tensor, qtype), qtype), dtype=np.float32)
+    return torch.from_numpy(values.reshape(tuple(tensor.shape)).copy())
 
 
 def write_gguf(
@@ -503,11 +513,15 @@ def write_gguf(
     tied: bool = False,
 ) -> None:
     """Writes a model given as Hugging Face tensors (`lit_llama.convert.lit_to_hf`) and its config (ours) as a
-    GGUF file llama.cpp runs. `tied`: the output layer is the embedding matrix, so no output.weight is written."""
+    GGUF file llama.cpp runs. `tied`: the output layer is the embedding matrix, so no output.weight is written.
+
+    The header (every tensor's name, type and shape) is written first, then the tensors one at a time, each
+    converted just before it is written: memory holds the model and one converted tensor, not a second copy."""
     gguf = import_gguf()
-    tensors = dict(hf_tensors)
-    has_bias = any(n.endswith("q_proj.bias") for n in tensors)
-    arch = "qwen2" if has_bias else "llama"  # llama.cpp's llama architecture has no q/k/v biases
+    from gguf import GGML_QUANT_SIZES
+
+    tensors = [(n, t) for n, t in hf_tensors if not (tied and n == "lm_head.weight")]
+    arch = "qwen2" if any(n.endswith("q_proj.bias") for n, _ in tensors) else "llama"  # llama.cpp: no biases in llama
     writer = gguf.GGUFWriter(str(out_file), arch)
     writer.add_name(name)
     writer.add_context_length(config.block_size)
@@ -522,20 +536,23 @@ def write_gguf(
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(FILE_TYPES[dtype])
     add_tokenizer(writer, tokenizer, config.vocab_size)
-    for hf_name, tensor in tensors.items():
-        if tied and hf_name == "lm_head.weight":
-            continue
+    plan = []
+    for hf_name, tensor in tensors:
         gguf_name = _rename(hf_name, HF_TO_GGUF)
         if gguf_name is None:
             raise UserError(f"tensor {hf_name!r} has no GGUF name: a model this exporter does not know")
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.n_head if "q_proj" in hf_name else config.n_query_groups
-            tensor = unpermute_meta(tensor, heads)
-        data, qtype = quantized(tensor, dtype)
-        writer.add_tensor(gguf_name, data, raw_dtype=qtype)  # block bytes: the reader gets the shape from the type
+        qtype = export_type(tuple(tensor.shape), dtype)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        nbytes = tensor.numel() // block * type_size
+        writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        plan.append((hf_name, tensor, qtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for hf_name, tensor, qtype in plan:
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = unpermute_meta(tensor, config.n_head if "q_proj" in hf_name else config.n_query_groups)
+        writer.write_tensor_data(quantized(tensor, qtype))
     writer.close()
 
 

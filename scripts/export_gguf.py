@@ -37,6 +37,7 @@ from lit_llama.utils import (
     disk_errors,
     is_extra_parameter,
     load_model,
+    load_state_dict,
     resolve_checkpoint,
     run_cli,
     write_text_atomic,
@@ -84,6 +85,7 @@ def main(
             raise UserError(f"{path} already exists; pass --overwrite true to replace it")
     check_exported_fields(paths.config)
 
+    style = get_prompt_style(prompt_style) if prompt_style is not None else None
     checkpoint_dir = Path(checkpoint_dir)
     tokenizer = (tokenizer_from_json(checkpoint_dir) if (checkpoint_dir / "tokenizer.json").is_file()
                  else tokenizer_from_sentencepiece(paths.tokenizer))
@@ -91,15 +93,16 @@ def main(
         raise UserError(f"the tokenizer has {len(tokenizer.tokens)} tokens but the model only "
                         f"{paths.config.vocab_size}: they do not belong together")
 
-    style_name = prompt_style
+    # in the weights' own dtype (as scripts/merge_lora.py merges): each tensor is converted when it is written
+    dtype_stored = next(iter(load_state_dict(paths.weights).values())).dtype
     if lora_path is not None:
-        style_name = style_name or lora_prompt_style(read_lora_checkpoint(Path(lora_path)), lora_path)
-        model = load_lora_model(paths, Path(lora_path), torch.device("cpu"), torch.float32, merge=True)
+        if style is None:
+            style = get_prompt_style(lora_prompt_style(read_lora_checkpoint(Path(lora_path)), lora_path))
+        model = load_lora_model(paths, Path(lora_path), torch.device("cpu"), dtype_stored, merge=True)
     else:
-        model = load_model(paths, torch.device("cpu"), torch.float32)
-    if style_name is None and tokenizer.chat_template is None:
-        style_name = "alpaca"
-    style = get_prompt_style(style_name) if style_name is not None else None
+        model = load_model(paths, torch.device("cpu"), dtype_stored)
+    if style is None and tokenizer.chat_template is None:
+        style = get_prompt_style("alpaca")
     if style is not None:
         tokenizer.chat_template = jinja_chat_template(style)
 
@@ -111,13 +114,16 @@ def main(
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".tmp")
-    with disk_errors(out_file, tmp):
-        write_gguf(tmp, lit_to_hf(state_dict.items(), paths.config), paths.config, tokenizer, dtype, name, tied)
-        os.replace(tmp, out_file)
+    try:
+        with disk_errors(out_file, tmp):
+            write_gguf(tmp, lit_to_hf(state_dict.items(), paths.config), paths.config, tokenizer, dtype, name, tied)
+            os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)  # what a failed write left
     write_text_atomic(ollama_modelfile(out_file.name, style, []), modelfile)
     size = out_file.stat().st_size
-    print(f"Wrote {out_file} ({dtype}, {size / 2**20:.1f} MiB, prompt style {style_name or 'of the checkpoint'}) "
-          f"and {modelfile}")
+    template = f"prompt style {style.name}" if style is not None else "the checkpoint's chat template"
+    print(f"Wrote {out_file} ({dtype}, {size / 2**20:.1f} MiB, {template}) and {modelfile}")
 
 
 def check_exported_fields(config: Config) -> None:

@@ -456,9 +456,62 @@ def test_gguf_export_bad_input(exported, tiny_checkpoint_dir, tmp_path):
         (["--out_file", exported["f32"]], "already exists"),
         (["--out_file", tmp_path], "is a directory"),
         (["--lora_path", tmp_path / "missing.pth"], "missing.pth"),
+        (["--prompt_style", "vicuna"], "--prompt_style 'vicuna'"),
     ]
     for args, fragment in cases:
         argv = ["--checkpoint_dir", tiny_checkpoint_dir, "--out_file", tmp_path / "new" / "m.gguf", *args]
         proc = run_script("scripts/export_gguf.py", *argv, check=False)
         assert_clean_error(proc, fragment)
         assert not (tmp_path / "new").exists()
+
+
+def test_llama3_rope_scaling_is_recognised_from_rope_freqs(llama_files, tmp_path):
+    """llama.cpp stores Llama 3.x's RoPE scaling as the factors it divides each frequency by; they are
+    recognised as transformers' llama3 scaling (its own frequencies, computed by transformers, agree)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lit_llama.gguf import LLAMA3_ROPE_SETTINGS, hf_config, llama3_rope_factors, open_gguf
+
+    scaling = LLAMA3_ROPE_SETTINGS[0]
+    config = transformers.LlamaConfig(hidden_size=HIDDEN, num_attention_heads=N_HEAD, rope_theta=500000.0,
+                                      max_position_embeddings=131072, rope_scaling=dict(scaling))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = HIDDEN // N_HEAD
+    default = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factors = llama3_rope_factors(scaling, head_dim, 500000.0)
+    assert np.allclose(default.numpy() / factors, scaled.double().numpy(), rtol=1e-6)
+    assert factors.min() == 1.0 and factors.max() == scaling["factor"]  # both ends of the spectrum are covered
+
+    def with_rope_freqs(values: np.ndarray, name: str) -> Path:
+        source = gguf.GGUFReader(llama_files["f32"])
+        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        for key, f in source.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue
+            if key == "llama.rope.freq_base":
+                writer.add_rope_freq_base(500000.0)
+            elif f.types[0] == gguf.GGUFValueType.ARRAY:
+                writer.add_array(key, field(source, key))
+            else:
+                writer.add_key_value(key, field(source, key), f.types[0])
+        writer.add_tensor("rope_freqs.weight", values.astype(np.float32))
+        for t in source.tensors:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return tmp_path / name
+
+    path = with_rope_freqs(factors, "llama3.gguf")
+    assert hf_config(open_gguf(path), path)["rope_scaling"] == scaling
+    odd = with_rope_freqs(factors * 1.5, "odd.gguf")
+    proc = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", odd, "--out_dir", tmp_path / "out",
+                      check=False)
+    assert_clean_error(proc, "rope_freqs.weight", str(odd))
+    # a file with llama3 scaling reaches the model config reader, which takes it or refuses it in one line
+    proc = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "out",
+                      check=False)
+    if proc.returncode != 0:
+        assert_clean_error(proc, str(path))
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] in ([], ["out"])
