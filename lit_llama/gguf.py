@@ -449,6 +449,9 @@ def gguf_to_hf(gguf_file: Path, folder: Path, dtype: torch.dtype = torch.float32
     reader = open_gguf(gguf_file)
     config = hf_config(reader, gguf_file)
     meta = read_tokenizer(reader, gguf_file)
+    if len(meta.tokens) > config["vocab_size"]:
+        raise UserError(f"{gguf_file}: the tokenizer has {len(meta.tokens)} tokens but the embedding only "
+                        f"{config['vocab_size']} rows: they do not belong together")
     files = tokenizer_files(meta)  # before the weights: a bad tokenizer is refused without minutes of work
     folder.mkdir(parents=True, exist_ok=True)
     weight_map = {}

