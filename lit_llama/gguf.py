@@ -1,0 +1,721 @@
+"""GGUF, llama.cpp's file format, in and out, for LLaMA-family models (llama, mistral, qwen2 architectures).
+
+A GGUF file holds a model's weights (each tensor in its own type: float, or quantized in blocks), its settings
+as metadata under llama.cpp's key names, and its tokenizer as metadata too (the vocabulary, the merges or
+scores, the special token ids, the chat template). There is no config.json and no tokenizer file in it.
+
+In (`scripts/convert_gguf_checkpoint.py`): `gguf_to_hf` turns a GGUF file into the Hugging Face form the rest of
+the package already reads (config.json, safetensors weights under HF names, tokenizer files), which the HF
+converter then turns into a checkpoint folder. Three things are undone on the way:
+
+* the weights are dequantized with the `gguf` package (float32);
+* llama.cpp reorders the rows of q and k of the `llama` architecture so that its rotary embedding can rotate
+  neighbouring pairs of a head's dimensions (Meta's original layout); the rows are put back in Hugging Face's
+  rotate-half order, the same permutation as for Meta's checkpoints (`lit_llama.convert.permute_meta`). qwen2
+  files are stored unpermuted (llama.cpp rotates them the "NeoX" way, which is rotate-half);
+* the tokenizer metadata becomes a tokenizer file: a SentencePiece `tokenizer.model` for llama.cpp's `llama`
+  vocabularies (pieces, scores and types are exactly what a SentencePiece model holds), a Hugging Face
+  `tokenizer.json` for its `gpt2` (byte-level BPE) vocabularies; bos/eos, whether bos is added and the chat
+  template go to `tokenizer_config.json` and `generation_config.json`.
+
+Out (`scripts/export_gguf.py`): `write_gguf` does the reverse for one of our models: HF names -> GGUF names,
+q/k rows permuted, weights in f32, f16, bf16 or q8_0, the tokenizer as metadata, and a chat template.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from lit_llama.convert import permute_meta, unpermute_meta
+from lit_llama.cli import UserError
+
+# --- names ---------------------------------------------------------------------------------------------------
+
+# GGUF tensor name -> Hugging Face name; "{}" is the layer index
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+HF_TO_GGUF = {hf: gguf for gguf, hf in GGUF_TO_HF.items()}
+# llama.cpp's precomputed RoPE frequency factors (Llama 3.1 and later): a setting, not a weight
+ROPE_FREQS = "rope_freqs.weight"
+
+# architecture -> (Hugging Face model_type, class); which ones have llama.cpp's q/k row permutation
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "mistral": ("mistral", "MistralForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+}
+PERMUTED_ARCHITECTURES = ("llama", "mistral")
+
+
+def _rename(name: str, table: Dict[str, str]) -> Optional[str]:
+    """`name` looked up in `table` with its layer index (the first number between dots) as "{}"."""
+    match = re.search(r"\.(\d+)\.", name)
+    if match is None:
+        return table.get(name)
+    target = table.get(name[: match.start()] + ".{}." + name[match.end():])
+    return target.format(match.group(1)) if target is not None else None
+
+
+# --- tensor types ----------------------------------------------------------------------------------------------
+
+
+def _quant_types() -> Dict[str, Any]:
+    from gguf import GGMLQuantizationType as T
+
+    return {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+                                T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("reading and writing GGUF files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def open_gguf(path: Path) -> Any:
+    """A `gguf.GGUFReader` of `path`, refused in one line if the file is not a whole GGUF file."""
+    gguf = import_gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--gguf_file {path} does not exist or is not a file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader fails with ValueError, IndexError, struct errors, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable GGUF file (truncated or not GGUF?): {reason}") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        # numpy's memory map gives a short array past the end of a cut file: say so before anything reads it
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise UserError(f"{path} is truncated: tensor {tensor.name!r} ends at byte {end:,}, the file has {size:,}")
+    return reader
+
+
+def field(reader: Any, key: str, default: Any = None) -> Any:
+    """A metadata value: a number, a string, or a list of them (read through the field's parts, which every
+    gguf release since 0.10 has)."""
+    from gguf import GGUFValueType
+
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+
+    def value(part: np.ndarray, vtype: Any) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        if vtype == GGUFValueType.BOOL:
+            return bool(part[0])
+        return part[0].item()
+
+    if f.types[0] == GGUFValueType.ARRAY:
+        if f.types[-1] in (GGUFValueType.STRING, GGUFValueType.BOOL):
+            return [value(f.parts[i], f.types[-1]) for i in f.data]
+        return np.concatenate([f.parts[i] for i in f.data]).tolist() if f.data else []
+    return value(f.parts[f.data[0]], f.types[0])
+
+
+def architecture(reader: Any, path: Path) -> str:
+    arch = field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path}: architecture {arch!r} is not a LLaMA-family model this converter reads "
+                        f"(it reads {', '.join(ARCHITECTURES)})")
+    return arch
+
+
+def hf_config(reader: Any, path: Path) -> Dict[str, Any]:
+    """The Hugging Face config.json of a GGUF file, from its metadata and tensor shapes."""
+    arch = architecture(reader, path)
+    model_type, cls = ARCHITECTURES[arch]
+    tensors = {t.name: t for t in reader.tensors}
+
+    def required(key: str) -> Any:
+        value = field(reader, f"{arch}.{key}")
+        if value is None:
+            raise UserError(f"{path}: metadata {arch}.{key} is missing")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: no tensor 'token_embd.weight'; is it a whole model?")
+    vocab_size, hidden_size = (int(n) for n in reversed(tensors["token_embd.weight"].shape.tolist()))
+    n_head = int(required("attention.head_count"))
+    config: Dict[str, Any] = {
+        "architectures": [cls],
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": int(required("feed_forward_length")),
+        "num_hidden_layers": int(required("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "max_position_embeddings": int(field(reader, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(required("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "head_dim": int(field(reader, f"{arch}.attention.key_length",
+                              field(reader, f"{arch}.rope.dimension_count", hidden_size // n_head))),
+        # llama.cpp writes the output projection only when it is not the embedding matrix
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "torch_dtype": "float32",
+    }
+    if arch != "qwen2" and any(name.endswith("attn_q.bias") for name in tensors):
+        config["attention_bias"] = True
+    window = field(reader, f"{arch}.attention.sliding_window")
+    if window:
+        config["sliding_window"] = int(window)
+    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        token = field(reader, f"tokenizer.ggml.{name}")
+        if token is not None:
+            config[key] = int(token)
+    scaling = rope_scaling(reader, arch, config, path)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    return config
+
+
+# Llama 3.x's RoPE scaling settings (factor 8 for 3.1 and 3.3, 32 for 3.2): llama.cpp stores only the factors
+# they produce (rope_freqs.weight), so the settings are found by recomputing those and comparing
+LLAMA3_ROPE_SETTINGS = [
+    {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192}
+    for factor in (8.0, 32.0)
+]
+
+
+def llama3_rope_factors(scaling: Dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """What each rotary frequency is divided by under `llama3` scaling (as llama.cpp's converter computes it)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low_wavelen = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    high_wavelen = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(scaling["factor"])
+        else:
+            smooth = (scaling["original_max_position_embeddings"] / wavelen - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    return np.array(factors)
+
+
+def rope_scaling(reader: Any, arch: str, config: Dict[str, Any], path: Path) -> Optional[Dict[str, Any]]:
+    """The HF `rope_scaling` of a file: from `rope.scaling.*` metadata, or recognised from `rope_freqs.weight`.
+    Types other than linear and llama3 are passed on as they are, for the HF config reader to refuse."""
+    kind = field(reader, f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        scaling: Dict[str, Any] = {"rope_type": kind, "factor": float(field(reader, f"{arch}.rope.scaling.factor", 1.0))}
+        original = field(reader, f"{arch}.rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return None
+    stored = dequantized(tensor, path).numpy().astype(np.float64)
+    for scaling in LLAMA3_ROPE_SETTINGS:
+        expected = llama3_rope_factors(scaling, config["head_dim"], config["rope_theta"])
+        if expected.shape == stored.shape and np.allclose(stored, expected, rtol=1e-5):
+            return dict(scaling)
+    raise UserError(f"{path}: tensor {ROPE_FREQS!r} holds RoPE frequency factors of no known scaling "
+                    "(Llama 3.1/3.2/3.3's llama3 scaling is read)")
+
+
+def dequantized(tensor: Any, path: Path) -> torch.Tensor:
+    """One GGUF tensor as a float32 torch tensor of its logical shape (rows, columns)."""
+    from gguf import dequantize
+
+    types = _quant_types()
+    if tensor.tensor_type.name not in types:
+        raise UserError(f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which is not read here "
+                        f"(supported: {', '.join(types)})")
+    values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
+    return torch.from_numpy(values.reshape(shape).copy())
+
+
+def hf_tensors(reader: Any, config: Dict[str, Any], path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The weights under Hugging Face names, float32, one at a time, q/k rows back in rotate-half order."""
+    permuted = config["model_type"] in PERMUTED_ARCHITECTURES
+    for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue  # read into the config
+        name = _rename(tensor.name, GGUF_TO_HF)
+        if name is None:
+            raise UserError(f"{path}: unexpected tensor {tensor.name!r} for a LLaMA-family model")
+        weight = dequantized(tensor, path)
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            if weight.shape[0] % (2 * heads):
+                raise UserError(f"{path}: tensor {tensor.name!r} has {weight.shape[0]} rows, not a whole number of "
+                                f"heads ({heads})")
+            weight = permute_meta(weight, heads)
+        yield name, weight
+
+
+# --- tokenizers -------------------------------------------------------------------------------------------------
+
+# llama.cpp's token types (the same numbers as SentencePiece's piece types)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# llama.cpp's names of byte-level BPE pre-tokenizers -> the split regex it uses (None: GPT-2's, which the
+# `tokenizers` ByteLevel pre-tokenizer applies itself) and whether digits are split one by one first
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_PRE_TOKENIZERS = {
+    "default": (None, False),
+    "gpt-2": (None, False),
+    "smollm": (None, True),
+    "llama-bpe": (LLAMA3_SPLIT, False),
+    "qwen2": (QWEN2_SPLIT, False),
+}
+
+
+def bpe_pre_tokenizer(pre: str) -> Any:
+    from tokenizers import Regex, pre_tokenizers
+
+    split, digits = BPE_PRE_TOKENIZERS[pre]
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+
+
+@dataclass
+class TokenizerMetadata:
+    """A tokenizer as GGUF stores it."""
+    model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    tokens: List[str]
+    types: List[int]
+    scores: Optional[List[float]] = None  # llama
+    merges: Optional[List[str]] = None  # gpt2: "left right"
+    pre: Optional[str] = None  # gpt2: llama.cpp's name of the pre-tokenizer
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    unk_id: Optional[int] = None
+    pad_id: Optional[int] = None
+    add_bos: bool = False
+    add_space_prefix: bool = True  # llama: SentencePiece's dummy prefix ("▁" before the text)
+    chat_template: Optional[str] = None
+
+    def token(self, token_id: Optional[int]) -> Optional[str]:
+        return self.tokens[token_id] if token_id is not None and 0 <= token_id < len(self.tokens) else None
+
+
+def read_tokenizer(reader: Any, path: Path) -> TokenizerMetadata:
+    model = field(reader, "tokenizer.ggml.model")
+    if model not in ("llama", "gpt2"):
+        raise UserError(f"{path}: tokenizer type {model!r} is not read here (llama.cpp's 'llama' SentencePiece and "
+                        "'gpt2' byte-level BPE vocabularies are)")
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    types = field(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    meta = TokenizerMetadata(
+        model=model, tokens=tokens, types=[int(t) for t in types],
+        scores=field(reader, "tokenizer.ggml.scores"), merges=field(reader, "tokenizer.ggml.merges"),
+        pre=field(reader, "tokenizer.ggml.pre", "default"),
+        bos_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_id=field(reader, "tokenizer.ggml.eos_token_id"),
+        unk_id=field(reader, "tokenizer.ggml.unknown_token_id"), pad_id=field(reader, "tokenizer.ggml.padding_token_id"),
+        # llama.cpp adds bos to a SentencePiece vocabulary that does not say otherwise
+        add_bos=bool(field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+        add_space_prefix=bool(field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        chat_template=field(reader, "tokenizer.chat_template"),
+    )
+    if not tokens or len(types) != len(tokens):
+        raise UserError(f"{path}: tokenizer.ggml.tokens and token_type are missing or of different lengths")
+    if model == "llama" and (meta.scores is None or len(meta.scores) != len(tokens)):
+        raise UserError(f"{path}: a 'llama' vocabulary needs tokenizer.ggml.scores, one per token")
+    if model == "gpt2":
+        if meta.merges is None:
+            raise UserError(f"{path}: a 'gpt2' vocabulary needs tokenizer.ggml.merges")
+        if meta.pre not in BPE_PRE_TOKENIZERS:
+            raise UserError(f"{path}: pre-tokenizer {meta.pre!r} is not one this converter knows "
+                            f"({', '.join(BPE_PRE_TOKENIZERS)})")
+    return meta
+
+
+def sentencepiece_model(meta: TokenizerMetadata) -> bytes:
+    """A SentencePiece `tokenizer.model` holding exactly the GGUF's pieces, scores and types. LLaMA's tokenizer
+    is a SentencePiece BPE model without text normalization; GGUF keeps all of that but the normalization
+    table, and llama.cpp applies none."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = len(meta.tokens)
+    proto.trainer_spec.byte_fallback = BYTE in meta.types
+    # SentencePiece wants the four ids distinct; files that pad with eos or unk get no pad id of their own
+    pad_id = meta.pad_id if meta.pad_id not in (meta.unk_id, meta.bos_id, meta.eos_id) else None
+    for name, token_id in (("unk_id", meta.unk_id), ("bos_id", meta.bos_id), ("eos_id", meta.eos_id),
+                           ("pad_id", pad_id)):
+        setattr(proto.trainer_spec, name, -1 if token_id is None else int(token_id))
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = meta.add_space_prefix
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for token, score, kind in zip(meta.tokens, meta.scores, meta.types):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = token, float(score)
+        piece.type = kind if kind in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL
+    return proto.SerializeToString()
+
+
+def bpe_tokenizer_json(meta: TokenizerMetadata) -> str:
+    """A Hugging Face `tokenizer.json` of a byte-level BPE vocabulary (GPT-2, Llama 3, Qwen2, SmolLM)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    vocab = {token: i for i, token in enumerate(meta.tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.merges]
+    # Llama 3's tokenizer takes a whole pre-token from the vocabulary when it is there, before merging
+    bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=meta.pre == "llama-bpe")
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = bpe_pre_tokenizer(meta.pre)
+    tokenizer.decoder = decoders.ByteLevel()
+    if meta.add_bos and meta.bos_id is not None:
+        bos = meta.tokens[meta.bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta.bos_id)])
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # control tokens (<|im_start|>, <|eot_id|>) and user-defined ones are matched whole in the text
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(meta.tokens, meta.types) if kind == CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(meta.tokens, meta.types) if kind == USER_DEFINED])
+    return tokenizer.to_str(pretty=True)
+
+
+def tokenizer_files(meta: TokenizerMetadata) -> Dict[str, str | bytes]:
+    """The tokenizer files of a Hugging Face model folder: the tokenizer itself, tokenizer_config.json and
+    generation_config.json (bos, eos, whether bos is added, the chat template)."""
+    files: Dict[str, str | bytes] = {}
+    if meta.model == "llama":
+        files["tokenizer.model"] = sentencepiece_model(meta)
+    else:
+        files["tokenizer.json"] = bpe_tokenizer_json(meta)
+    config: Dict[str, Any] = {
+        "bos_token": meta.token(meta.bos_id), "eos_token": meta.token(meta.eos_id),
+        "unk_token": meta.token(meta.unk_id), "pad_token": meta.token(meta.pad_id),
+        "add_bos_token": meta.add_bos, "add_eos_token": False,
+        "tokenizer_class": "LlamaTokenizer" if meta.model == "llama" else "PreTrainedTokenizerFast",
+    }
+    if meta.chat_template:
+        config["chat_template"] = meta.chat_template
+    files["tokenizer_config.json"] = json.dumps({k: v for k, v in config.items() if v is not None}, indent=2,
+                                                ensure_ascii=False) + "\n"
+    generation = {k: v for k, v in (("bos_token_id", meta.bos_id), ("eos_token_id", meta.eos_id)) if v is not None}
+    files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
+    return files
+
+
+def gguf_to_hf(gguf_file: Path, folder: Path, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+    """Writes a GGUF file as a Hugging Face model folder: config.json, the weights (one safetensors file per
+    tensor, listed in model.safetensors.index.json, so only one tensor is in memory at a time) and the
+    tokenizer files. Returns the config."""
+    from safetensors.torch import save_file
+
+    gguf_file, folder = Path(gguf_file), Path(folder)
+    reader = open_gguf(gguf_file)
+    config = hf_config(reader, gguf_file)
+    meta = read_tokenizer(reader, gguf_file)
+    if len(meta.tokens) > config["vocab_size"]:
+        raise UserError(f"{gguf_file}: the tokenizer has {len(meta.tokens)} tokens but the embedding only "
+                        f"{config['vocab_size']} rows: they do not belong together")
+    files = tokenizer_files(meta)  # before the weights: a bad tokenizer is refused without minutes of work
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, (name, tensor) in enumerate(hf_tensors(reader, config, gguf_file)):
+        shard = f"model-{i:05d}.safetensors"
+        save_file({name: tensor.to(dtype)}, str(folder / shard))
+        weight_map[name] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, content in files.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return config
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
+# llama.cpp's general.file_type numbers (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16)
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+
+
+def export_type(shape: Sequence[int], dtype: str) -> Any:
+    """The GGML type a weight of `shape` gets in an export of `dtype`. Vectors (norms, biases) stay float32, as
+    llama.cpp keeps them, and a matrix whose rows are not whole q8_0 blocks of 32 is written in f16."""
+    from gguf import GGMLQuantizationType as T
+
+    if len(shape) == 1 or dtype == "f32":
+        return T.F32
+    if dtype == "f16" or (dtype == "q8_0" and shape[-1] % 32):
+        return T.F16
+    return T.BF16 if dtype == "bf16" else T.Q8_0
+
+
+def quantized(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
+    """A weight in GGML type `qtype`: float32/float16 arrays, or the bytes of bf16 / q8_0 blocks."""
+    from gguf import GGMLQuantizationType as T, quantize
+
+    data = tensor.detach().to(torch.float32).cpu().numpy()
+    if qtype == T.F32:
+        return data
+    if qtype == T.F16:
+        return data.astype(np.float16)
+    return quantize(data, qtype)
+
+
+def dequantize_like_export(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`tensor` rounded as an export in `dtype` stores it: what a reader of the file gets back."""
+    from gguf import dequantize
+
+    qtype = export_type(tuple(tensor.shape), dtype)
+    values = np.asarray(dequantize(quantized(tensor, qtype), qtype), dtype=np.float32)
+    return torch.from_numpy(values.reshape(tuple(tensor.shape)).copy())
+
+
+def write_gguf(
+    out_file: Path,
+    hf_tensors: Iterable[Tuple[str, torch.Tensor]],
+    config: Any,
+    tokenizer: TokenizerMetadata,
+    dtype: str,
+    name: str,
+    tied: bool = False,
+) -> None:
+    """Writes a model given as Hugging Face tensors (`lit_llama.convert.lit_to_hf`) and its config (ours) as a
+    GGUF file llama.cpp runs. `tied`: the output layer is the embedding matrix, so no output.weight is written.
+
+    The header (every tensor's name, type and shape) is written first, then the tensors one at a time, each
+    converted just before it is written: memory holds the model and one converted tensor, not a second copy."""
+    gguf = import_gguf()
+    from gguf import GGML_QUANT_SIZES
+
+    tensors = [(n, t) for n, t in hf_tensors if not (tied and n == "lm_head.weight")]
+    arch = "qwen2" if any(n.endswith("q_proj.bias") for n, _ in tensors) else "llama"  # llama.cpp: no biases in llama
+    writer = gguf.GGUFWriter(str(out_file), arch)
+    writer.add_name(name)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_query_groups)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_size)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(FILE_TYPES[dtype])
+    add_tokenizer(writer, tokenizer, config.vocab_size)
+    plan = []
+    for hf_name, tensor in tensors:
+        gguf_name = _rename(hf_name, HF_TO_GGUF)
+        if gguf_name is None:
+            raise UserError(f"tensor {hf_name!r} has no GGUF name: a model this exporter does not know")
+        qtype = export_type(tuple(tensor.shape), dtype)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        nbytes = tensor.numel() // block * type_size
+        writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        plan.append((hf_name, tensor, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for hf_name, tensor, qtype in plan:
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = unpermute_meta(tensor, config.n_head if "q_proj" in hf_name else config.n_query_groups)
+        writer.write_tensor_data(quantized(tensor, qtype))
+    writer.close()
+
+
+def add_tokenizer(writer: Any, meta: TokenizerMetadata, vocab_size: int) -> None:
+    """The tokenizer as metadata. llama.cpp wants one token per embedding row: a padded vocabulary gets
+    unused [PAD{i}] tokens, as llama.cpp's own converter writes them."""
+    tokens, types = list(meta.tokens), list(meta.types)
+    scores = list(meta.scores) if meta.scores is not None else None
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(UNUSED)
+        if scores is not None:
+            scores.append(-1000.0)
+    writer.add_tokenizer_model(meta.model)
+    if meta.model == "gpt2":
+        writer.add_tokenizer_pre(meta.pre)
+        writer.add_token_merges(meta.merges)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    for add, token_id in ((writer.add_bos_token_id, meta.bos_id), (writer.add_eos_token_id, meta.eos_id),
+                          (writer.add_unk_token_id, meta.unk_id), (writer.add_pad_token_id, meta.pad_id)):
+        if token_id is not None and token_id >= 0:
+            add(int(token_id))
+    writer.add_add_bos_token(meta.add_bos)
+    writer.add_add_eos_token(False)
+    if meta.model == "llama":
+        writer.add_add_space_prefix(meta.add_space_prefix)
+    if meta.chat_template:
+        writer.add_chat_template(meta.chat_template)
+
+
+def tokenizer_from_sentencepiece(path: Path) -> TokenizerMetadata:
+    """GGUF's form of a SentencePiece `tokenizer.model` (its pieces, scores and types are GGUF's)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto.FromString(Path(path).read_bytes())
+    spec = proto.trainer_spec
+
+    def token_id(value: int) -> Optional[int]:
+        return value if value >= 0 else None
+
+    return TokenizerMetadata(
+        model="llama", tokens=[p.piece for p in proto.pieces], scores=[p.score for p in proto.pieces],
+        types=[int(p.type) for p in proto.pieces], bos_id=token_id(spec.bos_id), eos_id=token_id(spec.eos_id),
+        unk_id=token_id(spec.unk_id), pad_id=token_id(spec.pad_id), add_bos=True,
+        add_space_prefix=proto.normalizer_spec.add_dummy_prefix,
+    )
+
+
+def tokenizer_from_json(folder: Path) -> TokenizerMetadata:
+    """GGUF's form of a Hugging Face byte-level BPE `tokenizer.json` (with the bos/eos of tokenizer_config.json
+    or generation_config.json beside it). Its pre-tokenizer must be one llama.cpp knows by name."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"{path}: a {model.get('type')!r} tokenizer; GGUF export writes byte-level BPE ones")
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [""] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    types = [(CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL for i in range(size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre = next((name for name in BPE_PRE_TOKENIZERS
+                if json.loads(_with_pre_tokenizer(name))["pre_tokenizer"] == data.get("pre_tokenizer")), None)
+    if pre is None:
+        raise UserError(f"{path}: its pre-tokenizer is none that llama.cpp knows by name "
+                        f"({', '.join(BPE_PRE_TOKENIZERS)})")
+    settings = _read_json(Path(folder) / "tokenizer_config.json")
+    generation = _read_json(Path(folder) / "generation_config.json")
+
+    def special_id(name: str) -> Optional[int]:
+        token = settings.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token in vocab:
+            return vocab[token]
+        value = generation.get(f"{name}_id")
+        return value[0] if isinstance(value, list) else value
+
+    post = data.get("post_processor") or {}
+    bos_id = special_id("bos_token")
+    add_bos = settings.get("add_bos_token", bos_id is not None and bos_id in _post_processor_ids(post))
+    return TokenizerMetadata(
+        model="gpt2", tokens=tokens, types=types, merges=merges, pre=pre, bos_id=bos_id,
+        eos_id=special_id("eos_token"), unk_id=special_id("unk_token"), pad_id=special_id("pad_token"),
+        add_bos=bool(add_bos), chat_template=settings.get("chat_template"),
+    )
+
+
+def _with_pre_tokenizer(pre: str) -> str:
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = bpe_pre_tokenizer(pre)
+    return tokenizer.to_str()
+
+
+def _post_processor_ids(post: Dict[str, Any]) -> List[int]:
+    """Token ids a post-processor adds (TemplateProcessing's special tokens, also inside a Sequence)."""
+    ids = [i for token in (post.get("special_tokens") or {}).values() for i in token.get("ids", [])]
+    for step in post.get("processors") or []:
+        ids += _post_processor_ids(step)
+    return ids
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid UTF-8 JSON: {e}")
+    return data if isinstance(data, dict) else {}
+
+
+# --- chat templates from our prompt styles ---------------------------------------------------------------------
+
+
+def style_parts(style: Any) -> Tuple[str, str]:
+    """The text before and after the instruction in a prompt style's template."""
+    before, _, after = style.template.partition("{instruction}")
+    return before, after
+
+
+def jinja_chat_template(style: Any) -> str:
+    """A Hugging Face / llama.cpp chat template (Jinja) for one of our prompt styles: each user message in the
+    style's template, each assistant message followed by what ends an answer in training (the style's stop
+    string, then eos). A system message is put before the first user message's text."""
+    before, after = style_parts(style)
+    end = style.stop_strings[0] if style.stop_strings else ""
+    return (
+        "{%- set system = namespace(text='') -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{%- set system.text = message['content'] + '\\n\\n' -%}"
+        f"{{%- elif message['role'] == 'user' -%}}{{{{ {json.dumps(before)} + system.text + message['content'] + "
+        f"{json.dumps(after)} }}}}{{%- set system.text = '' -%}}"
+        f"{{%- elif message['role'] == 'assistant' -%}}{{{{ message['content'] + {json.dumps(end)} + eos_token }}}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def ollama_modelfile(gguf_name: str, style: Optional[Any], stop_tokens: Sequence[str]) -> str:
+    """An Ollama Modelfile for the exported file: its prompt template in Ollama's (Go) template language, and
+    the strings that end an answer."""
+    lines = [f"# Ollama: ollama create NAME -f Modelfile, then ollama run NAME", f"FROM ./{gguf_name}"]
+    if style is not None:
+        before, after = style_parts(style)
+        template = before + "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}" + after
+        lines.append(f'TEMPLATE """{template}"""')
+        stops = list(style.stop_strings)
+    else:  # Ollama takes the template from the file's chat template
+        stops = []
+    for stop in dict.fromkeys(stops + list(stop_tokens)):
+        lines.append(f"PARAMETER stop {json.dumps(stop)}")
+    return "\n".join(lines) + "\n"
