@@ -1,4 +1,4 @@
-"""An OpenAI-compatible server for one base model and every LoRA adapter in a folder, on LitServe.
+"""An OpenAI-compatible server for one base model and every LoRA adapter in a folder.
 
     python serve.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b --lora_dir adapters --port 8000
 
@@ -25,9 +25,9 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
   256 characters, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
   is queued, so it never reaches, nor fails, a batch. A body over 1 MiB is refused (413) before it is read.
 
-Processes: LitServe runs the model in a worker process (`LoRAServer`, loaded in its `setup`); the HTTP
-endpoints (`OpenAILoRASpec`) run in this process, check and tokenize each request and queue it for the worker,
-which streams back each row's new text every few tokens.
+How it runs (lit_llama/serving.py): the model decodes in a worker thread (`LoRAServer`, loaded in its `setup`);
+the HTTP endpoints (`OpenAIEndpoints`, FastAPI on uvicorn) check and tokenize each request and queue it for the
+worker, which streams back each row's new text every few tokens.
 """
 
 import asyncio
@@ -38,8 +38,6 @@ import sys
 import time
 import traceback
 import uuid
-from collections import deque
-from queue import Empty, Queue
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -47,12 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
 
-import litserve as ls  # noqa: E402
-from fastapi import Request  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from litserve.loops.streaming_loops import BatchedStreamingLoop  # noqa: E402
-from litserve.specs.base import LitSpec  # noqa: E402
-from litserve.utils import LitAPIStatus, ResponseBufferItem  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
 from lit_llama.checks import check_at_least, check_range  # noqa: E402
@@ -61,12 +55,13 @@ from lit_llama.json_input import parse_json  # noqa: E402
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
 from lit_llama.prompts import chat_turns, get_prompt_style  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
+from lit_llama.serving import BatchWorker, WorkerFailed, serve  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.utils import (  # noqa: E402
     CheckpointPaths, UserError, check_vocab, default_device, load_model, precision_dtype, resolve_checkpoint, run_cli,
 )
 
-HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to: this machine only, or every interface
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what the server binds to: this machine only, or every interface
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_LENGTH = 256  # characters of a stop string: the stop test of every row at every step costs its length
 # a request body past this is refused before it is read: a prompt that fits a LLaMA context (2048 to 4096 tokens)
@@ -102,7 +97,7 @@ def main(
         port: The port to listen on (1024 to 65535).
         max_batch_size: The most requests decoded together in one batch (whatever their adapters).
         batch_timeout: Seconds the model waits for more requests to fill a batch, once free; more than 0
-            (LitServe would otherwise poll without pause).
+            (with 0, requests sent together would rarely share a batch).
         max_new_tokens: The most new tokens of an answer when a request gives no max_tokens.
         top_k: Sample only among the k most likely tokens when a request gives no top_k (null: all tokens).
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
@@ -112,7 +107,7 @@ def main(
             batches of each size compile.
     """
     # every flag and file is checked before anything loads: a mistake is one line, not a server that dies later
-    check_range("port", port, 1024, 65535)  # LitServe refuses the privileged ports
+    check_range("port", port, 1024, 65535)  # the ports below need root
     if host not in HOSTS:
         raise UserError(f"--host {host!r} is not one of {', '.join(HOSTS)}")
     check_at_least("max_batch_size", max_batch_size, 1)
@@ -132,13 +127,12 @@ def main(
     names = [folder.check(name)[0].stem for name in folder.names()]  # each file read and checked now
     check_port_free(host, port)
 
-    spec = OpenAILoRASpec(paths, folder, max_new_tokens, top_k)
-    api = LoRAServer(paths, folder, precision, quantize, compile, max_batch_size, batch_timeout, spec)
+    worker = BatchWorker(LoRAServer(paths, folder, precision, quantize, compile), default_device().type,
+                         max_batch_size, batch_timeout)
+    app = FastAPI(title="lit-llama")
+    OpenAIEndpoints(paths, folder, max_new_tokens, top_k, worker).add_to(app)
     print(f"Serving {', '.join([BASE, *names])} on http://{host}:{port}/v1 (loading the model ...)", file=sys.stderr)
-    server = ls.LitServer(api, accelerator="cuda" if default_device().type == "cuda" else "cpu", devices=1,
-                          timeout=False)  # a request waits in the queue as long as the batches before it take
-    # (no client.py written into the working folder)
-    server.run(host=host, port=port, generate_client_file=False)
+    serve(app, worker, host, port)  # a request waits in the queue as long as the batches before it take
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -201,19 +195,16 @@ class AdapterFolder:
         return path, version, self.checked[name][1]
 
 
-# ---------------------------------------------------------------- the model: a LitServe worker process
+# ---------------------------------------------------------------- the model: the worker thread
 
 
-class LoRAServer(ls.LitAPI):
-    """Runs in LitServe's worker process: loads the base and the adapters in `setup`, then decodes each batch
+class LoRAServer:
+    """Runs in the worker thread (lit_llama/serving.py's BatchWorker): loads the base and the adapters in `setup`, then decodes each batch
     of queued requests (checked and tokenized by `OpenAILoRASpec`) with `stream_batch`, yielding every few
     tokens one output per request: its new text, and at its end the finish reason and token counts."""
 
     def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, precision: Optional[str], quantize: Optional[str],
-                 compile: bool, max_batch_size: int, batch_timeout: float, spec: LitSpec) -> None:
-        # the batched streaming loop even for batches of 1 (`predict` always gets a list of requests), gathering
-        # the batches itself (LitServe's own batch_timeout is then 0: it takes what is there)
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=0, spec=spec, loop=GatheringLoop(batch_timeout))
+                 compile: bool) -> None:
         self.paths, self.folder, self.precision, self.quantize, self.compile = paths, folder, precision, quantize, compile
 
     def setup(self, device: str) -> None:
@@ -231,9 +222,6 @@ class LoRAServer(ls.LitAPI):
                 print(f"the adapter {name!r} could not be loaded: {e}", file=sys.stderr)
                 continue
             self.loaded[name] = version
-
-    def decode_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        return request  # checked and tokenized by the spec before it was queued
 
     def predict(self, requests: List[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
         rows = [Row(request, self.tokenizer) for request in requests]
@@ -279,55 +267,6 @@ class LoRAServer(ls.LitAPI):
         except Exception:  # noqa: BLE001 - a bug (or no memory left) fails this request only, not its batch
             traceback.print_exc()
             row.fail(f"the adapter {row.adapter!r} could not be loaded: see the server's log", status=500)
-
-    def encode_response(self, outputs: Iterator[List[Dict[str, Any]]]) -> Iterator[List[Dict[str, Any]]]:
-        yield from outputs  # one dict per request per step, sent as JSON to the spec's endpoints
-
-
-class GatheringLoop(BatchedStreamingLoop):
-    """LitServe's batched streaming loop, except for how it waits for requests: LitServe's polls the queue
-    every millisecond, busy even when idle (a tenth of a CPU core for nothing); here the worker sleeps until a
-    request comes, then gathers those that arrive within `batch_timeout` seconds."""
-
-    def __init__(self, batch_timeout: float) -> None:
-        super().__init__()
-        self.batch_timeout = batch_timeout
-
-    def __call__(self, lit_api: ls.LitAPI, device: str, worker_id: int, request_queue: Queue, *rest: Any) -> None:
-        requests = GatheringQueue(request_queue, lit_api.max_batch_size, self.batch_timeout)
-        super().__call__(lit_api, device, worker_id, requests, *rest)
-
-
-class GatheringQueue:
-    """The request queue as LitServe's loop reads a batch from it with no batch timeout (`get_nowait` until
-    Empty or a full batch): the first read of a batch waits for a request (a second at most, then Empty: the
-    loop checks whether to stop), then for more within `batch_timeout`; the next reads return those, and
-    Empty ends the batch."""
-
-    def __init__(self, queue: Queue, max_batch_size: int, batch_timeout: float) -> None:
-        self.queue, self.max_batch_size, self.batch_timeout = queue, max_batch_size, batch_timeout
-        self.gathered: deque = deque()
-        self.in_batch = False
-
-    def get_nowait(self) -> Any:
-        if not self.gathered and not self.in_batch:
-            self.gather()
-        self.in_batch = bool(self.gathered)
-        if not self.gathered:
-            raise Empty
-        return self.gathered.popleft()
-
-    def gather(self) -> None:
-        try:
-            self.gathered.append(self.queue.get(timeout=1.0))
-        except Empty:
-            return
-        deadline = time.monotonic() + self.batch_timeout
-        while len(self.gathered) < self.max_batch_size and deadline > time.monotonic():
-            try:
-                self.gathered.append(self.queue.get(timeout=deadline - time.monotonic()))
-            except Empty:
-                break
 
 
 class Row:
@@ -452,35 +391,21 @@ class RequestError(Exception):
                             status_code=self.status)
 
 
-class OpenAILoRASpec(LitSpec):
-    """OpenAI's endpoints on LitServe. LitServe's own OpenAISpec serves chat only and answers every error inside
-    a batch; this one also serves /v1/completions and /v1/models, and checks each request here (JSON, fields,
-    the adapter, the prompt's length) so that only good ones are queued for the worker. Both endpoints share one
-    queue: chat and completion requests are batched together."""
+class OpenAIEndpoints:
+    """OpenAI's endpoints: /v1/chat/completions, /v1/completions and /v1/models. Each request is checked here
+    (JSON, fields, the adapter, the prompt's length) so that only good ones are queued for the worker. Both
+    answering endpoints share one queue: chat and completion requests are batched together."""
 
-    def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, max_new_tokens: int, top_k: Optional[int]) -> None:
-        super().__init__()
-        self.api_path = "/v1/chat/completions"  # names the request queue
+    def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, max_new_tokens: int, top_k: Optional[int],
+                 worker: BatchWorker) -> None:
         self.paths, self.folder, self.max_new_tokens, self.top_k = paths, folder, max_new_tokens, top_k
-        self.tokenizer: Optional[Tokenizer] = None  # made in the serving process (SentencePiece does not pickle)
-        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
-        self.add_endpoint("/v1/completions", self.completions, ["POST"])
-        self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.worker = worker
+        self.tokenizer = Tokenizer(paths.tokenizer)
 
-    def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        state["tokenizer"] = None
-        return state
-
-    @property
-    def stream(self) -> bool:
-        return True  # the worker always streams; whole answers are assembled here
-
-    def decode_request(self, request: Any, context_kwargs: Optional[dict] = None) -> Any:
-        return request
-
-    def encode_response(self, output: Any, context_kwargs: Optional[dict] = None) -> Any:
-        return output
+    def add_to(self, app: FastAPI) -> None:
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
 
     async def models(self) -> Dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lit-llama"}
@@ -520,8 +445,6 @@ class OpenAILoRASpec(LitSpec):
 
     def job(self, params: Params) -> Dict[str, Any]:
         """The checked request as the worker reads it, with the prompt's tokens; RequestError if it is bad."""
-        if self.tokenizer is None:
-            self.tokenizer = Tokenizer(self.paths.tokenizer)
         if params.n != 1:
             raise RequestError(400, f"n must be 1 (one answer per request), got {params.n}", "n")
         if params.top_p != 1:
@@ -568,24 +491,15 @@ class OpenAILoRASpec(LitSpec):
 
     async def submit(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Queues the job for the worker; yields its outputs until its last (the one with a finish reason)."""
-        uid = uuid.uuid4().hex
-        queue, event = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
         try:
-            async for data, status in self.data_streamer(queue, event, send_status=True):
-                if status == LitAPIStatus.ERROR:  # an exception in the worker (its log has the traceback)
-                    raise RequestError(500, "the model failed on this request's batch: see the server's log")
-                output = json.loads(data)
-                if not output:  # this step had nothing for this request (another group of its batch decoding)
-                    continue
+            async for output in self.worker.submit(job):
                 if "error" in output:
                     raise RequestError(output["status"], output["error"], "model" if output["status"] < 500 else None)
                 yield output
                 if "finish_reason" in output:
                     return
-        finally:
-            self.response_buffer.pop(uid, None)  # what the worker still sends for it (if anything) is dropped
+        except WorkerFailed:  # an exception in the worker (its log has the traceback)
+            raise RequestError(500, "the model failed on this request's batch: see the server's log")
 
 
 async def read_params(request: Request, kind: type) -> Params:

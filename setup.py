@@ -25,7 +25,8 @@ setup(
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
         "all": ["huggingface_hub>=0.34", "safetensors", "matplotlib", "pyyaml", "torchao>=0.14",
-                "litserve>=0.2.19,<0.3"],  # serve.py builds on LitServe's loop and spec classes, changed in 0.3
+                # serve.py's web server (its batching worker is ours: lit_llama/serving.py)
+                "fastapi>=0.112", "uvicorn>=0.29"],
         # --logger_name tensorboard / wandb in the finetune scripts
         "loggers": ["tensorboard", "wandb"],
         # the reference implementations the tests and benchmarks compare against, and the loggers they read back
