@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -46,19 +47,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
 
 from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse  # noqa: E402
+from fastapi.staticfiles import StaticFiles  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
+from lit_llama.adapter import adapter_config_from_checkpoint, adapter_prompt_style, load_adapter_model  # noqa: E402
 from lit_llama.checks import check_at_least, check_range  # noqa: E402
 from lit_llama.generation import stream_batch  # noqa: E402
 from lit_llama.json_input import parse_json  # noqa: E402
+from lit_llama.model import LLaMA  # noqa: E402
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
-from lit_llama.prompts import chat_turns, get_prompt_style  # noqa: E402
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, chat_turns, get_prompt_style, prompt_style_of_data  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
+from lit_llama.runs import FINAL_NAMES, read_json, run_card, run_method  # noqa: E402
 from lit_llama.serving import BatchWorker, WorkerFailed, serve  # noqa: E402
+from lit_llama.training import RUN_NAME  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.utils import (  # noqa: E402
-    CheckpointPaths, UserError, check_vocab, default_device, load_model, precision_dtype, resolve_checkpoint, run_cli,
+    CheckpointPaths, UserError, check_vocab, default_device, load_model, load_state_dict, precision_dtype,
+    resolve_checkpoint, run_cli,
 )
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what the server binds to: this machine only, or every interface
@@ -70,12 +77,13 @@ MAX_BODY_BYTES = 1 << 20
 # temperatures below this decode greedily: dividing the logits by 1e-45 gives infinities, and sampling then fails;
 # at 0.001 a difference of 0.01 between two logits is already a factor of e^10 in their probabilities
 MIN_TEMPERATURE = 1e-3
+WEB = Path(__file__).resolve().parent / "lit_llama" / "web"  # the comparison page: HTML, CSS and JavaScript
 RACY_SECONDS = 2  # the coarsest time step of a common file system (FAT's 2 s); see AdapterFolder.version
 
 
 def main(
     checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
-    lora_dir: Path = Path("adapters"),
+    lora_dir: Optional[Path] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
@@ -85,13 +93,16 @@ def main(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
     compile: bool = False,
+    runs: Optional[List[Path]] = None,
 ) -> None:
-    """Serves the base model and the LoRA adapters of a folder through OpenAI's API.
+    """Serves the base model and the LoRA adapters of a folder through OpenAI's API, and at / a page that
+    compares the models side by side (lit_llama/web/).
 
     Args:
         checkpoint_dir: The base model folder every LoRA file was trained on.
         lora_dir: The folder of LoRA files (finetune/lora.py's), one adapter per file, named by its file name
             without .pth: `model: "alpaca"` in a request is alpaca.pth. Files added while serving are picked up.
+            Default: adapters, or, with --runs, no folder.
         host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every network interface: anyone who can reach
             the machine can use the server; it has no authentication).
         port: The port to listen on (1024 to 65535).
@@ -105,6 +116,12 @@ def main(
             (the adapters stay in the model's dtype).
         compile: torch.compile the prefill and the decode step: faster decoding once compiled; the first
             batches of each size compile.
+        runs: Finished finetune run folders to serve too, each as the model named by its folder's name: the
+            --out_dir of finetune/lora.py, finetune/adapter.py or finetune/full.py (scripts/compare.py's
+            out/compare/lora, ...). A LoRA run is served in the same batches as --lora_dir's files; an adapter
+            or a full finetune is a model of its own, loaded beside the base (memory: a full finetune is a
+            whole model). The comparison page at / shows each run's training curves (its metrics.csv) and
+            settings. Example: --runs '[out/compare/lora, out/compare/adapter]'.
     """
     # every flag and file is checked before anything loads: a mistake is one line, not a server that dies later
     check_range("port", port, 1024, 65535)  # the ports below need root
@@ -116,23 +133,84 @@ def main(
     check_at_least("top_k", top_k, 1, optional=True)
     precision_dtype(precision)
     check_generate_quantize(quantize)
-    if not Path(lora_dir).is_dir():
+    if lora_dir is None and not runs:
+        lora_dir = Path("adapters")
+    if lora_dir is not None and not Path(lora_dir).is_dir():
         raise UserError(f"--lora_dir {lora_dir} is not a folder")
     paths = resolve_checkpoint(checkpoint_dir)
     check_vocab(Tokenizer(paths.tokenizer), paths)
     if max_new_tokens > paths.config.block_size:
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of "
                         f"{paths.config.block_size} tokens")
-    folder = AdapterFolder(Path(lora_dir), paths)
-    names = [folder.check(name)[0].stem for name in folder.names()]  # each file read and checked now
+    served = served_runs(runs or [], paths)
+    folder = AdapterFolder(lora_dir and Path(lora_dir), paths,
+                           {name: run.final for name, run in served.items() if run.method == "lora"})
+    clash = sorted(set(served) & {p.stem for p in Path(lora_dir).glob("*.pth")}) if lora_dir else []
+    if clash:
+        raise UserError(f"--runs: the run {clash[0]!r} has the name of a LoRA file in --lora_dir {lora_dir}: "
+                        "rename one of them")
+    for name in folder.names():
+        folder.check(name)  # each file read and checked now
+    models = OpenAIEndpoints.model_names(folder, served)
     check_port_free(host, port)
 
-    worker = BatchWorker(LoRAServer(paths, folder, precision, quantize, compile), default_device().type,
+    worker = BatchWorker(LoRAServer(paths, folder, precision, quantize, compile, served), default_device().type,
                          max_batch_size, batch_timeout)
     app = FastAPI(title="lit-llama")
-    OpenAIEndpoints(paths, folder, max_new_tokens, top_k, worker).add_to(app)
-    print(f"Serving {', '.join([BASE, *names])} on http://{host}:{port}/v1 (loading the model ...)", file=sys.stderr)
+    OpenAIEndpoints(paths, folder, max_new_tokens, top_k, worker, served).add_to(app)
+    add_comparison_page(app)
+    print(f"Serving {', '.join(models)} on http://{host}:{port}/v1 (loading the model ...)", file=sys.stderr)
     serve(app, worker, host, port)  # a request waits in the queue as long as the batches before it take
+
+
+def add_comparison_page(app: FastAPI) -> None:
+    """The comparison page at / (lit_llama/web/compare.html, its script and style under /web/). It speaks only
+    to the endpoints above: /v1/models for the models, their settings and curves, /v1/chat/completions for the
+    answers."""
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.add_api_route("/", lambda: FileResponse(WEB / "compare.html"), methods=["GET"], include_in_schema=False)
+
+
+@dataclass
+class Run:
+    """A finetune run folder served as a model (--runs)."""
+
+    name: str
+    method: str  # lora, adapter or full (lit_llama/runs.py)
+    final: Path  # its final checkpoint
+    prompt_style: str  # chat messages are put in it
+    card: Dict[str, Any]  # what the comparison page shows: settings and curves (`run_card`)
+
+
+def served_runs(run_dirs: List[Path], paths: CheckpointPaths) -> Dict[str, Run]:
+    """--runs read and checked: each folder a finished run trained on this base, the names unique."""
+    served: Dict[str, Run] = {}
+    for run_dir in map(Path, run_dirs):
+        if not run_dir.is_dir():
+            raise UserError(f"--runs: {run_dir} is not a folder")
+        name = run_dir.resolve().name
+        if name == BASE or name in served:
+            raise UserError(f"--runs: two models would be named {name!r} (a run is named by its folder): "
+                            "serve runs from folders of different names")
+        method = run_method(run_dir)
+        final = run_dir / FINAL_NAMES[method]
+        style = DEFAULT_PROMPT_STYLE
+        if method == "lora":
+            style = read_lora_factors(final, paths.config, paths.weights)[1]
+        elif method == "adapter":
+            checkpoint = load_state_dict(final)
+            adapter_config_from_checkpoint(checkpoint, paths.config, final)  # trained on a base of this shape
+            style = adapter_prompt_style(checkpoint, final)
+        else:
+            if final.is_dir():
+                raise UserError(f"--runs: {final} is sharded (FSDP): serve.py reads one-file full finetunes; "
+                                "finetune with --devices 1, or without sharded saving")
+            check_vocab(Tokenizer(paths.tokenizer), resolve_checkpoint(checkpoint_path=final))
+            data_dir = (read_json(run_dir / RUN_NAME, "").get("training") or {}).get("data_dir") \
+                if (run_dir / RUN_NAME).is_file() else None
+            style = prompt_style_of_data(Path(data_dir)) if data_dir else DEFAULT_PROMPT_STYLE
+        served[name] = Run(name, method, final, style, run_card(run_dir))
+    return served
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -149,13 +227,18 @@ class AdapterFolder:
     every request (a glob: cheap), so files added while serving are found; a file's version is the hash of its
     content (`version`), so a file changed is read again, even when it keeps its size and modification time."""
 
-    def __init__(self, folder: Path, paths: CheckpointPaths) -> None:
+    def __init__(self, folder: Optional[Path], paths: CheckpointPaths, runs: Optional[Dict[str, Path]] = None) -> None:
         self.folder, self.paths = folder, paths
+        self.runs = dict(runs or {})  # name -> LoRA file of a run folder (--runs): served beside the folder's
         self.checked: Dict[str, Tuple[str, str]] = {}  # name -> (version checked, prompt style)
         self.hashed: Dict[str, Tuple[Tuple[int, ...], str, int]] = {}  # name -> (file status, version, hashed at)
 
     def names(self) -> List[str]:
-        return sorted(p.stem for p in self.folder.glob("*.pth") if p.is_file() and p.stem != BASE)
+        files = self.folder.glob("*.pth") if self.folder else []  # no folder: the LoRA runs of --runs only
+        return sorted({*self.runs, *(p.stem for p in files if p.is_file() and p.stem != BASE)})
+
+    def path(self, name: str) -> Path:
+        return self.runs[name] if name in self.runs else self.folder / f"{name}.pth"
 
     def version(self, name: str) -> str:
         """The SHA-256 of the file's content. Hashed again only when the file's status (inode, size, modification
@@ -163,7 +246,7 @@ class AdapterFolder:
         RACY_SECONDS before that hash (as git does: a file system keeps times in coarse steps, so a rewrite just
         after the hash could keep every time). The change time cannot be set back (touch sets the modification
         time only), so a file replaced later always has another status."""
-        path = self.folder / f"{name}.pth"
+        path = self.path(name)
         stat = path.stat()
         status = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         known = self.hashed.get(name)
@@ -184,7 +267,7 @@ class AdapterFolder:
         if name not in self.names():  # only names listed in the folder: a name can never reach another path
             raise UserError(f"the model {name!r} does not exist: the models are {', '.join([BASE, *self.names()])} "
                             f"(the LoRA files in {self.folder})")
-        path = self.folder / f"{name}.pth"
+        path = self.path(name)
         try:
             version = self.version(name)
             if name not in self.checked or self.checked[name][0] != version:
@@ -199,13 +282,16 @@ class AdapterFolder:
 
 
 class LoRAServer:
-    """Runs in the worker thread (lit_llama/serving.py's BatchWorker): loads the base and the adapters in `setup`, then decodes each batch
-    of queued requests (checked and tokenized by `OpenAILoRASpec`) with `stream_batch`, yielding every few
-    tokens one output per request: its new text, and at its end the finish reason and token counts."""
+    """Runs in the worker thread (lit_llama/serving.py's BatchWorker): loads the base and the adapters in `setup`,
+    then decodes each batch of queued requests (checked and tokenized by `OpenAIEndpoints`) with `stream_batch`,
+    yielding every few tokens one output per request: its new text, and at its end the finish reason and token
+    counts. The LoRA adapters share one model (`MultiLoRALLaMA`); an adapter or full finetune of --runs is a
+    model of its own, whose rows are decoded apart."""
 
     def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, precision: Optional[str], quantize: Optional[str],
-                 compile: bool) -> None:
+                 compile: bool, runs: Optional[Dict[str, Run]] = None) -> None:
         self.paths, self.folder, self.precision, self.quantize, self.compile = paths, folder, precision, quantize, compile
+        self.runs = {name: run for name, run in (runs or {}).items() if run.method != "lora"}
 
     def setup(self, device: str) -> None:
         self.torch_device = torch.device(device)
@@ -217,11 +303,21 @@ class LoRAServer:
         for name in self.folder.names():
             try:
                 version = self.folder.version(name)  # before reading: a file replaced meanwhile is read again later
-                self.model.add_adapter(name, self.folder.folder / f"{name}.pth", self.paths.weights)
+                self.model.add_adapter(name, self.folder.path(name), self.paths.weights)
             except (UserError, OSError) as e:  # replaced or removed since main() checked it: requests say why
                 print(f"the adapter {name!r} could not be loaded: {e}", file=sys.stderr)
                 continue
             self.loaded[name] = version
+        self.own_models: Dict[str, LLaMA] = {}  # adapter and full finetunes of --runs, by name
+        dtype = precision_dtype(self.precision)
+        for name, run in self.runs.items():
+            if run.method == "adapter":
+                model = load_adapter_model(self.paths, run.final, self.torch_device, dtype)
+            else:
+                model = load_model(resolve_checkpoint(checkpoint_path=run.final), self.torch_device, dtype)
+            if self.quantize:
+                quantize_for_generation(model, self.quantize)
+            self.own_models[name] = model.eval()
 
     def predict(self, requests: List[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
         rows = [Row(request, self.tokenizer) for request in requests]
@@ -230,12 +326,13 @@ class LoRAServer:
             self.load_adapter(row)
         if any(row.error for row in rows):
             yield [row.take() for row in rows]
-        # one decoding loop per sampling setting (most batches have one); each row its own adapter and limit
-        groups: Dict[Tuple[float, Optional[int]], List[Row]] = {}
+        # one decoding loop per sampling setting (most batches have one) and per model (the LoRA adapters share
+        # one); each row its own adapter and limit
+        groups: Dict[Tuple[str, float, Optional[int]], List[Row]] = {}
         for row in rows:
             if not row.error:
-                groups.setdefault((row.temperature, row.top_k), []).append(row)
-        for (temperature, top_k), group in groups.items():
+                groups.setdefault((self.model_key(row), row.temperature, row.top_k), []).append(row)
+        for (_, temperature, top_k), group in groups.items():
             try:
                 for chunk in self.decode(group, temperature, top_k):
                     for row, tokens in zip(group, chunk):
@@ -248,16 +345,24 @@ class LoRAServer:
                 yield [row.take() for row in rows]
 
     def decode(self, group: List["Row"], temperature: float, top_k: Optional[int]) -> Iterator[List[List[int]]]:
-        """`stream_batch` for rows of one sampling setting, each with its own adapter, prompt and limit."""
-        self.model.select([row.adapter for row in group])
+        """`stream_batch` for rows of one model and sampling setting, each with its own adapter, prompt and
+        limit."""
+        model = self.own_models.get(self.model_key(group[0]))
+        if model is None:
+            model = self.model
+            model.select([row.adapter for row in group])
         prompts = [torch.tensor(row.prompt, device=self.torch_device) for row in group]
-        yield from stream_batch(self.model, prompts, [row.max_tokens for row in group], temperature, top_k,
+        yield from stream_batch(model, prompts, [row.max_tokens for row in group], temperature, top_k,
                                 self.tokenizer.eos_id, [row.stop_found if row.stops else None for row in group],
                                 self.compile)
 
+    def model_key(self, row: "Row") -> str:
+        """The model a row is decoded with: its name for a model of its own, "" for the LoRA model."""
+        return row.adapter if row.adapter in self.runs else ""
+
     def load_adapter(self, row: "Row") -> None:
         """Loads the row's adapter file if it is new or changed since it was loaded (hot load)."""
-        if row.adapter == BASE or self.loaded.get(row.adapter) == row.version:
+        if row.adapter == BASE or row.adapter in self.runs or self.loaded.get(row.adapter) == row.version:
             return
         try:
             self.model.add_adapter(row.adapter, Path(row.path), self.paths.weights)
@@ -397,10 +502,15 @@ class OpenAIEndpoints:
     answering endpoints share one queue: chat and completion requests are batched together."""
 
     def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, max_new_tokens: int, top_k: Optional[int],
-                 worker: BatchWorker) -> None:
+                 worker: BatchWorker, runs: Optional[Dict[str, Run]] = None) -> None:
         self.paths, self.folder, self.max_new_tokens, self.top_k = paths, folder, max_new_tokens, top_k
-        self.worker = worker
+        self.worker, self.runs = worker, dict(runs or {})
         self.tokenizer = Tokenizer(paths.tokenizer)
+
+    @staticmethod
+    def model_names(folder: AdapterFolder, runs: Dict[str, Run]) -> List[str]:
+        """The base, then the LoRA files and the runs by name."""
+        return [BASE, *sorted({*folder.names(), *runs})]
 
     def add_to(self, app: FastAPI) -> None:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
@@ -408,8 +518,16 @@ class OpenAIEndpoints:
         app.add_api_route("/v1/models", self.models, methods=["GET"])
 
     async def models(self) -> Dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lit-llama"}
-                                           for name in [BASE, *self.folder.names()]]}
+        """OpenAI's model list. Each entry also says what the model is, for the comparison page: `lit_llama`
+        holds its method (base, lora, adapter, full) and, for a run of --runs, its settings and training curves
+        (`run`; null for a LoRA file of --lora_dir and the base). OpenAI's clients ignore the extra field."""
+        def describe(name: str) -> Dict[str, Any]:
+            run = self.runs.get(name)
+            method = run.method if run else ("base" if name == BASE else "lora")
+            return {"id": name, "object": "model", "created": 0, "owned_by": "lit-llama",
+                    "lit_llama": {"method": method, "run": run.card if run else None}}
+
+        return {"object": "list", "data": [describe(name) for name in self.model_names(self.folder, self.runs)]}
 
     async def chat_completions(self, request: Request) -> Any:
         return await self.answer(request, ChatParams)
@@ -462,7 +580,12 @@ class OpenAIEndpoints:
             raise RequestError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_LENGTH} "
                                     f"characters, got {len(stops)} of lengths {[len(stop) for stop in stops]}", "stop")
         path, version, style = None, None, "alpaca"
-        if params.model != BASE:
+        if params.model not in self.model_names(self.folder, self.runs):
+            raise RequestError(404, f"the model {params.model!r} does not exist: the models are "
+                                    f"{', '.join(self.model_names(self.folder, self.runs))}", "model", "model_not_found")
+        if params.model in self.runs and self.runs[params.model].method != "lora":
+            style = self.runs[params.model].prompt_style
+        elif params.model != BASE:
             try:
                 path, version, style = self.folder.check(params.model)
             except UserError as e:

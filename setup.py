@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["lit_llama", "lit_llama.*"]),
-    package_data={"lit_llama": ["demo_instructions.json"]},  # the offline demo's instruction set
+    # the offline demo's instruction set; serve.py's comparison page
+    package_data={"lit_llama": ["demo_instructions.json", "web/*"]},
     python_requires=">=3.10",  # dataclass(kw_only=True)
     # The supported range: from the oldest releases tested (tests/oldest-versions.txt, all at once) to the
     # newest each bound allows (what a fresh `pip install` resolves; .ci/run tests it). Upper bounds only where

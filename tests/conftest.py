@@ -25,6 +25,10 @@ WORDS = (
 ).split()
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than about 20 s (deselect with -m 'not slow')")
+
+
 def tiny_corpus(n: int = 400, seed: int = 0) -> List[str]:
     """Deterministic English-like sentences to train a tiny tokenizer on."""
     g = torch.Generator().manual_seed(seed)
