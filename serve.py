@@ -1,4 +1,4 @@
-"""An OpenAI-compatible server for one base model and every LoRA adapter in a folder, on LitServe.
+"""An OpenAI-compatible server for one base model and every LoRA adapter in a folder.
 
     python serve.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b --lora_dir adapters --port 8000
 
@@ -25,9 +25,9 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
   256 characters, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
   is queued, so it never reaches, nor fails, a batch. A body over 1 MiB is refused (413) before it is read.
 
-Processes: LitServe runs the model in a worker process (`LoRAServer`, loaded in its `setup`); the HTTP
-endpoints (`OpenAILoRASpec`) run in this process, check and tokenize each request and queue it for the worker,
-which streams back each row's new text every few tokens.
+How it runs (lit_llama/serving.py): the model decodes in a worker thread (`LoRAServer`, loaded in its `setup`);
+the HTTP endpoints (`OpenAIEndpoints`, FastAPI on uvicorn) check and tokenize each request and queue it for the
+worker, which streams back each row's new text every few tokens.
 """
 
 import asyncio
@@ -38,8 +38,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections import deque
-from queue import Empty, Queue
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -47,25 +46,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
 
-import litserve as ls  # noqa: E402
-from fastapi import Request  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from litserve.loops.streaming_loops import BatchedStreamingLoop  # noqa: E402
-from litserve.specs.base import LitSpec  # noqa: E402
-from litserve.utils import LitAPIStatus, ResponseBufferItem  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse  # noqa: E402
+from fastapi.staticfiles import StaticFiles  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
-from lit_llama.checkpoint import CheckpointPaths, check_vocab, load_model, resolve_checkpoint
+from lit_llama.adapter import adapter_config_from_checkpoint, adapter_prompt_style, load_adapter_model  # noqa: E402
+from lit_llama.checkpoint import CheckpointPaths, check_vocab, load_model, load_state_dict, resolve_checkpoint
 from lit_llama.cli import check_at_least, check_range, UserError, run_cli
 from lit_llama.distributed import default_device, precision_dtype
+from lit_llama.run_dir import RUN_NAME
 from lit_llama.generation import stop_ids, stream_batch  # noqa: E402
 from lit_llama.json_input import parse_json  # noqa: E402
+from lit_llama.model import LLaMA  # noqa: E402
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
-from lit_llama.prompts import PROMPT_STYLES, chat_turns, get_prompt_style  # noqa: E402
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, chat_turns, get_prompt_style, prompt_style_of_data  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
+from lit_llama.runs import FINAL_NAMES, read_json, run_card, run_method  # noqa: E402
+from lit_llama.serving import BatchWorker, WorkerFailed, serve  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 
-HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to: this machine only, or every interface
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what the server binds to: this machine only, or every interface
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_LENGTH = 256  # characters of a stop string: the stop test of every row at every step costs its length
 # a request body past this is refused before it is read: a prompt that fits a LLaMA context (2048 to 4096 tokens)
@@ -74,12 +75,13 @@ MAX_BODY_BYTES = 1 << 20
 # temperatures below this decode greedily: dividing the logits by 1e-45 gives infinities, and sampling then fails;
 # at 0.001 a difference of 0.01 between two logits is already a factor of e^10 in their probabilities
 MIN_TEMPERATURE = 1e-3
+WEB = Path(__file__).resolve().parent / "lit_llama" / "web"  # the comparison page: HTML, CSS and JavaScript
 RACY_SECONDS = 2  # the coarsest time step of a common file system (FAT's 2 s); see AdapterFolder.version
 
 
 def main(
     checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
-    lora_dir: Path = Path("adapters"),
+    lora_dir: Optional[Path] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
@@ -89,19 +91,22 @@ def main(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
     compile: bool = False,
+    runs: Optional[List[Path]] = None,
 ) -> None:
-    """Serves the base model and the LoRA adapters of a folder through OpenAI's API.
+    """Serves the base model and the LoRA adapters of a folder through OpenAI's API, and at / a page that
+    compares the models side by side (lit_llama/web/).
 
     Args:
         checkpoint_dir: The base model folder every LoRA file was trained on.
         lora_dir: The folder of LoRA files (finetune/lora.py's), one adapter per file, named by its file name
             without .pth: `model: "alpaca"` in a request is alpaca.pth. Files added while serving are picked up.
+            Default: adapters, or, with --runs, no folder.
         host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every network interface: anyone who can reach
             the machine can use the server; it has no authentication).
         port: The port to listen on (1024 to 65535).
         max_batch_size: The most requests decoded together in one batch (whatever their adapters).
         batch_timeout: Seconds the model waits for more requests to fill a batch, once free; more than 0
-            (LitServe would otherwise poll without pause).
+            (with 0, requests sent together would rarely share a batch).
         max_new_tokens: The most new tokens of an answer when a request gives no max_tokens.
         top_k: Sample only among the k most likely tokens when a request gives no top_k (null: all tokens).
         precision: 32-true, 16-true or bf16-true (default: bf16-true on a GPU that has it, else 32-true).
@@ -109,9 +114,15 @@ def main(
             (the adapters stay in the model's dtype).
         compile: torch.compile the prefill and the decode step: faster decoding once compiled; the first
             batches of each size compile.
+        runs: Finished finetune run folders to serve too, each as the model named by its folder's name: the
+            --out_dir of finetune/lora.py, finetune/adapter.py or finetune/full.py (scripts/compare.py's
+            out/compare/lora, ...). A LoRA run is served in the same batches as --lora_dir's files; an adapter
+            or a full finetune is a model of its own, loaded beside the base (memory: a full finetune is a
+            whole model). The comparison page at / shows each run's training curves (its metrics.csv) and
+            settings. Example: --runs '[out/compare/lora, out/compare/adapter]'.
     """
     # every flag and file is checked before anything loads: a mistake is one line, not a server that dies later
-    check_range("port", port, 1024, 65535)  # LitServe refuses the privileged ports
+    check_range("port", port, 1024, 65535)  # the ports below need root
     if host not in HOSTS:
         raise UserError(f"--host {host!r} is not one of {', '.join(HOSTS)}")
     check_at_least("max_batch_size", max_batch_size, 1)
@@ -120,24 +131,84 @@ def main(
     check_at_least("top_k", top_k, 1, optional=True)
     precision_dtype(precision)
     check_generate_quantize(quantize)
-    if not Path(lora_dir).is_dir():
+    if lora_dir is None and not runs:
+        lora_dir = Path("adapters")
+    if lora_dir is not None and not Path(lora_dir).is_dir():
         raise UserError(f"--lora_dir {lora_dir} is not a folder")
     paths = resolve_checkpoint(checkpoint_dir)
     check_vocab(Tokenizer(paths.tokenizer), paths)
     if max_new_tokens > paths.config.context_length:
         raise UserError(f"--max_new_tokens {max_new_tokens} is more than the model's context of "
                         f"{paths.config.context_length} tokens")
-    folder = AdapterFolder(Path(lora_dir), paths)
-    names = [folder.check(name)[0].stem for name in folder.names()]  # each file read and checked now
+    served = served_runs(runs or [], paths)
+    folder = AdapterFolder(lora_dir and Path(lora_dir), paths,
+                           {name: run.final for name, run in served.items() if run.method == "lora"})
+    clash = sorted(set(served) & {p.stem for p in Path(lora_dir).glob("*.pth")}) if lora_dir else []
+    if clash:
+        raise UserError(f"--runs: the run {clash[0]!r} has the name of a LoRA file in --lora_dir {lora_dir}: "
+                        "rename one of them")
+    for name in folder.names():
+        folder.check(name)  # each file read and checked now
+    models = OpenAIEndpoints.model_names(folder, served)
     check_port_free(host, port)
 
-    spec = OpenAILoRASpec(paths, folder, max_new_tokens, top_k)
-    api = LoRAServer(paths, folder, precision, quantize, compile, max_batch_size, batch_timeout, spec)
-    print(f"Serving {', '.join([BASE, *names])} on http://{host}:{port}/v1 (loading the model ...)", file=sys.stderr)
-    server = ls.LitServer(api, accelerator="cuda" if default_device().type == "cuda" else "cpu", devices=1,
-                          timeout=False)  # a request waits in the queue as long as the batches before it take
-    # (no client.py written into the working folder)
-    server.run(host=host, port=port, generate_client_file=False)
+    worker = BatchWorker(LoRAServer(paths, folder, precision, quantize, compile, served), default_device().type,
+                         max_batch_size, batch_timeout)
+    app = FastAPI(title="lit-llama")
+    OpenAIEndpoints(paths, folder, max_new_tokens, top_k, worker, served).add_to(app)
+    add_comparison_page(app)
+    print(f"Serving {', '.join(models)} on http://{host}:{port}/v1 (loading the model ...)", file=sys.stderr)
+    serve(app, worker, host, port)  # a request waits in the queue as long as the batches before it take
+
+
+def add_comparison_page(app: FastAPI) -> None:
+    """The comparison page at / (lit_llama/web/compare.html, its script and style under /web/). It speaks only
+    to the endpoints above: /v1/models for the models, their settings and curves, /v1/chat/completions for the
+    answers."""
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.add_api_route("/", lambda: FileResponse(WEB / "compare.html"), methods=["GET"], include_in_schema=False)
+
+
+@dataclass
+class Run:
+    """A finetune run folder served as a model (--runs)."""
+
+    name: str
+    method: str  # lora, adapter or full (lit_llama/runs.py)
+    final: Path  # its final checkpoint
+    prompt_style: str  # chat messages are put in it
+    card: Dict[str, Any]  # what the comparison page shows: settings and curves (`run_card`)
+
+
+def served_runs(run_dirs: List[Path], paths: CheckpointPaths) -> Dict[str, Run]:
+    """--runs read and checked: each folder a finished run trained on this base, the names unique."""
+    served: Dict[str, Run] = {}
+    for run_dir in map(Path, run_dirs):
+        if not run_dir.is_dir():
+            raise UserError(f"--runs: {run_dir} is not a folder")
+        name = run_dir.resolve().name
+        if name == BASE or name in served:
+            raise UserError(f"--runs: two models would be named {name!r} (a run is named by its folder): "
+                            "serve runs from folders of different names")
+        method = run_method(run_dir)
+        final = run_dir / FINAL_NAMES[method]
+        style = DEFAULT_PROMPT_STYLE
+        if method == "lora":
+            style = read_lora_factors(final, paths.config, paths.weights)[1]
+        elif method == "adapter":
+            checkpoint = load_state_dict(final)
+            adapter_config_from_checkpoint(checkpoint, paths.config, final)  # trained on a base of this shape
+            style = adapter_prompt_style(checkpoint, final)
+        else:
+            if final.is_dir():
+                raise UserError(f"--runs: {final} is sharded (FSDP): serve.py reads one-file full finetunes; "
+                                "finetune with --devices 1, or without sharded saving")
+            check_vocab(Tokenizer(paths.tokenizer), resolve_checkpoint(checkpoint_path=final))
+            data_dir = (read_json(run_dir / RUN_NAME, "").get("training") or {}).get("data_dir") \
+                if (run_dir / RUN_NAME).is_file() else None
+            style = prompt_style_of_data(Path(data_dir)) if data_dir else DEFAULT_PROMPT_STYLE
+        served[name] = Run(name, method, final, style, run_card(run_dir))
+    return served
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -154,13 +225,18 @@ class AdapterFolder:
     every request (a glob: cheap), so files added while serving are found; a file's version is the hash of its
     content (`version`), so a file changed is read again, even when it keeps its size and modification time."""
 
-    def __init__(self, folder: Path, paths: CheckpointPaths) -> None:
+    def __init__(self, folder: Optional[Path], paths: CheckpointPaths, runs: Optional[Dict[str, Path]] = None) -> None:
         self.folder, self.paths = folder, paths
+        self.runs = dict(runs or {})  # name -> LoRA file of a run folder (--runs): served beside the folder's
         self.checked: Dict[str, Tuple[str, str]] = {}  # name -> (version checked, prompt style)
         self.hashed: Dict[str, Tuple[Tuple[int, ...], str, int]] = {}  # name -> (file status, version, hashed at)
 
     def names(self) -> List[str]:
-        return sorted(p.stem for p in self.folder.glob("*.pth") if p.is_file() and p.stem != BASE)
+        files = self.folder.glob("*.pth") if self.folder else []  # no folder: the LoRA runs of --runs only
+        return sorted({*self.runs, *(p.stem for p in files if p.is_file() and p.stem != BASE)})
+
+    def path(self, name: str) -> Path:
+        return self.runs[name] if name in self.runs else self.folder / f"{name}.pth"
 
     def version(self, name: str) -> str:
         """The SHA-256 of the file's content. Hashed again only when the file's status (inode, size, modification
@@ -168,7 +244,7 @@ class AdapterFolder:
         RACY_SECONDS before that hash (as git does: a file system keeps times in coarse steps, so a rewrite just
         after the hash could keep every time). The change time cannot be set back (touch sets the modification
         time only), so a file replaced later always has another status."""
-        path = self.folder / f"{name}.pth"
+        path = self.path(name)
         stat = path.stat()
         status = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         known = self.hashed.get(name)
@@ -189,7 +265,7 @@ class AdapterFolder:
         if name not in self.names():  # only names listed in the folder: a name can never reach another path
             raise UserError(f"the model {name!r} does not exist: the models are {', '.join([BASE, *self.names()])} "
                             f"(the LoRA files in {self.folder})")
-        path = self.folder / f"{name}.pth"
+        path = self.path(name)
         try:
             version = self.version(name)
             if name not in self.checked or self.checked[name][0] != version:
@@ -200,20 +276,20 @@ class AdapterFolder:
         return path, version, self.checked[name][1]
 
 
-# ---------------------------------------------------------------- the model: a LitServe worker process
+# ---------------------------------------------------------------- the model: the worker thread
 
 
-class LoRAServer(ls.LitAPI):
-    """Runs in LitServe's worker process: loads the base and the adapters in `setup`, then decodes each batch
-    of queued requests (checked and tokenized by `OpenAILoRASpec`) with `stream_batch`, yielding every few
-    tokens one output per request: its new text, and at its end the finish reason and token counts."""
+class LoRAServer:
+    """Runs in the worker thread (lit_llama/serving.py's BatchWorker): loads the base and the adapters in `setup`,
+    then decodes each batch of queued requests (checked and tokenized by `OpenAIEndpoints`) with `stream_batch`,
+    yielding every few tokens one output per request: its new text, and at its end the finish reason and token
+    counts. The LoRA adapters share one model (`MultiLoRALLaMA`); an adapter or full finetune of --runs is a
+    model of its own, whose rows are decoded apart."""
 
     def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, precision: Optional[str], quantize: Optional[str],
-                 compile: bool, max_batch_size: int, batch_timeout: float, spec: LitSpec) -> None:
-        # the batched streaming loop even for batches of 1 (`predict` always gets a list of requests), gathering
-        # the batches itself (LitServe's own batch_timeout is then 0: it takes what is there)
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=0, spec=spec, loop=GatheringLoop(batch_timeout))
+                 compile: bool, runs: Optional[Dict[str, Run]] = None) -> None:
         self.paths, self.folder, self.precision, self.quantize, self.compile = paths, folder, precision, quantize, compile
+        self.runs = {name: run for name, run in (runs or {}).items() if run.method != "lora"}
 
     def setup(self, device: str) -> None:
         self.torch_device = torch.device(device)
@@ -228,14 +304,21 @@ class LoRAServer(ls.LitAPI):
         for name in self.folder.names():
             try:
                 version = self.folder.version(name)  # before reading: a file replaced meanwhile is read again later
-                self.model.add_adapter(name, self.folder.folder / f"{name}.pth", self.paths.weights)
+                self.model.add_adapter(name, self.folder.path(name), self.paths.weights)
             except (UserError, OSError) as e:  # replaced or removed since main() checked it: requests say why
                 print(f"the adapter {name!r} could not be loaded: {e}", file=sys.stderr)
                 continue
             self.loaded[name] = version
-
-    def decode_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        return request  # checked and tokenized by the spec before it was queued
+        self.own_models: Dict[str, LLaMA] = {}  # adapter and full finetunes of --runs, by name
+        dtype = precision_dtype(self.precision)
+        for name, run in self.runs.items():
+            if run.method == "adapter":
+                model = load_adapter_model(self.paths, run.final, self.torch_device, dtype)
+            else:
+                model = load_model(resolve_checkpoint(checkpoint_path=run.final), self.torch_device, dtype)
+            if self.quantize:
+                quantize_for_generation(model, self.quantize)
+            self.own_models[name] = model.eval()
 
     def predict(self, requests: List[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
         rows = [Row(request, self.tokenizer, self.stop_ids) for request in requests]
@@ -244,12 +327,13 @@ class LoRAServer(ls.LitAPI):
             self.load_adapter(row)
         if any(row.error for row in rows):
             yield [row.take() for row in rows]
-        # one decoding loop per sampling setting (most batches have one); each row its own adapter and limit
-        groups: Dict[Tuple[float, Optional[int]], List[Row]] = {}
+        # one decoding loop per sampling setting (most batches have one) and per model (the LoRA adapters share
+        # one); each row its own adapter and limit
+        groups: Dict[Tuple[str, float, Optional[int]], List[Row]] = {}
         for row in rows:
             if not row.error:
-                groups.setdefault((row.temperature, row.top_k), []).append(row)
-        for (temperature, top_k), group in groups.items():
+                groups.setdefault((self.model_key(row), row.temperature, row.top_k), []).append(row)
+        for (_, temperature, top_k), group in groups.items():
             try:
                 for chunk in self.decode(group, temperature, top_k):
                     for row, tokens in zip(group, chunk):
@@ -262,16 +346,24 @@ class LoRAServer(ls.LitAPI):
                 yield [row.take() for row in rows]
 
     def decode(self, group: List["Row"], temperature: float, top_k: Optional[int]) -> Iterator[List[List[int]]]:
-        """`stream_batch` for rows of one sampling setting, each with its own adapter, prompt and limit."""
-        self.model.select([row.adapter for row in group])
+        """`stream_batch` for rows of one model and sampling setting, each with its own adapter, prompt and
+        limit."""
+        model = self.own_models.get(self.model_key(group[0]))
+        if model is None:
+            model = self.model
+            model.select([row.adapter for row in group])
         prompts = [torch.tensor(row.prompt, device=self.torch_device) for row in group]
-        yield from stream_batch(self.model, prompts, [row.max_tokens for row in group], temperature, top_k,
+        yield from stream_batch(model, prompts, [row.max_tokens for row in group], temperature, top_k,
                                 self.stop_ids, [row.stop_found if row.stops else None for row in group],
                                 self.compile)
 
+    def model_key(self, row: "Row") -> str:
+        """The model a row is decoded with: its name for a model of its own, "" for the LoRA model."""
+        return row.adapter if row.adapter in self.runs else ""
+
     def load_adapter(self, row: "Row") -> None:
         """Loads the row's adapter file if it is new or changed since it was loaded (hot load)."""
-        if row.adapter == BASE or self.loaded.get(row.adapter) == row.version:
+        if row.adapter == BASE or row.adapter in self.runs or self.loaded.get(row.adapter) == row.version:
             return
         try:
             self.model.add_adapter(row.adapter, Path(row.path), self.paths.weights)
@@ -281,55 +373,6 @@ class LoRAServer(ls.LitAPI):
         except Exception:  # noqa: BLE001 - a bug (or no memory left) fails this request only, not its batch
             traceback.print_exc()
             row.fail(f"the adapter {row.adapter!r} could not be loaded: see the server's log", status=500)
-
-    def encode_response(self, outputs: Iterator[List[Dict[str, Any]]]) -> Iterator[List[Dict[str, Any]]]:
-        yield from outputs  # one dict per request per step, sent as JSON to the spec's endpoints
-
-
-class GatheringLoop(BatchedStreamingLoop):
-    """LitServe's batched streaming loop, except for how it waits for requests: LitServe's polls the queue
-    every millisecond, busy even when idle (a tenth of a CPU core for nothing); here the worker sleeps until a
-    request comes, then gathers those that arrive within `batch_timeout` seconds."""
-
-    def __init__(self, batch_timeout: float) -> None:
-        super().__init__()
-        self.batch_timeout = batch_timeout
-
-    def __call__(self, lit_api: ls.LitAPI, device: str, worker_id: int, request_queue: Queue, *rest: Any) -> None:
-        requests = GatheringQueue(request_queue, lit_api.max_batch_size, self.batch_timeout)
-        super().__call__(lit_api, device, worker_id, requests, *rest)
-
-
-class GatheringQueue:
-    """The request queue as LitServe's loop reads a batch from it with no batch timeout (`get_nowait` until
-    Empty or a full batch): the first read of a batch waits for a request (a second at most, then Empty: the
-    loop checks whether to stop), then for more within `batch_timeout`; the next reads return those, and
-    Empty ends the batch."""
-
-    def __init__(self, queue: Queue, max_batch_size: int, batch_timeout: float) -> None:
-        self.queue, self.max_batch_size, self.batch_timeout = queue, max_batch_size, batch_timeout
-        self.gathered: deque = deque()
-        self.in_batch = False
-
-    def get_nowait(self) -> Any:
-        if not self.gathered and not self.in_batch:
-            self.gather()
-        self.in_batch = bool(self.gathered)
-        if not self.gathered:
-            raise Empty
-        return self.gathered.popleft()
-
-    def gather(self) -> None:
-        try:
-            self.gathered.append(self.queue.get(timeout=1.0))
-        except Empty:
-            return
-        deadline = time.monotonic() + self.batch_timeout
-        while len(self.gathered) < self.max_batch_size and deadline > time.monotonic():
-            try:
-                self.gathered.append(self.queue.get(timeout=deadline - time.monotonic()))
-            except Empty:
-                break
 
 
 class Row:
@@ -454,39 +497,38 @@ class RequestError(Exception):
                             status_code=self.status)
 
 
-class OpenAILoRASpec(LitSpec):
-    """OpenAI's endpoints on LitServe. LitServe's own OpenAISpec serves chat only and answers every error inside
-    a batch; this one also serves /v1/completions and /v1/models, and checks each request here (JSON, fields,
-    the adapter, the prompt's length) so that only good ones are queued for the worker. Both endpoints share one
-    queue: chat and completion requests are batched together."""
+class OpenAIEndpoints:
+    """OpenAI's endpoints: /v1/chat/completions, /v1/completions and /v1/models. Each request is checked here
+    (JSON, fields, the adapter, the prompt's length) so that only good ones are queued for the worker. Both
+    answering endpoints share one queue: chat and completion requests are batched together."""
 
-    def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, max_new_tokens: int, top_k: Optional[int]) -> None:
-        super().__init__()
-        self.api_path = "/v1/chat/completions"  # names the request queue
+    def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, max_new_tokens: int, top_k: Optional[int],
+                 worker: BatchWorker, runs: Optional[Dict[str, Run]] = None) -> None:
         self.paths, self.folder, self.max_new_tokens, self.top_k = paths, folder, max_new_tokens, top_k
-        self.tokenizer: Optional[Tokenizer] = None  # made in the serving process (SentencePiece does not pickle)
-        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
-        self.add_endpoint("/v1/completions", self.completions, ["POST"])
-        self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.worker, self.runs = worker, dict(runs or {})
+        self.tokenizer = Tokenizer(paths.tokenizer)
 
-    def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        state["tokenizer"] = None
-        return state
+    @staticmethod
+    def model_names(folder: AdapterFolder, runs: Dict[str, Run]) -> List[str]:
+        """The base, then the LoRA files and the runs by name."""
+        return [BASE, *sorted({*folder.names(), *runs})]
 
-    @property
-    def stream(self) -> bool:
-        return True  # the worker always streams; whole answers are assembled here
-
-    def decode_request(self, request: Any, context_kwargs: Optional[dict] = None) -> Any:
-        return request
-
-    def encode_response(self, output: Any, context_kwargs: Optional[dict] = None) -> Any:
-        return output
+    def add_to(self, app: FastAPI) -> None:
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
 
     async def models(self) -> Dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lit-llama"}
-                                           for name in [BASE, *self.folder.names()]]}
+        """OpenAI's model list. Each entry also says what the model is, for the comparison page: `lit_llama`
+        holds its method (base, lora, adapter, full) and, for a run of --runs, its settings and training curves
+        (`run`; null for a LoRA file of --lora_dir and the base). OpenAI's clients ignore the extra field."""
+        def describe(name: str) -> Dict[str, Any]:
+            run = self.runs.get(name)
+            method = run.method if run else ("base" if name == BASE else "lora")
+            return {"id": name, "object": "model", "created": 0, "owned_by": "lit-llama",
+                    "lit_llama": {"method": method, "run": run.card if run else None}}
+
+        return {"object": "list", "data": [describe(name) for name in self.model_names(self.folder, self.runs)]}
 
     async def chat_completions(self, request: Request) -> Any:
         return await self.answer(request, ChatParams)
@@ -522,11 +564,6 @@ class OpenAILoRASpec(LitSpec):
 
     def job(self, params: Params) -> Dict[str, Any]:
         """The checked request as the worker reads it, with the prompt's tokens; RequestError if it is bad."""
-        if self.tokenizer is None:
-            self.tokenizer = Tokenizer(self.paths.tokenizer)
-        # every token that ends an answer: eos, generation_config.json's eos_token_id (Llama 3's <|eot_id|> and
-        # <|end_of_text|>), and the styles' stop texts this tokenizer has as one token (<|im_end|>)
-        self.stop_ids = stop_ids(self.tokenizer, list(PROMPT_STYLES.values()))
         if params.n != 1:
             raise RequestError(400, f"n must be 1 (one answer per request), got {params.n}", "n")
         if params.top_p != 1:
@@ -544,7 +581,12 @@ class OpenAILoRASpec(LitSpec):
             raise RequestError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_LENGTH} "
                                     f"characters, got {len(stops)} of lengths {[len(stop) for stop in stops]}", "stop")
         path, version, style = None, None, "alpaca"
-        if params.model != BASE:
+        if params.model not in self.model_names(self.folder, self.runs):
+            raise RequestError(404, f"the model {params.model!r} does not exist: the models are "
+                                    f"{', '.join(self.model_names(self.folder, self.runs))}", "model", "model_not_found")
+        if params.model in self.runs and self.runs[params.model].method != "lora":
+            style = self.runs[params.model].prompt_style
+        elif params.model != BASE:
             try:
                 path, version, style = self.folder.check(params.model)
             except UserError as e:
@@ -573,24 +615,15 @@ class OpenAILoRASpec(LitSpec):
 
     async def submit(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Queues the job for the worker; yields its outputs until its last (the one with a finish reason)."""
-        uid = uuid.uuid4().hex
-        queue, event = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
         try:
-            async for data, status in self.data_streamer(queue, event, send_status=True):
-                if status == LitAPIStatus.ERROR:  # an exception in the worker (its log has the traceback)
-                    raise RequestError(500, "the model failed on this request's batch: see the server's log")
-                output = json.loads(data)
-                if not output:  # this step had nothing for this request (another group of its batch decoding)
-                    continue
+            async for output in self.worker.submit(job):
                 if "error" in output:
                     raise RequestError(output["status"], output["error"], "model" if output["status"] < 500 else None)
                 yield output
                 if "finish_reason" in output:
                     return
-        finally:
-            self.response_buffer.pop(uid, None)  # what the worker still sends for it (if anything) is dropped
+        except WorkerFailed:  # an exception in the worker (its log has the traceback)
+            raise RequestError(500, "the model failed on this request's batch: see the server's log")
 
 
 async def read_params(request: Request, kind: type) -> Params:

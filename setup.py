@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["lit_llama", "lit_llama.*"]),
-    package_data={"lit_llama": ["demo_instructions.json"]},  # the offline demo's instruction set
+    # the offline demo's instruction set; serve.py's comparison page
+    package_data={"lit_llama": ["demo_instructions.json", "web/*"]},
     python_requires=">=3.10",  # dataclass(kw_only=True)
     # The supported range: from the oldest releases tested (tests/oldest-versions.txt, all at once) to the
     # newest each bound allows (what a fresh `pip install` resolves; .ci/run tests it). Upper bounds only where
@@ -25,7 +26,8 @@ setup(
     extras_require={
         # what the scripts use beyond training: downloads, safetensors checkpoints, comparison plots
         "all": ["huggingface_hub>=0.34", "safetensors", "matplotlib", "pyyaml", "torchao>=0.14",
-                "litserve>=0.2.19,<0.3",  # serve.py builds on LitServe's loop and spec classes, changed in 0.3
+                # serve.py's web server (its batching worker is ours: lit_llama/serving.py)
+                "fastapi>=0.112", "uvicorn>=0.29",
                 # GGUF in and out (scripts/convert_gguf_checkpoint.py, export_gguf.py): 0.10 dequantizes every
                 # type read there in numpy; tokenizers builds the tokenizer.json of byte-level BPE vocabularies
                 "gguf>=0.10", "tokenizers>=0.22"],

@@ -177,7 +177,7 @@ def start_server(checkpoint_dir: Path, lora_dir: Path, log: Path, max_batch_size
 
 
 def stop_server(server: subprocess.Popen) -> None:
-    """Ctrl-C to the server's process group (LitServe stops its workers), then SIGKILL for any left."""
+    """Ctrl-C to the server's process group, then SIGKILL for any left."""
     try:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(30)

@@ -13,7 +13,6 @@ method sees exactly the same examples), or reads runs that already finished (in 
   compare.json  the same numbers, for scripts.
 """
 
-import csv
 import gc
 import json
 import math
@@ -23,7 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
@@ -34,6 +33,9 @@ from lit_llama.adapter import load_adapter_model
 from lit_llama.generation import generate_response
 from lit_llama.prompts import prompt_style_of_data
 from lit_llama.lora import load_lora_model
+from lit_llama.runs import (
+    answers_table, count_tensor_elements, last_tenth_mean, read_json, read_metrics, read_prompts,
+)
 from lit_llama.checkpoint import load_model, load_state_dict, resolve_checkpoint
 from lit_llama.cli import check_at_least, check_out_dir, UserError, deprecated_flag, run_cli
 from lit_llama.disk import write_text_atomic
@@ -72,7 +74,7 @@ def main(
     method_args: Optional[Dict[str, str]] = None,
     run_dirs: Optional[Dict[str, Path]] = None,
     retrain: bool = False,
-    prompts: List[str] = PROMPTS,
+    prompts: Union[List[str], Path] = PROMPTS,
     max_new_tokens: int = 100,
     block_size: Optional[int] = None,
 ) -> None:
@@ -98,10 +100,15 @@ def main(
         method_args: Extra flags per method, e.g. '{"adapter": "--adapter_start_layer 1"}'.
         run_dirs: Finished runs to read instead of training, e.g. '{"lora": "out/lora/alpaca"}'.
         retrain: Train again even where <out_dir>/<method> already holds a finished run.
-        prompts: Instructions every method answers greedily for the table.
+        prompts: Instructions every method answers greedily for the report's table of answers: a list, or a
+            text file of one instruction a line (the comparison page of serve.py saves its prompts so).
         max_new_tokens: The most tokens per response.
         block_size: Deprecated name of --max_seq_length.
     """
+    if not isinstance(prompts, list):
+        prompts = read_prompts(Path(prompts))
+    if not prompts or not all(p.strip() for p in prompts):
+        raise UserError("--prompts: every prompt must have some text")
     if not methods:
         raise UserError(f"--methods is empty: name at least one of {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
@@ -199,17 +206,6 @@ def parse_method_args(method_args: Dict[str, str]) -> Dict[str, List[str]]:
     return parsed
 
 
-def read_json(path: Path, expected: str) -> Dict[str, Any]:
-    """A JSON object a run wrote (summary.json, compare_settings.json), or one line saying why it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise UserError(f"{path} is not valid JSON ({type(e).__name__}): {expected}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object: {expected}")
-    return data
-
-
 def run_settings(method: str, checkpoint_dir: Path, data_dir: Path, flags: List[Any]) -> Dict[str, Any]:
     """What a run was trained from and with: the base checkpoint and the data (by path, size and time of their
     files, and the prepare settings) and every flag of the finetune script."""
@@ -286,8 +282,6 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
             raise UserError(f"{run_dir / 'summary.json'}: {key!r} is {summary.get(key)!r}, expected a number: "
                             f"{retrain}")
     rows = read_metrics(run_dir, retrain)
-    train_losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
-    last = train_losses[-max(1, len(train_losses) // 10) :]  # the last tenth: one micro-batch is noisy
     checkpoint = load_state_dict(final)
     settings_file = run_dir / SETTINGS_NAME
     return {
@@ -301,35 +295,10 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
         "train_seconds": summary["train_seconds"],
         "tokens": summary["tokens"],
         "tokens_per_sec": summary["tokens_per_sec"],
-        "train_loss": sum(last) / len(last) if last else float("nan"),
+        "train_loss": last_tenth_mean([float(r["train_loss"]) for r in rows if r.get("train_loss")]),
         "val_loss": summary["val_loss"],
         "val_curve": [(int(float(r.get("tokens") or 0)), float(r["val_loss"])) for r in rows if r.get("val_loss")],
     }
-
-
-def read_metrics(run_dir: Path, retrain: str) -> List[Dict[str, str]]:
-    """The rows of the run's metrics.csv (one file, also for a resumed run), their numbers checked."""
-    path = run_dir / METRICS_NAME
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path} is not a UTF-8 CSV file ({type(e).__name__}): {retrain}") from None
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
-        for key in ("iter", "tokens", "train_loss", "val_loss", "peak_memory"):
-            try:
-                float(row.get(key) or 0)
-            except (TypeError, ValueError):
-                raise UserError(f"{path}: line {i}: {key} {row.get(key)!r} is not a number: {retrain}") from None
-    return rows
-
-
-def count_tensor_elements(checkpoint: Any) -> int:
-    if isinstance(checkpoint, torch.Tensor):
-        return checkpoint.numel()
-    if isinstance(checkpoint, dict):
-        return sum(count_tensor_elements(v) for v in checkpoint.values())
-    return 0
 
 
 def respond(
@@ -389,13 +358,8 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
         settings = r.get("settings")
         trained_with = " ".join(settings["flags"]) if settings else "(trained elsewhere: settings not recorded)"
         lines.append(f"- **{method}** ({r['run_dir']}): `{trained_with}`")
-    lines.append("")
-    for i, prompt in enumerate(prompts):
-        lines += [f"### {prompt}", ""]
-        for method, r in runs.items():
-            response = r["responses"][i].replace("\n", " ").replace("|", "\\|")
-            lines.append(f"- **{method}**: {response}")
-        lines.append("")
+    lines += ["", "## Answers", "", "Greedy, each in the prompt style of the data.", "",
+              *answers_table(prompts, {method: r["responses"] for method, r in runs.items()}), ""]
     write_text_atomic("\n".join(lines), path)
 
 

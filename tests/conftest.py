@@ -26,6 +26,10 @@ WORDS = (
 ).split()
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than about 20 s (deselect with -m 'not slow')")
+
+
 def tiny_corpus(n: int = 400, seed: int = 0) -> List[str]:
     """Deterministic English-like sentences to train a tiny tokenizer on."""
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +188,3 @@ def small_tmpfs(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU; deselect with -m 'not slow'")

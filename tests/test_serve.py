@@ -29,7 +29,8 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.checkpoint import load_model, resolve_checkpoint
 
 openai = pytest.importorskip("openai")
-pytest.importorskip("litserve")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 ADAPTERS = {  # name: (config, prompt style it was trained with)
@@ -37,7 +38,7 @@ ADAPTERS = {  # name: (config, prompt style it was trained with)
     "wide": (LoRAConfig(r=8, alpha=32, key=True, mlp=True, head=True), "alpaca"),
     "chat": (LoRAConfig(r=2, alpha=4, rslora=True), "chatml"),
 }
-START_TIMEOUT = 180  # seconds for the server to load (Python, torch and LitServe's processes on a busy CPU)
+START_TIMEOUT = 180  # seconds for the server to load (Python and torch on a busy CPU)
 
 
 def save_lora(paths, path: Path, lora: LoRAConfig, style, seed: int, base_model=None, **fields) -> None:
@@ -89,7 +90,7 @@ def start_server(checkpoint_dir: Path, lora_dir: Path, log: Path, *flags: str):
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    """Ctrl-C to the server's whole process group (LitServe shuts its workers down), then SIGKILL for
+    """Ctrl-C to the server's whole process group, then SIGKILL for
     anything left."""
     for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
         try:
@@ -380,7 +381,7 @@ def test_a_failing_group_fails_alone(world, tiny_checkpoint_dir, monkeypatch):
     serve = load_script("serve.py")
     paths = resolve_checkpoint(tiny_checkpoint_dir)
     folder = serve.AdapterFolder(world[0] / "later", paths)
-    api = serve.LoRAServer(paths, folder, "32-true", None, False, 8, 0.05, serve.OpenAILoRASpec(paths, folder, 8, None))
+    api = serve.LoRAServer(paths, folder, "32-true", None, False)
     api.setup("cpu")
     decode = api.decode
 
