@@ -708,7 +708,7 @@ def jinja_chat_template(style: Any) -> str:
 def ollama_modelfile(gguf_name: str, style: Optional[Any], stop_tokens: Sequence[str]) -> str:
     """An Ollama Modelfile for the exported file: its prompt template in Ollama's (Go) template language, and
     the strings that end an answer."""
-    lines = [f"# Ollama: ollama create NAME -f Modelfile, then ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = ["# Ollama: ollama create NAME -f Modelfile, then ollama run NAME", f"FROM ./{gguf_name}"]
     if style is not None:
         before, after = style_parts(style)
         template = before + "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}" + after

@@ -21,7 +21,6 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from lit_llama.convert import lit_to_hf  # noqa: E402
 from lit_llama.gguf import (  # noqa: E402
     CONTROL,
     HF_TO_GGUF,
