@@ -1,8 +1,8 @@
 """Weight-name mappings between our checkpoints, Hugging Face `LlamaForCausalLM` and Meta's original release.
 
-Used by scripts/convert_hf_checkpoint.py (HF -> lit), scripts/convert_checkpoint.py (Meta -> lit) and
-scripts/convert_lit_checkpoint.py (lit -> HF), and PEFT's LoRA adapters (scripts/export_peft.py,
-scripts/import_peft.py). Meta's names are first renamed to Hugging Face's (with the
+Used by scripts/convert_hf_checkpoint.py (HF -> lit), scripts/convert_meta_checkpoint.py (Meta -> lit) and
+scripts/export_hf.py (lit -> HF), and PEFT's LoRA adapters (scripts/export_peft.py,
+scripts/convert_peft_checkpoint.py). Meta's names are first renamed to Hugging Face's (with the
 rotary permutation of q/k), so HF -> lit is the one mapping every converter shares.
 
 The mappings work on a stream of `(name, tensor)` pairs: a converter reads one tensor at a time and never

@@ -129,7 +129,7 @@ def weight_files(checkpoint_dir: Path) -> List[Path]:
             return files
     files = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(checkpoint_dir.glob("pytorch_model*.bin"))
     if not files:
-        hint = " (Meta's original format: use scripts/convert_checkpoint.py)" if (
+        hint = " (Meta's original format: use scripts/convert_meta_checkpoint.py)" if (
             checkpoint_dir / "params.json"
         ).is_file() else ""
         raise UserError(f"{checkpoint_dir} has no weights (*.safetensors or pytorch_model*.bin){hint}")

@@ -4,7 +4,7 @@
         --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --output_dir out/peft/alpaca
 
 writes adapter_config.json and adapter_model.safetensors. The base model they apply to is the Hugging Face
-form of --checkpoint_dir (the original download, or scripts/convert_lit_checkpoint.py's output); see
+form of --checkpoint_dir (the original download, or scripts/export_hf.py's output); see
 howto/peft_interop.md for loading it with peft and serving it with vLLM.
 """
 
@@ -40,7 +40,7 @@ def main(
 
     Args:
         checkpoint_dir: The base model folder the LoRA was trained on (its config must match the LoRA file's).
-        lora_path: The LoRA checkpoint written by finetune/lora.py (or scripts/import_peft.py).
+        lora_path: The LoRA checkpoint written by finetune/lora.py (or scripts/convert_peft_checkpoint.py).
         out_dir: The adapter folder to write.
         base_model_name_or_path: Recorded in adapter_config.json for peft to find the base model (a hub id such
             as meta-llama/Llama-2-7b-hf or a local Hugging Face folder); default: --checkpoint_dir.

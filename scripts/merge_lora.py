@@ -4,7 +4,7 @@
         --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --out_dir checkpoints/lit-llama/7B-alpaca-lora
 
 The output is an ordinary checkpoint folder: generate.py, the finetune scripts and
-convert_lit_checkpoint.py take it like any converted model.
+export_hf.py take it like any converted model.
 """
 
 import sys

@@ -121,7 +121,7 @@ def test_hf_conversion_matches_transformers(kind, hf_dirs, converted):
 
 def test_round_trip_to_hf(hf_dirs, converted, tmp_path):
     kind = "gqa-sharded"  # q/k/v of different sizes: the harder case of splitting c_attn
-    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", converted[kind], "--out_dir", tmp_path)
+    run_script("scripts/export_hf.py", "--checkpoint_dir", converted[kind], "--out_dir", tmp_path)
     assert (tmp_path / "tokenizer.model").is_file()
     loaded, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
@@ -178,7 +178,7 @@ def test_meta_conversion_matches_transformers(tmp_path, tokenizer_file):
     save_meta_checkpoint(hf_model, tmp_path / "llama" / "tiny", n_shards=2)
     shutil.copy(tokenizer_file, tmp_path / "llama" / "tokenizer.model")  # beside the model folder, as Meta ships it
     out = tmp_path / "lit"
-    proc = run_script("scripts/convert_checkpoint.py", "--checkpoint_dir", tmp_path / "llama" / "tiny",
+    proc = run_script("scripts/convert_meta_checkpoint.py", "--checkpoint_dir", tmp_path / "llama" / "tiny",
                       "--out_dir", out, "--dtype", "float32")
     assert "from 2 shard(s)" in proc.stdout
     model = lit_model(out)
@@ -257,13 +257,13 @@ def test_convert_hf_bad_input(tmp_path, hf_dirs, converted):
 
 def test_convert_other_scripts_bad_input(tmp_path, hf_dirs, converted):
     # a Hugging Face folder given to the Meta converter
-    proc = run_script("scripts/convert_checkpoint.py", "--checkpoint_dir", hf_dirs["dirs"]["mha-safetensors"],
+    proc = run_script("scripts/convert_meta_checkpoint.py", "--checkpoint_dir", hf_dirs["dirs"]["mha-safetensors"],
                       "--out_dir", tmp_path / "out", check=False)
     assert_clean_error(proc, "params.json")
     # lit -> HF never silently overwrites either
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
-    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", converted["gqa-sharded"],
+    proc = run_script("scripts/export_hf.py", "--checkpoint_dir", converted["gqa-sharded"],
                       "--out_dir", tmp_path / "hf", check=False)
     assert_clean_error(proc, "already exists", "--overwrite")
 

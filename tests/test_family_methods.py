@@ -95,7 +95,7 @@ def test_lora_every_target_merge_peft_generate(world, tmp_path, capsys):
     with torch.no_grad():
         assert rel_diff(ours, theirs(x).logits) < 1e-5
     theirs.unload()  # leaves the shared HF model as it was
-    run_script("scripts/import_peft.py", "--adapter_dir", tmp_path / "peft", "--checkpoint_dir", lit,
+    run_script("scripts/convert_peft_checkpoint.py", "--adapter_dir", tmp_path / "peft", "--checkpoint_dir", lit,
                "--output_path", tmp_path / "imported.pth")
     imported = load_lora_model(paths, tmp_path / "imported.pth", torch.device("cpu"), torch.float32, merge=False)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """PEFT interop: a LoRA exported with scripts/export_peft.py, loaded by transformers + peft on the base converted
-back with scripts/convert_lit_checkpoint.py, gives our logits; scripts/import_peft.py brings it back exactly."""
+back with scripts/export_hf.py, gives our logits; scripts/convert_peft_checkpoint.py brings it back exactly."""
 
 import json
 import shutil
@@ -34,7 +34,7 @@ def sharp_state_dict(model: torch.nn.Module, seed: int) -> dict:
 def bases(tmp_path_factory, tiny_checkpoint_dir):
     """name -> (our checkpoint folder, its Hugging Face conversion) for an MHA and a GQA tiny model."""
     root = tmp_path_factory.mktemp("peft-bases")
-    convert_lit = load_script("scripts/convert_lit_checkpoint.py")
+    convert_lit = load_script("scripts/export_hf.py")
     result = {}
     for seed, name in enumerate(("tiny", "tiny-gqa")):
         config = Config.from_name(name)
@@ -173,8 +173,8 @@ def test_export_writes_files_with_the_users_permissions(bases, tmp_path):
 # --- import: PEFT -> ours ------------------------------------------------------------------------------
 
 
-def import_peft(adapter_dir: Path, checkpoint_dir: Path, output_path: Path) -> dict:
-    load_script("scripts/import_peft.py").main(adapter_dir=adapter_dir, checkpoint_dir=checkpoint_dir,
+def convert_peft_checkpoint(adapter_dir: Path, checkpoint_dir: Path, output_path: Path) -> dict:
+    load_script("scripts/convert_peft_checkpoint.py").main(adapter_dir=adapter_dir, checkpoint_dir=checkpoint_dir,
                                               output_path=output_path)
     return torch.load(output_path)
 
@@ -187,7 +187,7 @@ def test_export_then_import_is_exact(combination, variant, bases, tmp_path):
                    dropout=0.1)
     model = trained_lora(checkpoint_dir, lora)
     adapter_dir = export(checkpoint_dir, model, tmp_path)
-    imported = import_peft(adapter_dir, checkpoint_dir, tmp_path / "imported.pth")
+    imported = convert_peft_checkpoint(adapter_dir, checkpoint_dir, tmp_path / "imported.pth")
     original = torch.load(tmp_path / "lora.pth")
     assert imported["lora_config"] == original["lora_config"]
     assert imported["base_config"] == original["base_config"]
@@ -220,7 +220,7 @@ def peft_made_adapter(hf_dir: Path, out: Path, **lora_kwargs) -> Path:
 def test_import_of_peft_adapter_matches_peft_logits(kwargs, bases, tmp_path):
     checkpoint_dir, hf_dir = bases["tiny-gqa"]
     adapter_dir = peft_made_adapter(hf_dir, tmp_path / "adapter", **kwargs)
-    imported = import_peft(adapter_dir, checkpoint_dir, tmp_path / "imported.pth")
+    imported = convert_peft_checkpoint(adapter_dir, checkpoint_dir, tmp_path / "imported.pth")
     lora = LoRAConfig(**imported["lora_config"])
     assert (lora.r, lora.alpha, lora.rslora, lora.dora) == (
         kwargs["r"], kwargs["lora_alpha"], kwargs.get("use_rslora", False), kwargs.get("use_dora", False))
@@ -246,7 +246,7 @@ def test_import_refuses_what_our_lora_cannot_represent(bases, tmp_path):
 
     def run(**changes):
         (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, **changes}))
-        return run_script("scripts/import_peft.py", "--adapter_dir", adapter_dir, "--checkpoint_dir", checkpoint_dir,
+        return run_script("scripts/convert_peft_checkpoint.py", "--adapter_dir", adapter_dir, "--checkpoint_dir", checkpoint_dir,
                           "--output_path", tmp_path / "out.pth", check=False)
 
     assert_clean_error(run(), "gate_proj", "together")  # the MLP's three projections go together
@@ -280,7 +280,7 @@ def test_import_refuses_a_changed_copy_of_a_base_weight(bases, tmp_path):
     assert "base_model.model.lm_head.base_layer.weight" in tensors
     tensors["base_model.model.lm_head.base_layer.weight"][0, 0] += 1
     save_file(tensors, weights)
-    proc = run_script("scripts/import_peft.py", "--adapter_dir", adapter_dir, "--checkpoint_dir", checkpoint_dir,
+    proc = run_script("scripts/convert_peft_checkpoint.py", "--adapter_dir", adapter_dir, "--checkpoint_dir", checkpoint_dir,
                       "--output_path", tmp_path / "out.pth", check=False)
     assert_clean_error(proc, "lm_head.base_layer.weight", "changed copy")
 
@@ -429,7 +429,7 @@ def test_finetune_with_rslora_dora_then_generate_merge_export(tiny_checkpoint_di
     assert capsys.readouterr().out == merged_text
 
     # and export: peft's logits equal ours (the tiny checkpoint has no Hugging Face form yet: make one)
-    convert_lit = load_script("scripts/convert_lit_checkpoint.py")
+    convert_lit = load_script("scripts/export_hf.py")
     convert_lit.convert(checkpoint_dir=tiny_checkpoint_dir, output_dir=tmp_path / "hf")
     load_script("scripts/export_peft.py").main(checkpoint_dir=tiny_checkpoint_dir, lora_path=lora_path,
                                               output_dir=tmp_path / "peft")

@@ -1,6 +1,6 @@
 """Import a PEFT LoRA adapter trained on a LLaMA-architecture model as our LoRA file.
 
-    python scripts/import_peft.py --adapter_dir path/to/adapter --checkpoint_dir checkpoints/lit-llama/7B \
+    python scripts/convert_peft_checkpoint.py --adapter_dir path/to/adapter --checkpoint_dir checkpoints/lit-llama/7B \
         --out_dir out/lora/imported
 
 The adapter folder holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin); the

@@ -1,7 +1,7 @@
 """Convert a lit-llama checkpoint back to a Hugging Face folder that transformers loads (LlamaForCausalLM,
 Qwen2ForCausalLM or MistralForCausalLM, as the model's config says; tied embeddings stay tied).
 
-    python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b
+    python scripts/export_hf.py --checkpoint_dir checkpoints/lit-llama/open_llama_3b
 
 writes checkpoints/hf-export/open_llama_3b/{model.safetensors, config.json, tokenizer.model}; then
 `LlamaForCausalLM.from_pretrained("checkpoints/hf-export/open_llama_3b")`. Merge LoRA or adapter weights

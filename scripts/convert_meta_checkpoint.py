@@ -1,6 +1,6 @@
 """Convert Meta's original LLaMA / Llama 2 checkpoint (params.json + consolidated.*.pth) to a lit-llama checkpoint.
 
-    python scripts/convert_checkpoint.py --checkpoint_dir checkpoints/llama/7B
+    python scripts/convert_meta_checkpoint.py --checkpoint_dir checkpoints/llama/7B
 
 writes checkpoints/lit-llama/7B/{lit-llama.pth, lit_config.json, tokenizer.model}. Meta ships tokenizer.model
 beside the model folders (llama/tokenizer.model, llama/7B/...); it is found in either place.
