@@ -218,3 +218,13 @@ def check_file(path: Optional[Path], flag: str) -> None:
     """An input file the user named exists and is a file."""
     if path is not None and not Path(path).is_file():
         raise UserError(f"--{flag} {path} {'is not a file' if Path(path).exists() else 'not found'}")
+
+
+def run_renamed_script(old: str, new: str) -> None:
+    """Runs scripts/`new` in place of its old name scripts/`old` (kept so that commands written before a rename
+    still work), with the same flags, after a note naming it."""
+    import runpy
+
+    print(f"note: scripts/{old} is now scripts/{new} (see scripts/README.md)", file=sys.stderr)
+    sys.argv[0] = str(Path(__file__).resolve().parents[1] / "scripts" / new)
+    runpy.run_path(sys.argv[0], run_name="__main__")
