@@ -163,10 +163,12 @@ class Tokenizer:
         return tokens
 
     def decode(self, tokens: torch.Tensor) -> str:
+        """The text of `tokens`. Special tokens are left out, as SentencePiece leaves out its control pieces: an
+        answer that ends with <|eot_id|> or <|end_of_text|> reads as the answer alone."""
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         if self.kind == "sentencepiece":
             return self.processor.decode(ids)
-        return self.processor.decode(ids, skip_special_tokens=False)
+        return self.processor.decode(ids, skip_special_tokens=True)
 
     @staticmethod
     def train(input: Path, destination: Path, vocab_size: int = 512, **kwargs) -> Path:
