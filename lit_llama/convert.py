@@ -106,7 +106,8 @@ def config_from_hf(hf: Dict[str, Any]) -> Config:
     model_type = hf.get("model_type")
     if model_type not in HF_MODEL_TYPES and not set(archs) & set(HF_MODEL_TYPES.values()):
         found = model_type or ", ".join(map(str, archs)) or "unknown"
-        raise ValueError(f"unsupported architecture {found!r} (supported model_type: {', '.join(HF_MODEL_TYPES)})")
+        raise ValueError(f"unsupported architecture {found!r}: not a LLaMA-architecture model (supported "
+                         f"model_type: {', '.join(HF_MODEL_TYPES)})")
     model_type = model_type if model_type in HF_MODEL_TYPES else next(
         t for t, a in HF_MODEL_TYPES.items() if a in archs)
     if hf.get("hidden_act", "silu") != "silu":

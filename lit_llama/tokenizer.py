@@ -72,7 +72,6 @@ class Tokenizer:
             except RuntimeError:  # SentencePiece's message is a C++ parse failure: say what the file is not
                 raise UserError(f"{model_path} is not a SentencePiece tokenizer model") from None
             sp = self.processor
-            ids = lambda token: sp.piece_to_id(token) if sp.piece_to_id(token) != sp.unk_id() else None  # noqa: E731
             self.bos_id: Optional[int] = sp.bos_id() if sp.bos_id() >= 0 else None
             self.eos_id: Optional[int] = sp.eos_id() if sp.eos_id() >= 0 else None
             self.pad_id = sp.pad_id()

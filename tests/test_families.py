@@ -237,3 +237,18 @@ def test_named_sizes_have_the_published_parameter_counts(name):
     with torch.device("meta"):
         model = LLaMA(Config.from_name(name))
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
+
+
+def test_tokenizer_files_that_are_not_what_they_claim(tmp_path):
+    from lit_llama.utils import UserError
+
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not a Hugging Face tokenizer.json file"):
+        Tokenizer(tmp_path / "tokenizer.json")
+    path = train_bpe_tokenizer_json(tiny_corpus(50), tmp_path / "ok", vocab_size=280)
+    (tmp_path / "ok" / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    with pytest.raises(UserError, match="eos_token_id is 'two'"):
+        Tokenizer(path)
+    (tmp_path / "ok" / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="expected a JSON object"):
+        Tokenizer(path)
