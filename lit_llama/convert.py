@@ -325,6 +325,17 @@ def lora_layer_modules(lora: LoRAConfig, config: Config) -> List[Tuple[str, List
     return layers
 
 
+def lora_in_features(module: str, config: Config) -> int:
+    """The input size of a LoRA-adapted layer (ours or Hugging Face's name): the MLP's down projection reads the
+    hidden layer, the attention output projection the heads (n_head * head_size: not n_embd for Mistral's
+    head_dim), everything else the embedding."""
+    if module.endswith(("mlp.c_proj", "down_proj")):
+        return config.intermediate_size
+    if module.endswith(("attn.c_proj", "o_proj")):
+        return config.n_head * config.head_size
+    return config.n_embd
+
+
 def lora_to_peft(
     tensors: Dict[str, torch.Tensor], lora: LoRAConfig, config: Config, source: Any = "the LoRA tensors"
 ) -> Dict[str, torch.Tensor]:
@@ -334,7 +345,7 @@ def lora_to_peft(
     peft: Dict[str, torch.Tensor] = {}
     for ours, modules in lora_layer_modules(lora, config):
         sizes = [size for _, size in modules]
-        in_features = config.intermediate_size if ours.endswith("mlp.c_proj") else config.n_embd
+        in_features = lora_in_features(ours, config)
         expected = {"lora_A": (lora.r * len(modules), in_features), "lora_B": (sum(sizes), lora.r),
                     "lora_magnitude": (sum(sizes),)}
         for kind, shape in expected.items():
@@ -371,7 +382,7 @@ def peft_to_lora(
             parts = []
             for hf_module, size in modules:
                 name = f"{PEFT_PREFIX}{hf_module}.{PEFT_TENSOR_SUFFIXES[kind]}"
-                in_features = config.intermediate_size if hf_module.endswith("down_proj") else config.n_embd
+                in_features = lora_in_features(hf_module, config)
                 expected = {"lora_A": (lora.r, in_features), "lora_B": (size, lora.r), "lora_magnitude": (size,)}[kind]
                 if name not in tensors:
                     raise UserError(f"{source}: missing tensor {name!r}")
