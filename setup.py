@@ -19,7 +19,8 @@ setup(
     install_requires=[
         "torch>=2.13",  # also: torch.load reads only tensors by default (2.6): a checkpoint cannot run code
         "lightning>=2.5",  # Fabric's ModelParallelStrategy (FSDP2)
-        "sentencepiece",
+        "sentencepiece",  # LLaMA's and Llama 2's tokenizer.model
+        "tokenizers>=0.22",  # Hugging Face tokenizer.json files: Llama 3, SmolLM2, Qwen2.5
         "tqdm",
         "jsonargparse[signatures]>=4.27",
     ],

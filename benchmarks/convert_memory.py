@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import add_rows
-from lit_llama.convert import expected_hf_shapes
+from lit_llama.convert import config_from_hf, expected_hf_shapes
 from lit_llama.model import Config
 from lit_llama.tokenizer import train_from_texts
 from lit_llama.checkpoint import WEIGHTS_NAME
@@ -97,7 +97,7 @@ def main(
         "eos_token_id": 2,
     }
     try:
-        config = Config.from_hf_config(hf_config)
+        config = config_from_hf(hf_config)
     except ValueError as e:
         raise UserError(f"invalid model shape: {e}")
     root = Path(tempfile.mkdtemp(prefix="convert_memory_", dir=workdir or "/tmp"))

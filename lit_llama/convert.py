@@ -91,6 +91,78 @@ def _rename(name: str, table: Dict[str, str]) -> Optional[str]:
 
 # --- Hugging Face <-> lit --------------------------------------------------------------------
 
+# Hugging Face model types this model computes exactly, with their transformers class
+HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def config_from_hf(hf: Dict[str, Any]) -> Config:
+    """Builds a config from a Hugging Face `config.json` of a LLaMA-architecture model: LlamaForCausalLM
+    (LLaMA, Llama 2 and 3.x, SmolLM2, TinyLlama), Qwen2ForCausalLM (Qwen2.5) or MistralForCausalLM. Anything
+    this model cannot compute exactly is a ValueError naming the field."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"expected a JSON object of model settings, got a {type(hf).__name__}")
+    archs = hf.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ValueError(f"field 'architectures' is {archs!r}, expected a list of class names")
+    model_type = hf.get("model_type")
+    if model_type not in HF_MODEL_TYPES and not set(archs) & set(HF_MODEL_TYPES.values()):
+        found = model_type or ", ".join(map(str, archs)) or "unknown"
+        raise ValueError(f"unsupported architecture {found!r}: not a LLaMA-architecture model (supported "
+                         f"model_type: {', '.join(HF_MODEL_TYPES)})")
+    model_type = model_type if model_type in HF_MODEL_TYPES else next(
+        t for t, a in HF_MODEL_TYPES.items() if a in archs)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"field 'hidden_act' is {hf['hidden_act']!r}: only SwiGLU ('silu') is supported")
+    # transformers < 5 writes rope_theta / rope_scaling, transformers >= 5 a rope_parameters dict
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"field 'rope_parameters' is {rope!r}, expected an object")
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope
+    if not isinstance(scaling, dict):
+        raise ValueError(f"field 'rope_scaling' is {scaling!r}, expected an object")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_scaling = None if rope_type == "default" else dict(scaling, rope_type=rope_type)
+    # Qwen2 has biases on q/k/v (always); LLaMA's attention_bias would put one on o_proj too
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("field 'attention_bias' or 'mlp_bias' is true: biases on o_proj or the MLP are not "
+                         "supported")
+    sliding_window = hf.get("sliding_window") if model_type == "mistral" else None
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("field 'use_sliding_window' is true: Qwen2's per-layer sliding window is not supported")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+            raise ValueError(f"field {key!r} is {hf[key]!r}, expected a positive integer")
+    n_head, n_embd = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim")
+    block_size = hf.get("max_position_embeddings", 2048)
+    if sliding_window is not None and isinstance(block_size, int) and sliding_window >= block_size:
+        sliding_window = None  # a window as long as the context changes nothing
+    return Config(
+        block_size=block_size,
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_embd=n_embd,
+        n_query_groups=hf.get("num_key_value_heads") or n_head,
+        intermediate_size=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        head_dim=None if head_dim in (None, n_embd // n_head) else head_dim,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        rope_scaling=rope_scaling,
+        sliding_window=sliding_window,
+    )
+
+
+
+def hf_architecture(config: Config) -> str:
+    """The model_type transformers builds `config` as: Qwen2 for q/k/v biases, Mistral for a sliding window, else
+    LLaMA (a Mistral without a window, like v0.3, is a LLaMA)."""
+    return "qwen2" if config.qkv_bias else "mistral" if config.sliding_window else "llama"
+
+
 
 def hf_to_lit(tensors: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
     """Renames a stream of Hugging Face tensors to ours. A layer's q/k/v projections are held until all
@@ -254,6 +326,17 @@ def lora_layer_modules(lora: LoRAConfig, config: Config) -> List[Tuple[str, List
     return layers
 
 
+def lora_in_features(module: str, config: Config) -> int:
+    """The input size of a LoRA-adapted layer (ours or Hugging Face's name): the MLP's down projection reads the
+    hidden layer, the attention output projection the heads (n_head * head_size: not n_embd for Mistral's
+    head_dim), everything else the embedding."""
+    if module.endswith(("mlp.c_proj", "down_proj")):
+        return config.intermediate_size
+    if module.endswith(("attn.c_proj", "o_proj")):
+        return config.n_head * config.head_size
+    return config.n_embd
+
+
 def lora_to_peft(
     tensors: Dict[str, torch.Tensor], lora: LoRAConfig, config: Config, source: Any = "the LoRA tensors"
 ) -> Dict[str, torch.Tensor]:
@@ -263,7 +346,7 @@ def lora_to_peft(
     peft: Dict[str, torch.Tensor] = {}
     for ours, modules in lora_layer_modules(lora, config):
         sizes = [size for _, size in modules]
-        in_features = config.intermediate_size if ours.endswith("mlp.c_proj") else config.n_embd
+        in_features = lora_in_features(ours, config)
         expected = {"lora_A": (lora.r * len(modules), in_features), "lora_B": (sum(sizes), lora.r),
                     "lora_magnitude": (sum(sizes),)}
         for kind, shape in expected.items():
@@ -300,7 +383,7 @@ def peft_to_lora(
             parts = []
             for hf_module, size in modules:
                 name = f"{PEFT_PREFIX}{hf_module}.{PEFT_TENSOR_SUFFIXES[kind]}"
-                in_features = config.intermediate_size if hf_module.endswith("down_proj") else config.n_embd
+                in_features = lora_in_features(hf_module, config)
                 expected = {"lora_A": (lora.r, in_features), "lora_B": (size, lora.r), "lora_magnitude": (size,)}[kind]
                 if name not in tensors:
                     raise UserError(f"{source}: missing tensor {name!r}")

@@ -74,7 +74,6 @@ class Tokenizer:
             except RuntimeError:  # SentencePiece's message is a C++ parse failure: say what the file is not
                 raise UserError(f"{model_path} is not a SentencePiece tokenizer model") from None
             sp = self.processor
-            ids = lambda token: sp.piece_to_id(token) if sp.piece_to_id(token) != sp.unk_id() else None  # noqa: E731
             self.bos_id: Optional[int] = sp.bos_id() if sp.bos_id() >= 0 else None
             self.eos_id: Optional[int] = sp.eos_id() if sp.eos_id() >= 0 else None
             self.pad_id = sp.pad_id()
@@ -165,10 +164,12 @@ class Tokenizer:
         return tokens
 
     def decode(self, tokens: torch.Tensor) -> str:
+        """The text of `tokens`. Special tokens are left out, as SentencePiece leaves out its control pieces: an
+        answer that ends with <|eot_id|> or <|end_of_text|> reads as the answer alone."""
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         if self.kind == "sentencepiece":
             return self.processor.decode(ids)
-        return self.processor.decode(ids, skip_special_tokens=False)
+        return self.processor.decode(ids, skip_special_tokens=True)
 
     @staticmethod
     def train(input: Path, destination: Path, vocab_size: int = 512, **kwargs) -> Path:

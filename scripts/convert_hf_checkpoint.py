@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.convert import (
     check_complete,
     check_tensor,
+    config_from_hf,
     converted_tensor,
     expected_hf_shapes,
     hf_to_lit,
@@ -100,7 +101,7 @@ def read_hf_config(path: Path) -> Config:
         raise UserError(f"{path} not found: is {path.parent} a Hugging Face model folder?")
     try:
         hf_config = json.loads(path.read_text(encoding="utf-8"))
-        return Config.from_hf_config(hf_config)
+        return config_from_hf(hf_config)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid UTF-8 JSON: {e}")
     except KeyError as e:

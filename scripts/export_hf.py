@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.convert import QKV, lit_to_hf
-from lit_llama.model import HF_MODEL_TYPES, Config, LLaMA
+from lit_llama.convert import HF_MODEL_TYPES, QKV, hf_architecture, lit_to_hf
+from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.checkpoint import (
     check_layer_count,
@@ -90,9 +90,9 @@ def hf_config_from(
     config: Config, dtype: torch.dtype, bos_token_id: Optional[int], eos_token_id: Union[int, List[int], None]
 ) -> Dict[str, Any]:
     """transformers' config fields for our Config (LlamaConfig, Qwen2Config or MistralConfig, as
-    `Config.hf_architecture` says), readable by transformers 4 and 5. Tied embeddings stay tied: the file has no
-    lm_head.weight and `tie_word_embeddings` makes transformers share the embedding."""
-    model_type = config.hf_architecture()
+    `lit_llama.convert.hf_architecture` says), readable by transformers 4 and 5. Tied embeddings stay tied: the
+    file has no lm_head.weight and `tie_word_embeddings` makes transformers share the embedding."""
+    model_type = hf_architecture(config)
     rope_scaling = dict(config.rope_scaling) if config.rope_scaling else None
     family: Dict[str, Any] = {
         "llama": {"attention_bias": False, "mlp_bias": False},

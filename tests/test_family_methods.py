@@ -115,7 +115,7 @@ def test_generation_stops_on_every_stop_id(world):
     model = load_model(paths, torch.device("cpu"), torch.float32).eval()
     prompt = tokenizer.encode(style.prompt("Add 1 and 2."), bos=True)
     ids = stop_ids(tokenizer, [style])
-    assert set(FAMILIES[world["family"]]["stops"]) <= {tokenizer.decode([i]) for i in ids}
+    assert {tokenizer.token_id(t) for t in FAMILIES[world["family"]]["stops"]} <= set(ids)
     for stop_id in ids:
         bump = torch.zeros(model.config.vocab_size)
         bump[stop_id] = 1e4
@@ -224,3 +224,17 @@ def test_sequences_past_the_sliding_window_are_refused_up_front(world, tmp_path)
     proc = run_script("generate/full.py", "--checkpoint_path", world["lit"] / "lit-llama.pth", "--prompt", "Add",
                       "--max_new_tokens", too_long, check=False)
     assert_clean_error(proc, "--max_new_tokens")
+
+
+def test_server_rows_end_at_every_stop_id(world):
+    """serve.py's rows: an answer ends at any of the checkpoint's stop tokens, which are not in its text."""
+    serve = load_script("serve.py")
+    tokenizer = Tokenizer(resolve_checkpoint(world["lit"]).tokenizer)
+    style = get_prompt_style(STYLES[world["family"]])
+    words = tokenizer.encode(" the model", bos=False).tolist()
+    for stop_id in stop_ids(tokenizer, [style]):
+        row = serve.Row({"prompt": tokenizer.encode("Add", bos=True).tolist(), "max_tokens": 20, "stops": [],
+                         "strip": False}, tokenizer, stop_ids(tokenizer, [style]))
+        row.add(words + [stop_id] + words)
+        output = row.take()
+        assert output["finish_reason"] == "stop" and output["text"] == " the model"
