@@ -95,8 +95,10 @@ def main(
     compile: bool = False,
     runs: Optional[List[Path]] = None,
 ) -> None:
-    """Serves the base model and the LoRA adapters of a folder through OpenAI's API, and at / a page that
-    compares the models side by side (lit_llama/web/).
+    """Serves the base model, LoRA files and finetune runs through OpenAI's API, with a comparison page at /.
+
+    The page (lit_llama/web/) puts one prompt to two to four of the models and shows their answers side by side,
+    with the runs' training curves and settings.
 
     Args:
         checkpoint_dir: The base model folder every LoRA file was trained on.
