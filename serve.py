@@ -25,6 +25,12 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
   256 characters, ...) is answered 400 or 404 with OpenAI's error shape `{"error": {"message": ...}}` before it
   is queued, so it never reaches, nor fails, a batch. A body over 1 MiB is refused (413) before it is read.
 
+* Finetune runs (`--runs`): each run folder of finetune/lora.py, adapter.py or full.py is the model named by its
+  folder; a LoRA run joins the LoRA batches, an adapter or full finetune is decoded by a model of its own.
+* GET / is a page comparing the models side by side (lit_llama/web/): one prompt to two to four models, their
+  answers streamed in columns with tokens/s, the runs' training curves and settings; it uses only the
+  endpoints above (/v1/models carries each run's settings and curves in its `lit_llama` field).
+
 How it runs (lit_llama/serving.py): the model decodes in a worker thread (`LoRAServer`, loaded in its `setup`);
 the HTTP endpoints (`OpenAIEndpoints`, FastAPI on uvicorn) check and tokenize each request and queue it for the
 worker, which streams back each row's new text every few tokens.
@@ -93,8 +99,10 @@ def main(
     compile: bool = False,
     runs: Optional[List[Path]] = None,
 ) -> None:
-    """Serves the base model and the LoRA adapters of a folder through OpenAI's API, and at / a page that
-    compares the models side by side (lit_llama/web/).
+    """Serves the base model, LoRA files and finetune runs through OpenAI's API, with a comparison page at /.
+
+    The page (lit_llama/web/) puts one prompt to two to four of the models and shows their answers side by side,
+    with the runs' training curves and settings.
 
     Args:
         checkpoint_dir: The base model folder every LoRA file was trained on.

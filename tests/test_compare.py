@@ -3,6 +3,7 @@ import json
 from conftest import assert_clean_error, run_script
 
 from lit_llama.data import prepare_dataset
+from lit_llama.runs import markdown_cell
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -17,7 +18,8 @@ def test_compare_writes_table_and_plot(tiny_checkpoint_dir, tmp_path):
     proc = run_script("scripts/compare.py", *args)
 
     table = (out / "compare.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    rows = [line for line in table.split("## Answers")[0].splitlines()  # the table of methods, not of answers
+            if line.startswith("| ") and not line.startswith("| method")]
     assert [row.split("|")[1].strip() for row in rows] == ["lora", "adapter", "adapter_v2", "full"]
     assert (out / "compare.png").stat().st_size > 10_000
     results = json.loads((out / "compare.json").read_text())
@@ -31,6 +33,24 @@ def test_compare_writes_table_and_plot(tiny_checkpoint_dir, tmp_path):
     again = run_script("scripts/compare.py", *args)
     assert again.stdout.count("reading the finished run") == 4
     assert "reading" not in proc.stdout
+
+    # --prompts FILE: one prompt a line, or a comparison the page saved; the answers as one table
+    (tmp_path / "prompts.txt").write_text("Add 4 and 4.\n\nAdd 5 | 1.\n")
+    run_script("scripts/compare.py", *args[:-4], "--prompts", tmp_path / "prompts.txt", "--max_new_tokens", 5)
+    table = (out / "compare.md").read_text()
+    assert "| prompt | lora | adapter | adapter_v2 | full |" in table
+    answers = json.loads((out / "compare.json").read_text())
+    for prompt, cell in (("Add 4 and 4.", "Add 4 and 4."), ("Add 5 | 1.", "Add 5 \\| 1.")):
+        i = ["Add 4 and 4.", "Add 5 | 1."].index(prompt)
+        row = "| " + " | ".join([cell, *(markdown_cell(answers[m]["responses"][i]) for m in answers)]) + " |"
+        assert row in table
+    (tmp_path / "saved.md").write_text("# Finetunes compared\n\n## Answers\n\n| prompt | lora | full |\n"
+                                       "|---|---|---|\n| Add 1 and 1. | 2 | 3 |\n")
+    run_script("scripts/compare.py", *args[:-4], "--prompts", tmp_path / "saved.md", "--max_new_tokens", 5)
+    assert [len(r["responses"]) for r in json.loads((out / "compare.json").read_text()).values()] == [1] * 4
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    proc = run_script("scripts/compare.py", *args[:-4], "--prompts", tmp_path / "empty.txt", check=False)
+    assert_clean_error(proc, "--prompts", "empty.txt holds no prompt")
 
     proc = run_script("scripts/compare.py", *args[:6], "--methods", '["lora", "qlora"]', check=False)
     assert_clean_error(proc, "qlora")

@@ -13,13 +13,12 @@ import urllib.request
 
 import pytest
 from chromium import Browser, find_chromium
-from conftest import make_arithmetic_run, run_script
+from conftest import assert_clean_error, make_arithmetic_run, run_script
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("websockets.sync.client")  # the DevTools protocol's websocket
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(find_chromium() is None, reason="no Chromium (apt-get install chromium)")]
+needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="no Chromium (apt-get install chromium)")
 
 PROMPT = "Add 2 and 3."
 MAX_TOKENS = 12
@@ -80,6 +79,8 @@ def ask(browser: Browser, models, prompt: str) -> None:
     }})()""")
 
 
+@pytest.mark.slow
+@needs_chromium
 def test_the_page_compares_models_side_by_side(served):
     root, url, proc = served
     start = time.monotonic()
@@ -143,3 +144,29 @@ def test_the_page_compares_models_side_by_side(served):
             assert column["speed"] == "error: the server did not answer: is serve.py still running?", column
             assert not column["busy"]
     print(f"\nthe browser part took {time.monotonic() - start:.1f} s")
+
+
+def test_bad_runs_are_refused_before_serving(tiny_checkpoint_dir, tmp_path):
+    """--runs: a missing folder, a folder without a finished run, two runs of one name, a run named as a LoRA file
+    of --lora_dir: one line each, before anything loads."""
+    from test_serve import save_lora
+
+    from lit_llama.lora import LoRAConfig
+    from lit_llama.checkpoint import resolve_checkpoint
+
+    paths = resolve_checkpoint(tiny_checkpoint_dir)
+    for folder in ("a/lora", "b/lora", "empty", "adapters"):
+        (tmp_path / folder).mkdir(parents=True)
+    for folder in ("a/lora", "b/lora"):
+        save_lora(paths, tmp_path / folder / "lit-llama-lora-finetuned.pth", LoRAConfig(r=2), "alpaca", seed=1)
+    save_lora(paths, tmp_path / "adapters" / "lora.pth", LoRAConfig(r=2), "alpaca", seed=2)
+
+    def serve(*runs, lora_dir=None):
+        flags = ["--lora_dir", lora_dir] if lora_dir else []
+        return run_script("serve.py", "--checkpoint_dir", tiny_checkpoint_dir, *flags,
+                          "--runs", json.dumps([str(tmp_path / run) for run in runs]), check=False)
+
+    assert_clean_error(serve("missing"), "--runs", "missing is not a folder")
+    assert_clean_error(serve("empty"), "empty holds no finished finetune run", "lit-llama-lora-finetuned.pth")
+    assert_clean_error(serve("a/lora", "b/lora"), "--runs: two models would be named 'lora'")
+    assert_clean_error(serve("a/lora", lora_dir=tmp_path / "adapters"), "--runs", "'lora' has the name of a LoRA file")

@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import List, Optional
 
@@ -233,6 +234,9 @@ def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str], servers: Li
             while get(f"http://127.0.0.1:{port}/health") != 200:
                 assert proc.poll() is None and time.perf_counter() - start < 180, f"{doc}: {command}:\n{log.read_text()}"
                 time.sleep(0.5)
+            if "--runs" in args:  # the comparison page (howto/compare.md): served at /
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+                    assert b"Compare finetunes" in page.read(), f"{doc}: {command}: no comparison page at /"
             ran.append(f"{time.perf_counter() - start:5.1f} s  {doc}: serve.py (started in the background)")
             continue
         if argv[0] in NOT_RUN:
