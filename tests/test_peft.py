@@ -304,7 +304,7 @@ def peft_grads(model) -> dict:
 @pytest.mark.parametrize("combination", ["all", "query", "value"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_logits_and_gradients_match_peft(variant, combination, name, bases, tmp_path):
-    from lit_llama.convert import lora_to_peft
+    from lit_llama.peft import lora_to_peft
 
     checkpoint_dir, hf_dir = bases[name]
     lora = replace(COMBINATIONS[combination], r=8, alpha=3, **VARIANTS[variant])  # alpha/sqrt(r) != alpha/r
