@@ -15,6 +15,8 @@ from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.cli import UserError
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 FINAL_NAME = "lit-llama-adapter-finetuned.pth"
 
 

@@ -880,6 +880,8 @@ import types  # noqa: E402
 
 from lit_llama.cli import UserError
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 
 @pytest.fixture(scope="module")
 def bad_train(world) -> World:

@@ -7,6 +7,8 @@ from conftest import assert_clean_error, load_script, run_script
 
 from benchmarks.common import add_rows
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 TABLE_A = "## Table A\n\nwhat A measures\n\n| date | a |\n|---|---|\n"
 TABLE_B = "## Table B\n\nwhat B measures\n\n| date | b |\n|---|---|\n"
 

@@ -1,10 +1,14 @@
 import json
 
+import pytest
+
 from conftest import assert_clean_error, run_script
 
 from lit_llama.data import prepare_dataset
 from lit_llama.runs import markdown_cell
 from lit_llama.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
 
 
 def test_compare_writes_table_and_plot(tiny_checkpoint_dir, tmp_path):

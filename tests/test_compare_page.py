@@ -15,6 +15,8 @@ import pytest
 from chromium import Browser, find_chromium
 from conftest import assert_clean_error, make_arithmetic_run, run_script
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("websockets.sync.client")  # the DevTools protocol's websocket

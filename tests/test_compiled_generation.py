@@ -16,6 +16,8 @@ from lit_llama.generation import SYNC_EVERY, generate_batch, stream_batch
 from lit_llama.model import Config, LLaMA
 from lit_llama.checkpoint import load_model, resolve_checkpoint
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 CPU, FP32 = torch.device("cpu"), torch.float32
 
 

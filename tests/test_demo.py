@@ -6,6 +6,8 @@ from conftest import assert_clean_error, load_script, run_script
 
 from lit_llama.cli import UserError
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 
 def test_demo_runs_the_whole_pipeline_offline(tmp_path):
     out = tmp_path / "demo"

@@ -44,6 +44,8 @@ from conftest import REPO_ROOT, tiny_corpus
 
 from lit_llama.tokenizer import train_from_texts
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 transformers = pytest.importorskip("transformers")
 
 # the README first (it makes what the guides start from), then every guide

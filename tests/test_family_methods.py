@@ -17,6 +17,8 @@ from lit_llama.prompts import get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.checkpoint import load_model, resolve_checkpoint
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 transformers = pytest.importorskip("transformers")
 
 STYLES = {"llama3": "llama3", "llama-tied": "chatml", "qwen2": "chatml", "mistral": "llama2-chat"}

@@ -22,6 +22,8 @@ from conftest import REPO_ROOT, assert_clean_error, load_script, make_arithmetic
 
 from lit_llama.checkpoint import load_state_dict
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 ONE_PROCESS = dict(precision="32-true", batch_size=4, micro_batch_size=2, max_iters=6, eval_interval=2, eval_iters=2,
                    save_interval=2, warmup_iters=1)
 TWO_PROCESSES = {**ONE_PROCESS, "max_iters": 3, "devices": 2}

@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run, run_script
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 FINAL = "lit-llama-full-finetuned.pth"
 # 6 iterations of 2 examples = 3 optimizer steps of 4; validation and a checkpoint after step 2
 SETTINGS = dict(precision="32-true", batch_size=4, micro_batch_size=2, max_iters=6, eval_interval=2, eval_iters=1,

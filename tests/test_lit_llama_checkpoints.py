@@ -13,6 +13,8 @@ from lit_llama.adapter import load_adapter_model
 from lit_llama.lora import load_lora_model
 from lit_llama.checkpoint import load_model, resolve_checkpoint
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 N_LAYER, N_HEAD, N_EMBD, VOCAB = 2, 4, 64, 512
 N_HIDDEN = 256  # Lit-LLaMA's MLP size rule: find_multiple(int(2 * 4 * 64 / 3), 256)
 

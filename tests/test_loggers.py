@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import assert_clean_error, load_script, run_script
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 RUN = dict(precision="32-true", batch_size=4, micro_batch_size=4, max_iters=4, eval_interval=2, eval_iters=1,
            save_interval=0, warmup_iters=1)
 

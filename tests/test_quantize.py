@@ -12,6 +12,8 @@ from lit_llama.model import Config
 from lit_llama.quantize import frozen_weight_bytes, quantize_frozen_linears
 from lit_llama.checkpoint import load_model, load_state_dict, resolve_checkpoint
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 pytest.importorskip("torchao")
 # torchao's NF4 tensor class: torchao.quantization.quantize_.workflows.nf4.nf4_tensor in 0.18 (not yet in 0.17), before
 # torchao.dtypes.nf4tensor (lit_llama/quantize.py imports either)

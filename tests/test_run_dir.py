@@ -17,6 +17,8 @@ from lit_llama.cli import UserError
 from lit_llama.data import prepare_dataset
 from lit_llama.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 FINAL = "lit-llama-lora-finetuned.pth"
 
 

@@ -28,6 +28,8 @@ from lit_llama.multi_lora import MultiLoRALLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.checkpoint import load_model, resolve_checkpoint
 
+pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
