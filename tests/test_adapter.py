@@ -146,6 +146,7 @@ def test_v2_trains_with_float32_adapter_in_bf16_model():
     assert model.transformer.h[1].attn.adapter_gating_factor.grad.dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, name", VERSIONS_AND_SIZES)
 def test_kv_cache_matches_full_forward(version, name):
     _, model = base_and_adapter(name, version)

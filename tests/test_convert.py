@@ -268,6 +268,7 @@ def test_convert_other_scripts_bad_input(tmp_path, hf_dirs, converted):
     assert_clean_error(proc, "already exists", "--overwrite")
 
 
+@pytest.mark.slow
 def test_download_offline(tmp_path, monkeypatch):
     # never touch the real network: offline mode, and an endpoint where nothing listens should it be ignored
     # (a subprocess: huggingface_hub reads both when it is imported)
@@ -280,6 +281,7 @@ def test_download_offline(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_download_gives_up_on_a_hub_that_never_answers(tmp_path):
     """An endpoint that accepts connections and never answers: one line after the timeout, not a hang."""
     import socket

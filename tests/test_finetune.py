@@ -65,6 +65,7 @@ def test_each_method_has_its_defaults(script):
     assert {"lora": 3e-4, "adapter": 9e-3, "full": 3e-5}[script] == flags["learning_rate"]
 
 
+@pytest.mark.slow
 def test_flat_flags_in_a_yaml_config_and_on_the_command_line(arithmetic_run, tmp_path):
     """A --config file uses the same flat names as the command line; a flag after it wins."""
     checkpoint_dir, data_dir = arithmetic_run
@@ -119,6 +120,7 @@ def test_block_size_is_a_deprecated_name_of_max_seq_length(capsys):
         resolve_max_seq_length(300, None, tiny)
 
 
+@pytest.mark.slow
 def test_adapter_on_a_two_layer_model_with_default_settings(arithmetic_run, tmp_path):
     """The article's start layer 2 does not exist in a 2-layer model: the default adapts its last layer."""
     checkpoint_dir, data_dir = arithmetic_run

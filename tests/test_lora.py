@@ -76,6 +76,7 @@ def test_query_value_targets_only_touch_query_and_value_rows():
     assert torch.all(delta[q : q + kv] == 0)  # keys are not adapted by default
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_merge_and_unmerge(name):
     model, base = lora_and_base(name, ALL_TARGETS)
@@ -161,6 +162,7 @@ def read_metrics(out_dir: Path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_end_to_end(tiny_checkpoint_dir, prepared, tmp_path):
     out = tmp_path / "out"
     run_script("finetune/lora.py", "--checkpoint_dir", tiny_checkpoint_dir, "--data_dir", prepared / "data",
@@ -207,6 +209,7 @@ def load_finetune_lora():
     return load_script("finetune/lora.py")
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tiny_checkpoint_dir, prepared, tmp_path, monkeypatch):
     finetune = load_finetune_lora()
     args = dict(checkpoint_dir=tiny_checkpoint_dir, data_dir=prepared / "data", precision="32-true",
@@ -225,6 +228,7 @@ def test_resume_equals_uninterrupted(tiny_checkpoint_dir, prepared, tmp_path, mo
         torch.testing.assert_close(resumed[name], straight[name], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(tiny_checkpoint_dir, prepared, tmp_path):
     finetune = load_finetune_lora()
     args = dict(checkpoint_dir=tiny_checkpoint_dir, data_dir=prepared / "data", precision="32-true",
@@ -281,6 +285,7 @@ def test_flags_from_yaml_config(tiny_checkpoint_dir, prepared, tmp_path):
     assert_clean_error(proc, "--micro_batch_size 8", "--batch_size 4")
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_run(tiny_checkpoint_dir, prepared, tmp_path):
     finetune = load_finetune_lora()
     args = dict(checkpoint_dir=tiny_checkpoint_dir, data_dir=prepared / "data", precision="32-true", batch_size=8,

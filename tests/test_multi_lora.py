@@ -80,6 +80,7 @@ def test_mixed_batch_equals_each_adapter_merged(tiny_checkpoint_dir, lora_files)
         assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_swapping_never_touches_the_base_weights(tiny_checkpoint_dir, lora_files):
     model = multi_model(tiny_checkpoint_dir, lora_files)
     digest = lambda: hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
@@ -101,6 +102,7 @@ def test_swapping_never_touches_the_base_weights(tiny_checkpoint_dir, lora_files
         model.select(["qv", "nope"])
 
 
+@pytest.mark.slow
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_checkpoint_dir, lora_files):
     model = multi_model(tiny_checkpoint_dir, lora_files)
     g = torch.Generator().manual_seed(1)
@@ -121,6 +123,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_checkpoint_dir, lor
         assert cut[prompt.size(0) :].tolist() == expected
 
 
+@pytest.mark.slow
 def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
     lines = [{"adapter": "chat", "instruction": "Name a color."},

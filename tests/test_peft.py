@@ -112,6 +112,7 @@ def assert_same_math(what: str, ours32, theirs32, ours64, theirs64) -> None:
     assert diff32 <= F32_RTOL * scale, what
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, combination",
     [("tiny-gqa", c) for c in COMBINATIONS] + [("tiny", "all"), ("tiny", "query")],
@@ -211,6 +212,7 @@ def peft_made_adapter(hf_dir: Path, out: Path, **lora_kwargs) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", [
     dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
     dict(r=8, lora_alpha=3, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], use_rslora=True),
@@ -300,6 +302,7 @@ def peft_grads(model) -> dict:
     return grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 @pytest.mark.parametrize("combination", ["all", "query", "value"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -338,6 +341,7 @@ def test_variant_logits_and_gradients_match_peft(variant, combination, name, bas
     assert_same_math(f"{what} gradients", our_grads32, their_grads32, our_grads64, their_grads64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_starts_at_base_and_merged_equals_unmerged(variant, name, bases):
@@ -385,6 +389,7 @@ def prepared_data(tmp_path_factory, tiny_checkpoint_dir) -> Path:
     return root / "data"
 
 
+@pytest.mark.slow
 def test_finetune_with_rslora_dora_then_generate_merge_export(tiny_checkpoint_dir, prepared_data, bases, tmp_path,
                                                             capsys):
     """--lora_rslora --lora_dora are stored in the LoRA file; generate (merged or not), merge_lora.py and
@@ -438,6 +443,7 @@ def test_finetune_with_rslora_dora_then_generate_merge_export(tiny_checkpoint_di
         assert max_diff(unmerged(x), theirs_model(x).logits) < 1e-5
 
 
+@pytest.mark.slow
 def test_dora_under_fsdp_equals_one_process(tiny_checkpoint_dir, prepared_data, tmp_path):
     """DoRA's magnitudes are sharded like the other LoRA weights: two CPU processes with FSDP train exactly what
     one process trains (as tests/test_fsdp.py checks for plain LoRA)."""
