@@ -46,28 +46,27 @@ class WorkerFailed(Exception):
 
 
 def work(model: Model, device: str, max_batch_size: int, batch_timeout: float, requests: Any, outputs: Any) -> None:
-    """The worker process: loads the model, then decodes batch after batch. Sends (request id, output) pairs,
-    (None, READY) once loaded, (None, SETUP_FAILED) if loading failed, (request id, FAILED) for the requests of a
-    batch `predict` failed on."""
+    """The worker process: loads the model, then decodes batch after batch. Sends, for each step of a batch, the
+    list of (request id, output) pairs of the requests with something new; [(None, READY)] once loaded,
+    [(None, SETUP_FAILED)] if loading failed, (request id, FAILED) for the requests of a batch `predict` failed on."""
     try:
         model.setup(device)
     except BaseException:  # noqa: BLE001 - whatever it is, the server must say so and stop
         traceback.print_exc()
-        outputs.put((None, SETUP_FAILED))
+        outputs.put([(None, SETUP_FAILED)])
         return
-    outputs.put((None, READY))
+    outputs.put([(None, READY)])
     try:
         while True:
             batch = gather(requests, max_batch_size, batch_timeout)
             try:
                 for step in model.predict([request for _, request in batch]):
-                    for (uid, _), output in zip(batch, step):
-                        if output:  # nothing new for this request this step: nothing to send
-                            outputs.put((uid, output))
+                    # one message per step, not one per request: each is pickled by a thread of this process,
+                    # which takes Python's GIL from the decoding loop
+                    outputs.put([(uid, output) for (uid, _), output in zip(batch, step) if output])
             except Exception:  # noqa: BLE001 - a bug fails this batch's requests, not the server
                 traceback.print_exc()
-                for uid, _ in batch:
-                    outputs.put((uid, FAILED))
+                outputs.put([(uid, FAILED) for uid, _ in batch])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the server stops us anyway
         pass
 
@@ -105,23 +104,24 @@ class BatchWorker:
     def dispatch(self, on_setup_error: Callable[[], None]) -> None:
         while True:
             try:
-                uid, output = self.outputs.get(timeout=1.0)
+                messages = self.outputs.get(timeout=1.0)
             except Empty:
                 if not self.process.is_alive():  # killed (out of memory?): the server stops, saying so
                     self.error = f"the model's process ended (exit code {self.process.exitcode}): see the log above"
                     on_setup_error()
                     return
                 continue
-            if uid is None:
-                if output == READY:
-                    self.ready.set()
-                else:
-                    self.error = "the model could not be loaded: its error is printed above"
-                    on_setup_error()
-                    return
-            elif uid in self.streams:  # else a request whose client went away: dropped
-                stream, loop = self.streams[uid]
-                loop.call_soon_threadsafe(stream.put_nowait, output)
+            for uid, output in messages:
+                if uid is None:
+                    if output == READY:
+                        self.ready.set()
+                    else:
+                        self.error = "the model could not be loaded: its error is printed above"
+                        on_setup_error()
+                        return
+                elif uid in self.streams:  # else a request whose client went away: dropped
+                    stream, loop = self.streams[uid]
+                    loop.call_soon_threadsafe(stream.put_nowait, output)
 
     async def submit(self, request: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Queues the request and yields its outputs as the worker makes them (WorkerFailed if its batch
