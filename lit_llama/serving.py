@@ -7,10 +7,9 @@ queue), which changed in LitServe 0.3. What it needs is small, so it is here, on
 itself is built on:
 
 * `BatchWorker` runs the model in a process of its own, as LitServe did: the decoding loop then never waits
-  for the web server's thread to hand back Python's GIL (in one process, a burst of 16 streamed answers ran
-  4x slower on a 2-core CPU). There, `setup` loads the model once; then, for ever, the worker waits for a
-  request, gathers those that come within `batch_timeout` seconds (up to `max_batch_size`), and calls
-  `predict` on the batch. `predict` yields, step after step, one output per request (a dict; `{}` when a
+  for the web server's threads to hand back Python's GIL. There, `setup` loads the model once; then, for
+  ever, the worker waits for a request, gathers those that come within `batch_timeout` seconds (up to
+  `max_batch_size`), and calls `predict` on the batch. `predict` yields, step after step, one output per request (a dict; `{}` when a
   request has nothing new this step), which goes back to that request's stream.
 * `submit` queues one request from the web server's event loop and returns an async iterator of its outputs;
   a thread of the web server's process hands each output the worker sends to its request's stream.
