@@ -31,7 +31,7 @@ POST /v1/completions, GET /v1/models; GET /health answers "ok" once the model is
   answers streamed in columns with tokens/s, the runs' training curves and settings; it uses only the
   endpoints above (/v1/models carries each run's settings and curves in its `lit_llama` field).
 
-How it runs (lit_llama/serving.py): the model decodes in a worker thread (`LoRAServer`, loaded in its `setup`);
+How it runs (lit_llama/serving.py): the model decodes in a worker process (`LoRAServer`, loaded in its `setup`);
 the HTTP endpoints (`OpenAIEndpoints`, FastAPI on uvicorn) check and tokenize each request and queue it for the
 worker, which streams back each row's new text every few tokens.
 """
@@ -166,7 +166,9 @@ def main(
     OpenAIEndpoints(paths, folder, max_new_tokens, top_k, worker, served).add_to(app)
     add_comparison_page(app)
     print(f"Serving {', '.join(models)} on http://{host}:{port}/v1 (loading the model ...)", file=sys.stderr)
-    serve(app, worker, host, port)  # a request waits in the queue as long as the batches before it take
+    error = serve(app, worker, host, port)  # a request waits in the queue as long as the batches before it take
+    if error:
+        raise UserError(error)
 
 
 def add_comparison_page(app: FastAPI) -> None:
@@ -284,11 +286,11 @@ class AdapterFolder:
         return path, version, self.checked[name][1]
 
 
-# ---------------------------------------------------------------- the model: the worker thread
+# ---------------------------------------------------------------- the model: the worker process
 
 
 class LoRAServer:
-    """Runs in the worker thread (lit_llama/serving.py's BatchWorker): loads the base and the adapters in `setup`,
+    """Runs in the worker process (lit_llama/serving.py's BatchWorker): loads the base and the adapters in `setup`,
     then decodes each batch of queued requests (checked and tokenized by `OpenAIEndpoints`) with `stream_batch`,
     yielding every few tokens one output per request: its new text, and at its end the finish reason and token
     counts. The LoRA adapters share one model (`MultiLoRALLaMA`); an adapter or full finetune of --runs is a
