@@ -234,6 +234,8 @@ class MultiLoRALLaMA(LLaMA):
         one of an adapter this batch does not name)."""
         if name in self.device_slots:
             self.device_slots.move_to_end(name)
+            if name in self.host:  # in use: the last to leave host memory too
+                self.host.move_to_end(name)
             return self.device_slots[name]
         factors = self._host_factors(name)
         if self.max_device is None or len(self.device_slots) < self.max_device:
@@ -280,8 +282,8 @@ def check_cache_flags(swap: str, max_device_adapters: Optional[int], max_host_ad
             raise UserError(f"--{flag} must be a whole number of at least 1 (or null: no limit), got {value!r}")
     if max_host_adapters is not None and (max_device_adapters is None or max_host_adapters < max_device_adapters):
         raise UserError(f"--max_host_adapters {max_host_adapters} is less than --max_device_adapters "
-                        f"{max_device_adapters if max_device_adapters is not None else '(no limit)'}: every adapter "
-                        "on the device is kept in host memory too")
+                        f"{max_device_adapters if max_device_adapters is not None else '(no limit)'}: host memory "
+                        "is the larger level, the device's slots the smaller one")
 
 
 def _multi(linear: nn.Linear) -> MultiLoRALinear:

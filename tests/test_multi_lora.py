@@ -183,3 +183,106 @@ def test_generate_multi_lora_bad_input(tiny_checkpoint_dir, lora_files, tmp_path
     out, err = capsys.readouterr()
     assert_clean_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), message)
     assert out == ""
+
+
+def state_digest(model) -> str:
+    """A hash of every base weight's bytes (the adapters' stacks are buffers outside the state dict)."""
+    return hashlib.sha256(b"".join(t.view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merged_swaps_give_back_the_base_bit_for_bit(tiny_checkpoint_dir, lora_files, dtype):
+    """1,000 random switches between merged adapters, mixed batches and the base: the base weights hash as loaded,
+    and an adapter merged late is bit for bit the same merge as the first time (no drift)."""
+    model = load_model(resolve_checkpoint(tiny_checkpoint_dir), CPU, dtype, MultiLoRALLaMA, swap="merged").eval()
+    for name, path in lora_files.items():
+        model.add_adapter(name, path)
+    loaded = state_digest(model)
+    model.select(["wide"])
+    first_wide = state_digest(model)
+    assert first_wide != loaded  # merging does change the weights: the test could fail
+    g = torch.Generator().manual_seed(0)
+    names = [*ADAPTERS, "base"]
+    merges = 0
+    for _ in range(1000):
+        if torch.rand((), generator=g) < 0.8:  # one adapter for the batch: merged
+            rows = [names[int(torch.randint(len(names), (), generator=g))]] * 2
+            merges += rows[0] != "base"
+        else:  # a mixed batch: the unmerged path, the base as loaded
+            rows = [names[int(i)] for i in torch.randint(len(names), (3,), generator=g)]
+            rows[0], rows[1] = "qv", "keys"
+        model.select(rows)
+        if len(set(rows)) > 1:
+            assert model.merged is None
+    assert merges > 500
+    model.select(["wide"])
+    assert state_digest(model) == first_wide
+    model.select(None)
+    assert state_digest(model) == loaded
+
+
+def test_merged_batches_compute_the_unmerged_outputs(tiny_checkpoint_dir, lora_files):
+    unmerged = multi_model(tiny_checkpoint_dir, lora_files)
+    merged = load_model(resolve_checkpoint(tiny_checkpoint_dir), CPU, FP32, MultiLoRALLaMA, swap="merged").eval()
+    for name, path in lora_files.items():
+        merged.add_adapter(name, path)
+    x = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for rows in (["wide", "wide"], ["qv", "qv"], ["base", None], ["chat", "qv"], ["keys", "keys"]):
+            unmerged.select(rows)
+            merged.select(rows)
+            expected, got = unmerged(x), merged(x)
+            # float32: the merged product sums in another order; error ~ eps times the logits' scale
+            atol = 1e-5 * expected.abs().max().item()
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+            one = len({r or "base" for r in rows}) == 1
+            layers = merged.multi_lora_layers().values()
+            assert all(layer.row_slots is None for layer in layers) == (one or rows == ["base", None])
+            assert merged.merged == (rows[0] if one and rows[0] != "base" else None)
+
+
+def test_adapter_cache_evicts_least_recently_used(tiny_checkpoint_dir, lora_files, monkeypatch):
+    """2 device slots over 3 adapters in host memory, 4 adapters: every selection computes what the model
+    holding all of them does; the levels hold what they should; a batch of 3 adapters is refused."""
+    import lit_llama.multi_lora as multi_lora
+
+    reads = []
+    read = multi_lora.read_lora_factors
+    monkeypatch.setattr(multi_lora, "read_lora_factors", lambda path, *a: reads.append(path.stem) or read(path, *a))
+    everything = multi_model(tiny_checkpoint_dir, lora_files)
+    cached = load_model(resolve_checkpoint(tiny_checkpoint_dir), CPU, FP32, MultiLoRALLaMA, max_device_adapters=2,
+                        max_host_adapters=3).eval()
+    for name, path in lora_files.items():  # qv, wide, keys, chat
+        cached.add_adapter(name, path)
+    assert list(cached.device_slots) == ["qv", "wide"] and list(cached.host) == ["wide", "keys", "chat"]
+    x = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(4))
+    reads.clear()
+    with torch.no_grad():
+        for rows in (["chat", "keys"], ["qv", "chat"], ["wide", "wide"], ["keys", "base"], ["chat", "qv"]):
+            everything.select(rows)
+            cached.select(rows)
+            torch.testing.assert_close(cached(x), everything(x), atol=1e-5, rtol=0)
+    # traced by hand: device hits refresh the host's order too; host misses are read from their files again
+    assert reads == ["qv", "wide", "keys", "qv"]
+    assert list(cached.device_slots) == ["chat", "qv"] and list(cached.host) == ["keys", "chat", "qv"]
+    memory = cached.memory()
+    assert memory["device_adapters"] == 2 and memory["host_adapters"] == 3
+    config = resolve_checkpoint(tiny_checkpoint_dir).config
+    sizes = {name: sum(t.numel() * 4 for A, B in read(lora_files[name], config)[0].values() for t in (A, B))
+             for name in ("keys", "chat", "qv")}  # float32 factors
+    assert memory["host_bytes"] == sum(sizes.values()) and memory["device_bytes"] > 0
+    assert "2 adapters on the device" in cached.describe_memory()
+    with pytest.raises(UserError, match="a batch names 3 adapters, more than the 2 the device holds"):
+        cached.select(["qv", "wide", "keys"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(swap="fused"), "--swap 'fused' is not one of unmerged, merged"),
+    (dict(max_device_adapters=0), "--max_device_adapters must be a whole number of at least 1"),
+    (dict(max_device_adapters=4, max_host_adapters=2), "--max_host_adapters 2 is less than --max_device_adapters 4"),
+])
+def test_cache_flags_are_checked(kwargs, message):
+    from lit_llama.multi_lora import check_cache_flags
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        check_cache_flags(**{"swap": "unmerged", "max_device_adapters": None, "max_host_adapters": None, **kwargs})
