@@ -121,7 +121,12 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_checkpoint_dir, lor
         assert cut[prompt.size(0) :].tolist() == expected
 
 
-def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, capsys):
+@pytest.mark.parametrize("options", [
+    dict(batch_size=3),
+    # one request per batch: each merged; one device slot and two in host memory: evictions and file reads
+    dict(batch_size=1, swap="merged", max_device_adapters=1, max_host_adapters=2),
+])
+def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, capsys, options):
     requests = tmp_path / "requests.jsonl"
     lines = [{"adapter": "chat", "instruction": "Name a color."},
              {"adapter": "wide", "instruction": "Explain the sky."},
@@ -132,8 +137,11 @@ def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, c
     script = load_script("generate/multi_lora.py")
     lora = [f"{name}={path}" for name, path in lora_files.items()]
     script.main(checkpoint_dir=tiny_checkpoint_dir, lora=lora, requests=requests, max_new_tokens=8, temperature=0,
-                batch_size=3, precision="32-true")
-    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+                precision="32-true", **options)
+    captured = capsys.readouterr()
+    out = [json.loads(line) for line in captured.out.splitlines()]
+    device_adapters = options.get("max_device_adapters", len(lora_files))
+    assert f"adapter cache: {device_adapters} adapters on the device" in captured.err
     assert [(o["adapter"], o["instruction"]) for o in out] == [
         (line.get("adapter", "base"), line["instruction"]) for line in lines]
 
@@ -166,14 +174,20 @@ def test_dora_adapters_are_refused(tiny_checkpoint_dir, tmp_path):
     (["--requests", "BAD_JSON"], "line 2 is not valid JSON"),
     (["--requests", "UNKNOWN_ADAPTER"], "line 1: unknown adapter 'other'"),
     (["--batch_size", "0"], "--batch_size must be in [1, inf], got 0"),
+    (["--swap", "fused"], "--swap 'fused' is not one of unmerged, merged"),
+    (["--swap", "merged", "--quantize", "int8"], "--swap merged needs the base weights unquantized"),
+    (["--max_device_adapters", "2", "--max_host_adapters", "1"], "--max_host_adapters 1 is less than"),
+    (["--lora", "WIDE", "--requests", "TWO_ADAPTERS", "--max_device_adapters", "1"],
+     "requests 1 to 2 (one batch) name 2 adapters, more than --max_device_adapters 1 holds"),
 ])
 def test_generate_multi_lora_bad_input(tiny_checkpoint_dir, lora_files, tmp_path, args, message, capsys,
                                        monkeypatch):
     files = {"GOOD": [{"adapter": "qv", "instruction": "hi"}], "BAD_JSON": [{"instruction": "hi"}, "{not json"],
-             "UNKNOWN_ADAPTER": [{"adapter": "other", "instruction": "hi"}]}
+             "UNKNOWN_ADAPTER": [{"adapter": "other", "instruction": "hi"}],
+             "TWO_ADAPTERS": [{"adapter": "qv", "instruction": "hi"}, {"adapter": "wide", "instruction": "ho"}]}
     for name, lines in files.items():
         (tmp_path / name).write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
-    args = [str(tmp_path / a) if a in files else a for a in args]
+    args = [str(tmp_path / a) if a in files else f"wide={lora_files['wide']}" if a == "WIDE" else a for a in args]
     argv = ["--checkpoint_dir", str(tiny_checkpoint_dir), "--lora", f"qv={lora_files['qv']}",
             "--requests", str(tmp_path / "GOOD"), *args]
     script = load_script("generate/multi_lora.py")
