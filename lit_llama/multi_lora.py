@@ -86,16 +86,19 @@ class MultiLoRALinear(nn.Linear):
     @torch.no_grad()
     def merge_slot(self, slot: int) -> None:
         """W += B A for the adapter in `slot`, computed in float32 and rounded once to W's dtype, on the rows B
-        changes; those rows' exact values are kept for `unmerge`."""
-        self.unmerge()
-        if self.lora_A_all.size(1) == 0:
+        changes; those rows' exact values are kept for `unmerge`. Switching between adapters of the same targets
+        (the same rows) reuses the kept originals: no copy back first."""
+        if self.lora_A_all.size(1) == 0:  # no adapter targets this layer
+            self.unmerge()
             return
         A, B = self.lora_A_all[slot].float(), self.lora_B_all[slot].float()
         rows = B.any(dim=1).nonzero().squeeze(1)  # a row whose B is zero is not changed: nothing to keep
-        if rows.numel() == 0:
-            return
-        self.merged_rows, self.kept_rows = rows, self.weight.index_select(0, rows)
-        merged = torch.addmm(self.kept_rows.float(), B.index_select(0, rows), A)
+        if self.merged_rows is None or not torch.equal(rows, self.merged_rows):
+            self.unmerge()  # the rows of the adapter merged before, back first
+            if rows.numel() == 0:
+                return
+            self.merged_rows, self.kept_rows = rows, self.weight.index_select(0, rows)
+        merged = torch.addmm(self.kept_rows.float(), B.index_select(0, rows), A)  # from the originals: exact
         self.weight.index_copy_(0, rows, merged.to(self.weight.dtype))
 
     @torch.no_grad()
@@ -255,10 +258,10 @@ class MultiLoRALLaMA(LLaMA):
                            None if B is None else B.to(device, non_blocking=True))
 
     def _merge(self, name: str) -> None:
-        if self.merged == name or (name == BASE and self.merged is None):
+        if self.merged == name:
             return
-        self._unmerge()
         if name == BASE:
+            self._unmerge()
             return
         slot = self.device_slots[name]
         for layer in self.multi_lora_layers().values():

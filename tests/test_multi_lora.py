@@ -204,6 +204,7 @@ def state_digest(model) -> str:
     return hashlib.sha256(b"".join(t.view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())).hexdigest()
 
 
+@pytest.mark.slow  # 10-35 s each on a busy 2-core CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_merged_swaps_give_back_the_base_bit_for_bit(tiny_checkpoint_dir, lora_files, dtype):
     """1,000 random switches between merged adapters, mixed batches and the base: the base weights hash as loaded,
