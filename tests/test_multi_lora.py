@@ -158,11 +158,12 @@ def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, c
         assert answer["response"] == expected
 
 
-def test_dora_adapters_are_refused(tiny_checkpoint_dir, tmp_path):
+@pytest.mark.parametrize("swap", ["unmerged", "merged"])  # merged too: a mixed batch could not fall back
+def test_dora_adapters_are_refused(tiny_checkpoint_dir, tmp_path, swap):
     paths = resolve_checkpoint(tiny_checkpoint_dir)
     dora = load_model(paths, CPU, FP32, LoRALLaMA, lora=LoRAConfig(dora=True))
     torch.save(lora_state_dict(dora), tmp_path / "dora.pth")
-    model = load_model(paths, CPU, FP32, MultiLoRALLaMA)
+    model = load_model(paths, CPU, FP32, MultiLoRALLaMA, swap=swap)
     with pytest.raises(UserError, match="dora.pth is a DoRA adapter"):
         model.add_adapter("d", tmp_path / "dora.pth")
 
