@@ -60,7 +60,7 @@ answers equal the one-at-a-time answers ("same answers").
 SWAP_HEADER = """
 ## serve.py: a burst where consecutive requests share adapters, --swap merged vs unmerged
 
-`python benchmarks/serve_burst.py --run_length R --swap MODE`: as the table above, with request i for adapter
+`python benchmarks/serve_burst.py --run_length R --swap MODE`: as "serve.py: a burst of requests", with request i for adapter
 (i // R) mod (k + 1): runs of R consecutive requests for one adapter. With --swap merged a batch whose requests
 all name one adapter runs with it merged into the base (lit_llama/multi_lora.py); mixed batches run unmerged.
 
