@@ -65,7 +65,7 @@ from lit_llama.run_dir import RUN_NAME
 from lit_llama.generation import stop_ids, stream_batch  # noqa: E402
 from lit_llama.json_input import parse_json  # noqa: E402
 from lit_llama.model import LLaMA  # noqa: E402
-from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors  # noqa: E402
+from lit_llama.multi_lora import BASE, MultiLoRALLaMA, check_cache_flags, read_lora_factors  # noqa: E402
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, chat_turns, get_prompt_style, prompt_style_of_data  # noqa: E402
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation  # noqa: E402
 from lit_llama.runs import FINAL_NAMES, read_json, run_card, run_method  # noqa: E402
@@ -98,6 +98,9 @@ def main(
     quantize: Optional[str] = None,
     compile: bool = False,
     runs: Optional[List[Path]] = None,
+    swap: str = "unmerged",
+    max_device_adapters: Optional[int] = None,
+    max_host_adapters: Optional[int] = None,
 ) -> None:
     """Serves the base model, LoRA files and finetune runs through OpenAI's API, with a comparison page at /.
 
@@ -128,6 +131,13 @@ def main(
             or a full finetune is a model of its own, loaded beside the base (memory: a full finetune is a
             whole model). The comparison page at / shows each run's training curves (its metrics.csv) and
             settings. Example: --runs '[out/compare/lora, out/compare/adapter]'.
+        swap: unmerged (every batch through the adapters' stacks) or merged (a batch whose requests all name one
+            adapter runs with it merged into the base weights, as fast as the base; mixed batches run unmerged;
+            the base weights are restored bit for bit). Not with --quantize.
+        max_device_adapters: LoRA adapters kept on the device at once, least recently used out (null: all); at
+            least --max_batch_size, so that every batch fits.
+        max_host_adapters: LoRA adapters kept in host memory (null: all), at least --max_device_adapters; the
+            others are read from their files again when a request names them.
     """
     # every flag and file is checked before anything loads: a mistake is one line, not a server that dies later
     check_range("port", port, 1024, 65535)  # the ports below need root
@@ -138,6 +148,13 @@ def main(
     check_at_least("max_new_tokens", max_new_tokens, 1)
     check_at_least("top_k", top_k, 1, optional=True)
     precision_dtype(precision)
+    check_cache_flags(swap, max_device_adapters, max_host_adapters)
+    if swap == "merged" and quantize:
+        raise UserError("--swap merged needs the base weights unquantized (an adapter is merged into them): "
+                        "drop --quantize or use --swap unmerged")
+    if max_device_adapters is not None and max_device_adapters < max_batch_size:
+        raise UserError(f"--max_device_adapters {max_device_adapters} is less than --max_batch_size {max_batch_size}: "
+                        "a batch may name that many adapters; raise it or lower --max_batch_size")
     check_generate_quantize(quantize)
     if lora_dir is None and not runs:
         lora_dir = Path("adapters")
@@ -160,7 +177,8 @@ def main(
     models = OpenAIEndpoints.model_names(folder, served)
     check_port_free(host, port)
 
-    worker = BatchWorker(LoRAServer(paths, folder, precision, quantize, compile, served), default_device().type,
+    cache = dict(swap=swap, max_device_adapters=max_device_adapters, max_host_adapters=max_host_adapters)
+    worker = BatchWorker(LoRAServer(paths, folder, precision, quantize, compile, served, cache), default_device().type,
                          max_batch_size, batch_timeout)
     app = FastAPI(title="lit-llama")
     OpenAIEndpoints(paths, folder, max_new_tokens, top_k, worker, served).add_to(app)
@@ -297,8 +315,9 @@ class LoRAServer:
     model of its own, whose rows are decoded apart."""
 
     def __init__(self, paths: CheckpointPaths, folder: AdapterFolder, precision: Optional[str], quantize: Optional[str],
-                 compile: bool, runs: Optional[Dict[str, Run]] = None) -> None:
+                 compile: bool, runs: Optional[Dict[str, Run]] = None, cache: Optional[Dict[str, Any]] = None) -> None:
         self.paths, self.folder, self.precision, self.quantize, self.compile = paths, folder, precision, quantize, compile
+        self.cache = cache or {}  # MultiLoRALLaMA's swap, max_device_adapters and max_host_adapters
         self.runs = {name: run for name, run in (runs or {}).items() if run.method != "lora"}
 
     def setup(self, device: str) -> None:
@@ -307,7 +326,8 @@ class LoRAServer:
         # every token that ends an answer: eos, generation_config.json's eos_token_id (Llama 3's <|eot_id|> and
         # <|end_of_text|>), and the styles' stop texts this tokenizer has as one token (<|im_end|>)
         self.stop_ids = stop_ids(self.tokenizer, list(PROMPT_STYLES.values()))
-        self.model = load_model(self.paths, self.torch_device, precision_dtype(self.precision), MultiLoRALLaMA).eval()
+        self.model = load_model(self.paths, self.torch_device, precision_dtype(self.precision), MultiLoRALLaMA,
+                                **self.cache).eval()
         if self.quantize:  # the base's weights; the adapters' stacks stay in the model's dtype
             quantize_for_generation(self.model, self.quantize)
         self.loaded: Dict[str, str] = {}  # adapter name -> version of its file in the model
@@ -319,6 +339,7 @@ class LoRAServer:
                 print(f"the adapter {name!r} could not be loaded: {e}", file=sys.stderr)
                 continue
             self.loaded[name] = version
+        print(self.model.describe_memory(), file=sys.stderr)
         self.own_models: Dict[str, LLaMA] = {}  # adapter and full finetunes of --runs, by name
         dtype = precision_dtype(self.precision)
         for name, run in self.runs.items():

@@ -2,6 +2,7 @@
 at a time, through HTTP, on one server.
 
     python benchmarks/serve_burst.py                  # CPU: a small LLaMA shape, 16 requests over 4 adapters
+    python benchmarks/serve_burst.py --run_length 4 --max_batch_size 4 --swap merged   # vs --swap unmerged
 
 It writes a random checkpoint of the shape (with the real LLaMA tokenizer from ../shared when it is there) and
 k LoRA files (r 8 on query and value, random B: what a trained adapter costs) into a temporary folder, starts
@@ -10,6 +11,10 @@ last one being "base"), greedy, `max_tokens` fixed: first one at a time, then al
 request sent alone waits serve.py's --batch_timeout for company before it is decoded: part of the ratio.
 Tokens/s counts the completion tokens the server reports. The answers of the burst must equal the ones sent
 alone (greedy: batching changes nothing). Adds the row to benchmarks/RESULTS.md.
+
+With --run_length r, consecutive requests share adapters: request i is for adapter (i // r) mod (k + 1); with
+--swap merged (serve.py's flag) a batch of one adapter then runs with it merged. Such rows (or any --swap) go to
+a table of their own, which has the two settings as columns.
 """
 
 import json
@@ -52,6 +57,17 @@ answers equal the one-at-a-time answers ("same answers").
 |---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
+SWAP_HEADER = """
+## serve.py: a burst where consecutive requests share adapters, --swap merged vs unmerged
+
+`python benchmarks/serve_burst.py --run_length R --swap MODE`: as "serve.py: a burst of requests", with request i for adapter
+(i // R) mod (k + 1): runs of R consecutive requests for one adapter. With --swap merged a batch whose requests
+all name one adapter runs with it merged into the base (lit_llama/multi_lora.py); mixed batches run unmerged.
+
+| date | machine | model | swap | run length R | adapters k | requests | max tokens | max batch size / batch timeout | one at a time tokens/s | burst tokens/s | ratio | burst latency median / max | same answers |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
 # a LLaMA shape small enough for a CPU: 4 layers of width 512, the real 32k vocabulary
 SMALL = dict(n_layer=4, n_head=8, n_embd=512, intermediate_size=1376, vocab_size=32000, block_size=512)
 QUESTIONS = ["What food do llamas eat?", "Explain weight decay in one sentence.", "Name three prime numbers.",
@@ -67,6 +83,8 @@ def main(
     batch_timeout: float = 0.05,
     model_size: Optional[str] = None,
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
+    swap: str = "unmerged",
+    run_length: int = 1,
 ) -> None:
     """Measures a concurrent burst against one request at a time on one serve.py.
 
@@ -79,11 +97,15 @@ def main(
             request sent alone waits it in full before decoding starts).
         model_size: A named size from lit_llama/model.py; default: a 4-layer, 512-wide LLaMA (32k vocabulary).
         results_file: Markdown file to add the row to ("" for none).
+        swap: serve.py's --swap: unmerged, or merged (a batch of one adapter runs with it merged).
+        run_length: Consecutive requests for one adapter (1: each request another adapter).
     """
     for name, value in (("adapters", adapters), ("requests", requests), ("max_tokens", max_tokens),
-                        ("max_batch_size", max_batch_size)):
+                        ("max_batch_size", max_batch_size), ("run_length", run_length)):
         if value < 1:
             raise UserError(f"--{name} {value}: expected at least 1")
+    if swap not in ("unmerged", "merged"):
+        raise UserError(f"--swap {swap!r} is not one of unmerged, merged")
     if not 0 < batch_timeout <= 60:
         raise UserError(f"--batch_timeout {batch_timeout}: expected more than 0 and at most 60 seconds")
     try:
@@ -97,10 +119,10 @@ def main(
         checkpoint_dir, lora_dir = Path(work) / "checkpoint", Path(work) / "adapters"
         write_random_checkpoint(config, checkpoint_dir, torch.device(device), SHARED / "tokenizers" / "llama")
         names = write_adapters(checkpoint_dir, lora_dir, adapters)
-        bodies = [{"model": ([*names, "base"])[i % (adapters + 1)], "temperature": 0, "max_tokens": max_tokens,
+        bodies = [{"model": ([*names, "base"])[(i // run_length) % (adapters + 1)], "temperature": 0, "max_tokens": max_tokens,
                    "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]} for i in range(requests)]
         server, url = start_server(checkpoint_dir, lora_dir, Path(work) / "server.log", max_batch_size,
-                                   batch_timeout)
+                                   batch_timeout, swap)
         try:
             ask(url, bodies[0])  # warm-up: the first batch's allocations
             t0 = time.perf_counter()
@@ -123,7 +145,11 @@ def main(
     row = (f"| {date.today()} | {machine} | {shape} | {adapters} | {requests} | {max_tokens} | {max_batch_size} / {batch_timeout} s | "
            f"{alone_rate:.1f} | {burst_rate:.1f} | {burst_rate / alone_rate:.2f}x | "
            f"{statistics.median(latencies):.2f} s / {max(latencies):.2f} s | {same} |")
-    add_rows(results_file, RESULTS_HEADER, [row])
+    if swap != "unmerged" or run_length != 1:
+        row = row.replace(f"| {shape} | ", f"| {shape} | {swap} | {run_length} | ", 1)
+        add_rows(results_file, SWAP_HEADER, [row])
+    else:
+        add_rows(results_file, RESULTS_HEADER, [row])
 
 
 def write_adapters(checkpoint_dir: Path, lora_dir: Path, k: int) -> List[str]:
@@ -153,14 +179,14 @@ def ask(url: str, body: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def start_server(checkpoint_dir: Path, lora_dir: Path, log: Path, max_batch_size: int,
-                 batch_timeout: float) -> Tuple[subprocess.Popen, str]:
+                 batch_timeout: float, swap: str = "unmerged") -> Tuple[subprocess.Popen, str]:
     """serve.py on a free port, in a process group of its own (stopped as one); waits for /health."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, str(REPO / "serve.py"), "--checkpoint_dir", str(checkpoint_dir), "--lora_dir",
            str(lora_dir), "--port", str(port), "--max_batch_size", str(max_batch_size),
-           "--batch_timeout", str(batch_timeout)]
+           "--batch_timeout", str(batch_timeout), "--swap", swap]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -10,6 +10,12 @@ adapters, each row computed with its own (lit_llama/multi_lora.py) and prompted 
 with (recorded in its LoRA file; Alpaca for the base). Prints one JSON line per request, in
 the file's order: {"adapter", "instruction", "response"}. Greedy output (--temperature 0) is what
 generate/lora.py gives for the same instruction with that adapter merged.
+
+With --swap merged, a batch whose requests all name one adapter runs with it merged into the base, at the base
+model's speed (consecutive requests for one adapter make such batches); a mixed batch runs unmerged as above,
+and the base weights come back bit for bit after each merge. --max_device_adapters and --max_host_adapters
+bound the adapter cache (device slots over host memory, least recently used out); what each level holds is
+printed to stderr at the end.
 """
 
 import json
@@ -25,7 +31,7 @@ from lit_llama.checkpoint import load_model, resolve_checkpoint
 from lit_llama.cli import check_at_least, UserError, run_cli
 from lit_llama.generation import check_sampling_flags, generate_responses, setup_generation
 from lit_llama.json_input import parse_json
-from lit_llama.multi_lora import BASE, MultiLoRALLaMA, read_lora_factors
+from lit_llama.multi_lora import BASE, MultiLoRALLaMA, check_cache_flags, read_lora_factors
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 
@@ -42,6 +48,9 @@ def main(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
     compile: bool = False,
+    swap: str = "unmerged",
+    max_device_adapters: Optional[int] = None,
+    max_host_adapters: Optional[int] = None,
 ) -> None:
     """Responds to every request of a JSON-lines file with the adapter it names.
 
@@ -59,12 +68,30 @@ def main(
             through torchao: a half or a quarter of the bf16 weight bytes to read per token.
         compile: torch.compile the prefill and the decode step (a static KV cache, no host sync per token, CUDA
             graphs on a GPU): faster decoding once compiled; the first batch of each size compiles.
+        swap: unmerged (every batch through the adapters' stacks) or merged (a batch of one adapter runs with it
+            merged into the base weights, as fast as the base; mixed batches run unmerged; the base weights are
+            restored exactly). Not with --quantize.
+        max_device_adapters: Adapters kept on the device at once, least recently used out (null: all); a batch
+            may name at most this many.
+        max_host_adapters: Adapters kept in host memory (null: all), at least --max_device_adapters; the others
+            are read from their files again when a batch needs them.
     """
     adapters = parse_adapters(lora)
+    check_cache_flags(swap, max_device_adapters, max_host_adapters)
+    if swap == "merged" and quantize:
+        raise UserError("--swap merged needs the base weights unquantized (an adapter is merged into them): "
+                        "drop --quantize or use --swap unmerged")
     check_sampling_flags(1, max_new_tokens, temperature, top_k, seed)
     check_generate_quantize(quantize)
     check_at_least("batch_size", batch_size, 1)
     records = read_requests(requests, adapters)
+    for start in range(0, len(records), batch_size):  # before anything loads: no batch may fail halfway
+        batch = records[start : start + batch_size]
+        names = {r["adapter"] for r in batch} - {BASE}
+        if max_device_adapters is not None and len(names) > max_device_adapters:
+            raise UserError(f"{requests}: requests {start + 1} to {start + len(batch)} (one batch) name {len(names)} "
+                            f"adapters, more than --max_device_adapters {max_device_adapters} holds: raise it or "
+                            "lower --batch_size")
     paths = resolve_checkpoint(checkpoint_dir)
     tokenizer, device, dtype = setup_generation(paths, precision, "", max_new_tokens)  # prompts: checked below
     styles = {BASE: get_prompt_style(DEFAULT_PROMPT_STYLE)}  # each adapter's, from its file: as it was trained
@@ -77,7 +104,8 @@ def main(
             raise UserError(f"{requests} line {number}: the prompt has {length} tokens, the model's context "
                             f"is {paths.config.block_size}")
 
-    model = load_model(paths, device, dtype, MultiLoRALLaMA).eval()
+    model = load_model(paths, device, dtype, MultiLoRALLaMA, swap=swap, max_device_adapters=max_device_adapters,
+                       max_host_adapters=max_host_adapters).eval()
     if quantize:  # the base's weights; the adapters' stacks stay in the model's dtype
         quantize_for_generation(model, quantize)
     for name, lora_path in adapters.items():
@@ -93,6 +121,7 @@ def main(
         for record, response in zip(batch, responses):
             print(json.dumps({"adapter": record["adapter"], "instruction": record["instruction"],
                               "response": response}), flush=True)
+    print(model.describe_memory(), file=sys.stderr)
 
 
 def parse_adapters(lora: List[str]) -> Dict[str, Path]:

@@ -106,3 +106,25 @@ def test_serve_burst_row(tmp_path):
                "--max_tokens", 4, "--results_file", results)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 1 and rows[0].endswith("| yes |"), rows
+
+
+def test_serve_burst_merged_swap_row(tmp_path):
+    """--swap merged with runs of consecutive requests for one adapter: the row goes to its own table, with
+    both settings, and the burst's answers equal the ones sent alone."""
+    results = tmp_path / "RESULTS.md"
+    run_script("benchmarks/serve_burst.py", "--model_size", "tiny", "--adapters", 2, "--requests", 4,
+               "--max_tokens", 4, "--max_batch_size", 2, "--run_length", 2, "--swap", "merged",
+               "--results_file", results)
+    text = results.read_text()
+    assert "--swap merged vs unmerged" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and "| tiny | merged | 2 |" in rows[0] and rows[0].endswith("| yes |"), rows
+
+
+def test_lora_swap_rows(tmp_path):
+    """benchmarks/lora_swap.py on the tiny model: the base bit-identical in every dtype, one row per table."""
+    results = tmp_path / "RESULTS.md"
+    run_script("benchmarks/lora_swap.py", "--model_size", "tiny", "--adapters", 12, "--swaps", 30,
+               "--results_file", results)
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2 and "| yes / yes / yes (N = 30) |" in rows[0], rows

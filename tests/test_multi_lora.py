@@ -124,7 +124,12 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_checkpoint_dir, lor
 
 
 @pytest.mark.slow
-def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, capsys):
+@pytest.mark.parametrize("options", [
+    dict(batch_size=3),
+    # one request per batch: each merged; one device slot and two in host memory: evictions and file reads
+    dict(batch_size=1, swap="merged", max_device_adapters=1, max_host_adapters=2),
+])
+def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, capsys, options):
     requests = tmp_path / "requests.jsonl"
     lines = [{"adapter": "chat", "instruction": "Name a color."},
              {"adapter": "wide", "instruction": "Explain the sky."},
@@ -135,8 +140,11 @@ def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, c
     script = load_script("generate/multi_lora.py")
     lora = [f"{name}={path}" for name, path in lora_files.items()]
     script.main(checkpoint_dir=tiny_checkpoint_dir, lora=lora, requests=requests, max_new_tokens=8, temperature=0,
-                batch_size=3, precision="32-true")
-    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+                precision="32-true", **options)
+    captured = capsys.readouterr()
+    out = [json.loads(line) for line in captured.out.splitlines()]
+    device_adapters = options.get("max_device_adapters", len(lora_files))
+    assert f"adapter cache: {device_adapters} adapters on the device" in captured.err
     assert [(o["adapter"], o["instruction"]) for o in out] == [
         (line.get("adapter", "base"), line["instruction"]) for line in lines]
 
@@ -153,11 +161,12 @@ def test_generate_multi_lora_script(tiny_checkpoint_dir, lora_files, tmp_path, c
         assert answer["response"] == expected
 
 
-def test_dora_adapters_are_refused(tiny_checkpoint_dir, tmp_path):
+@pytest.mark.parametrize("swap", ["unmerged", "merged"])  # merged too: a mixed batch could not fall back
+def test_dora_adapters_are_refused(tiny_checkpoint_dir, tmp_path, swap):
     paths = resolve_checkpoint(tiny_checkpoint_dir)
     dora = load_model(paths, CPU, FP32, LoRALLaMA, lora=LoRAConfig(dora=True))
     torch.save(lora_state_dict(dora), tmp_path / "dora.pth")
-    model = load_model(paths, CPU, FP32, MultiLoRALLaMA)
+    model = load_model(paths, CPU, FP32, MultiLoRALLaMA, swap=swap)
     with pytest.raises(UserError, match="dora.pth is a DoRA adapter"):
         model.add_adapter("d", tmp_path / "dora.pth")
 
@@ -169,14 +178,20 @@ def test_dora_adapters_are_refused(tiny_checkpoint_dir, tmp_path):
     (["--requests", "BAD_JSON"], "line 2 is not valid JSON"),
     (["--requests", "UNKNOWN_ADAPTER"], "line 1: unknown adapter 'other'"),
     (["--batch_size", "0"], "--batch_size must be in [1, inf], got 0"),
+    (["--swap", "fused"], "--swap 'fused' is not one of unmerged, merged"),
+    (["--swap", "merged", "--quantize", "int8"], "--swap merged needs the base weights unquantized"),
+    (["--max_device_adapters", "2", "--max_host_adapters", "1"], "--max_host_adapters 1 is less than"),
+    (["--lora", "WIDE", "--requests", "TWO_ADAPTERS", "--max_device_adapters", "1"],
+     "requests 1 to 2 (one batch) name 2 adapters, more than --max_device_adapters 1 holds"),
 ])
 def test_generate_multi_lora_bad_input(tiny_checkpoint_dir, lora_files, tmp_path, args, message, capsys,
                                        monkeypatch):
     files = {"GOOD": [{"adapter": "qv", "instruction": "hi"}], "BAD_JSON": [{"instruction": "hi"}, "{not json"],
-             "UNKNOWN_ADAPTER": [{"adapter": "other", "instruction": "hi"}]}
+             "UNKNOWN_ADAPTER": [{"adapter": "other", "instruction": "hi"}],
+             "TWO_ADAPTERS": [{"adapter": "qv", "instruction": "hi"}, {"adapter": "wide", "instruction": "ho"}]}
     for name, lines in files.items():
         (tmp_path / name).write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
-    args = [str(tmp_path / a) if a in files else a for a in args]
+    args = [str(tmp_path / a) if a in files else f"wide={lora_files['wide']}" if a == "WIDE" else a for a in args]
     argv = ["--checkpoint_dir", str(tiny_checkpoint_dir), "--lora", f"qv={lora_files['qv']}",
             "--requests", str(tmp_path / "GOOD"), *args]
     script = load_script("generate/multi_lora.py")
@@ -186,3 +201,107 @@ def test_generate_multi_lora_bad_input(tiny_checkpoint_dir, lora_files, tmp_path
     out, err = capsys.readouterr()
     assert_clean_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), message)
     assert out == ""
+
+
+def state_digest(model) -> str:
+    """A hash of every base weight's bytes (the adapters' stacks are buffers outside the state dict)."""
+    return hashlib.sha256(b"".join(t.view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+
+
+@pytest.mark.slow  # 10-35 s each on a busy 2-core CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merged_swaps_give_back_the_base_bit_for_bit(tiny_checkpoint_dir, lora_files, dtype):
+    """1,000 random switches between merged adapters, mixed batches and the base: the base weights hash as loaded,
+    and an adapter merged late is bit for bit the same merge as the first time (no drift)."""
+    model = load_model(resolve_checkpoint(tiny_checkpoint_dir), CPU, dtype, MultiLoRALLaMA, swap="merged").eval()
+    for name, path in lora_files.items():
+        model.add_adapter(name, path)
+    loaded = state_digest(model)
+    model.select(["wide"])
+    first_wide = state_digest(model)
+    assert first_wide != loaded  # merging does change the weights: the test could fail
+    g = torch.Generator().manual_seed(0)
+    names = [*ADAPTERS, "base"]
+    merges = 0
+    for _ in range(1000):
+        if torch.rand((), generator=g) < 0.8:  # one adapter for the batch: merged
+            rows = [names[int(torch.randint(len(names), (), generator=g))]] * 2
+            merges += rows[0] != "base"
+        else:  # a mixed batch: the unmerged path, the base as loaded
+            rows = [names[int(i)] for i in torch.randint(len(names), (3,), generator=g)]
+            rows[0], rows[1] = "qv", "keys"
+        model.select(rows)
+        if len(set(rows)) > 1:
+            assert model.merged is None
+    assert merges > 500
+    model.select(["wide"])
+    assert state_digest(model) == first_wide
+    model.select(None)
+    assert state_digest(model) == loaded
+
+
+def test_merged_batches_compute_the_unmerged_outputs(tiny_checkpoint_dir, lora_files):
+    unmerged = multi_model(tiny_checkpoint_dir, lora_files)
+    merged = load_model(resolve_checkpoint(tiny_checkpoint_dir), CPU, FP32, MultiLoRALLaMA, swap="merged").eval()
+    for name, path in lora_files.items():
+        merged.add_adapter(name, path)
+    x = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for rows in (["wide", "wide"], ["qv", "qv"], ["base", None], ["chat", "qv"], ["keys", "keys"]):
+            unmerged.select(rows)
+            merged.select(rows)
+            expected, got = unmerged(x), merged(x)
+            # float32: the merged product sums in another order; error ~ eps times the logits' scale
+            atol = 1e-5 * expected.abs().max().item()
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+            one = len({r or "base" for r in rows}) == 1
+            layers = merged.multi_lora_layers().values()
+            assert all(layer.row_slots is None for layer in layers) == (one or rows == ["base", None])
+            assert merged.merged == (rows[0] if one and rows[0] != "base" else None)
+
+
+def test_adapter_cache_evicts_least_recently_used(tiny_checkpoint_dir, lora_files, monkeypatch):
+    """2 device slots over 3 adapters in host memory, 4 adapters: every selection computes what the model
+    holding all of them does; the levels hold what they should; a batch of 3 adapters is refused."""
+    import lit_llama.multi_lora as multi_lora
+
+    reads = []
+    read = multi_lora.read_lora_factors
+    monkeypatch.setattr(multi_lora, "read_lora_factors", lambda path, *a: reads.append(path.stem) or read(path, *a))
+    everything = multi_model(tiny_checkpoint_dir, lora_files)
+    cached = load_model(resolve_checkpoint(tiny_checkpoint_dir), CPU, FP32, MultiLoRALLaMA, max_device_adapters=2,
+                        max_host_adapters=3).eval()
+    for name, path in lora_files.items():  # qv, wide, keys, chat
+        cached.add_adapter(name, path)
+    assert list(cached.device_slots) == ["qv", "wide"] and list(cached.host) == ["wide", "keys", "chat"]
+    x = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(4))
+    reads.clear()
+    with torch.no_grad():
+        for rows in (["chat", "keys"], ["qv", "chat"], ["wide", "wide"], ["keys", "base"], ["chat", "qv"]):
+            everything.select(rows)
+            cached.select(rows)
+            torch.testing.assert_close(cached(x), everything(x), atol=1e-5, rtol=0)
+    # traced by hand: device hits refresh the host's order too; host misses are read from their files again
+    assert reads == ["qv", "wide", "keys", "qv"]
+    assert list(cached.device_slots) == ["chat", "qv"] and list(cached.host) == ["keys", "chat", "qv"]
+    memory = cached.memory()
+    assert memory["device_adapters"] == 2 and memory["host_adapters"] == 3
+    config = resolve_checkpoint(tiny_checkpoint_dir).config
+    sizes = {name: sum(t.numel() * 4 for A, B in read(lora_files[name], config)[0].values() for t in (A, B))
+             for name in ("keys", "chat", "qv")}  # float32 factors
+    assert memory["host_bytes"] == sum(sizes.values()) and memory["device_bytes"] > 0
+    assert "2 adapters on the device" in cached.describe_memory()
+    with pytest.raises(UserError, match="a batch names 3 adapters, more than the 2 the device holds"):
+        cached.select(["qv", "wide", "keys"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(swap="fused"), "--swap 'fused' is not one of unmerged, merged"),
+    (dict(max_device_adapters=0), "--max_device_adapters must be a whole number of at least 1"),
+    (dict(max_device_adapters=4, max_host_adapters=2), "--max_host_adapters 2 is less than --max_device_adapters 4"),
+])
+def test_cache_flags_are_checked(kwargs, message):
+    from lit_llama.multi_lora import check_cache_flags
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        check_cache_flags(**{"swap": "unmerged", "max_device_adapters": None, "max_host_adapters": None, **kwargs})

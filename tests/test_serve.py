@@ -452,3 +452,34 @@ def test_oversized_bodies_are_refused_before_they_are_read(world):
         for answer in answers:
             assert answer.result().startswith(b"HTTP/1.1 413") and b"larger than 1048576 bytes" in answer.result()
     assert announce(0, chunked=True).startswith(b"HTTP/1.1 413")
+
+
+def test_merged_swap_and_a_small_cache_give_the_same_answers(tiny_checkpoint_dir, tmp_path):
+    """The worker with --swap merged, one device slot and one adapter in host memory answers every batch as the
+    default worker does (greedy): batches of one adapter merged, a mixed one unmerged, adapters evicted and read
+    again from their files; and the base weights are back bit for bit afterwards."""
+    serve = load_script("serve.py")
+    paths = resolve_checkpoint(tiny_checkpoint_dir)
+    (tmp_path / "adapters").mkdir()
+    for i, (name, (lora, style)) in enumerate(ADAPTERS.items()):
+        save_lora(paths, tmp_path / "adapters" / f"{name}.pth", lora, style, seed=10 + i)
+    folder = serve.AdapterFolder(tmp_path / "adapters", paths)
+    default = serve.LoRAServer(paths, folder, "32-true", None, False)
+    merged = serve.LoRAServer(paths, folder, "32-true", None, False,
+                              cache=dict(swap="merged", max_device_adapters=2, max_host_adapters=2))
+    default.setup("cpu")
+    merged.setup("cpu")
+    loaded = {name: t.clone() for name, t in merged.model.state_dict().items()}
+    prompt = default.tokenizer.encode("the sky", bos=True).tolist()
+
+    def job(adapter):
+        return {"adapter": adapter, "path": str(folder.path(adapter)) if adapter != "base" else None,
+                "version": folder.version(adapter) if adapter != "base" else None, "prompt": prompt, "max_tokens": 6,
+                "temperature": 0.0, "top_k": None, "stops": [], "strip": False}
+
+    for batch in (["qv", "qv"], ["wide"], ["chat", "qv"], ["chat"], ["base", "base"], ["wide", "wide"]):
+        answers = [list(api.predict([job(a) for a in batch])) for api in (default, merged)]
+        assert answers[0] == answers[1], batch
+    assert merged.model.merged == "wide" and len(merged.model.device_slots) == 2
+    merged.model.select(None)
+    assert all(torch.equal(t, loaded[name]) for name, t in merged.model.state_dict().items())
