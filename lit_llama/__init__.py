@@ -1,7 +1,8 @@
 """lit_llama: the package under every script. A map, top to bottom (imports point down, never up):
 
   scripts      finetune/*.py, generate/*.py, scripts/*.py, serve.py: flags (jsonargparse), then one call below
-  entry        finetune.py (flags -> settings -> processes -> fit), generation.py, convert.py (foreign formats)
+  entry        finetune.py (flags -> settings -> processes -> fit), generation.py, convert.py (foreign formats;
+               gguf.py and gguf_tokenizer.py for llama.cpp files)
   methods      lora.py, adapter.py (subclass the model, own file formats; a new method: a class with the
                `finetune.Method` fields in its module, and a 50-line finetune/<name>.py), multi_lora.py
   the loop     training.py (batches, loss, fit, validate, metrics); run_dir.py (lock, run.json, resume state)
