@@ -9,7 +9,7 @@
   around it    args.py (shared flags, each described once), distributed.py (Fabric, strategy, precision),
                data.py and prompts.py (a new prompt style: one entry in prompts.PROMPT_STYLES), quantize.py
   formats      checkpoint.py (our formats: paths, safe loading, each reader beside its writer), convert.py
-               (Hugging Face, Meta, Lit-LLaMA names and layouts), peft.py, gguf.py
+               (Hugging Face, Meta, Lit-LLaMA names and layouts), peft.py, gguf.py and gguf_tokenizer.py
   base         model.py (a new model family: Config fields, not a new file), tokenizer.py (SentencePiece and
                tokenizer.json behind one interface), disk.py (atomic writes), cli.py (UserError, run_cli, checks)
 """

@@ -7,8 +7,9 @@ Trains each method with its own finetune script (each method keeps its own learn
 decay; everything else - batches, iterations, warmup, block size, precision, seed - is shared, so every
 method sees exactly the same examples), or reads runs that already finished (in --out_dir/<method>, or
 --run_dirs). Then writes to --out_dir:
-  compare.md    one row per method: trainable parameters, checkpoint size, peak memory, time, tokens/s,
-                final train and validation loss and perplexity, and each method's greedy responses;
+  compare.md    one row per method: trainable parameters, checkpoint size, peak memory, time, time per
+                micro-batch iteration, tokens/s, validation loss before and after, final train loss and perplexity,
+                and each method's greedy responses (with the base model's, --base_answers);
   compare.png   validation loss against tokens seen;
   compare.json  the same numbers, for scripts.
 """
@@ -22,7 +23,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
@@ -77,6 +78,8 @@ def main(
     prompts: Union[List[str], Path] = PROMPTS,
     max_new_tokens: int = 100,
     block_size: Optional[int] = None,
+    heldout_prompts: int = 0,
+    base_answers: bool = False,
 ) -> None:
     """Trains (or reads) one run per method and writes the comparison.
 
@@ -104,8 +107,15 @@ def main(
             text file of one instruction a line (the comparison page of serve.py saves its prompts so).
         max_new_tokens: The most tokens per response.
         block_size: Deprecated name of --max_seq_length.
+        heldout_prompts: Answer the first N records of the data's held-out split (test.pt: instruction and
+            input; records no method trained on) instead of --prompts.
+        base_answers: Answer the prompts with the base model too, in a column before the methods'.
     """
-    if not isinstance(prompts, list):
+    check_at_least("heldout_prompts", heldout_prompts, 0)
+    if heldout_prompts:
+        requests = heldout_requests(Path(data_dir), heldout_prompts)
+        prompts = [instruction + (f"\n\n{text}" if text else "") for instruction, text in requests]
+    elif not isinstance(prompts, list):
         prompts = read_prompts(Path(prompts))
     if not prompts or not all(p.strip() for p in prompts):
         raise UserError("--prompts: every prompt must have some text")
@@ -172,16 +182,35 @@ def main(
     runs = {method: runs[method] for method in methods}  # in the order asked
 
     print("Generating the greedy responses ...")
+    if not heldout_prompts:
+        requests = [(prompt, "") for prompt in prompts]
+    answers = {}
+    if base_answers:
+        answers["base"] = respond("base", checkpoint_dir, None, requests, precision, max_new_tokens,
+                                  prompt_style_of_data(data_dir))
     for method, run in runs.items():
-        run["responses"] = respond(method, checkpoint_dir, run["final"], prompts, precision, max_new_tokens,
+        run["responses"] = respond(method, checkpoint_dir, run["final"], requests, precision, max_new_tokens,
                                    prompt_style_of_data(data_dir))
+        answers[method] = run["responses"]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_markdown(runs, prompts, out_dir / "compare.md", shared_flags)
+    write_markdown(runs, prompts, answers, out_dir / "compare.md", shared_flags)
     plot(runs, out_dir / "compare.png")
     write_text_atomic(json.dumps(runs, indent=2, default=str) + "\n", out_dir / "compare.json")
     print((out_dir / "compare.md").read_text())
     print(f"Wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'} and {out_dir / 'compare.json'}")
+
+
+def heldout_requests(data_dir: Path, n: int) -> List[Tuple[str, str]]:
+    """(instruction, input) of the first `n` records of the held-out split prepare_*.py wrote."""
+    test_file = data_dir / "test.pt"
+    if not test_file.is_file():
+        raise UserError(f"--heldout_prompts: {test_file} does not exist (prepare the data first)")
+    records = torch.load(test_file, weights_only=True)
+    if len(records) < n or not all(isinstance(r, dict) and "instruction" in r for r in records[:n]):
+        raise UserError(f"--heldout_prompts {n}: {test_file} holds {len(records)} records, not {n} with their "
+                        "instruction text (prepare the data again with this version)")
+    return [(r["instruction"], r.get("input") or "") for r in records[:n]]
 
 
 def check_matplotlib() -> None:
@@ -293,6 +322,8 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
         "checkpoint_mb": final.stat().st_size / 1e6,
         "peak_memory_gb": max([float(r["peak_memory"]) for r in rows if r.get("peak_memory")], default=float("nan")),
         "train_seconds": summary["train_seconds"],
+        # per micro-batch iteration (forward and backward; validation and saving are not in the time)
+        "seconds_per_iter": summary["train_seconds"] / summary["iters"] if summary.get("iters") else float("nan"),
         "tokens": summary["tokens"],
         "tokens_per_sec": summary["tokens_per_sec"],
         "train_loss": last_tenth_mean([float(r["train_loss"]) for r in rows if r.get("train_loss")]),
@@ -304,26 +335,29 @@ def read_run(run_dir: Path, final: Path) -> Dict[str, Any]:
 def respond(
     method: str,
     checkpoint_dir: Path,
-    final: str,
-    prompts: List[str],
+    final: Optional[str],
+    requests: List[Tuple[str, str]],
     precision: Optional[str],
     max_new_tokens: int,
     prompt_style: str = "alpaca",
 ) -> List[str]:
-    """Greedy responses of one finetuned model, prompted in the style its data was prepared with."""
+    """Greedy responses to (instruction, input) pairs of one finetuned model (method "base": the base model),
+    prompted in the style its data was prepared with."""
     device, dtype = default_device(), precision_dtype(precision)
     paths = resolve_checkpoint(checkpoint_dir)
     if method == "lora":
         model = load_lora_model(paths, Path(final), device, dtype)
     elif method.startswith("adapter"):
         model = load_adapter_model(paths, Path(final), device, dtype)
+    elif method == "base":
+        model = load_model(paths, device, dtype)
     else:
         model = load_model(resolve_checkpoint(checkpoint_path=Path(final)), device, dtype)
     model.eval()
     tokenizer = Tokenizer(paths.tokenizer)
     torch.manual_seed(0)
-    responses = [generate_response(model, tokenizer, p, "", device, max_new_tokens, prompt_style=prompt_style)
-                 for p in prompts]
+    responses = [generate_response(model, tokenizer, instruction, text, device, max_new_tokens,
+                                   prompt_style=prompt_style) for instruction, text in requests]
     del model  # one model in memory at a time
     gc.collect()
     if device.type == "cuda":
@@ -331,7 +365,8 @@ def respond(
     return responses
 
 
-def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Path, flags: List[Any]) -> None:
+def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], answers: Dict[str, List[str]], path: Path,
+                   flags: List[Any]) -> None:
     machine = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -342,15 +377,18 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
         "",
         f"Machine: {machine}. Settings asked for: `{' '.join(map(str, flags))}`.",
         "",
-        "| method | trainable params | checkpoint | peak memory | train time | tokens/s | train loss (ppl) "
-        "| val loss (ppl) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable params | checkpoint | peak memory | train time | per iteration | tokens/s "
+        "| train loss (ppl) | val loss before | val loss after (ppl) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, r in runs.items():
+        # the finetune scripts validate once before the first step (the base model's loss, at 0 tokens)
+        before = next((loss for tokens, loss in r["val_curve"] if tokens == 0), None)
         lines.append(
             f"| {method} | {r['trainable_params']:,} | {size(r['checkpoint_mb'])} | {r['peak_memory_gb']:.2f} GB "
-            f"| {r['train_seconds']:.1f} s | {r['tokens_per_sec']:.0f} | {r['train_loss']:.3f} "
-            f"({perplexity(r['train_loss'])}) | {r['val_loss']:.3f} ({perplexity(r['val_loss'])}) |"
+            f"| {r['train_seconds']:.1f} s | {r.get('seconds_per_iter', float('nan')):.1f} s "
+            f"| {r['tokens_per_sec']:.0f} | {r['train_loss']:.3f} ({perplexity(r['train_loss'])}) "
+            f"| {'-' if before is None else f'{before:.3f}'} | {r['val_loss']:.3f} ({perplexity(r['val_loss'])}) |"
         )
     lines += ["", "Peak memory is GPU memory allocated on a GPU, the process's peak RSS on a CPU.", "",
               "Each row was trained with:", ""]
@@ -359,7 +397,7 @@ def write_markdown(runs: Dict[str, Dict[str, Any]], prompts: List[str], path: Pa
         trained_with = " ".join(settings["flags"]) if settings else "(trained elsewhere: settings not recorded)"
         lines.append(f"- **{method}** ({r['run_dir']}): `{trained_with}`")
     lines += ["", "## Answers", "", "Greedy, each in the prompt style of the data.", "",
-              *answers_table(prompts, {method: r["responses"] for method, r in runs.items()}), ""]
+              *answers_table(prompts, answers), ""]
     write_text_atomic("\n".join(lines), path)
 
 

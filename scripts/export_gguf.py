@@ -20,14 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.convert import lit_to_hf
-from lit_llama.gguf import (
-    EXPORT_TYPES,
-    import_gguf,
+from lit_llama.gguf import EXPORT_TYPES, import_gguf, write_gguf
+from lit_llama.gguf_tokenizer import (
     jinja_chat_template,
     ollama_modelfile,
     tokenizer_from_json,
     tokenizer_from_sentencepiece,
-    write_gguf,
 )
 from lit_llama.lora import load_lora_model, lora_prompt_style, read_lora_checkpoint
 from lit_llama.model import Config
@@ -36,10 +34,11 @@ from lit_llama.checkpoint import is_extra_parameter, load_model, load_state_dict
 from lit_llama.cli import UserError, run_cli
 from lit_llama.disk import disk_errors, write_text_atomic
 
-# Config fields the GGUF metadata written here describes; any other field set away from its default (a feature
-# this exporter does not write yet) is refused rather than exported as a different model
+# Config fields the GGUF metadata written here describes (lit_llama.gguf.write_gguf); any other field set away
+# from its default (a feature this exporter does not write yet: Mistral's sliding window) is refused rather than
+# exported as a different model
 EXPORTED_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_query_groups", "intermediate_size",
-                   "norm_eps", "rope_theta"}
+                   "norm_eps", "rope_theta", "head_dim", "tie_embeddings", "qkv_bias", "rope_scaling"}
 
 
 def main(
@@ -122,7 +121,7 @@ def main(
 def check_exported_fields(config: Config) -> None:
     defaults = Config(n_embd=config.n_embd, n_head=config.n_head)
     for field in dataclasses.fields(Config):
-        if field.name in EXPORTED_FIELDS or "tie" in field.name:
+        if field.name in EXPORTED_FIELDS:
             continue
         value = getattr(config, field.name)
         if value != getattr(defaults, field.name):

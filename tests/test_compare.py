@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import assert_clean_error, run_script
 
@@ -22,8 +23,8 @@ def test_compare_writes_table_and_plot(tiny_checkpoint_dir, tmp_path):
     proc = run_script("scripts/compare.py", *args)
 
     table = (out / "compare.md").read_text()
-    rows = [line for line in table.split("## Answers")[0].splitlines()  # the table of methods, not of answers
-            if line.startswith("| ") and not line.startswith("| method")]
+    results_table = table.split("## Answers")[0]  # the table of figures, not the table of answers after it
+    rows = [line for line in results_table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [row.split("|")[1].strip() for row in rows] == ["lora", "adapter", "adapter_v2", "full"]
     assert (out / "compare.png").stat().st_size > 10_000
     results = json.loads((out / "compare.json").read_text())
@@ -55,6 +56,19 @@ def test_compare_writes_table_and_plot(tiny_checkpoint_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     proc = run_script("scripts/compare.py", *args[:-4], "--prompts", tmp_path / "empty.txt", check=False)
     assert_clean_error(proc, "--prompts", "empty.txt holds no prompt")
+
+    # the held-out split's instructions, answered by the base model too; the loss before training in the table
+    heldout = [r["instruction"] for r in torch.load(tmp_path / "data" / "test.pt")[:2]]
+    run_script("scripts/compare.py", *args, "--methods", '["lora", "full"]', "--heldout_prompts", 2,
+               "--base_answers", "true")
+    table = (out / "compare.md").read_text()
+    assert "| prompt | base | lora | full |" in table
+    assert all(f"| {instruction} |" in table for instruction in heldout)
+    lora_row = next(line for line in table.splitlines() if line.startswith("| lora |")).split("|")
+    before, after = float(lora_row[-3]), float(lora_row[-2].split()[0])
+    assert before != after  # the loss before training is the base model's, not the final one
+    proc = run_script("scripts/compare.py", *args, "--heldout_prompts", 99, check=False)
+    assert_clean_error(proc, "--heldout_prompts 99", "holds 8 records")
 
     proc = run_script("scripts/compare.py", *args[:6], "--methods", '["lora", "qlora"]', check=False)
     assert_clean_error(proc, "qlora")

