@@ -12,10 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere, installed or not
 
-from lit_llama.generation import check_sampling_flags, generate, report_compilation, report_speed, setup_generation
-from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 from lit_llama.checkpoint import load_model, resolve_checkpoint
 from lit_llama.cli import run_cli
+from lit_llama.generation import check_sampling_flags, generate, report_compilation, report_speed, setup_generation
+from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 
 
 def main(

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.finetune import FullFinetune, finetune_cli, finetune_from_python

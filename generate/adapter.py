@@ -16,11 +16,11 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.adapter import adapter_prompt_style, load_adapter_model
+from lit_llama.checkpoint import load_state_dict, resolve_checkpoint
+from lit_llama.cli import run_cli
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.prompts import get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.checkpoint import load_state_dict, resolve_checkpoint
-from lit_llama.cli import run_cli
 
 
 def main(

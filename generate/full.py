@@ -13,15 +13,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.checkpoint import CONFIG_NAME, CheckpointPaths, load_model, load_sharded, resolve_checkpoint
+from lit_llama.cli import UserError, run_cli
 from lit_llama.data import generate_prompt
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.model import Config
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.checkpoint import CONFIG_NAME, CheckpointPaths, load_model, load_sharded, resolve_checkpoint
-from lit_llama.cli import UserError, run_cli
 from lit_llama.tokenizer import find_tokenizer
 
 

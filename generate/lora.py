@@ -15,12 +15,12 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.checkpoint import resolve_checkpoint
+from lit_llama.cli import UserError, run_cli
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
 from lit_llama.lora import load_lora_model, lora_prompt_style, read_lora_checkpoint
 from lit_llama.prompts import get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
-from lit_llama.checkpoint import resolve_checkpoint
-from lit_llama.cli import UserError, run_cli
 
 
 def main(

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.checkpoint import load_model, resolve_checkpoint
-from lit_llama.cli import check_at_least, UserError, run_cli
+from lit_llama.cli import UserError, check_at_least, run_cli
 from lit_llama.generation import check_sampling_flags, generate_responses, setup_generation
 from lit_llama.json_input import parse_json
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, check_cache_flags, read_lora_factors

@@ -29,7 +29,13 @@ from lit_llama.cli import UserError, describe_exception
 from lit_llama.disk import disk_errors, replace_checkpoint, save_atomic, write_text_atomic
 from lit_llama.distributed import unwrap
 from lit_llama.model import Config, LLaMA, llama_configs
-from lit_llama.tokenizer import HF_TOKENIZER_NAME, MAX_VOCAB_PADDING, SENTENCEPIECE_NAME, TOKENIZER_FILES, find_tokenizer
+from lit_llama.tokenizer import (
+    HF_TOKENIZER_NAME,
+    MAX_VOCAB_PADDING,
+    SENTENCEPIECE_NAME,
+    TOKENIZER_FILES,
+    find_tokenizer,
+)
 
 WEIGHTS_NAME = "lit-llama.pth"
 

@@ -16,10 +16,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from lit_llama.lora import LoRAConfig
-from lit_llama.model import Config, LLaMA
 from lit_llama.checkpoint import check_finite
 from lit_llama.cli import UserError
+from lit_llama.lora import LoRAConfig
+from lit_llama.model import Config, LLaMA
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

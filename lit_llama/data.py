@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
-from lit_llama.tokenizer import Tokenizer, check_text
 from lit_llama.checkpoint import TOKENIZER_NAME, tokenizer_beside, verify_checksums
 from lit_llama.cli import UserError, describe_exception
 from lit_llama.disk import disk_errors
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, get_prompt_style
+from lit_llama.tokenizer import Tokenizer, check_text
 
 # PyTorch's `cross_entropy(ignore_index=-100)` default: label positions with this value add no loss
 IGNORE_INDEX = -100

@@ -28,13 +28,13 @@ from lit_llama.checkpoint import (
     save_sharded_weights,
 )
 from lit_llama.cli import UserError, deprecated_flag, with_one_line_errors
+from lit_llama.data import load_prepared
 from lit_llama.disk import write_text_atomic
 from lit_llama.distributed import Precision, launch, load_device, make_fabric, uses_fsdp
-from lit_llama.run_dir import claim_out_dir
-from lit_llama.training import Sample, TrainingConfig, fit
-from lit_llama.data import load_prepared
 from lit_llama.model import Config
+from lit_llama.run_dir import claim_out_dir
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import Sample, TrainingConfig, fit
 
 
 class Method(Protocol):

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Set, 
 import torch
 
 from lit_llama.checkpoint import CheckpointPaths, check_vocab
-from lit_llama.cli import check_at_least, check_range, UserError
+from lit_llama.cli import UserError, check_at_least, check_range
 from lit_llama.distributed import default_device, precision_dtype
 from lit_llama.model import LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PromptStyle, get_prompt_style

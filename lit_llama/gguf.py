@@ -334,7 +334,8 @@ def export_type(shape: Sequence[int], dtype: str) -> Any:
 
 def quantized(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
     """A weight in GGML type `qtype`: float32/float16 arrays, or the bytes of bf16 / q8_0 blocks."""
-    from gguf import GGMLQuantizationType as T, quantize
+    from gguf import GGMLQuantizationType as T
+    from gguf import quantize
 
     data = tensor.detach().to(torch.float32).cpu().numpy()
     if qtype == T.F32:

@@ -28,8 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_llama.model import Config, LLaMA
-from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, prompt_style_of_data
 from lit_llama.checkpoint import (
     CheckpointPaths,
     check_finite,
@@ -41,6 +39,8 @@ from lit_llama.checkpoint import (
 )
 from lit_llama.cli import UserError, describe_exception
 from lit_llama.distributed import load_device, unwrap
+from lit_llama.model import Config, LLaMA
+from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, prompt_style_of_data
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
 
 

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-
 MAX_BLOCK_SIZE = 2**24
 
 

@@ -36,13 +36,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama.cli import UserError
 from lit_llama.lora import (
-    LoRALinear, LoRALLaMA, check_lora_base, check_lora_family, load_lora_state_dict, lora_config_from_checkpoint,
-    lora_prompt_style, read_lora_checkpoint,
+    LoRALinear,
+    LoRALLaMA,
+    check_lora_base,
+    check_lora_family,
+    load_lora_state_dict,
+    lora_config_from_checkpoint,
+    lora_prompt_style,
+    read_lora_checkpoint,
 )
 from lit_llama.model import Config, LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
-from lit_llama.cli import UserError
 
 BASE = "base"  # the name that selects no adapter
 SWAP_MODES = ("unmerged", "merged")

@@ -245,7 +245,8 @@ def train_bpe_tokenizer_json(
     """Trains a small byte-level BPE `tokenizer.json` (the kind Llama 3, SmolLM2 and Qwen2.5 use) on `texts`,
     with `tokenizer_config.json` beside it naming bos and eos; the post-processor adds bos when `add_bos`.
     For tests: the real files are far larger but read by the same code."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)

@@ -31,18 +31,23 @@ sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 import torch
 
 from lit_llama.adapter import load_adapter_model
-from lit_llama.generation import generate_response
-from lit_llama.prompts import prompt_style_of_data
-from lit_llama.lora import load_lora_model
-from lit_llama.runs import (
-    answers_table, count_tensor_elements, last_tenth_mean, read_json, read_metrics, read_prompts,
-)
 from lit_llama.checkpoint import load_model, load_state_dict, resolve_checkpoint
-from lit_llama.cli import check_at_least, check_out_dir, UserError, deprecated_flag, run_cli
+from lit_llama.cli import UserError, check_at_least, check_out_dir, deprecated_flag, run_cli
 from lit_llama.disk import write_text_atomic
 from lit_llama.distributed import default_device, precision_dtype
-from lit_llama.training import METRICS_NAME
+from lit_llama.generation import generate_response
+from lit_llama.lora import load_lora_model
+from lit_llama.prompts import prompt_style_of_data
+from lit_llama.runs import (
+    answers_table,
+    count_tensor_elements,
+    last_tenth_mean,
+    read_json,
+    read_metrics,
+    read_prompts,
+)
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import METRICS_NAME
 
 # method -> its finetune script, extra flags, and the name of its final checkpoint
 METHODS: Dict[str, Dict[str, Any]] = {

@@ -18,11 +18,11 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.convert import parse_dtype
-from lit_llama.gguf import gguf_to_hf, open_gguf
 from lit_llama.checkpoint import WEIGHTS_NAME
 from lit_llama.cli import UserError, check_out_dir, run_cli
+from lit_llama.convert import parse_dtype
 from lit_llama.disk import disk_errors, save_atomic
+from lit_llama.gguf import gguf_to_hf, open_gguf
 from scripts.convert_hf_checkpoint import convert as convert_hf
 
 # tokenizer files the HF folder may hold besides the tokenizer itself: bos/eos, chat template

@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.checkpoint import WEIGHTS_NAME, check_model_fits, file_in_folder, load_state_dict, save_checkpoint_dir
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 from lit_llama.convert import (
     check_complete,
     check_tensor,
@@ -31,8 +33,6 @@ from lit_llama.convert import (
 )
 from lit_llama.model import Config
 from lit_llama.tokenizer import TOKENIZER_NAMES, Tokenizer, check_tokenizer_vocab, find_tokenizer
-from lit_llama.checkpoint import WEIGHTS_NAME, check_model_fits, file_in_folder, load_state_dict, save_checkpoint_dir
-from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 
 
 def convert(

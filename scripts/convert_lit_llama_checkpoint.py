@@ -22,6 +22,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.adapter import AdapterConfig
+from lit_llama.checkpoint import (
+    WEIGHTS_NAME,
+    check_state_dict_fits,
+    load_state_dict,
+    resolve_checkpoint,
+    save_checkpoint_dir,
+    tokenizer_beside,
+)
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 from lit_llama.convert import (
     LIT_LLAMA_N_HEAD,
     is_lit_llama_base,
@@ -31,18 +40,9 @@ from lit_llama.convert import (
     lit_llama_lora_to_lit,
     lit_llama_to_lit,
 )
+from lit_llama.disk import save_atomic
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import LLaMA
-from lit_llama.checkpoint import (
-    WEIGHTS_NAME,
-    check_state_dict_fits,
-    tokenizer_beside,
-    load_state_dict,
-    resolve_checkpoint,
-    save_checkpoint_dir,
-)
-from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
-from lit_llama.disk import save_atomic
 
 
 def main(

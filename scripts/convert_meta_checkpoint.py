@@ -17,6 +17,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.checkpoint import (
+    TOKENIZER_NAME,
+    WEIGHTS_NAME,
+    check_model_fits,
+    load_state_dict,
+    save_checkpoint_dir,
+    tokenizer_beside,
+)
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 from lit_llama.convert import (
     check_complete,
     check_tensor,
@@ -31,15 +40,6 @@ from lit_llama.convert import (
     permute_meta,
 )
 from lit_llama.model import Config
-from lit_llama.checkpoint import (
-    TOKENIZER_NAME,
-    WEIGHTS_NAME,
-    check_model_fits,
-    tokenizer_beside,
-    load_state_dict,
-    save_checkpoint_dir,
-)
-from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 
 
 def convert(

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.checkpoint import check_finite, load_state_dict, resolve_checkpoint
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 from lit_llama.disk import save_atomic
-from lit_llama.peft import PEFT_PREFIX, peft_targets, peft_to_lora
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import Config
+from lit_llama.peft import PEFT_PREFIX, peft_targets, peft_to_lora
 
 LORA_NAME = "lit-llama-lora.pth"  # the file written into --out_dir
 

@@ -25,9 +25,9 @@ sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 import torch
 
 from lit_llama.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from lit_llama.cli import check_at_least, check_out_dir, check_range, UserError, run_cli
-from lit_llama.disk import write_text_atomic
+from lit_llama.cli import UserError, check_at_least, check_out_dir, check_range, run_cli
 from lit_llama.data import load_records
+from lit_llama.disk import write_text_atomic
 from lit_llama.model import Config, LLaMA, llama_configs
 from lit_llama.tokenizer import train_from_texts
 

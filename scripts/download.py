@@ -19,7 +19,7 @@ from jsonargparse.typing import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.cli import check_out_dir, UserError, deprecated_flag, run_cli
+from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 
 # the converter reads config.json and a tokenizer: LLaMA's SentencePiece tokenizer.model or a Hugging Face
 # tokenizer.json (Llama 3, SmolLM2, Qwen2.5); the settings files beside it say bos, eos and the stop tokens

@@ -19,7 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.checkpoint import is_extra_parameter, load_model, load_state_dict, resolve_checkpoint
+from lit_llama.cli import UserError, run_cli
 from lit_llama.convert import lit_to_hf
+from lit_llama.disk import disk_errors, write_text_atomic
 from lit_llama.gguf import EXPORT_TYPES, import_gguf, write_gguf
 from lit_llama.gguf_tokenizer import (
     jinja_chat_template,
@@ -30,9 +33,6 @@ from lit_llama.gguf_tokenizer import (
 from lit_llama.lora import load_lora_model, lora_prompt_style, read_lora_checkpoint
 from lit_llama.model import Config
 from lit_llama.prompts import get_prompt_style
-from lit_llama.checkpoint import is_extra_parameter, load_model, load_state_dict, resolve_checkpoint
-from lit_llama.cli import UserError, run_cli
-from lit_llama.disk import disk_errors, write_text_atomic
 
 # Config fields the GGUF metadata written here describes (lit_llama.gguf.write_gguf); any other field set away
 # from its default (a feature this exporter does not write yet: Mistral's sliding window) is refused rather than

@@ -19,9 +19,6 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.convert import HF_MODEL_TYPES, QKV, hf_architecture, lit_to_hf
-from lit_llama.model import Config, LLaMA
-from lit_llama.tokenizer import Tokenizer
 from lit_llama.checkpoint import (
     check_layer_count,
     check_state_dict_fits,
@@ -31,7 +28,10 @@ from lit_llama.checkpoint import (
     resolve_checkpoint,
 )
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
+from lit_llama.convert import HF_MODEL_TYPES, QKV, hf_architecture, lit_to_hf
 from lit_llama.disk import save_atomic, write_text_atomic
+from lit_llama.model import Config, LLaMA
+from lit_llama.tokenizer import Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 

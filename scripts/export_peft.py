@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.peft import LORA_TARGET_MODULES, lora_to_peft
-from lit_llama.lora import LoRAConfig, lora_config_from_checkpoint
 from lit_llama.checkpoint import check_finite, load_state_dict, resolve_checkpoint
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 from lit_llama.disk import save_atomic
+from lit_llama.lora import LoRAConfig, lora_config_from_checkpoint
+from lit_llama.peft import LORA_TARGET_MODULES, lora_to_peft
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

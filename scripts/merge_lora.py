@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.lora import load_lora_model
 from lit_llama.checkpoint import (
     WEIGHTS_NAME,
     is_extra_parameter,
@@ -24,6 +23,7 @@ from lit_llama.checkpoint import (
     save_checkpoint_dir,
 )
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
+from lit_llama.lora import load_lora_model
 
 
 def main(

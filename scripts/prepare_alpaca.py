@@ -12,6 +12,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.cli import deprecated_flag, run_cli
 from lit_llama.data import (
     check_prepare_flags,
     download_if_missing,
@@ -21,7 +22,6 @@ from lit_llama.data import (
     resolve_test_split_size,
 )
 from lit_llama.prompts import get_prompt_style
-from lit_llama.cli import deprecated_flag, run_cli
 
 DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data.json"
 DATA_FILE_NAME = "alpaca_data.json"  # the download's name in --out_dir

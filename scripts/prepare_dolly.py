@@ -13,6 +13,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from lit_llama.cli import deprecated_flag, run_cli
 from lit_llama.data import (
     check_prepare_flags,
     download_if_missing,
@@ -22,7 +23,6 @@ from lit_llama.data import (
     resolve_test_split_size,
 )
 from lit_llama.prompts import get_prompt_style
-from lit_llama.cli import deprecated_flag, run_cli
 
 DATA_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 DATA_FILE_NAME = "databricks-dolly-15k.jsonl"  # the download's name in --out_dir
