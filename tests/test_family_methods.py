@@ -200,7 +200,7 @@ def test_adapters_full_qlora_multi_lora_and_serve(world, tmp_path):
     adapters.mkdir()
     (adapters / "chat.pth").write_bytes(qlora.read_bytes())
     folder = serve.AdapterFolder(adapters, paths)
-    api = serve.LoRAServer(paths, folder, "32-true", None, False, 8, 0.05, serve.OpenAILoRASpec(paths, folder, 8, None))
+    api = serve.LoRAServer(paths, folder, "32-true", None, False)  # the worker's model, in this process
     api.setup("cpu")
     style = get_prompt_style(STYLES[world["family"]])
     prompt = api.tokenizer.encode(style.prompt("Add 1 and 2."), bos=True).tolist()
