@@ -276,6 +276,6 @@ def test_readme_and_guides_work_as_written(workspace, lit_llama_checkout, capsys
                  "out/full/alpaca/lit-llama-full-finetuned.pth", "checkpoints/lit-llama/open_llama_3b-alpaca-lora/lit-llama.pth",
                  "out/compare/compare.md", "out/lora/alpaca-nf4/lit-llama-lora-finetuned.pth", "out/lora/mine",
                  "checkpoints/lit-llama/7B/lit-llama.pth", "checkpoints/hf-export/open_llama_3b-alpaca-lora",
-                 "checkpoints/lit-llama/SmolLM2-135M-Instruct/lit-llama.pth",
+                 "checkpoints/lit-llama/SmolLM2-135M-Instruct/lit-llama.pth", "checkpoints/lit-llama/SmolLM2-135M-Instruct-gguf/lit-llama.pth",
                  "out/gguf/open_llama_3b-alpaca/model-q8_0.gguf", "out/gguf/open_llama_3b-alpaca/Modelfile"):
         assert (workspace / path).exists(), path

@@ -34,6 +34,7 @@ from lit_llama.model import Config, LLaMA  # noqa: E402
 from lit_llama.prompts import get_prompt_style  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.checkpoint import load_model, resolve_checkpoint
+from lit_llama.convert import config_from_hf
 
 T = gguf.GGMLQuantizationType
 # every type the converter reads; the matrices of the test model take them in turn
@@ -340,7 +341,7 @@ def test_smollm2_through_our_exporter_is_exact(smollm2_gguf, tmp_path):
     original = read_tokenizer(open_gguf(path), path)
     assert (tokenizer.tokens, tokenizer.types, tokenizer.merges, tokenizer.pre, tokenizer.chat_template) == (
         original.tokens, original.types, original.merges, original.pre, original.chat_template)
-    config = Config.from_hf_config(hf)
+    config = config_from_hf(hf)
     weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = ((name, load_file(tmp_path / "hf" / shard)[name]) for name, shard in weight_map.items())
     (tmp_path / "out").mkdir()

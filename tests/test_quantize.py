@@ -133,7 +133,7 @@ def test_quantize_bad_input(args, message, base, tmp_path, capsys, monkeypatch):
     module = load_script("finetune/lora.py")
     monkeypatch.setattr(sys, "argv", ["finetune/lora.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
-        module.run_cli(module.setup)
+        module.finetune_cli(module.lora, module.LoRAFinetune.flag_defaults)
     out, err = capsys.readouterr()
     assert_clean_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), message)
     assert not (tmp_path / "o").exists()
