@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from lit_llama.convert import lit_to_hf
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.checkpoint import default_dtype
+from lit_llama.checkpoint import WEIGHTS_NAME, default_dtype, save_weights
 from lit_llama.cli import UserError
 
 
@@ -132,7 +132,7 @@ def write_random_checkpoint(config: Config, checkpoint_dir: Path, device: torch.
     with device, default_dtype(torch.bfloat16):
         model = LLaMA(config)
     checkpoint_dir.mkdir(parents=True)
-    torch.save({name: t.cpu() for name, t in model.state_dict().items()}, checkpoint_dir / "lit-llama.pth")
+    save_weights({name: t.cpu() for name, t in model.state_dict().items()}, checkpoint_dir / WEIGHTS_NAME)
     del model
     config.to_json(checkpoint_dir / "lit_config.json")
     real = tokenizer_dir / "tokenizer.model" if tokenizer_dir else None

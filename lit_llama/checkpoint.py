@@ -1,8 +1,8 @@
 """Checkpoints: where a model's files are (`resolve_checkpoint`), reading them safely (no code runs, checksums
 and shapes checked), building the model from them, and each of our formats' reader beside its writer:
 
-- a checkpoint folder: `lit-llama.pth` (the weights), `lit_config.json`, the tokenizer (`save_checkpoint_dir`,
-  `load_model`);
+- a checkpoint folder: `lit-llama.pth` (the weights: `save_weights` / `load_weights`), `lit_config.json`, the
+  tokenizer (`save_checkpoint_dir`, `load_model`);
 - a sharded folder (torch.distributed.checkpoint, written by every FSDP rank: `save_sharded_weights`,
   `load_sharded`).
 
@@ -38,6 +38,12 @@ from lit_llama.tokenizer import (
 )
 
 WEIGHTS_NAME = "lit-llama.pth"
+
+# Our weights file says what it is: {"format": WEIGHTS_FORMAT, "version": 1, "state_dict": {...}}. Lit-LLaMA wrote
+# a bare tensor dict under the same name in another layout; so did this repository before the marker. Only such an
+# unmarked file is told apart by its keys (`read_weights`).
+WEIGHTS_FORMAT = "lit-llama/weights"
+WEIGHTS_FORMAT_VERSION = 1
 
 CONFIG_NAME = "lit_config.json"
 
@@ -154,6 +160,41 @@ def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+    """Writes a model's weights (a base `lit-llama.pth`, a full finetune) with the format marker, atomically."""
+    if not all(isinstance(t, torch.Tensor) for t in state_dict.values()):  # e.g. a whole file read back unopened
+        raise TypeError("save_weights takes a dict of tensors")
+    save_atomic({"format": WEIGHTS_FORMAT, "version": WEIGHTS_FORMAT_VERSION, "state_dict": state_dict}, path)
+
+
+def load_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """Reads what `save_weights` writes (memory-mapped, see `load_state_dict`): the weights' tensors by name.
+    A file without the marker is read as a bare tensor dict, as this repository wrote them before the marker;
+    Lit-LLaMA's files have the same shape, and `check_state_dict_fits` names them by their keys."""
+    checkpoint = load_state_dict(path)
+    marker = checkpoint.get("format")
+    if marker is None:
+        if "lora_config" in checkpoint or "adapter_config" in checkpoint:
+            raise UserError(f"{path} is a LoRA or adapter file, not a model's weights")
+        if not all(isinstance(t, torch.Tensor) for t in checkpoint.values()):
+            raise UserError(f"{path} is not a model's weights: expected the {WEIGHTS_FORMAT!r} format or tensors")
+        return checkpoint
+    if marker != WEIGHTS_FORMAT:
+        raise UserError(f"{path}: format {marker!r} is not {WEIGHTS_FORMAT!r}, the format of a model's weights")
+    if checkpoint.get("version") != WEIGHTS_FORMAT_VERSION:
+        raise UserError(f"{path}: {WEIGHTS_FORMAT} version {checkpoint.get('version')!r} is not "
+                        f"{WEIGHTS_FORMAT_VERSION}, the one this version of lit-llama reads (a newer lit-llama wrote it?)")
+    tensors = checkpoint.get("state_dict")
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise UserError(f"{path}: state_dict must map names to tensors")
+    return tensors
+
+
+def is_marked_weights(checkpoint: Dict[str, Any]) -> bool:
+    """A file `save_weights` wrote (checked by its marker alone)."""
+    return checkpoint.get("format") == WEIGHTS_FORMAT
+
+
 def verify_checksums(path: Path) -> None:
     """torch.save writes a zip archive with a CRC-32 of every tensor's bytes, which torch.load never checks:
     a flipped bit in a weight loads silently. Checking them reads the file once (a few seconds for 7B; the
@@ -251,7 +292,7 @@ def load_model(
     # meta device takes minutes for millions of layers, and allocating its weights may never end
     config_source = paths.config_file or f"the {paths.weights.parent.name} model config"
     check_model_fits(paths.config, dtype, device, config_source)
-    state_dict = load_state_dict(paths.weights)
+    state_dict = load_weights(paths.weights)
     check_layer_count(paths.config, state_dict, paths.weights, config_source)
     with torch.device("meta"), default_dtype(dtype):
         model = model_class(paths.config, **model_kwargs)
@@ -353,7 +394,7 @@ def save_checkpoint_dir(
 ) -> None:
     """Writes a self-describing checkpoint folder: weights, model config and tokenizer."""
     output_dir = Path(output_dir)
-    save_atomic(state_dict, output_dir / WEIGHTS_NAME)
+    save_weights(state_dict, output_dir / WEIGHTS_NAME)
     write_text_atomic(config.to_json_text(), output_dir / CONFIG_NAME)
     copy_tokenizer(tokenizer_path, output_dir)
 

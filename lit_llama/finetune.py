@@ -24,8 +24,8 @@ from lit_llama.checkpoint import (
     load_model,
     num_parameters,
     resolve_checkpoint,
-    save_atomic,
     save_sharded_weights,
+    save_weights,
 )
 from lit_llama.cli import UserError, deprecated_flag, with_one_line_errors
 from lit_llama.data import load_prepared
@@ -238,7 +238,7 @@ class FullFinetune:
             else:
                 state_dict = full_state_dict(model)  # under FSDP gathered block by block into rank 0's CPU memory
                 if fabric.global_rank == 0:
-                    save_atomic(state_dict, path)  # the same keys as a base lit-llama.pth
+                    save_weights(state_dict, path)  # the format of a base lit-llama.pth
                 fabric.barrier()
             fabric.print(f"Saved the finetuned weights to {path}")
 

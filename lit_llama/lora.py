@@ -32,6 +32,7 @@ from lit_llama.checkpoint import (
     CheckpointPaths,
     check_finite,
     full_state_dict,
+    is_marked_weights,
     load_model,
     load_state_dict,
     num_parameters,
@@ -323,6 +324,8 @@ def base_fingerprint(weights: Path) -> Dict[str, Any]:
         state_dict = torch.load(str(weights), mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - the base checkpoint is checked in full when it is loaded
         raise UserError(f"{weights} is not a readable PyTorch checkpoint ({describe_exception(e)})")
+    if is_marked_weights(state_dict):
+        state_dict = state_dict["state_dict"]
     samples = {}
     for name, tensor in sorted(state_dict.items()):
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel() > 0:

@@ -25,6 +25,7 @@ from lit_llama.adapter import AdapterConfig
 from lit_llama.checkpoint import (
     WEIGHTS_NAME,
     check_state_dict_fits,
+    is_marked_weights,
     load_state_dict,
     resolve_checkpoint,
     save_checkpoint_dir,
@@ -91,6 +92,8 @@ def main(
     if not checkpoint_path.is_file():
         raise UserError(f"--checkpoint_path {checkpoint_path} does not exist")
     tensors = load_state_dict(checkpoint_path)  # memory-mapped
+    if is_marked_weights(tensors):
+        raise UserError(f"{checkpoint_path} is already in this repository's format (its format marker says so)")
     if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise UserError(f"{checkpoint_path} is not a bare tensor dict as Lit-LLaMA writes them; already converted?")
     if is_lit_llama_base(tensors) and any(n.endswith("c_attn.weight") for n in tensors):

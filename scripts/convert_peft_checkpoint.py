@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.checkpoint import check_finite, load_state_dict, resolve_checkpoint
+from lit_llama.checkpoint import check_finite, load_state_dict, load_weights, resolve_checkpoint
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 from lit_llama.disk import save_atomic
 from lit_llama.lora import LoRAConfig
@@ -151,7 +151,7 @@ def drop_unchanged_base_layers(
     copies = [name for name in tensors if name.endswith(".base_layer.weight")]
     if not copies:
         return
-    base = load_state_dict(base_weights)  # memory-mapped
+    base = load_weights(base_weights)  # memory-mapped
     ours_for = {"lm_head": "lm_head.weight", "model.embed_tokens": "transformer.wte.weight"}
     for name in copies:
         module = name.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")

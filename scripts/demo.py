@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
 import torch
 
-from lit_llama.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lit_llama.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_weights
 from lit_llama.cli import UserError, check_at_least, check_out_dir, check_range, run_cli
 from lit_llama.data import load_records
 from lit_llama.disk import write_text_atomic
@@ -74,7 +74,7 @@ def main(
     config = Config.from_name(model_size)
     train_from_texts(texts, checkpoint_dir, vocab_size=config.vocab_size)
     torch.manual_seed(seed)
-    torch.save(LLaMA(config).state_dict(), checkpoint_dir / WEIGHTS_NAME)
+    save_weights(LLaMA(config).state_dict(), checkpoint_dir / WEIGHTS_NAME)
     config.to_json(checkpoint_dir / CONFIG_NAME)
 
     record_written_files(out_dir)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.checkpoint import is_extra_parameter, load_model, load_state_dict, resolve_checkpoint
+from lit_llama.checkpoint import is_extra_parameter, load_model, load_weights, resolve_checkpoint
 from lit_llama.cli import UserError, run_cli
 from lit_llama.convert import lit_to_hf
 from lit_llama.disk import disk_errors, write_text_atomic
@@ -86,7 +86,7 @@ def main(
                         f"{paths.config.vocab_size}: they do not belong together")
 
     # in the weights' own dtype (as scripts/merge_lora.py merges): each tensor is converted when it is written
-    dtype_stored = next(iter(load_state_dict(paths.weights).values())).dtype
+    dtype_stored = next(iter(load_weights(paths.weights).values())).dtype
     if lora_path is not None:
         if style is None:
             style = get_prompt_style(lora_prompt_style(read_lora_checkpoint(Path(lora_path)), lora_path))

@@ -24,7 +24,7 @@ from lit_llama.checkpoint import (
     check_state_dict_fits,
     copy_tokenizer,
     is_extra_parameter,
-    load_state_dict,
+    load_weights,
     resolve_checkpoint,
 )
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
@@ -58,7 +58,7 @@ def convert(
     check_out_dir(out_dir, replaces=WEIGHTS_FILE, overwrite=overwrite)
     config = paths.config
 
-    lit_state_dict = load_state_dict(paths.weights)  # memory-mapped
+    lit_state_dict = load_weights(paths.weights)  # memory-mapped
     extra = [name for name in lit_state_dict if is_extra_parameter(name)]
     if extra:
         raise UserError(

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.checkpoint import (
     WEIGHTS_NAME,
     is_extra_parameter,
-    load_state_dict,
+    load_weights,
     resolve_checkpoint,
     save_checkpoint_dir,
 )
@@ -53,7 +53,7 @@ def main(
         raise UserError(f"--out_dir {out_dir} is the base checkpoint's folder: choose another")
     check_out_dir(out_dir, replaces=WEIGHTS_NAME, overwrite=overwrite)
 
-    base_dtype = next(iter(load_state_dict(paths.weights).values())).dtype
+    base_dtype = next(iter(load_weights(paths.weights).values())).dtype
     model = load_lora_model(paths, lora_path, torch.device("cpu"), base_dtype, merge=True)
     lora = model.lora_config
 

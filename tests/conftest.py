@@ -13,12 +13,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 sys.path.insert(0, str(REPO_ROOT))
 
+from lit_llama.checkpoint import WEIGHTS_NAME, save_weights  # noqa: E402
 from lit_llama.model import Config, LLaMA  # noqa: E402
 from lit_llama.tokenizer import train_from_texts  # noqa: E402
 
 # what the finetune scripts set when run as `python SCRIPT`: runs made here in-process then compute exactly
 # as those started as subprocesses (on CPUs with fast reduced-precision units it changes float32 matmuls)
 torch.set_float32_matmul_precision("high")
+
+# Under pytest-xdist (`pytest -n 2`, the README's test command) each worker computes on one thread, and so do the
+# scripts it starts: two workers on two cores then never oversubscribe them (torch's threads spin while they wait).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 WORDS = (
     "the a model weight decay learning rate explain how why what is are train data token answer question "
@@ -28,6 +35,12 @@ WORDS = (
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: takes more than about 20 s (deselect with -m 'not slow')")
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """A function in a test's parameters is named by its name, not by its address: the ids must be the same in
+    every pytest-xdist worker, which collects the tests on its own."""
+    return getattr(val, "__name__", None) if callable(val) else None
 
 
 def tiny_corpus(n: int = 400, seed: int = 0) -> List[str]:
@@ -42,7 +55,7 @@ def make_checkpoint_dir(path: Path, name: str = "tiny", seed: int = 0) -> Path:
     config = Config.from_name(name)
     torch.manual_seed(seed)
     model = LLaMA(config)
-    torch.save(model.state_dict(), path / "lit-llama.pth")
+    save_weights(model.state_dict(), path / WEIGHTS_NAME)
     config.to_json(path / "lit_config.json")
     train_from_texts(tiny_corpus(), path, vocab_size=config.vocab_size)
     return path

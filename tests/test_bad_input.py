@@ -76,7 +76,7 @@ def world(tmp_path_factory) -> World:
         shutil.copytree(ckpt, root / name)
         write(root / name / file)
 
-    state = torch.load(ckpt / "lit-llama.pth")
+    state = torch.load(ckpt / "lit-llama.pth")["state_dict"]
     nan_state = {k: v.clone() for k, v in state.items()}
     nan_state["transformer.h.0.mlp.c_fc1.weight"][0, 0] = float("nan")
     broken("ckpt_nan", "lit-llama.pth", lambda p: torch.save(nan_state, p))
@@ -182,7 +182,9 @@ class w:
 
 
 def case_id(case) -> str:
-    return f"{case[0]}:{' '.join(map(repr, case[1][-4:]))}"[:70]
+    """A test id, the same in every pytest-xdist worker (a function is named by its name, not its address)."""
+    words = [getattr(flag, "__name__", repr(flag)) for flag in case[1][-4:]]
+    return f"{case[0]}:{' '.join(words)}"[:70]
 
 
 # --- finetune/lora.py, finetune/adapter.py, finetune/full.py ----------------------------------------------
@@ -691,7 +693,7 @@ def test_lora_file_on_its_own_base_and_older_files(read_world, tmp_path):
     base = read_world.ckpt
     run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", read_world / "read" / "good.pth",
                "--max_new_tokens", 2, "--precision", "32-true")
-    state = torch.load(base / "lit-llama.pth")
+    state = torch.load(base / "lit-llama.pth")["state_dict"]
     for dtype in (torch.bfloat16, torch.float16):  # convert_hf_checkpoint.py --dtype: the same base
         shutil.copytree(base, tmp_path / str(dtype))
         torch.save({k: v.to(dtype) for k, v in state.items()}, tmp_path / str(dtype) / "lit-llama.pth")
@@ -715,7 +717,7 @@ def interop(world) -> Path:
 
     root = world / "interop"
     config = Config.from_json(world.ckpt / "lit_config.json")
-    hf_state = {name: t.clone() for name, t in lit_to_hf(torch.load(world.ckpt / "lit-llama.pth").items(), config)}
+    hf_state = {name: t.clone() for name, t in lit_to_hf(torch.load(world.ckpt / "lit-llama.pth")["state_dict"].items(), config)}
     hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
                  "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176}
 

@@ -251,7 +251,7 @@ def test_convert_hf_bad_input(tmp_path, hf_dirs, converted):
     copy = tmp_path / "overwritten"
     shutil.copytree(existing, copy)
     run_script(script, *args[:-1], copy, "--overwrite", "true")
-    state_dict = torch.load(copy / "lit-llama.pth", weights_only=True)
+    state_dict = torch.load(copy / "lit-llama.pth", weights_only=True)["state_dict"]
     assert {t.dtype for t in state_dict.values()} == {torch.bfloat16}
 
 

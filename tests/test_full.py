@@ -37,9 +37,11 @@ def trained(base, tmp_path_factory):
 
 def test_every_weight_trains_and_the_checkpoint_generates(base, trained):
     checkpoint_dir, _ = base
-    before = torch.load(checkpoint_dir / "lit-llama.pth")
+    before = torch.load(checkpoint_dir / "lit-llama.pth")["state_dict"]
     after = torch.load(trained / FINAL)
-    assert after.keys() == before.keys()  # a plain state dict, like the base checkpoint
+    assert after["format"] == "lit-llama/weights"  # the format of a base checkpoint
+    after = after["state_dict"]
+    assert after.keys() == before.keys()
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert not unchanged
     assert {"iter-000004-ckpt.pth", "resume.pth", "lit_config.json", "tokenizer.model"} <= {
@@ -77,7 +79,7 @@ def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsy
     finetune.setup(resume=True, **args)
     assert "Resuming from iteration 4 (step 2)" in capsys.readouterr().out  # not from the start
 
-    resumed, uninterrupted = torch.load(tmp_path / "out" / FINAL), torch.load(trained / FINAL)
+    resumed, uninterrupted = (torch.load(path)["state_dict"] for path in (tmp_path / "out" / FINAL, trained / FINAL))
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
@@ -85,7 +87,7 @@ def test_resume_equals_uninterrupted(base, trained, tmp_path, monkeypatch, capsy
 def test_bad_input(base, trained, tmp_path):
     checkpoint_dir, data_dir = base
     # a finetuned checkpoint with a weight missing
-    state_dict = torch.load(trained / FINAL)
+    state_dict = torch.load(trained / FINAL)["state_dict"]
     del state_dict["transformer.h.1.mlp.c_fc2.weight"]
     broken = tmp_path / "broken.pth"
     torch.save(state_dict, broken)

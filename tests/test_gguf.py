@@ -445,8 +445,8 @@ def test_gguf_export_merges_lora_and_writes_its_prompt_style(tmp_path, tiny_chec
 def test_gguf_round_trip_is_exact_in_f32(exported, tiny_checkpoint_dir, tmp_path):
     run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", exported["f32"], "--out_dir", tmp_path / "back",
                "--dtype", "float32")
-    before = torch.load(tiny_checkpoint_dir / "lit-llama.pth")
-    after = torch.load(tmp_path / "back" / "lit-llama.pth")
+    before = torch.load(tiny_checkpoint_dir / "lit-llama.pth")["state_dict"]
+    after = torch.load(tmp_path / "back" / "lit-llama.pth")["state_dict"]
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
 

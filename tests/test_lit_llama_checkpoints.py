@@ -253,3 +253,7 @@ def test_convert_bad_input(converted_base, tmp_path):
     proc = run_script("scripts/convert_lit_llama_checkpoint.py", "--checkpoint_path", tmp_path / "lora.pth",
                       check=False)
     assert_clean_error(proc, "--checkpoint_dir")
+    # one of our own weights files: its format marker says it needs no conversion
+    proc = run_script("scripts/convert_lit_llama_checkpoint.py", "--checkpoint_path",
+                      converted_base["dir"] / "lit-llama.pth", "--out_dir", tmp_path / "again", check=False)
+    assert_clean_error(proc, "lit-llama.pth is already in this repository's format")
