@@ -235,3 +235,20 @@ def small_tmpfs(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def logits_and_transformers(model, hf_model, kv_cache: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(our logits, transformers' logits) for one random 2x16 batch, ours in one forward or through the KV cache
+    in uneven steps (prompt, one token, then chunks)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        expected = hf_model(x).logits
+        if kv_cache:
+            model.set_kv_cache(batch_size=2, max_seq_length=16)
+            ours = torch.cat([model(x[:, a:b], torch.arange(a, b)) for a, b in ((0, 5), (5, 6), (6, 11), (11, 16))], 1)
+            model.clear_kv_cache()
+        else:
+            ours = model(x)
+    assert expected.abs().max() > 1, "logits too small for the comparison to mean anything"
+    return ours, expected

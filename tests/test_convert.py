@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, logits_and_transformers, run_script
 
 from lit_llama.convert import meta_intermediate_size, permute_meta, unpermute_meta
 from lit_llama.model import apply_rope, build_rope_cache
@@ -93,17 +93,7 @@ def lit_model(checkpoint_dir: Path):
 
 def max_logit_diff(model, hf_model, kv_cache: bool = False) -> float:
     """Max |our logits - transformers' logits| over a 2x16 batch, in one forward or through the KV cache."""
-    torch.manual_seed(0)
-    x = torch.randint(0, 512, (2, 16))
-    with torch.no_grad():
-        expected = hf_model(x).logits
-        if kv_cache:
-            model.set_kv_cache(batch_size=2, max_seq_length=16)
-            ours = torch.cat([model(x[:, a:b], torch.arange(a, b)) for a, b in ((0, 5), (5, 6), (6, 11), (11, 16))], 1)
-            model.clear_kv_cache()
-        else:
-            ours = model(x)
-    assert expected.abs().max() > 1, "logits too small for the comparison to mean anything"
+    ours, expected = logits_and_transformers(model, hf_model, kv_cache)
     return (ours - expected).abs().max().item()
 
 

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_script, tiny_corpus
+from conftest import assert_clean_error, logits_and_transformers, run_script, tiny_corpus
 
 from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer, train_bpe_tokenizer_json
@@ -92,19 +92,8 @@ def family_dirs(tmp_path_factory) -> Dict[str, Dict[str, Any]]:
 
 def logit_diff(model, hf_model, kv_cache: bool = False) -> float:
     """Max |ours - transformers'| over a 2x16 batch, relative to the logits' largest magnitude."""
-    torch.manual_seed(0)
-    x = torch.randint(0, model.config.vocab_size, (2, 16))
-    with torch.no_grad():
-        expected = hf_model(x).logits
-        if kv_cache:
-            model.set_kv_cache(batch_size=2, max_seq_length=16)
-            ours = torch.cat([model(x[:, a:b], torch.arange(a, b)) for a, b in ((0, 5), (5, 6), (6, 11), (11, 16))], 1)
-            model.clear_kv_cache()
-        else:
-            ours = model(x)
-    scale = expected.abs().max().item()
-    assert scale > 1, "logits too small for the comparison to mean anything"
-    return (ours - expected).abs().max().item() / scale
+    ours, expected = logits_and_transformers(model, hf_model, kv_cache)
+    return (ours - expected).abs().max().item() / expected.abs().max().item()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
