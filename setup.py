@@ -35,7 +35,8 @@ setup(
         # --logger_name tensorboard / wandb in the finetune scripts
         "loggers": ["tensorboard", "wandb"],
         # the reference implementations the tests and benchmarks compare against, and the loggers they read back
-        "test": ["pytest", "hypothesis", "transformers>=4.57", "peft>=0.17", "safetensors", "matplotlib",
+        "test": ["pytest", "pytest-xdist>=3.5",  # the tests run on every core: `pytest tests -n auto`
+                 "hypothesis", "transformers>=4.57", "peft>=0.17", "safetensors", "matplotlib",
                  "tensorboard", "wandb", "openai>=1.0",  # openai: the client tests/test_serve.py talks to serve.py with
                  "websockets>=12"],  # Chromium's DevTools protocol, for the browser test of the comparison page
     },
