@@ -141,7 +141,7 @@ def test_qlora_under_fsdp_trains_like_one_device_and_resumes(base, tmp_path):
     assert "Frozen block weights in NF4" in proc.stdout and "Resuming from iteration 2" in proc.stdout
     assert_same_training(tmp_path / "one", tmp_path / "two")
     one, two = (load_state_dict(tmp_path / run / final)["state_dict"] for run in ("one", "two"))
-    assert two.keys() == one.keys() and len(two) == 2 * 5 * 2  # A and B of q, v and the 3 MLP layers, 2 blocks
+    assert two.keys() == one.keys() and len(two) == 2 * 4 * 2  # A and B of the fused q/v and 3 MLP layers, 2 blocks
     for name, tensor in two.items():
         torch.testing.assert_close(tensor, one[name], atol=WEIGHT_ATOL, rtol=0)
 
