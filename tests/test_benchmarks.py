@@ -160,7 +160,7 @@ def test_gpu_suite_budget_prints_estimates_and_skips_what_does_not_fit(tmp_path)
     headers = [line for line in proc.stdout.splitlines() if line.startswith("=== ")]
     estimates = [line.split(":")[0][4:] for line in headers if ": estimate " in line]
     assert estimates == ["lora", "qlora", "generate", "peft", "adapter", "fsdp", "quantized", "decode"]
-    assert all(float(line.split("estimate ")[1].split(" s")[0]) > 0 for line in headers if "estimate" in line)
+    assert all(float(line.split(": estimate ")[1].split(" s")[0]) > 0 for line in headers if ": estimate " in line)
     skipped = {line.split(":")[0][4:]: line.split("skipped: ")[1] for line in headers if "skipped" in line}
     assert skipped == {"lora": "its estimate does not fit the budget ===",
                        "qlora": "needs torchao (not installed) ===",
