@@ -41,7 +41,8 @@ class Machine:
     bandwidth: float
 
     def describe(self) -> str:
-        return f"{self.name}: matmul {self.matmul_flops / 1e9:,.0f} GFLOP/s, bandwidth {self.bandwidth / 1e9:,.0f} GB/s"
+        giga = lambda x: f"{x / 1e9:,.0f}" if x >= 1e12 else f"{x / 1e9:.3g}"  # noqa: E731 - a CPU's figures are small
+        return f"{self.name}: matmul {giga(self.matmul_flops)} GFLOP/s, bandwidth {giga(self.bandwidth)} GB/s"
 
 
 # An H100-class GPU as the 6-minute claim of howto/gpu_suite.md assumes it: below an H100 PCIe's data sheet
