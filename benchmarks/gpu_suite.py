@@ -1,35 +1,42 @@
-"""The GPU suite: one command that measures the 24 GB story on one CUDA GPU (about 10 to 20 minutes).
+"""The GPU suite: one command that measures the 24 GB story on one CUDA GPU (about 10 to 20 minutes), or the
+most important part of it in a short slot (--budget_s; see howto/gpu_suite.md).
 
     python benchmarks/gpu_suite.py                 # one CUDA GPU: appends every row to benchmarks/RESULTS.md
+    python benchmarks/gpu_suite.py --budget_s 360  # the stages in order, skipping each that would not fit
+    python benchmarks/gpu_suite.py --dry_run --budget_s 360   # the plan only: each stage's estimate
     python benchmarks/gpu_suite.py --smoke         # the same code on a CPU with tiny shapes (the tests run it)
 
 Random weights of the real shapes (7B, TinyLlama-1.1B): they cost the same memory and time as real ones, and
-no download is needed. Installs nothing: it needs torch with CUDA, lightning, sentencepiece and tqdm; the
-qlora stage needs torchao and the peft stage transformers and peft (a stage whose package is missing fails
-alone, with one line). It calls the finetune scripts' functions in-process, so jsonargparse is not needed.
+no download is needed. Installs nothing: it needs torch with CUDA, lightning, sentencepiece and tqdm; a stage
+that needs more (REQUIRES below: torchao, transformers and peft, jsonargparse) is skipped in one line when its
+package is missing.
 
-Stages, each adding its rows to its own table of benchmarks/RESULTS.md with the GPU's name:
+Stages, in order of importance, each adding its rows to its own table of benchmarks/RESULTS.md with the GPU's
+name:
   lora     7B LoRA (query and value, r 8), micro batch 4, 256 and 512 tokens, with and without activation
            checkpointing: peak memory and tokens/s of a training step (benchmarks/finetune_memory.py)
   qlora    the same with the frozen base in NF4 (finetune/lora.py --quantize nf4; needs torchao)
-  adapter  7B LLaMA-Adapter v1 and v2 at 256 tokens (the same)
+  generate 7B bf16 greedy decoding with the KV cache (what generate.py and generate/lora.py run): base,
+           LoRA merged, LoRA unmerged: tokens/s and peak memory
   peft     ours vs Hugging Face PEFT LoRA on the same 7B model and batches (benchmarks/lora_vs_peft.py), and
            the training speed levers one at a time against the same run: torch.compile, chunked
            cross-entropy, length-grouped batches (tokens/s, step peak memory, padding, compile time)
+  adapter  7B LLaMA-Adapter v1 and v2 at 256 tokens (the same)
   fsdp     full finetuning of a TinyLlama-1.1B shape through finetune/full.py --strategy fsdp on one GPU
            (bf16-mixed): tokens/s and peak memory from the run's summary.json
-  generate 7B bf16 greedy decoding with the KV cache (what generate.py and generate/lora.py run): base,
-           LoRA merged, LoRA unmerged: tokens/s and peak memory
   quantized 7B int8 and int4 weight-only generation against bf16: logit and perplexity difference, weight
            bytes, tokens/s (benchmarks/quantized_generation.py; needs torchao)
   decode   7B batch-1 greedy decoding side by side with transformers: ours eager, compiled, int8 and int4
            (eager and compiled) against transformers' generate, eager and static cache + compile, with the %
            of the memory-bandwidth bound (benchmarks/generate_vs_hf.py; needs transformers and torchao, ~65 GB)
-A stage that fails prints one line and the others still run; the exit code is then 1.
+A stage that fails prints one line and the others still run; the exit code is then 1. Before each stage the
+suite prints its estimate (benchmarks/suite_plan.py: FLOPs and bytes over the machine's matmul rate and
+bandwidth, measured at the start); with --budget_s a stage whose estimate exceeds the time left is skipped.
 """
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import platform
 import sys
@@ -38,7 +45,7 @@ import time
 import traceback
 from datetime import date
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -47,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import finetune_memory, generate_vs_hf, lora_vs_peft, quantized_generation  # noqa: E402
 from benchmarks.common import add_rows, sync_time, write_random_checkpoint  # noqa: E402
+from benchmarks.suite_plan import Machine, measure_machine, stage_estimates  # noqa: E402
 from lit_llama.data import prepare_dataset  # noqa: E402
 from lit_llama.generation import generate  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA  # noqa: E402
@@ -54,7 +62,9 @@ from lit_llama.model import LLaMA, Config  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.checkpoint import default_dtype
 
-STAGES = ("lora", "qlora", "adapter", "peft", "fsdp", "generate", "quantized", "decode")
+STAGES = ("lora", "qlora", "generate", "peft", "adapter", "fsdp", "quantized", "decode")  # most important first
+REQUIRES = {"qlora": ["torchao"], "peft": ["transformers", "peft"], "fsdp": ["jsonargparse"],
+            "quantized": ["torchao"], "decode": ["transformers", "torchao"]}  # beyond torch, lightning, sentencepiece
 
 FSDP_SECTION = """
 ## Full finetuning under FSDP (GPU suite)
@@ -88,14 +98,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="Markdown file for the rows (default: benchmarks/RESULTS.md on a GPU; with --smoke none)")
     parser.add_argument("--work_dir", type=Path, default=None,
                         help="folder for the temporary checkpoint and data of the fsdp stage (default: a temp dir)")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="seconds the whole run may take (from its start): the stages run in order and each one "
+                             "whose estimate exceeds the time left is skipped (default: no limit)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print each stage's estimate and whether it fits --budget_s, then stop (no CUDA needed "
+                             "with the two --assume flags)")
+    parser.add_argument("--assume_matmul_tflops", type=float, default=None,
+                        help="with --dry_run: the machine's matmul rate (TFLOP/s, bf16) instead of measuring it")
+    parser.add_argument("--assume_bandwidth_tbps", type=float, default=None,
+                        help="with --dry_run: the machine's memory bandwidth (TB/s) instead of measuring it")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
 
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         print(f"error: --stages {','.join(unknown)}: not one of {','.join(STAGES)}", file=sys.stderr)
         return 1
-    if not args.smoke and not torch.cuda.is_available():
+    if args.budget_s is not None and args.budget_s < 0:
+        print(f"error: --budget_s {args.budget_s:g}: expected 0 or more seconds", file=sys.stderr)
+        return 1
+    assumed = (args.assume_matmul_tflops, args.assume_bandwidth_tbps)
+    if any(a is not None for a in assumed) and not (args.dry_run and all(a is not None and a > 0 for a in assumed)):
+        print("error: --assume_matmul_tflops and --assume_bandwidth_tbps go together, positive, with --dry_run",
+              file=sys.stderr)
+        return 1
+    assume = assumed[0] is not None
+    if not args.smoke and not assume and not torch.cuda.is_available():
         print("error: no CUDA GPU here: the GPU suite measures on one CUDA GPU (--smoke checks its code on a CPU)",
               file=sys.stderr)
         return 1
@@ -103,12 +133,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     if results_file is None and not args.smoke:
         results_file = REPO / "benchmarks" / "RESULTS.md"
     suite = Suite(smoke=args.smoke, results_file=results_file)
-    print(suite.describe())
+    if assume:
+        machine = Machine("the assumed machine", args.assume_matmul_tflops * 1e12, args.assume_bandwidth_tbps * 1e12)
+    else:
+        print(suite.describe())
+        machine = measure_machine(suite.device, torch.bfloat16, suite.device_name())
+    estimates = stage_estimates(suite, machine)
+    print(f"estimates for {machine.describe()}" + (f"; budget {args.budget_s:.0f} s" if args.budget_s is not None
+                                                       else ""))
+    if args.dry_run:
+        return print_plan(stages, estimates, args.budget_s)
 
     failed = []
     for stage in stages:
         t0 = time.perf_counter()
-        print(f"\n=== {stage} ===", flush=True)
+        left = None if args.budget_s is None else args.budget_s - (t0 - start)
+        missing = [name for name in REQUIRES.get(stage, []) if importlib.util.find_spec(name) is None]
+        print(f"\n=== {stage}: estimate {estimates[stage]:.0f} s"
+              + ("" if left is None else f", {max(left, 0):.0f} s of the budget left") + " ===", flush=True)
+        if missing:
+            print(f"=== {stage}: skipped: needs {', '.join(missing)} (not installed) ===", flush=True)
+            continue
+        if left is not None and estimates[stage] > left:
+            print(f"=== {stage}: skipped: its estimate does not fit the budget ===", flush=True)
+            continue
         try:
             with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
                 getattr(suite, stage)(Path(work_dir))
@@ -119,11 +167,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             suite.free_memory()
         print(f"=== {stage}: {time.perf_counter() - t0:.0f} s ===", flush=True)
+    print(f"\nsuite: {time.perf_counter() - start:.0f} s")
     if results_file:
-        print(f"\nrows added to {results_file}")
+        print(f"rows added to {results_file}")
     if failed:
         print(f"error: stages failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def print_plan(stages: List[str], estimates: Dict[str, float], budget_s: Optional[float]) -> int:
+    """--dry_run: the stages in order with their estimates, as the budget would run or skip them."""
+    total = 0.0
+    for stage in stages:
+        fits = budget_s is None or total + estimates[stage] <= budget_s
+        total += estimates[stage] if fits else 0
+        print(f"{stage:10} {estimates[stage]:7.0f} s  {'run' if fits else 'skip'}  (total {total:.0f} s)")
     return 0
 
 
@@ -138,6 +197,15 @@ class Suite:
         self.size_1b = "tiny-gqa" if smoke else "TinyLlama-1.1B"
         self.lengths = [64, 128] if smoke else [256, 512]
         self.precision = "bf16-true"  # frozen weights in bf16, trainable ones in float32, as finetune/*.py do
+        # the stages' amounts of work, which benchmarks/suite_plan.py's estimates read too
+        self.micro_batch_size, self.train_steps = 4, 5
+        self.peft_steps, self.peft_warmup = (2, 1) if smoke else (10, 3)
+        self.new_tokens = 16 if smoke else 128  # generate stage
+        self.text_tokens = 64 if smoke else 256  # quantized stage
+        self.decode_tokens, self.decode_repeats = (8, 1) if smoke else (128, 3)  # decode stage
+        self.fsdp_precision, self.fsdp_micro_batch, self.fsdp_iterations = (
+            ("32-true", 2, 4) if smoke else ("bf16-mixed", 4, 40))
+        self.fsdp_tokens = self.fsdp_micro_batch * self.lengths[1] * self.fsdp_iterations
 
     def describe(self) -> str:
         import lightning
@@ -158,25 +226,28 @@ class Suite:
 
     def lora(self, work_dir: Path) -> None:
         for checkpointing in (False, True):
-            finetune_memory.main(self.size_7b, "lora", self.device.type, self.precision, micro_batch_size=4,
-                                 seq_lengths=self.lengths, steps=5, activation_checkpointing=checkpointing,
+            finetune_memory.main(self.size_7b, "lora", self.device.type, self.precision,
+                                 micro_batch_size=self.micro_batch_size, seq_lengths=self.lengths,
+                                 steps=self.train_steps, activation_checkpointing=checkpointing,
                                  results_file=self.results_file)
             self.free_memory()
 
     def qlora(self, work_dir: Path) -> None:
         """LoRA on a base in NF4 (finetune/lora.py --quantize nf4)."""
-        finetune_memory.main(self.size_7b, "lora", self.device.type, self.precision, micro_batch_size=4,
-                             seq_lengths=self.lengths, steps=5, quantize="nf4", results_file=self.results_file)
+        finetune_memory.main(self.size_7b, "lora", self.device.type, self.precision,
+                             micro_batch_size=self.micro_batch_size, seq_lengths=self.lengths, steps=self.train_steps,
+                             quantize="nf4", results_file=self.results_file)
 
     def adapter(self, work_dir: Path) -> None:
         for method in ("adapter", "adapter_v2"):
-            finetune_memory.main(self.size_7b, method, self.device.type, self.precision, micro_batch_size=4,
-                                 seq_lengths=self.lengths[:1], steps=5, results_file=self.results_file)
+            finetune_memory.main(self.size_7b, method, self.device.type, self.precision,
+                                 micro_batch_size=self.micro_batch_size, seq_lengths=self.lengths[:1],
+                                 steps=self.train_steps, results_file=self.results_file)
             self.free_memory()
 
     def peft(self, work_dir: Path) -> None:
-        lora_vs_peft.main(self.size_7b, micro_batch_size=4, max_seq_length=self.lengths[0],
-                          steps=2 if self.smoke else 10, warmup_steps=1 if self.smoke else 3,
+        lora_vs_peft.main(self.size_7b, micro_batch_size=self.micro_batch_size, max_seq_length=self.lengths[0],
+                          steps=self.peft_steps, warmup_steps=self.peft_warmup,
                           device=self.device.type, precision=self.precision, data=self.peft_data(), levers=True,
                           results_file=self.results_file)
 
@@ -195,7 +266,7 @@ class Suite:
         tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
         records = json.loads((REPO / "lit_llama" / "demo_instructions.json").read_text())
         prepare_dataset(records, tokenizer, data_dir, test_split_size=8, seed=42, max_example_tokens=self.lengths[1])
-        precision, micro_batch_size, iterations = ("32-true", 2, 4) if self.smoke else ("bf16-mixed", 4, 40)
+        precision, micro_batch_size, iterations = self.fsdp_precision, self.fsdp_micro_batch, self.fsdp_iterations
         finetune_full.setup(
             checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, precision=precision, devices=1,
             strategy="fsdp", batch_size=micro_batch_size * 4, micro_batch_size=micro_batch_size,
@@ -210,7 +281,7 @@ class Suite:
 
     def generate(self, work_dir: Path) -> None:
         config = Config.from_name(self.size_7b)
-        new_tokens = 16 if self.smoke else 128
+        new_tokens = self.new_tokens
         prompt = torch.randint(3, config.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
         prompt = prompt.to(self.device)
         torch.manual_seed(0)
@@ -235,15 +306,15 @@ class Suite:
 
     def quantized(self, work_dir: Path) -> None:
         quantized_generation.main(None if self.smoke else self.size_7b, ["int8"] if self.smoke else ["int8", "int4"],
-                                  self.device.type, text_tokens=64 if self.smoke else 256,
+                                  self.device.type, text_tokens=self.text_tokens,
                                   results_file=self.results_file)
 
     def decode(self, work_dir: Path) -> None:
         """Ours vs transformers (benchmarks/generate_vs_hf.py). The smoke run leaves out the compiled variants:
         tests/test_benchmarks.py runs those on the CPU already."""
         implementations = ["ours", "ours-int8", "hf"] if self.smoke else None
-        generate_vs_hf.main(self.size_7b, self.device.type, new_tokens=8 if self.smoke else 128,
-                            repeats=1 if self.smoke else 3, implementations=implementations,
+        generate_vs_hf.main(self.size_7b, self.device.type, new_tokens=self.decode_tokens,
+                            repeats=self.decode_repeats, implementations=implementations,
                             results_file=self.results_file)
 
     def decode_row(self, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, weights: str) -> str:

@@ -50,7 +50,8 @@ def lora(
         lora_dora: DoRA: also train a magnitude per output row of each adapted layer; the LoRA update then only
             changes the weight's direction. Somewhat slower steps; merges like LoRA.
         quantize: nf4: store the frozen linear weights of the transformer blocks in 4-bit NormalFloat (QLoRA;
-            about 0.52 bytes per weight instead of 2 in bf16). One device only. Needs torchao.
+            about 0.52 bytes per weight instead of 2 in bf16). On several devices FSDP shards it (not with --strategy
+            ddp or --cpu_offload). Needs torchao.
     """
     try:
         config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,

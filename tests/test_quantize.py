@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run
+from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run, run_script
 
 from lit_llama.lora import LoRAConfig, LoRALLaMA, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import Config
@@ -121,10 +121,36 @@ def test_qlora_resume_equals_uninterrupted(base, tmp_path, monkeypatch):
         assert torch.equal(runs["resumed"][key], tensor), key
 
 
+def test_qlora_under_fsdp_trains_like_one_device_and_resumes(base, tmp_path):
+    """The NF4 base sharded over two CPU processes (FSDP2, gloo) against one process without FSDP, the same
+    global batch (as tests/test_fsdp.py does for the unquantized base): each rank's rows of a weight are exact
+    slices of the one-device NF4 tensor and the all-gather rebuilds it, so the dequantized weights are the same
+    bits and the losses differ only by float32 summation order (test_fsdp's 1e-5). The two-process run is
+    interrupted after step 2 and resumed (one run less than comparing it with an uninterrupted one too; resuming
+    bit for bit under FSDP is test_fsdp's): its metrics and final LoRA weights must still match one process."""
+    from test_fsdp import ONE_PROCESS, TWO_PROCESS_ENV, TWO_PROCESSES, WEIGHT_ATOL, assert_same_training, flags, \
+        run_interrupted
+
+    checkpoint_dir, data_dir = base
+    common = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, quantize="nf4", lora_dropout=0, lora_mlp=True)
+    final = "lit-llama-lora-finetuned.pth"
+    load_script("finetune/lora.py").setup(**common, out_dir=tmp_path / "one", **ONE_PROCESS)
+    args = flags(**common, out_dir=tmp_path / "two", **TWO_PROCESSES, strategy="fsdp")
+    run_interrupted("finetune/lora.py", args, at_iteration=2)
+    proc = run_script("finetune/lora.py", *args, "--resume", "true", isolated=True, env=TWO_PROCESS_ENV)
+    assert "Frozen block weights in NF4" in proc.stdout and "Resuming from iteration 2" in proc.stdout
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    one, two = (load_state_dict(tmp_path / run / final)["state_dict"] for run in ("one", "two"))
+    assert two.keys() == one.keys() and len(two) == 2 * 4 * 2  # A and B of the fused q/v and 3 MLP layers, 2 blocks
+    for name, tensor in two.items():
+        torch.testing.assert_close(tensor, one[name], atol=WEIGHT_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "nf3"], "--quantize 'nf3' is not one of nf4"),
-    (["--quantize", "nf4", "--devices", "2"], "--quantize nf4 trains on one device"),
-    (["--quantize", "nf4", "--strategy", "fsdp"], "--quantize nf4 trains on one device"),
+    (["--quantize", "nf4", "--strategy", "ddp"], "--quantize nf4 does not work with --strategy ddp"),
+    (["--quantize", "nf4", "--strategy", "fsdp", "--cpu_offload", "true"], "--quantize nf4 does not work with --cpu_offload"),
+    (["--quantize", "nf4", "--num_nodes", "3"], "cannot be sharded in NF4 over 3 processes"),
 ])
 def test_quantize_bad_input(args, message, base, tmp_path, capsys, monkeypatch):
     checkpoint_dir, data_dir = base
