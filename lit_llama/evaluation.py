@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from lit_llama.cli import UserError, describe_exception
 from lit_llama.generation import generate_batch
@@ -91,7 +92,7 @@ class LitLM(TemplateLM):
             tokens = (context + continuation)[-(self.max_length + 1):][:-1]
             inputs.append((tokens, continuation))
         order = sorted(range(len(requests)), key=lambda i: -len(inputs[i][0]))
-        for start in range(0, len(order), self.batch_size):
+        for start in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood batches", disable=disable_tqdm):
             batch = order[start : start + self.batch_size]
             T = len(inputs[batch[0]][0])
             idx = torch.zeros(len(batch), T, dtype=torch.long)
@@ -100,7 +101,8 @@ class LitLM(TemplateLM):
                 tokens, continuation = inputs[i]
                 idx[row, : len(tokens)] = torch.tensor(tokens)
                 scored[row, len(tokens) - len(continuation) : len(tokens)] = True
-            logits = self.model(idx.to(self.model_device), output_mask=scored.to(self.model_device))  # (positions, vocab)
+            # logits only where the continuation is predicted: (scored positions, vocab), row after row
+            logits = self.model(idx.to(self.model_device), output_mask=scored.to(self.model_device))
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             offset = 0
             for i in batch:
@@ -148,7 +150,8 @@ class LitLM(TemplateLM):
             # the context keeps its right end, leaving room for the answer
             room = max(1, self.max_length - settings.max_new_tokens)
             members.sort(key=lambda i: -len(requests[i].args[0]))
-            for start in range(0, len(members), self.batch_size):
+            for start in tqdm(range(0, len(members), self.batch_size), desc="generation batches",
+                              disable=disable_tqdm):
                 batch = members[start : start + self.batch_size]
                 prompts = [torch.tensor(self.tok_encode(requests[i].args[0])[-room:], device=self.model_device)
                            for i in batch]
@@ -242,15 +245,17 @@ OFFLINE_HINTS = ("offline", "couldn't reach", "could not reach", "connection", "
 
 
 def load_tasks(task_names: Sequence[str], manager: Any) -> Dict[str, Any]:
-    """The tasks, built (their documents read, which `run_tasks` then finds in the datasets cache): a task file
-    that does not exist, or a dataset that cannot be reached (no network, or HF_DATASETS_OFFLINE=1 and not in the
-    local cache), is one UserError."""
+    """The tasks by name, built (their documents read, which `run_tasks` then finds in the datasets cache): a task
+    file that does not exist, or a dataset that cannot be reached (no network, or HF_DATASETS_OFFLINE=1 and not in
+    the local cache), is one UserError."""
     from lm_eval.tasks import get_task_dict
 
     for name in task_names:
         if is_task_file(name) and not Path(name).is_file():
             raise UserError(f"--tasks: the task file {name} does not exist")
     try:
+        if hasattr(manager, "load"):  # newer lm-eval (0.4.13 has it): flat dicts of tasks and groups
+            return manager.load(list(task_names))["tasks"]
         return get_task_dict(list(task_names), manager)
     except Exception as e:  # noqa: BLE001 - datasets' and lm-eval's many errors, turned into one line
         message = describe_exception(e)

@@ -151,3 +151,20 @@ def test_unreachable_dataset_and_unknown_task(tiny, tmp_path, monkeypatch):
                        "cannot be reached", "HF_DATASETS_OFFLINE=1", "lit-llama-tests/no-such-dataset")
     assert_clean_error(run_script(*evaluate, "--tasks", "[lit_demo_choise]", check=False),
                        "no task named 'lit_demo_choise'", "lit_demo_choice")
+
+
+def test_same_as_lm_eval_hf_backend_on_smollm2(smollm2_checkpoint_dir, tmp_path):
+    """The same check on the real SmolLM2-135M-Instruct (float32), on a few documents: ours as converted from the
+    GGUF file, HFLM on its export to Hugging Face form (scripts/export_hf.py)."""
+    from lm_eval.models.huggingface import HFLM
+
+    run_script("scripts/export_hf.py", "--checkpoint_dir", smollm2_checkpoint_dir, "--out_dir", tmp_path / "hf")
+    ours = lit_lm(smollm2_checkpoint_dir)
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=4,
+                  max_length=MAX_LENGTH)
+    choice = task_requests("lit_demo_choice", limit=3)
+    a, b = ours.loglikelihood(choice), theirs.loglikelihood(choice)
+    assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) < 1e-4
+    assert [x[1] for x in a] == [y[1] for y in b]
+    text = [type("Request", (), {"args": ((Path(__file__).parents[1] / "README.md").read_text()[:600],)})()]
+    assert abs(ours.loglikelihood_rolling(text)[0] - theirs.loglikelihood_rolling(text)[0]) < 1e-3
