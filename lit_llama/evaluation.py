@@ -218,7 +218,7 @@ def perplexity(lm: LitLM, path: Path) -> Dict[str, Any]:
 def task_manager(task_names: Sequence[str], include_path: Sequence[Path] = ()) -> Any:
     """lm-eval's TaskManager for `task_names`: this package's tasks and the user's folders (`include_path`) first;
     lm-eval's own catalogue (thousands of YAML files, 10-20 s to index) only when a name is not among those.
-    A name found nowhere is a UserError naming it."""
+    A name found nowhere is a UserError naming it (and names close to it)."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR), *map(str, include_path)]
@@ -226,14 +226,27 @@ def task_manager(task_names: Sequence[str], include_path: Sequence[Path] = ()) -
     wanted = [name for name in task_names if not is_task_file(name)]
     if all(name in local.all_tasks for name in wanted):
         return local
-    manager = TaskManager(include_path=paths)
-    unknown = [name for name in wanted if name not in manager.all_tasks]
+    # a name written in none of lm-eval's task files is refused at once, before the slow index
+    texts = [path.read_text(errors="ignore") for path in catalogue_files()]
+    unknown = [name for name in wanted if name not in local.all_tasks and not any(name in text for text in texts)]
+    manager = None
+    if not unknown:
+        manager = TaskManager(include_path=paths)
+        unknown = [name for name in wanted if name not in manager.all_tasks]
     if unknown:
-        close = [name for name in manager.all_tasks if unknown[0].lower() in name.lower()][:5]
+        names = sorted({m.group(1) for text in texts for m in re.finditer(r"^task:\s*['\"]?([\w.-]+)", text, re.M)})
+        close = [name for name in [*local.all_tasks, *names] if unknown[0].lower()[:6] in name.lower()][:5]
         raise UserError(f"--tasks: no task named {unknown[0]!r} in lm-eval, this package's tasks "
                         f"({', '.join(local.all_tasks)}) or --include_path"
                         + (f"; similar names: {', '.join(close)}" if close else ""))
     return manager
+
+
+def catalogue_files() -> List[Path]:
+    """lm-eval's own task files (thousands: reading them as text takes a second, parsing them 10-20 s)."""
+    import lm_eval.tasks
+
+    return sorted(Path(lm_eval.tasks.__file__).parent.rglob("*.yaml"))
 
 
 def is_task_file(name: str) -> bool:
