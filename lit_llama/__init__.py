@@ -2,7 +2,8 @@
 
   scripts      finetune/*.py, generate/*.py, scripts/*.py, serve.py: flags (jsonargparse), then calls below
   entry        finetune.py (flags -> settings -> processes -> fit), generation.py, serving.py (serve.py's
-               batching worker and web server), runs.py (finished run folders read back for comparisons)
+               batching worker and web server), runs.py (finished run folders read back for comparisons),
+               evaluation.py (lm-eval's LM over a model, perplexity; its offline tasks in eval_tasks/)
   methods      lora.py, adapter.py (subclass the model and own their file formats; a new method is a class
                with the `finetune.Method` fields in its module plus a short finetune/<name>.py), multi_lora.py
   the loop     training.py (batches, loss, fit, validate, metrics); run_dir.py (lock, run.json, resume state)

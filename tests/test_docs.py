@@ -25,6 +25,7 @@ A command that appears again in a later guide, unchanged, runs once (running it 
 its --out_dir already holds checkpoints).
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -51,7 +52,7 @@ transformers = pytest.importorskip("transformers")
 # the README first (it makes what the guides start from), then every guide
 DOCS = ["README.md", "howto/download_weights.md", "howto/finetune_lora.md", "howto/finetune_adapter.md",
         "howto/finetune_full.md", "howto/inference.md", "howto/compare.md", "howto/multi_gpu.md",
-        "howto/multi_lora.md", "howto/peft_interop.md", "howto/gguf.md"]
+        "howto/multi_lora.md", "howto/peft_interop.md", "howto/gguf.md", "howto/evaluate.md"]
 LIT_LLAMA_DOC = "howto/lit_llama_checkpoints.md"  # in a Lit-LLaMA checkout of its own
 NOT_RUN = {"pip", "pytest", "torchrun", "srun", "vllm", "unzip", "ollama"}
 SHELL_COMMANDS = {"mkdir", "cp", "curl"}  # run by bash as written (curl: against the server a guide started)
@@ -243,6 +244,8 @@ def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str], servers: Li
             continue
         if argv[0] in NOT_RUN:
             continue
+        if argv[1:2] == ["scripts/evaluate.py"] and importlib.util.find_spec("lm_eval") is None:
+            continue  # lm-eval is an optional extra (tests/test_evaluation.py skips without it too)
         assert argv[0] == "python", f"{doc}: a command this test does not know how to run: {command}"
         key = tuple(argv)
         if key in done:
