@@ -8,7 +8,8 @@
                with the `finetune.Method` fields in its module plus a short finetune/<name>.py), multi_lora.py
   the loop     training.py (batches, loss, fit, validate, metrics); run_dir.py (lock, run.json, resume state)
   around it    args.py (shared flags, each described once), distributed.py (Fabric, strategy, precision),
-               data.py and prompts.py (a new prompt style: one entry in prompts.PROMPT_STYLES), quantize.py
+               data.py, chat_data.py and prompts.py (a new prompt style: one entry in prompts.PROMPT_STYLES),
+               quantize.py
   formats      checkpoint.py (our formats: paths, safe loading, each reader beside its writer), convert.py
                (Hugging Face, Meta, Lit-LLaMA names and layouts), peft.py, gguf.py and gguf_tokenizer.py
   base         model.py (a new model family: Config fields, not a new file), tokenizer.py (SentencePiece and

