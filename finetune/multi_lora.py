@@ -40,16 +40,17 @@ def multi_lora(
     task_lora_targets: List[str] = [],
     task_learning_rate: List[str] = [],
 ) -> MultiTaskFinetune:
-    """Finetunes one LoRA per task in one run. --batch_size and --micro_batch_size count the rows of all tasks
-    together, each task an equal share: with T tasks, a task trains on what finetune/lora.py trains on alone
-    with --micro_batch_size / T and --batch_size / T (the same rows in the same order, for the same --seed).
-    The loss is the sum of the tasks' mean losses (each task's LoRA gets its own mean's gradient); train_loss
-    and val_loss in metrics.csv are the mean over the tasks. --data_dir is not used. Per-task flags are
-    NAME=VALUE, repeated for each task; in a --config YAML file, lists (task_lora_r: [code=16, math=4]).
+    """Finetunes one LoRA per task in one run, every micro-batch a mix of the tasks' rows (see --task).
 
     Args:
         task: NAME=DATA_DIR: a task's name (letters, digits, - and _; its sub-folder of --out_dir) and its
-            prepared data (scripts/prepare_*.py, with this checkpoint's tokenizer). Repeat for each task.
+            prepared data (scripts/prepare_*.py, with this checkpoint's tokenizer). Repeat for each task (in a
+            --config YAML file: a list). --batch_size and --micro_batch_size count the rows of all tasks, an
+            equal share each: with T tasks a task trains on the rows finetune/lora.py trains on alone with
+            --micro_batch_size / T, --batch_size / T and the same --seed, in the same order. The loss is the sum
+            of the tasks' mean losses (each LoRA gets its own mean's gradient); train_loss and val_loss in
+            metrics.csv are the mean over the tasks. --data_dir is not used. Per-task flags below are
+            NAME=VALUE, repeated for each task that differs from the shared flag.
         lora_r: LoRA rank of every task without --task_lora_r.
         lora_alpha: LoRA alpha of every task without --task_lora_alpha; updates are scaled by alpha / r.
         lora_dropout: Dropout on the LoRA branch's input (each row with its task's LoRA).

@@ -233,16 +233,29 @@ def run_renamed_script(old: str, new: str) -> None:
 
 def normalize_repeated_flag(argv: List[str], flag: str) -> List[str]:
     """`--lora A --lora B` as one `--lora ["A", "B"]`: jsonargparse reads a list flag given once as a JSON list
-    (given twice, the second would replace the first)."""
+    (given twice, the second would replace the first). A value that is a JSON list already is taken as its
+    items, so normalizing twice changes nothing (Lightning starts the other devices' processes with the
+    normalized command line)."""
     values, rest, i = [], [], 0
     while i < len(argv):
         if argv[i] == flag and i + 1 < len(argv):
-            values.append(argv[i + 1])
+            values.extend(_list_items(argv[i + 1]))
             i += 2
         elif argv[i].startswith(flag + "="):
-            values.append(argv[i][len(flag) + 1 :])
+            values.extend(_list_items(argv[i][len(flag) + 1 :]))
             i += 1
         else:
             rest.append(argv[i])
             i += 1
     return rest + ([flag, json.dumps(values)] if values else [])
+
+
+def _list_items(value: str) -> List[str]:
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return items
+    return [value]

@@ -155,19 +155,13 @@ def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor,
     return input_ids, label_ids
 
 
-def compute_loss(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    chunked_ce: bool = False,
-    tasks: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def compute_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunked_ce: bool = False,
+                 tasks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Next-token cross-entropy over the scored positions. Position t predicts token t+1, and only the
     positions whose next token is scored (the response, with --mask_inputs) go through the output layer.
     `chunked_ce`: through the output layer a chunk of positions at a time (see `chunked_cross_entropy`).
-    `tasks` (one task index per row: several LoRAs trained at once, lit_llama/multi_task.py): the sum over the
-    tasks of each task's mean, so that each task's adapter gets exactly the gradient of its own mean loss (as if
-    its rows were a batch of their own); the mean over all positions would weigh a task by its token count."""
+    `tasks` (a task index per row: several LoRAs at once, lit_llama/multi_task.py): the sum of each task's mean,
+    so each task's adapter gets the gradient of its own mean loss, as if its rows were a batch of their own."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     output_mask = F.pad(scored, (0, 1), value=False)
@@ -203,13 +197,8 @@ def route_rows(fabric: L.Fabric, model: torch.nn.Module, samples: List[Sample]) 
 CE_CHUNK_ROWS = 256  # positions whose logits exist at once with chunked cross-entropy
 
 
-def chunked_cross_entropy(
-    head: torch.nn.Module,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_rows: int = CE_CHUNK_ROWS,
-    weights: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int = CE_CHUNK_ROWS, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The summed cross-entropy of `head(hidden)` against `targets`, `chunk_rows` positions at a time: each
     chunk's (chunk_rows, vocab) logits are freed after its loss and recomputed in the backward pass, so
     the full (N, vocab) float32 logits never exist. Costs one more forward pass of the output layer. `weights`:

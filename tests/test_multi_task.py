@@ -7,12 +7,20 @@ import math
 
 import pytest
 import torch
-from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_checkpoint_dir, run_script
+from conftest import (
+    assert_clean_error,
+    interrupt_at_iteration,
+    load_script,
+    make_checkpoint_dir,
+    run_script,
+    tiny_corpus,
+)
 
 from lit_llama.checkpoint import resolve_checkpoint
 from lit_llama.data import prepare_dataset
 from lit_llama.lora import load_lora_model
-from lit_llama.tokenizer import Tokenizer
+from lit_llama.model import Config
+from lit_llama.tokenizer import Tokenizer, train_from_texts
 
 SCRIPT = "finetune/multi_lora.py"
 FINAL = "lit-llama-lora-finetuned.pth"
@@ -109,7 +117,7 @@ def test_resume_ends_where_the_uninterrupted_run_ends(tasks, tmp_path, monkeypat
 
 
 def test_bad_input(tasks, tmp_path):
-    """One error: line each, before any folder is written."""
+    """One error: line each, naming the flag (or the task) and what was expected."""
     checkpoint_dir, data_dirs = tasks
     base = ["--checkpoint_dir", checkpoint_dir, "--out_dir", tmp_path / "out", "--max_iters", 2]
     add, mul = f"add={data_dirs['add']}", f"mul={data_dirs['mul']}"
@@ -129,17 +137,29 @@ def test_bad_input(tasks, tmp_path):
         proc = run_script(SCRIPT, *base, *args, check=False)
         assert_clean_error(proc, *([fragment] if fragment else []))
 
-    # a task whose data was prepared with another tokenizer (another base's, the same size)
-    other = make_checkpoint_dir(tmp_path / "other", seed=1)
-    other_tokenizer = Tokenizer(other / "tokenizer.model")
-    other_tokenizer_path = tmp_path / "other_tok"
-    other_tokenizer_path.mkdir()
-    # the same tokenizer file, recorded under another hash, stands for a tokenizer trained on other text
-    prepare_dataset([TASKS["add"][0](i) for i in range(10)], other_tokenizer, tmp_path / "foreign", test_split_size=2,
-                    seed=42, max_example_tokens=128)
-    config_file = tmp_path / "foreign" / "prepare_config.json"
-    config = json.loads(config_file.read_text())
-    config["tokenizer_sha256"] = "0" * 64
-    config_file.write_text(json.dumps(config))
+    # a task whose data was prepared with another tokenizer (one trained on other sentences)
+    train_from_texts(tiny_corpus(seed=5), tmp_path / "other", vocab_size=Config.from_name("tiny").vocab_size)
+    prepare_dataset([TASKS["add"][0](i) for i in range(10)], Tokenizer(tmp_path / "other" / "tokenizer.model"),
+                    tmp_path / "foreign", test_split_size=2, seed=42, max_example_tokens=128)
     proc = run_script(SCRIPT, *base, "--task", add, "--task", f"tools={tmp_path / 'foreign'}", check=False)
     assert_clean_error(proc, "--task tools:", "another tokenizer")
+
+
+@pytest.mark.slow  # two processes, each importing torch and Lightning
+def test_two_fsdp_processes_train_like_one(tasks, tmp_path):
+    """FSDP2 over 2 CPU processes (gloo), as tests/test_fsdp.py runs it: 3 micro-batches per process against 6 in
+    one process (rank r of iteration i takes the rows of iteration 2i + r), the same complete LoRA files."""
+    from test_fsdp import TWO_PROCESS_ENV, WEIGHT_ATOL
+
+    checkpoint_dir, data_dirs = tasks
+    one = together_flags(checkpoint_dir, data_dirs, tmp_path / "one")
+    load_script(SCRIPT).setup(**one)
+    two = {**one, "out_dir": tmp_path / "two", "max_iters": 3, "devices": 2, "strategy": "fsdp"}
+    args = [f"--{k}={v}" for k, v in two.items() if not isinstance(v, list)]
+    args += [item for k, v in two.items() if isinstance(v, list) for x in v for item in (f"--{k}", x)]
+    run_script(SCRIPT, *args, isolated=True, env=TWO_PROCESS_ENV)
+    for name in TASKS:
+        expected, sharded = lora_tensors(tmp_path / "one" / name / FINAL), lora_tensors(tmp_path / "two" / name / FINAL)
+        assert sharded.keys() == expected.keys()
+        for key, tensor in expected.items():
+            torch.testing.assert_close(sharded[key], tensor, atol=WEIGHT_ATOL, rtol=0)
