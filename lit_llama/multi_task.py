@@ -203,12 +203,13 @@ class MultiTaskFinetune:
 
     def load_data(self, fabric: Any, paths: CheckpointPaths, data_dir: Path,
                   seed: int) -> Tuple[Tokenizer, List[training.Sample], List[training.Sample]]:
-        """Every task's prepared data, checked against the model's tokenizer, in one training and one validation
-        list; each example carries its task's index ("task"). `data_dir` (--data_dir) is not used."""
+        """Every task's prepared data, checked against the model's tokenizer, in one training list (task after
+        task: `batches` picks from each) and one validation list (interleaved); each example carries its task's
+        index ("task"). `data_dir` (--data_dir) is not used."""
         fabric.seed_everything(seed)
         tokenizer = Tokenizer(paths.tokenizer)
         check_vocab(tokenizer, paths)
-        train_data, val_data = [], []
+        train_data, val_splits = [], []
         for index, task in enumerate(self.tasks):
             try:
                 task_train, task_val = load_prepared(task.data_dir, tokenizer)
@@ -218,7 +219,9 @@ class MultiTaskFinetune:
             self.starts.append(len(train_data))
             self.sizes.append(len(task_train))
             train_data += [{**s, "task": index} for s in task_train]
-            val_data += [{**s, "task": index} for s in task_val]
+            val_splits.append([{**s, "task": index} for s in task_val])
+        # interleaved, so that validation's first --eval_iters micro-batches hold every task's examples
+        val_data = [split[k] for k in range(max(map(len, val_splits))) for split in val_splits if k < len(split)]
         self.example_tokens = [len(s["input_ids"]) for s in train_data]
         return tokenizer, train_data, val_data
 

@@ -17,6 +17,7 @@ from conftest import (
 )
 
 from lit_llama.checkpoint import resolve_checkpoint
+from lit_llama.cli import normalize_repeated_flag
 from lit_llama.data import prepare_dataset
 from lit_llama.lora import load_lora_model
 from lit_llama.model import Config
@@ -146,6 +147,11 @@ def test_bad_input(tasks, tmp_path):
     for args, fragment in cases:
         proc = run_script(SCRIPT, *base, *args, check=False)
         assert_clean_error(proc, *([fragment] if fragment else []))
+    # the repeated flags joined into one JSON list, also when joined already (Lightning starts the other
+    # devices' processes with the command line the first one was given, after __main__ joined them)
+    once = normalize_repeated_flag(["--task", add, "--max_iters", "2", "--task", mul], "--task")
+    assert once == ["--max_iters", "2", "--task", json.dumps([add, mul])]
+    assert normalize_repeated_flag(once, "--task") == once
 
     # a task whose data was prepared with another tokenizer (one trained on other sentences)
     train_from_texts(tiny_corpus(seed=5), tmp_path / "other", vocab_size=Config.from_name("tiny").vocab_size)
