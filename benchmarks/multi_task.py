@@ -75,7 +75,8 @@ def main(
     dev, dtype = torch.device(device), precision_dtype(precision)
     config = Config.from_name(model_size) if model_size else Config(**SMALL)
     shape = model_size or "4x512 (32k vocab)"
-    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.machine()}, {threads} threads"
     lora = LoRAConfig(r=8, alpha=16, dropout=0.0)
     torch.manual_seed(0)
     with dev, default_dtype(dtype):

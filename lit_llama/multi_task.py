@@ -232,7 +232,8 @@ class MultiTaskFinetune:
         per_task = []
         for t, (start, size) in enumerate(zip(self.starts, self.sizes)):
             if config.group_by_length and t not in self.lengths:  # as training.example_lengths gives them
-                self.lengths[t] = tuple(min(n, config.max_seq_length) for n in self.example_tokens[start : start + size])
+                tokens = self.example_tokens[start : start + size]
+                self.lengths[t] = tuple(min(n, config.max_seq_length) for n in tokens)
             rows = training.batch_indices(size, share, iter_num, rank, world, config.seed, self.lengths.get(t))
             per_task.append([start + i for i in rows])
         return [rows[k] for k in range(share) for rows in per_task]

@@ -198,7 +198,7 @@ CE_CHUNK_ROWS = 256  # positions whose logits exist at once with chunked cross-e
 
 
 def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                          chunk_rows: int = CE_CHUNK_ROWS, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          chunk_rows: int = CE_CHUNK_ROWS, *, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The summed cross-entropy of `head(hidden)` against `targets`, `chunk_rows` positions at a time: each
     chunk's (chunk_rows, vocab) logits are freed after its loss and recomputed in the backward pass, so
     the full (N, vocab) float32 logits never exist. Costs one more forward pass of the output layer. `weights`:

@@ -56,7 +56,8 @@ def tasks(tmp_path_factory):
 
 def together_flags(checkpoint_dir, data_dirs, out_dir, **extra):
     return dict(checkpoint_dir=checkpoint_dir, out_dir=out_dir, task=[f"{n}={d}" for n, d in data_dirs.items()],
-                task_lora_r=["add=4", "mul=2"], task_lora_alpha=["mul=8"], task_lora_targets=["mul=query,value,key,mlp"],
+                task_lora_r=["add=4", "mul=2"], task_lora_alpha=["mul=8"],
+                task_lora_targets=["mul=query,value,key,mlp"],
                 task_learning_rate=["add=3e-3", "mul=1e-3"], **{**TOGETHER, **extra})
 
 
@@ -174,3 +175,22 @@ def test_two_fsdp_processes_train_like_one(tasks, together, tmp_path):
         assert sharded.keys() == expected.keys()
         for key, tensor in expected.items():
             torch.testing.assert_close(sharded[key], tensor, atol=WEIGHT_ATOL, rtol=0)
+
+
+def test_loss_is_the_sum_of_the_tasks_means(tiny_checkpoint_dir):
+    """compute_loss with tasks, plain and in chunks of the output layer (2 chunks here), against each task's rows
+    as a batch of their own; and the gradient each task's rows give is that task's alone."""
+    from lit_llama.checkpoint import load_model
+    from lit_llama.data import IGNORE_INDEX
+    from lit_llama.training import compute_loss
+
+    model = load_model(resolve_checkpoint(tiny_checkpoint_dir), torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (4, 90), generator=g)
+    labels = input_ids.clone()
+    labels[:, :30] = IGNORE_INDEX  # a prompt
+    labels[1, 60:] = IGNORE_INDEX  # rows of other lengths: tasks of other token counts
+    tasks = torch.tensor([0, 1, 0, 2])
+    expected = sum(compute_loss(model, input_ids[tasks == t], labels[tasks == t]) for t in range(3))
+    for chunked in (False, True):
+        torch.testing.assert_close(compute_loss(model, input_ids, labels, chunked, tasks), expected)
