@@ -82,7 +82,6 @@ def main(
     with dev, default_dtype(dtype):
         alone_model = LoRALLaMA(config, lora)
     base_state = {k: v for k, v in alone_model.state_dict().items() if "lora_" not in k}
-    rows = []
     for tasks in task_counts:
         g = torch.Generator().manual_seed(tasks)
         samples = []
@@ -140,13 +139,12 @@ def main(
         together_rate, alone_rate = tokens / together_seconds, tokens / alone_seconds
         print(f"T={tasks}: together {together_rate:.0f} tokens/s, one after another {alone_rate:.0f} tokens/s "
               f"({together_rate / alone_rate:.2f}x); step peak {peak_together:.3f} GB vs {peak_alone:.3f} GB")
-        rows.append(f"| {date.today()} | {machine} | {shape} | {precision} | {tasks} | {together_rate:.0f} | "
-                    f"{alone_rate:.0f} | {together_rate / alone_rate:.2f}x | {peak_together:.3f} GB | "
-                    f"{peak_alone:.3f} GB |")
+        row = (f"| {date.today()} | {machine} | {shape} | {precision} | {tasks} | {together_rate:.0f} | "
+               f"{alone_rate:.0f} | {together_rate / alone_rate:.2f}x | {peak_together:.3f} GB | {peak_alone:.3f} GB |")
+        if results_file and Path(results_file) != Path(""):  # each row as soon as measured; "": print only
+            add_rows(results_file, RESULTS_HEADER, [row])
+            print(f"row added to {results_file}")
         del together, together_opt, task_loras, task_opts
-    if results_file and Path(results_file) != Path(""):  # "": print only
-        add_rows(results_file, RESULTS_HEADER, rows)
-        print(f"rows added to {results_file}")
 
 
 def timed(step: Callable[[], None], device: torch.device, repeats: int) -> float:
