@@ -2,6 +2,7 @@
 flag names and the checks of flag values, run before any work starts or any file is written: a bad value is
 one line naming the flag and what it expects."""
 
+import json
 import math
 import os
 import pickle
@@ -228,3 +229,33 @@ def run_renamed_script(old: str, new: str) -> None:
     print(f"note: scripts/{old} is now scripts/{new} (see scripts/README.md)", file=sys.stderr)
     sys.argv[0] = str(Path(__file__).resolve().parents[1] / "scripts" / new)
     runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def normalize_repeated_flag(argv: List[str], flag: str) -> List[str]:
+    """`--lora A --lora B` as one `--lora ["A", "B"]`: jsonargparse reads a list flag given once as a JSON list
+    (given twice, the second would replace the first). A value that is a JSON list already is taken as its
+    items, so normalizing twice changes nothing (Lightning starts the other devices' processes with the
+    normalized command line)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            values.extend(_list_items(argv[i + 1]))
+            i += 2
+        elif argv[i].startswith(flag + "="):
+            values.extend(_list_items(argv[i][len(flag) + 1 :]))
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, json.dumps(values)] if values else [])
+
+
+def _list_items(value: str) -> List[str]:
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return items
+    return [value]

@@ -351,6 +351,16 @@ def load_prepared(
     return splits[0], splits[1]
 
 
+def check_data_fits(data: List[Dict[str, Any]], vocab_size: int, data_dir: Path) -> None:
+    """Token ids past the model's vocabulary mean the data was prepared with another tokenizer."""
+    largest = max(max(int(s["input_ids"].max()), int(s["labels"].max())) for s in data)
+    if largest >= vocab_size:
+        raise UserError(
+            f"{data_dir} holds token id {largest} but the model's vocabulary has {vocab_size} tokens: "
+            "prepare the data with this checkpoint's tokenizer"
+        )
+
+
 def check_sample(sample: Any, where: str, hint: str) -> None:
     """What the training loop takes from a prepared sample (see `prepare_sample`), checked once when the data is
     loaded: an instruction, and input_ids and labels as equally long, non-empty 1-D integer tensors of token

@@ -28,7 +28,7 @@ from lit_llama.checkpoint import (
     save_weights,
 )
 from lit_llama.cli import UserError, deprecated_flag, with_one_line_errors
-from lit_llama.data import load_prepared
+from lit_llama.data import check_data_fits, load_prepared
 from lit_llama.disk import write_text_atomic
 from lit_llama.distributed import Precision, launch, load_device, make_fabric, uses_fsdp
 from lit_llama.model import Config
@@ -57,6 +57,10 @@ class Method(Protocol):
     def saver(self, fabric: L.Fabric, model: torch.nn.Module, paths: CheckpointPaths, data_dir: Path,
               out_dir: Path) -> Callable[[Path], None]:
         """The function that writes the method's checkpoint (called on every rank: under FSDP it gathers)."""
+
+    # Several LoRAs at once (multi_task.MultiTaskFinetune) also has `load_data` (one data folder per task, in
+    # place of `load_tokenizer_and_data`), `param_groups` (one learning rate per task) and `batches` (each
+    # micro-batch a share of every task; see `fit`). `train_method` uses them where a method has them.
 
 
 def finetune_cli(method: Callable[..., Method], defaults: Dict[str, Any]) -> None:
@@ -123,14 +127,15 @@ def train_method(
     resume: bool,
 ) -> None:
     """In each process: the data, the model and its optimizer, then the loop."""
-    tokenizer, train_data, val_data = load_tokenizer_and_data(fabric, paths, data_dir, training.seed)
+    load_data = getattr(method, "load_data", load_tokenizer_and_data)
+    tokenizer, train_data, val_data = load_data(fabric, paths, data_dir, training.seed)
     if training.warmup_iters is None:  # fit() clamps it to the run's optimizer steps
         training = replace(training, warmup_iters=WARMUP_EPOCHS * len(train_data) // training.batch_size)
     model = method.load(fabric, paths, dtype)
-    model, optimizer = setup_model_and_optimizer(fabric, model, training)
+    model, optimizer = setup_model_and_optimizer(fabric, model, training, getattr(method, "param_groups", None))
     save = method.saver(fabric, model, paths, data_dir, out_dir)
     fit(fabric, model, optimizer, train_data, val_data, tokenizer, training, out_dir, save, method.final_name, resume,
-        sharded_resume=method.sharded_resume, run_info=run_info)
+        sharded_resume=method.sharded_resume, run_info=run_info, batches=getattr(method, "batches", None))
 
 
 DEFAULT_MAX_SEQ_LENGTH = 512  # the article's
@@ -162,27 +167,22 @@ def load_tokenizer_and_data(
     return tokenizer, train_data, val_data
 
 
-def check_data_fits(data: List[Sample], vocab_size: int, data_dir: Path) -> None:
-    """Token ids past the model's vocabulary mean the data was prepared with another tokenizer."""
-    largest = max(max(int(s["input_ids"].max()), int(s["labels"].max())) for s in data)
-    if largest >= vocab_size:
-        raise UserError(
-            f"{data_dir} holds token id {largest} but the model's vocabulary has {vocab_size} tokens: "
-            "prepare the data with this checkpoint's tokenizer"
-        )
-
-
 def setup_model_and_optimizer(
-    fabric: L.Fabric, model: torch.nn.Module, config: TrainingConfig
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    config: TrainingConfig,
+    param_groups: Optional[Callable[[torch.nn.Module], List[Dict[str, Any]]]] = None,
 ) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Hands the model to Fabric (devices, strategy, precision) and builds AdamW over what trains. When
-    only some weights train (LoRA, adapter), those are kept in float32."""
+    """Hands the model to Fabric (devices, strategy, precision) and builds AdamW over what trains (in the groups
+    `param_groups(model)` makes of it, if given). When only some weights train (LoRA, adapter), those are kept
+    in float32."""
     if any(not p.requires_grad for p in model.parameters()):
         # before Fabric wraps the model: DDP's gradient buckets and FSDP's shards take the dtypes they find
         keep_trainable_in_fp32(model)
     model.activation_checkpointing = config.activation_checkpointing
     model = fabric.setup_module(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # after setup_module: FSDP2 replaces the parameters by sharded ones
+    trainable = [p for p in model.parameters() if p.requires_grad] if param_groups is None else param_groups(model)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     return model, fabric.setup_optimizers(optimizer)
 

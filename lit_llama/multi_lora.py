@@ -69,14 +69,21 @@ class MultiLoRALinear(nn.Linear):
         self.kept_rows: Optional[torch.Tensor] = None  # ... and their exact values before the merge
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(x, self.lora_A_all, self.lora_B_all)
+
+    def forward_with(self, x: torch.Tensor, A_all: torch.Tensor, B_all: torch.Tensor,
+                     x_lora: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer with the stacks `A_all`, `B_all` (this layer's buffers; in training, stacks built from
+        each task's trainable factors, so gradients flow through the gather to them). `x_lora`: the input of the
+        low-rank branch if not x (x after LoRA's dropout)."""
         y = F.linear(x, self.weight, self.bias)
-        if self.row_slots is None or self.lora_A_all.size(1) == 0:
+        if self.row_slots is None or A_all.size(1) == 0:
             return y
         # index_select, not stack[row_slots]: the same gather, but advanced indexing took 10-20 ms per call on a
         # CPU (torch 2.14, measured) against microseconds, and ran the unmerged path at half the base's speed
-        A = self.lora_A_all.index_select(0, self.row_slots).to(x.dtype)  # (batch, R, in)
-        B = self.lora_B_all.index_select(0, self.row_slots).to(x.dtype)  # (batch, out, R)
-        return y + (x @ A.transpose(1, 2)) @ B.transpose(1, 2)
+        A = A_all.index_select(0, self.row_slots).to(x.dtype)  # (batch, R, in)
+        B = B_all.index_select(0, self.row_slots).to(x.dtype)  # (batch, out, R)
+        return y + ((x if x_lora is None else x_lora) @ A.transpose(1, 2)) @ B.transpose(1, 2)
 
     def set_slot(self, slot: int, A: Optional[torch.Tensor], B: Optional[torch.Tensor]) -> None:
         """Puts (A, B) in `slot` (zeros for None), appending the slot or widening every slot's rank as needed."""

@@ -155,42 +155,67 @@ def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor,
     return input_ids, label_ids
 
 
-def compute_loss(
-    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunked_ce: bool = False
-) -> torch.Tensor:
+def compute_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunked_ce: bool = False,
+                 tasks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Next-token cross-entropy over the scored positions. Position t predicts token t+1, and only the
     positions whose next token is scored (the response, with --mask_inputs) go through the output layer.
-    `chunked_ce`: through the output layer a chunk of positions at a time (see `chunked_cross_entropy`)."""
+    `chunked_ce`: through the output layer a chunk of positions at a time (see `chunked_cross_entropy`).
+    `tasks` (a task index per row: several LoRAs at once, lit_llama/multi_task.py): the sum of each task's mean,
+    so each task's adapter gets the gradient of its own mean loss, as if its rows were a batch of their own."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     output_mask = F.pad(scored, (0, 1), value=False)
+    weights = None if tasks is None else task_mean_weights(scored, tasks)
     if chunked_ce:
         hidden = model(input_ids, output_mask=output_mask, head=False)  # (N, n_embd)
-        total = chunked_cross_entropy(unwrap(model).lm_head, hidden, targets[scored])
+        total = chunked_cross_entropy(unwrap(model).lm_head, hidden, targets[scored], weights=weights)
     else:
         logits = model(input_ids, output_mask=output_mask)  # (N, vocab)
-        total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
-    return total / scored.sum().clamp(min=1)
+        total = _summed_cross_entropy(lambda h: h, logits, targets[scored], weights)
+    return total if weights is not None else total / scored.sum().clamp(min=1)
+
+
+def task_mean_weights(scored: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+    """Per scored position (in `scored`'s row-major order), 1 / the number of scored positions of its row's task."""
+    per_row = scored.sum(dim=1)
+    per_task = per_row.new_zeros(int(tasks.max()) + 1).index_add_(0, tasks, per_row)
+    row_weight = 1.0 / per_task.clamp(min=1).float()[tasks]
+    return row_weight[:, None].expand_as(scored)[scored]
+
+
+def route_rows(fabric: L.Fabric, model: torch.nn.Module, samples: List[Sample]) -> Optional[torch.Tensor]:
+    """Several LoRAs trained at once (lit_llama/multi_task.py): each sample names its task, and the model is told
+    which task (which adapter) each row of the batch is. Returns the rows' tasks (for `compute_loss`), or None
+    when the samples name none (every other run)."""
+    if "task" not in samples[0]:
+        return None
+    tasks = torch.tensor([s["task"] for s in samples], device=fabric.device)
+    unwrap(model).route_rows(tasks)
+    return tasks
 
 
 CE_CHUNK_ROWS = 256  # positions whose logits exist at once with chunked cross-entropy
 
 
-def chunked_cross_entropy(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
-) -> torch.Tensor:
+def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int = CE_CHUNK_ROWS, *, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The summed cross-entropy of `head(hidden)` against `targets`, `chunk_rows` positions at a time: each
     chunk's (chunk_rows, vocab) logits are freed after its loss and recomputed in the backward pass, so
-    the full (N, vocab) float32 logits never exist. Costs one more forward pass of the output layer."""
+    the full (N, vocab) float32 logits never exist. Costs one more forward pass of the output layer. `weights`:
+    one per position, multiplying its cross-entropy (see `compute_loss`'s tasks)."""
     total = hidden.new_zeros((), dtype=torch.float32)
-    for chunk, chunk_targets in zip(hidden.split(chunk_rows), targets.split(chunk_rows)):
-        total = total + torch.utils.checkpoint.checkpoint(_summed_cross_entropy, head, chunk, chunk_targets,
+    chunk_weights = [None] * len(targets.split(chunk_rows)) if weights is None else weights.split(chunk_rows)
+    for chunk, chunk_targets, w in zip(hidden.split(chunk_rows), targets.split(chunk_rows), chunk_weights):
+        total = total + torch.utils.checkpoint.checkpoint(_summed_cross_entropy, head, chunk, chunk_targets, w,
                                                           use_reentrant=False)
     return total
 
 
-def _summed_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _summed_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+                          weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
 
 
 def get_lr(step: int, learning_rate: float, warmup_steps: int, max_steps: int) -> float:
@@ -237,12 +262,16 @@ def fit(
     resume: bool = False,
     sharded_resume: bool = False,
     run_info: Optional[Dict[str, Any]] = None,
+    batches: Optional[Callable[[TrainingConfig, int, int, int], List[int]]] = None,
 ) -> Dict[str, float]:
     """Trains for `config.total_iters(...)` micro-batch iterations. `save_weights(path)` writes the
     method's own checkpoint (LoRA-only, adapter-only or full weights) and is called on every rank (under
     FSDP the weights are gathered); `final_name` is the last one's file name. `sharded_resume` writes the
     resume state as one folder of per-rank shards instead of one file. `run_info` (method, model config, method
-    settings) goes to run.json, for `--resume` to check (see `claim_out_dir`). Returns the final metrics."""
+    settings) goes to run.json, for `--resume` to check (see `claim_out_dir`). `batches(config, iter_num, rank,
+    world)`: the example indices of a micro-batch, if not `batch_indices`'s (several tasks at once: a share of
+    each). A parameter group's "peak_lr" replaces --learning_rate for it (a task's own rate). Returns the final
+    metrics."""
     world = fabric.world_size
     accumulation = config.gradient_accumulation_iters(world)
     max_iters = config.total_iters(len(train_data), world)
@@ -292,18 +321,24 @@ def fit(
         for iter_num in range(state["iter_num"], max_iters):
             iter_start = time.perf_counter()
             lr = get_lr(state["step_count"], config.learning_rate, warmup_steps, max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world,
-                                config.seed, lengths)
-            input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
+            for group in optimizer.param_groups:  # a group with its own "peak_lr" (a task's) on the same schedule
+                peak = group.get("peak_lr")
+                group["lr"] = lr if peak is None else get_lr(state["step_count"], peak, warmup_steps, max_steps)
+            if batches is None:
+                idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world,
+                                    config.seed, lengths)
+            else:
+                idx = batches(config, iter_num, fabric.global_rank, world)
+            samples = [train_data[i] for i in idx]
+            input_ids, labels = pad_batch(samples, config.max_seq_length)
             input_ids, labels = fabric.to_device((input_ids, labels))
+            tasks = route_rows(fabric, model, samples)
 
             is_accumulating = (iter_num + 1) % accumulation != 0
             # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
             skip_sync = is_accumulating and not is_fsdp(fabric)
             with fabric.no_backward_sync(model, enabled=skip_sync):
-                loss = compute_loss(model, input_ids, labels, config.chunked_ce)
+                loss = compute_loss(model, input_ids, labels, config.chunked_ce, tasks)
                 fabric.backward(loss / accumulation)
             batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
             window_tokens += batch_tokens
@@ -327,7 +362,7 @@ def fit(
                 row.update(
                     iter=iter_num + 1,
                     tokens=state["tokens"],
-                    train_loss=loss.item(),
+                    train_loss=loss.item() / (1 if tasks is None else tasks.unique().numel()),  # a task's mean
                     lr=lr,
                     tokens_per_sec=window_tokens / window_seconds,
                     peak_memory=peak_memory_gb(fabric.device),
@@ -430,8 +465,12 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Sample], c
     # every device runs as many forward passes (under FSDP they are collective): spare ones are not counted
     for k in range(fabric.global_rank, math.ceil(num_batches / world) * world, world):
         start = k * batch if k < num_batches else 0
-        input_ids, labels = fabric.to_device(pad_batch(val_data[start : start + batch], config.max_seq_length))
-        loss = compute_loss(model, input_ids, labels, config.chunked_ce)
+        samples = val_data[start : start + batch]
+        input_ids, labels = fabric.to_device(pad_batch(samples, config.max_seq_length))
+        tasks = route_rows(fabric, model, samples)
+        loss = compute_loss(model, input_ids, labels, config.chunked_ce, tasks)
+        if tasks is not None:  # the mean over the batch's tasks, comparable with a one-task run's loss
+            loss = loss / tasks.unique().numel()
         if k < num_batches:
             total += torch.stack([loss, torch.ones_like(loss)])
     model.train()
@@ -441,6 +480,7 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Sample], c
 
 def print_sample(fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer, sample: Sample) -> None:
     """Greedy response to one validation instruction: a quick look at what training does."""
+    route_rows(fabric, model, [sample])  # several tasks: the row goes through its task's adapter
     response = generate_response(model, tokenizer, sample["instruction"], sample.get("input", ""), fabric.device,
                                  prompt_style=sample.get("prompt_style", DEFAULT_PROMPT_STYLE))
     fabric.print(f"Instruction: {sample['instruction']}\nResponse: {response}\n")
