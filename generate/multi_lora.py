@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
 from lit_llama.checkpoint import load_model, resolve_checkpoint
-from lit_llama.cli import UserError, check_at_least, run_cli
+from lit_llama.cli import UserError, check_at_least, normalize_repeated_flag, run_cli
 from lit_llama.generation import check_sampling_flags, generate_responses, setup_generation
 from lit_llama.json_input import parse_json
 from lit_llama.multi_lora import BASE, MultiLoRALLaMA, check_cache_flags, read_lora_factors
@@ -164,22 +164,6 @@ def read_requests(path: Path, adapters: Dict[str, Path]) -> List[Dict[str, str]]
     if not records:
         raise UserError(f"--requests {path} holds no requests")
     return records
-
-
-def normalize_repeated_flag(argv: List[str], flag: str) -> List[str]:
-    """`--lora A --lora B` as one `--lora ["A", "B"]`: jsonargparse reads a list flag given once as a JSON list."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == flag and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-        elif argv[i].startswith(flag + "="):
-            values.append(argv[i][len(flag) + 1 :])
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest + ([flag, json.dumps(values)] if values else [])
 
 
 if __name__ == "__main__":

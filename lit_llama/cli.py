@@ -2,6 +2,7 @@
 flag names and the checks of flag values, run before any work starts or any file is written: a bad value is
 one line naming the flag and what it expects."""
 
+import json
 import math
 import os
 import pickle
@@ -228,3 +229,19 @@ def run_renamed_script(old: str, new: str) -> None:
     print(f"note: scripts/{old} is now scripts/{new} (see scripts/README.md)", file=sys.stderr)
     sys.argv[0] = str(Path(__file__).resolve().parents[1] / "scripts" / new)
     runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def normalize_repeated_flag(argv: List[str], flag: str) -> List[str]:
+    """`--lora A --lora B` as one `--lora ["A", "B"]`: jsonargparse reads a list flag given once as a JSON list."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+        elif argv[i].startswith(flag + "="):
+            values.append(argv[i][len(flag) + 1 :])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, json.dumps(values)] if values else [])
