@@ -134,20 +134,30 @@ def tree_path(leaf: Path, config: Config, base_weights: Optional[Path] = None) -
     return nodes
 
 
+_templates: Dict[str, LoRALLaMA] = {}  # (base config, LoRA config) -> a model on the meta device: its layout
+
+
 def node_factors(node: Node, config: Config) -> Factors:
     """Per adapted layer name, the node's (A, B) in float32 as `LoRALinear.factors` gives them (scale folded into
     B, the fused q/k/v blocks placed), after the checks of loading the file into a LoRA model (names, ranks)."""
     lora = lora_config_from_checkpoint(node.checkpoint, node.path)
-    with torch.device("meta"):  # the layers' layout (which q/k/v blocks, which rank) without any memory
-        template = LoRALLaMA(config, lora)
+    key = repr((asdict(config), asdict(lora)))
+    if key not in _templates:  # building one takes longer than reading a small node: kept per layout
+        with torch.device("meta"):  # the layers' layout (which q/k/v blocks, which rank) without any memory
+            _templates[key] = LoRALLaMA(config, lora)
+    template = _templates[key]
     load_lora_state_dict(template, node.checkpoint, node.path)  # checks only: meta tensors hold no data
     tensors = node.checkpoint["state_dict"]
     factors = {}
     for name, layer in template.named_modules():
         if isinstance(layer, LoRALinear):
+            meta = layer.lora_A, layer.lora_B
             layer.lora_A = nn.Parameter(tensors[f"{name}.lora_A"].float(), requires_grad=False)
             layer.lora_B = nn.Parameter(tensors[f"{name}.lora_B"].float(), requires_grad=False)
-            factors[name] = tuple(t.detach() for t in layer.factors())
+            try:
+                factors[name] = tuple(t.detach() for t in layer.factors())
+            finally:  # the shared template back on the meta device
+                layer.lora_A, layer.lora_B = meta
     return factors
 
 

@@ -128,3 +128,11 @@ def test_lora_swap_rows(tmp_path):
                "--results_file", results)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 2 and "| yes / yes / yes (N = 30) |" in rows[0], rows
+
+
+def test_lora_tree_row(tmp_path):
+    """benchmarks/lora_tree.py on the tiny model: one row with the six switch times."""
+    results = tmp_path / "RESULTS.md"
+    run_script("benchmarks/lora_tree.py", "--model_size", "tiny", "--switches", 4, "--results_file", results)
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and "| tiny | 32-true | 4 |" in rows[0] and rows[0].count(" ms |") == 6, rows
