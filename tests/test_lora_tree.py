@@ -18,7 +18,7 @@ from lit_llama.model import LLaMA
 from lit_llama.multi_lora import MultiLoRALLaMA
 
 CPU, FP32 = torch.device("cpu"), torch.float32
-FAST = ["--precision", "32-true", "--batch_size", 4, "--micro_batch_size", 4, "--eval_iters", 1, "--max_iters", 3,
+FAST = ["--precision", "32-true", "--batch_size", 2, "--micro_batch_size", 2, "--eval_iters", 1, "--max_iters", 2,
         "--learning_rate", 3e-2, "--warmup_iters", 1, "--eval_interval", 100, "--save_interval", 100]
 FINAL = "lit-llama-lora-finetuned.pth"
 
