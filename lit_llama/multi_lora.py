@@ -137,7 +137,7 @@ class MultiLoRALLaMA(LLaMA):
         max_device_adapters: Device slots for adapters (None: as many as are added). A batch may name at most
             this many adapters.
         max_host_adapters: Adapters whose factors are kept in host memory (None: every one added); at least
-            `max_device_adapters`.
+            `max_device_adapters`. A LoRA tree's nodes count one each (a leaf's ancestors are shared).
     """
 
     def __init__(self, config: Config, swap: str = "unmerged", max_device_adapters: Optional[int] = None,

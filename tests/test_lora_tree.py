@@ -44,7 +44,8 @@ def tree(tmp_path_factory, tiny_checkpoint_dir):
         parents.append(files[name])
     checkpoint = torch.load(files["task"], weights_only=True)
     g = torch.Generator().manual_seed(5)
-    checkpoint["state_dict"] = {k: t + 0.1 * torch.randn(t.shape, generator=g) for k, t in checkpoint["state_dict"].items()}
+    checkpoint["state_dict"] = {k: t + 0.1 * torch.randn(t.shape, generator=g)
+                                for k, t in checkpoint["state_dict"].items()}
     files["task2"] = root / "task2.pth"
     torch.save(checkpoint, files["task2"])
     return files
