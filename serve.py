@@ -111,6 +111,7 @@ def main(
         checkpoint_dir: The base model folder every LoRA file was trained on.
         lora_dir: The folder of LoRA files (finetune/lora.py's), one adapter per file, named by its file name
             without .pth: `model: "alpaca"` in a request is alpaca.pth. Files added while serving are picked up.
+            A leaf of a LoRA tree is served with its ancestors (the files it records; howto/lora_tree.md).
             Default: adapters, or, with --runs, no folder.
         host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every network interface: anyone who can reach
             the machine can use the server; it has no authentication).
@@ -137,7 +138,7 @@ def main(
         max_device_adapters: LoRA adapters kept on the device at once, least recently used out (null: all); at
             least --max_batch_size, so that every batch fits.
         max_host_adapters: LoRA adapters kept in host memory (null: all), at least --max_device_adapters; the
-            others are read from their files again when a request names them.
+            others are read from their files again when a request names them. A LoRA tree's nodes count one each.
     """
     # every flag and file is checked before anything loads: a mistake is one line, not a server that dies later
     check_range("port", port, 1024, 65535)  # the ports below need root

@@ -9,13 +9,14 @@ howto/finetune_lora.md. `--help` lists every flag: LoRA's below, the shared ones
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from lit_llama.cli import UserError
+from lit_llama.cli import UserError, normalize_repeated_flag
 from lit_llama.finetune import finetune_cli, finetune_from_python
 from lit_llama.lora import LoRAConfig, LoRAFinetune
+from lit_llama.lora_tree import TreeLoRAFinetune
 
 
 def lora(
@@ -31,6 +32,7 @@ def lora(
     lora_rslora: bool = False,
     lora_dora: bool = False,
     quantize: Optional[str] = None,
+    parent_lora: List[Path] = [],
 ) -> LoRAFinetune:
     """Finetunes a pretrained checkpoint with LoRA. Defaults are the article's (7B on one 24 GB GPU).
 
@@ -52,6 +54,10 @@ def lora(
         quantize: nf4: store the frozen linear weights of the transformer blocks in 4-bit NormalFloat (QLoRA;
             about 0.52 bytes per weight instead of 2 in bf16). On several devices FSDP shards it (not with --strategy
             ddp or --cpu_offload). Needs torchao.
+        parent_lora: A LoRA tree (howto/lora_tree.md): the LoRA files of this node's ancestors, root first; repeat
+            the flag for each (--parent_lora language.pth --parent_lora domain.pth). They are merged into the
+            frozen base, and the new file records them (path and SHA-256): generation, serving and export then
+            compose the whole path from the leaf alone.
     """
     try:
         config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
@@ -59,7 +65,7 @@ def lora(
                             rslora=lora_rslora, dora=lora_dora)
     except ValueError as e:
         raise UserError(f"--lora_{e}")  # LoRAConfig's messages start with the field's (= the flag's) name
-    return LoRAFinetune(config, quantize)
+    return TreeLoRAFinetune(config, quantize, parent_lora) if parent_lora else LoRAFinetune(config, quantize)
 
 
 def setup(**flags: Any) -> None:
@@ -68,4 +74,5 @@ def setup(**flags: Any) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *normalize_repeated_flag(sys.argv[1:], "--parent_lora")]
     finetune_cli(lora, LoRAFinetune.flag_defaults)

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from lit_llama.checkpoint import resolve_checkpoint
 from lit_llama.cli import UserError, run_cli
 from lit_llama.generation import check_sampling_flags, respond_and_report, setup_generation
-from lit_llama.lora import load_lora_model, lora_prompt_style, read_lora_checkpoint
+from lit_llama.lora import lora_prompt_style, read_lora_checkpoint
+from lit_llama.lora_tree import load_leaf_model
 from lit_llama.prompts import get_prompt_style
 from lit_llama.quantize import check_generate_quantize, quantize_for_generation
 
@@ -46,7 +47,8 @@ def main(
     Args:
         prompt: The instruction.
         input: Optional context for the instruction (the template's "### Input:" section).
-        lora_path: The LoRA checkpoint written by finetune/lora.py (its r, alpha and targets are read from it).
+        lora_path: The LoRA checkpoint written by finetune/lora.py (its r, alpha and targets are read from it). A
+            leaf of a LoRA tree (--parent_lora) brings its ancestors: the files it records, checked unchanged.
         checkpoint_dir: The base model folder the LoRA weights were trained on.
         pretrained_path: The article's / Lit-LLaMA's flag: the base weights .pth (instead of --checkpoint_dir).
         tokenizer_path: Lit-LLaMA's original flag: the tokenizer (default: beside the weights).
@@ -75,7 +77,7 @@ def main(
                                            f" (the LoRA was trained with {trained_with})"), file=sys.stderr)
     tokenizer, device, dtype = setup_generation(paths, precision, style.prompt(prompt, input), max_new_tokens)
 
-    model = load_lora_model(paths, lora_path, device, dtype, merge)
+    model = load_leaf_model(paths, lora_path, device, dtype, merge)  # a leaf of a LoRA tree: its whole path
     model.eval()
     if quantize:  # after merging: the quantized weights hold the update
         quantize_for_generation(model, quantize)

@@ -56,7 +56,8 @@ def main(
 
     Args:
         checkpoint_dir: The base model folder every LoRA file was trained on.
-        lora: NAME=PATH of a LoRA file written by finetune/lora.py; repeat the flag for each adapter.
+        lora: NAME=PATH of a LoRA file written by finetune/lora.py; repeat the flag for each adapter. A leaf of a
+            LoRA tree (howto/lora_tree.md) is its whole path; leaves sharing ancestors may share a batch.
         requests: JSON-lines file, one {"adapter", "instruction", "input"} object per line.
         max_new_tokens: The most tokens per response.
         temperature: Sampling temperature; 0 is greedy decoding.
@@ -74,7 +75,7 @@ def main(
         max_device_adapters: Adapters kept on the device at once, least recently used out (null: all); a batch
             may name at most this many.
         max_host_adapters: Adapters kept in host memory (null: all), at least --max_device_adapters; the others
-            are read from their files again when a batch needs them.
+            are read from their files again when a batch needs them. A LoRA tree's nodes count one each.
     """
     adapters = parse_adapters(lora)
     check_cache_flags(swap, max_device_adapters, max_host_adapters)

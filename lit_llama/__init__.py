@@ -5,8 +5,9 @@
                batching worker and web server), runs.py (finished run folders read back for comparisons),
                evaluation.py (lm-eval's LM over a model, perplexity; its offline tasks in eval_tasks/)
   methods      lora.py, adapter.py (subclass the model and own their file formats; a new method is a class
-               with the `finetune.Method` fields in its module plus a short finetune/<name>.py), multi_lora.py,
-               multi_task.py (several LoRAs trained in one run, on multi_lora.py's stacked layer)
+               with the `finetune.Method` fields in its module plus a short finetune/<name>.py), lora_tree.py
+               (LoRA trees: nodes on top of their ancestors, paths composed), multi_lora.py, multi_task.py
+               (several LoRAs trained in one run, on multi_lora.py's stacked layer)
   the loop     training.py (batches, loss, fit, validate, metrics); run_dir.py (lock, run.json, resume state)
   around it    args.py (shared flags, each described once), distributed.py (Fabric, strategy, precision),
                data.py, chat_data.py and prompts.py (a new prompt style: one entry in prompts.PROMPT_STYLES),

@@ -27,6 +27,11 @@ Two additions follow the LoRA paper's author on serving:
   first out, over `max_host_adapters` adapters' factors in host memory (also LRU; a miss reads the LoRA file
   again). Switching to an adapter in host memory is then a copy to the device, not a read from disk.
   `memory()` reports what each level holds.
+
+An adapter may be the leaf of a LoRA tree (lit_llama/lora_tree.py): it is served as its whole path composed, one
+adapter of the summed rank, so a mixed batch may hold rows of different leaves that share ancestors. Host memory
+keeps nodes, not leaves (by their files' SHA-256): a switch to a leaf whose ancestors are there reads only the
+nodes that are not.
 """
 from collections import OrderedDict
 from pathlib import Path
@@ -37,16 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.cli import UserError
-from lit_llama.lora import (
-    LoRALinear,
-    LoRALLaMA,
-    check_lora_base,
-    check_lora_family,
-    load_lora_state_dict,
-    lora_config_from_checkpoint,
-    lora_prompt_style,
-    read_lora_checkpoint,
-)
+from lit_llama.lora import lora_config_from_checkpoint, lora_prompt_style
+from lit_llama.lora_tree import Node, compose, node_factors, read_node, tree_path
 from lit_llama.model import Config, LLaMA
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 
@@ -147,7 +144,7 @@ class MultiLoRALLaMA(LLaMA):
         max_device_adapters: Device slots for adapters (None: as many as are added). A batch may name at most
             this many adapters.
         max_host_adapters: Adapters whose factors are kept in host memory (None: every one added); at least
-            `max_device_adapters`.
+            `max_device_adapters`. A LoRA tree's nodes count one each (a leaf's ancestors are shared).
     """
 
     def __init__(self, config: Config, swap: str = "unmerged", max_device_adapters: Optional[int] = None,
@@ -161,7 +158,10 @@ class MultiLoRALLaMA(LLaMA):
         self.lm_head = _multi(self.lm_head)
         self.swap, self.max_device, self.max_host = swap, max_device_adapters, max_host_adapters
         self.files: Dict[str, Tuple[Path, Optional[Path]]] = {}  # every adapter added: its file and base weights
-        self.host: "OrderedDict[str, Factors]" = OrderedDict()  # factors in host memory, least recently used first
+        self.host: "OrderedDict[str, Factors]" = OrderedDict()  # factors in host memory, least recently used first,
+        # by node: a LoRA file's SHA-256 (a plain adapter is one node; a tree's leaf, each node of its path)
+        self.leaf_nodes: Dict[str, List[str]] = {}  # adapter -> its path's nodes, root first
+        self.node_files: Dict[str, Path] = {}  # node -> its file, read again should it leave host memory
         self.device_slots: "OrderedDict[str, int]" = OrderedDict()  # adapter -> its slot (1, 2, ...), LRU first
         self.merged: Optional[str] = None  # the adapter merged into the base weights (swap="merged")
         self.prompt_styles: Dict[str, str] = {BASE: DEFAULT_PROMPT_STYLE}  # the style each was trained with
@@ -180,10 +180,17 @@ class MultiLoRALLaMA(LLaMA):
         The file is read and checked now; its factors go to host memory, and to a device slot if one is free."""
         if name == BASE or not name:
             raise UserError(f"adapter name {name!r} is reserved or empty: choose another")
-        factors, style = read_lora_factors(Path(lora_path), self.config, base_weights)
-        self.files[name], self.prompt_styles[name] = (Path(lora_path), base_weights), style
-        self.host.pop(name, None)
-        self._keep_on_host(name, factors)
+        nodes = read_tree_nodes(Path(lora_path), self.config, base_weights)
+        self.files[name] = (Path(lora_path), base_weights)
+        self.prompt_styles[name] = lora_prompt_style(nodes[-1].checkpoint, lora_path)
+        self.leaf_nodes[name] = [node.sha256 for node in nodes]
+        for node in nodes:  # a changed file is a new node; the old one leaves host memory in its turn
+            self.node_files[node.sha256] = node.path
+            if node.sha256 in self.host:
+                self.host.move_to_end(node.sha256)
+            else:
+                self._keep_on_host(node.sha256, node_factors(node, self.config))
+        factors = self._host_factors(name)
         if self.merged == name:  # the old version is merged: the base comes back, the next select merges anew
             self._unmerge()
         if name in self.device_slots or self.max_device is None or len(self.device_slots) < self.max_device:
@@ -239,21 +246,27 @@ class MultiLoRALLaMA(LLaMA):
             self.host.popitem(last=False)
 
     def _host_factors(self, name: str) -> "Factors":
-        if name in self.host:
-            self.host.move_to_end(name)
-            return self.host[name]
-        path, base_weights = self.files[name]  # evicted from host memory: read from its file again
-        factors, _ = read_lora_factors(path, self.config, base_weights)
-        self._keep_on_host(name, factors)
-        return factors
+        """The adapter's factors, its path's nodes composed; a node not in host memory is read from its file."""
+        path_factors = []
+        for key in self.leaf_nodes[name]:
+            if key in self.host:
+                self.host.move_to_end(key)
+            else:  # evicted from host memory: read from its file again, which must not have changed
+                node = read_node(self.node_files[key])
+                if node.sha256 != key:
+                    raise UserError(f"{node.path} has changed since the adapter {name!r} was loaded: load it again")
+                self._keep_on_host(key, node_factors(node, self.config))
+            path_factors.append(self.host[key])
+        return path_factors[0] if len(path_factors) == 1 else compose(path_factors)
 
     def _to_device(self, name: str, batch: Sequence[str]) -> int:
         """The slot holding `name`, after copying it in if needed (into a free slot, or the least recently used
         one of an adapter this batch does not name)."""
         if name in self.device_slots:
             self.device_slots.move_to_end(name)
-            if name in self.host:  # in use: the last to leave host memory too
-                self.host.move_to_end(name)
+            for key in self.leaf_nodes[name]:  # in use: the last to leave host memory too
+                if key in self.host:
+                    self.host.move_to_end(key)
             return self.device_slots[name]
         factors = self._host_factors(name)
         if self.max_device is None or len(self.device_slots) < self.max_device:
@@ -311,26 +324,23 @@ def _multi(linear: nn.Linear) -> MultiLoRALinear:
 def read_lora_factors(
     lora_path: Path, base_config: Config, base_weights: Optional[Path] = None
 ) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], str]:
-    """Per adapted layer name, the (A, B) of a LoRA file as `LoRALinear.factors` gives them, and the prompt style
-    it was trained with, after the same checks as loading the file into a LoRA model (its fields, the base
-    model's shape, and with `base_weights` its identity, names, ranks)."""
-    checkpoint = read_lora_checkpoint(lora_path)
-    lora = lora_config_from_checkpoint(checkpoint, lora_path)
-    check_lora_family(checkpoint, lora_path, base_config)
-    if base_weights is not None:
-        check_lora_base(checkpoint, lora_path, base_weights)
-    if lora.dora:  # a magnitude per row divides by a norm of W + BA: no low-rank product to stack
-        # nor, with --swap merged, one that mixed batches could fall back to: refused in both modes
-        raise UserError(f"{lora_path} is a DoRA adapter: several adapters on one base (--swap unmerged or merged) "
-                        "take plain LoRA (or rsLoRA) only; merge it with scripts/merge_lora.py and serve it on its own")
-    with torch.device("meta"):  # the layers' layout (which q/k/v blocks, which rank) without any memory
-        template = LoRALLaMA(base_config, lora)
-    load_lora_state_dict(template, checkpoint, lora_path)  # checks only: meta tensors hold no data
-    tensors = checkpoint["state_dict"]
-    factors = {}
-    for name, layer in template.named_modules():
-        if isinstance(layer, LoRALinear):
-            layer.lora_A = nn.Parameter(tensors[f"{name}.lora_A"].float(), requires_grad=False)
-            layer.lora_B = nn.Parameter(tensors[f"{name}.lora_B"].float(), requires_grad=False)
-            factors[name] = tuple(t.detach() for t in layer.factors())
-    return factors, lora_prompt_style(checkpoint, lora_path)
+    """Per adapted layer name, the (A, B) of a LoRA file as `LoRALinear.factors` gives them (a leaf of a LoRA
+    tree: its whole path composed), and the prompt style it was trained with, after the same checks as loading
+    the file into a LoRA model (its fields, the base model's shape, and with `base_weights` its identity, names,
+    ranks; a tree's ancestors unchanged)."""
+    nodes = read_tree_nodes(Path(lora_path), base_config, base_weights)
+    factors = compose([node_factors(node, base_config) for node in nodes])
+    return factors, lora_prompt_style(nodes[-1].checkpoint, lora_path)
+
+
+def read_tree_nodes(lora_path: Path, base_config: Config, base_weights: Optional[Path]) -> List[Node]:
+    """`lora_tree.tree_path`, DoRA refused."""
+    nodes = tree_path(lora_path, base_config, base_weights)
+    for node in nodes:
+        if lora_config_from_checkpoint(node.checkpoint, node.path).dora:
+            # a magnitude per row divides by a norm of W + BA: no low-rank product to stack nor, with --swap
+            # merged, one that mixed batches could fall back to: refused in both modes
+            raise UserError(f"{node.path} is a DoRA adapter: several adapters on one base (--swap unmerged or "
+                            "merged) take plain LoRA (or rsLoRA) only; merge it with scripts/merge_lora.py and serve "
+                            "it on its own")
+    return nodes

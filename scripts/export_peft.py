@@ -22,6 +22,7 @@ from lit_llama.checkpoint import check_finite, load_state_dict, resolve_checkpoi
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
 from lit_llama.disk import save_atomic
 from lit_llama.lora import LoRAConfig, lora_config_from_checkpoint
+from lit_llama.lora_tree import PARENTS, flatten_path, tree_path
 from lit_llama.peft import LORA_TARGET_MODULES, lora_to_peft
 
 CONFIG_FILE = "adapter_config.json"
@@ -40,7 +41,8 @@ def main(
 
     Args:
         checkpoint_dir: The base model folder the LoRA was trained on (its config must match the LoRA file's).
-        lora_path: The LoRA checkpoint written by finetune/lora.py (or scripts/convert_peft_checkpoint.py).
+        lora_path: The LoRA checkpoint written by finetune/lora.py (or scripts/convert_peft_checkpoint.py). A leaf
+            of a LoRA tree is exported with its ancestors as one adapter of their summed rank (the same logits).
         out_dir: The adapter folder to write.
         base_model_name_or_path: Recorded in adapter_config.json for peft to find the base model (a hub id such
             as meta-llama/Llama-2-7b-hf or a local Hugging Face folder); default: --checkpoint_dir.
@@ -52,6 +54,8 @@ def main(
     paths = resolve_checkpoint(checkpoint_dir)
     check_out_dir(output_dir, flag, replaces=WEIGHTS_FILE, overwrite=overwrite)
     checkpoint = load_state_dict(lora_path)
+    if isinstance(checkpoint, dict) and checkpoint.get(PARENTS):  # a leaf of a LoRA tree: its path as one adapter
+        checkpoint = flatten_path(tree_path(lora_path, paths.config, paths.weights), paths.config)
     lora = lora_config_from_checkpoint(checkpoint, lora_path)
     base = checkpoint.get("base_config", {})
     ours = asdict(paths.config)

@@ -23,7 +23,7 @@ from lit_llama.checkpoint import (
     save_checkpoint_dir,
 )
 from lit_llama.cli import UserError, check_out_dir, deprecated_flag, run_cli
-from lit_llama.lora import load_lora_model
+from lit_llama.lora_tree import load_leaf_model
 
 
 def main(
@@ -38,7 +38,7 @@ def main(
     """Writes base + LoRA as one checkpoint folder, in the base weights' dtype.
 
     Args:
-        lora_path: The LoRA checkpoint written by finetune/lora.py.
+        lora_path: The LoRA checkpoint written by finetune/lora.py (a leaf of a LoRA tree: merged with its ancestors).
         checkpoint_dir: The base model folder the LoRA weights were trained on.
         out_dir: Where the merged folder goes (default: <checkpoint_dir>-lora).
         pretrained_path: Lit-LLaMA's original flag: the base weights .pth (instead of --checkpoint_dir).
@@ -54,7 +54,7 @@ def main(
     check_out_dir(out_dir, replaces=WEIGHTS_NAME, overwrite=overwrite)
 
     base_dtype = next(iter(load_weights(paths.weights).values())).dtype
-    model = load_lora_model(paths, lora_path, torch.device("cpu"), base_dtype, merge=True)
+    model = load_leaf_model(paths, lora_path, torch.device("cpu"), base_dtype, merge=True)  # a tree leaf: its path
     lora = model.lora_config
 
     merged = {name: t for name, t in model.state_dict().items() if not is_extra_parameter(name)}

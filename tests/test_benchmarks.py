@@ -130,7 +130,6 @@ def test_lora_swap_rows(tmp_path):
     assert len(rows) == 2 and "| yes / yes / yes (N = 30) |" in rows[0], rows
 
 
-# The packages a short GPU slot may have: everything else the repository can use is blocked on import
 # The packages a short GPU slot may have: everything else the repository can use is made missing (a None in
 # sys.modules: `import` raises ModuleNotFoundError, importlib.util.find_spec answers None, as for a package not
 # installed)
@@ -187,3 +186,11 @@ def test_gpu_suite_plan_for_an_h100_class_gpu_fits_the_first_three_stages_in_six
     assert any(row[3] == "skip" for row in plan), "the whole suite does not fit 6 minutes"
     proc = run_script("benchmarks/gpu_suite.py", "--dry_run", "--assume_matmul_tflops", 600, check=False)
     assert_clean_error(proc, "--assume_matmul_tflops and --assume_bandwidth_tbps go together")
+
+
+def test_lora_tree_row(tmp_path):
+    """benchmarks/lora_tree.py on the tiny model: one row with the six switch times."""
+    results = tmp_path / "RESULTS.md"
+    run_script("benchmarks/lora_tree.py", "--model_size", "tiny", "--switches", 4, "--results_file", results)
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and "| tiny | 32-true | 4 |" in rows[0] and rows[0].count(" ms |") == 6, rows

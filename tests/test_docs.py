@@ -56,7 +56,7 @@ transformers = pytest.importorskip("transformers")
 # the README first (it makes what the guides start from), then every guide
 DOCS = ["README.md", "howto/download_weights.md", "howto/finetune_lora.md", "howto/finetune_adapter.md",
         "howto/finetune_full.md", "howto/inference.md", "howto/compare.md", "howto/multi_gpu.md",
-        "howto/multi_lora.md", "howto/peft_interop.md", "howto/gguf.md", "howto/evaluate.md"]
+        "howto/multi_lora.md", "howto/lora_tree.md", "howto/peft_interop.md", "howto/gguf.md", "howto/evaluate.md"]
 LIT_LLAMA_DOC = "howto/lit_llama_checkpoints.md"  # in a Lit-LLaMA checkout of its own
 NOT_RUN = {"pip", "pytest", "torchrun", "srun", "vllm", "unzip", "ollama"}
 SHELL_COMMANDS = {"mkdir", "cp", "curl"}  # run by bash as written (curl: against the server a guide started)
@@ -289,5 +289,6 @@ def test_readme_and_guides_work_as_written(workspace, lit_llama_checkout, capsys
                  "out/compare/compare.md", "out/lora/alpaca-nf4/lit-llama-lora-finetuned.pth", "out/lora/mine",
                  "checkpoints/lit-llama/7B/lit-llama.pth", "checkpoints/hf-export/open_llama_3b-alpaca-lora",
                  "checkpoints/lit-llama/SmolLM2-135M-Instruct/lit-llama.pth", "checkpoints/lit-llama/SmolLM2-135M-Instruct-gguf/lit-llama.pth",
-                 "out/gguf/open_llama_3b-alpaca/model-q8_0.gguf", "out/gguf/open_llama_3b-alpaca/Modelfile"):
+                 "out/gguf/open_llama_3b-alpaca/model-q8_0.gguf", "out/gguf/open_llama_3b-alpaca/Modelfile",
+                 "out/peft/tree-task/adapter_model.safetensors"):
         assert (workspace / path).exists(), path
