@@ -201,6 +201,7 @@ def main(
                 done = workers[name].order(do="chunk", index=r, of=rounds)
                 for key in ("seconds", "tokens", "positions"):
                     setattr(workers[name], key, getattr(workers[name], key) + done[key])
+                print(f"round {r + 1}/{rounds}: {name} {done['tokens'] / done['seconds']:.0f} tokens/s", flush=True)
         for worker in workers.values():
             worker.memory_gb = worker.order(do="memory")["memory_gb"]
             worker.close()
