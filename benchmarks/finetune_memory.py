@@ -118,7 +118,7 @@ def main(
         share = training_flops(config, [length], trainable) * rate / length / peak_flops
         rows.append(row(model_size, method + (f" + {quantize}" if quantize else ""), precision, micro_batch_size,
                         length, activation_checkpointing, name, f"{peak:.2f} GB", f"{rate:.0f}", trainable,
-                        f"{share:.0%} of {peak_flops / 1e12:.3g} TFLOP/s"))
+                        f"{share:.0%} of {peak_flops / 1e9:.1f} GFLOP/s"))
         print(rows[-1])
     write_rows(rows, results_file)
 
