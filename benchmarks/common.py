@@ -1,19 +1,17 @@
 """What the benchmarks share: adding result rows to their own table in benchmarks/RESULTS.md (not simply at
 the end of the file, where they would land under whichever table happens to be last), timing, the peak
-memory of one training step (on a GPU and on a CPU), the same model as Hugging Face's `LlamaForCausalLM`
+memory of one training step (on a GPU and on a CPU), the FLOPs of a training step and the machine's matmul
+peak they are a share of, the same model as Hugging Face's `LlamaForCausalLM`
 for the side-by-side comparisons, and random checkpoints of real shapes for the scripts to load."""
 
 import json
 import shutil
-import time
-import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from benchmarks.measure import PeakTensorMemory, step_peak_memory, sync_time  # noqa: F401 (used by the benchmarks)
 from lit_llama.convert import lit_to_hf
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
@@ -52,13 +50,6 @@ def add_rows(results_file: Optional[Path], section: str, rows: List[str]) -> Non
     results_file.write_text("".join(lines))
 
 
-def sync_time(device: torch.device) -> float:
-    """The time after the device finished its queued work (GPU kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def hf_llama(config: Config, weights: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
     """transformers' `LlamaForCausalLM` of `config`'s shape holding our `weights` (lit_llama.convert's names),
     with PyTorch's scaled_dot_product_attention like ours."""
@@ -76,51 +67,44 @@ def hf_llama(config: Config, weights: Dict[str, torch.Tensor], device: torch.dev
     return model
 
 
-class PeakTensorMemory(TorchDispatchMode):
-    """On a CPU, where no allocator keeps statistics: the peak bytes of the tensors created while it is active
-    and alive together, counted over their storages (a view is not counted twice; tensors that existed before,
-    such as weights and optimizer states, are not counted). The CPU analogue of CUDA's max_memory_allocated
-    minus what was allocated at the start. It sees what runs through PyTorch's dispatcher: not the buffers
-    inside a torch.compile'd graph."""
+def training_flops(config: Config, lengths: Iterable[int], lora_params: Optional[int] = None) -> float:
+    """The FLOPs of one training step (forward and backward) on examples of `lengths` real tokens: THE formula
+    every share-of-peak figure uses, whichever implementation ran the step.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: Dict[int, int] = {}  # storage id -> bytes, for storages created inside and still alive
-        self.bytes = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key in self.live or key in inputs:  # a view or an in-place result: nothing new
-                continue
-            self.live[key] = storage.nbytes()
-            self.bytes += self.live[key]
-            self.peak = max(self.peak, self.bytes)
-            weakref.finalize(storage, self._freed, key)
-        return out
-
-    def _freed(self, key: int) -> None:
-        self.bytes -= self.live.pop(key, 0)
+    Matrix products only (norms, softmax, RoPE and the optimizer are left out); a multiply-add is 2 FLOPs.
+    For an example of T tokens, with N the weights of the linear layers (attention, MLP and the output layer,
+    embedding lookups excluded), L layers and d = n_head * head_size:
+      forward   2 N T  +  attention 2 L d T (T + 1)   (Q K^T and A V, 2 d FLOPs each per query and key; causal:
+                                                     query t sees t keys, sum_t 2 * 2 d t = 2 d T (T + 1))
+      backward  the input gradients: 2 N T again, and twice the attention's forward (its two operands
+                both need gradients); the weight gradients: 2 N T more when every weight trains
+    so full finetuning costs 6 N T + 6 L d T (T + 1), and LoRA, whose base weights are frozen, 4 N T plus
+    6 FLOPs per LoRA weight per token (`lora_params`: A and B, forward and both gradients) + 6 L d T (T + 1).
+    The output layer counts at every position, as the model defines the work: an implementation that skips
+    the logits of unscored positions does less, and its share is that much higher. Padding counts nothing."""
+    with torch.device("meta"):
+        model = LLaMA(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    d = config.n_head * config.head_size
+    per_token = (6 * linear if lora_params is None else 4 * linear + 6 * lora_params)
+    return sum(per_token * t + 6 * config.n_layer * d * t * (t + 1) for t in lengths)
 
 
-def step_peak_memory(step: Callable[[], Any], device: torch.device) -> float:
-    """GB: the peak memory of `step()` above what was allocated when it started (GPU: the CUDA allocator's
-    statistics; CPU: PeakTensorMemory)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated(device) - before) / 1e9
-    with PeakTensorMemory() as tracker:
-        step()
-    return tracker.peak / 1e9
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None, repeats: int = 5) -> float:
+    """The machine's own peak: FLOP/s of `torch.matmul` on large square matrices of `dtype` (the best of
+    `repeats` timings, as the peak of a machine shared with other work). Default size: 2048 on a CPU (a
+    second or so), 8192 on a GPU."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    calls = 10 if device.type == "cuda" else 1
+    torch.matmul(a, b)  # the first call sets up the library
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = sync_time(device)
+        for _ in range(calls):
+            torch.matmul(a, b)
+        best = min(best, (sync_time(device) - t0) / calls)
+    return 2 * size**3 / best
 
 
 def write_random_checkpoint(config: Config, checkpoint_dir: Path, device: torch.device,

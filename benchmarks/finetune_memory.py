@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import add_rows, sync_time
+from benchmarks.common import add_rows, matmul_peak_flops, sync_time, training_flops
 from lit_llama.adapter import AdapterConfig, AdapterLLaMA, mark_only_adapter_as_trainable
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
@@ -39,10 +39,12 @@ RESULTS_HEADER = """
 ## Finetuning step: peak memory and speed
 
 `python benchmarks/finetune_memory.py`: random weights of the named size, frozen weights in the precision's
-dtype, trainable weights in float32, AdamW; every position of every sequence scored (worst case).
+dtype, trainable weights in float32, AdamW; every position of every sequence scored (worst case). Share of
+peak: the step's FLOPs (benchmarks/common.py `training_flops`) per second over `torch.matmul`'s FLOP/s on large
+square matrices of the frozen weights' dtype, timed in the same run.
 
-| date | device | model | method | precision | micro batch | seq length | peak memory | tokens/s | trainable params |
-|---|---|---|---|---|---|---|---|---|---|
+| date | device | model | method | precision | micro batch | seq length | peak memory | tokens/s | trainable params | share of peak |
+|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -92,6 +94,7 @@ def main(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     trainable = num_parameters(model, requires_grad=True)
     name = device_name(dev)
+    peak_flops = matmul_peak_flops(dev, dtype)
 
     rows = []
     for length in seq_lengths:
@@ -110,8 +113,12 @@ def main(
                 times.append(sync_time(dev) - t0)
         peak = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else float("nan")
         rate = micro_batch_size * length / statistics.median(times)
+        # frozen base: 4 N T + 6 per trained weight (for the adapters an approximation: their prefix attention
+        # is left out); activation checkpointing's recomputed forward is not counted (not useful work)
+        share = training_flops(config, [length], trainable) * rate / length / peak_flops
         rows.append(row(model_size, method + (f" + {quantize}" if quantize else ""), precision, micro_batch_size,
-                        length, activation_checkpointing, name, f"{peak:.2f} GB", f"{rate:.0f}", trainable))
+                        length, activation_checkpointing, name, f"{peak:.2f} GB", f"{rate:.0f}", trainable,
+                        f"{share:.0%} of {peak_flops / 1e9:.1f} GFLOP/s"))
         print(rows[-1])
     write_rows(rows, results_file)
 
@@ -194,10 +201,11 @@ def estimate_memory(config, model_size, method, dev, dtype, precision, micro_bat
     write_rows(rows, results_file)
 
 
-def row(model_size, method, precision, micro_batch_size, length, checkpointing, name, peak, rate, trainable) -> str:
+def row(model_size, method, precision, micro_batch_size, length, checkpointing, name, peak, rate, trainable,
+        share: str = "-") -> str:
     method = method + (" + act. ckpt" if checkpointing else "")
     return (f"| {date.today()} | {name} | {model_size} | {method} | {precision} | {micro_batch_size} | {length} | "
-            f"{peak} | {rate} | {trainable:,} |")
+            f"{peak} | {rate} | {trainable:,} | {share} |")
 
 
 def write_rows(rows: List[str], results_file: Optional[Path]) -> None:

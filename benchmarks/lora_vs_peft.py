@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import add_rows, hf_llama, step_peak_memory, sync_time
+from benchmarks.common import add_rows, hf_llama, matmul_peak_flops, step_peak_memory, sync_time, training_flops
 from lit_llama.data import prepare_sample
 from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config
@@ -54,10 +54,12 @@ RESULTS_HEADER = """
 
 `python benchmarks/lora_vs_peft.py`: training steps (forward, backward, AdamW) alternating between the two
 implementations on identical weights and batches; LoRA r 8, alpha 16, dropout 0.05 on query and value.
-Tokens are real (unpadded) tokens. Both step-0 losses must agree: same model, same batch.
+Tokens are real (unpadded) tokens. Both step-0 losses must agree: same model, same batch. Share of peak: the
+timed steps' FLOPs (benchmarks/common.py `training_flops`, the same count for both) per second over
+`torch.matmul`'s FLOP/s on large square matrices of the weights' dtype, timed in the same run.
 
-| date | machine | model | precision | micro batch | data | lit-llama tokens/s | PEFT tokens/s | ratio | step-0 loss (ours / PEFT) |
-|---|---|---|---|---|---|---|---|---|---|
+| date | machine | model | precision | micro batch | data | lit-llama tokens/s | PEFT tokens/s | ratio | step-0 loss (ours / PEFT) | share of peak (ours / PEFT) |
+|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 LEVERS_HEADER = """
@@ -71,10 +73,10 @@ the most positions (its longest micro-batch): on a GPU from the CUDA allocator, 
 creates that are alive together (benchmarks/common.py PeakTensorMemory; not measurable inside a compiled
 graph: "-"). Padded: padded positions / all positions of the timed batches. Compile: the compiled model's
 first (untimed) steps minus the plain model's. Step-0 loss: plain / with the lever, equal unless the lever
-changes the batches (group_by_length).
+changes the batches (group_by_length). Share of peak: as in the table above.
 
-| date | machine | model | precision | micro batch | data | steps | lever | tokens/s plain -> lever | speedup | PEFT tokens/s | lever / PEFT | step peak plain -> lever | padded plain -> lever | compile | step-0 loss plain / lever |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| date | machine | model | precision | micro batch | data | steps | lever | tokens/s plain -> lever | speedup | PEFT tokens/s | lever / PEFT | step peak plain -> lever | padded plain -> lever | compile | step-0 loss plain / lever | share of peak plain -> lever |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 LEVERS = ("compile", "chunked_ce", "group_by_length")
@@ -219,11 +221,17 @@ def main(
                 arm.warmup_seconds += elapsed
 
     rate = {name: real_tokens(arm.timed(warmup_steps)) / sum(arm.times) for name, arm in arms.items()}
+    peak_flops = matmul_peak_flops(dev, dtype)
+    lora_params = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    share = {name: training_flops(config, [n for _, _, lengths in arm.timed(warmup_steps) for n in lengths],
+                                  lora_params) / sum(arm.times) / peak_flops for name, arm in arms.items()}
     shape = model_size or "4x512 (32k vocab)"
     print(f"model {shape}, {precision}, micro batch {micro_batch_size}, {source}, {steps} timed steps")
     for name, arm in arms.items():
         print(f"  {name:16s} {rate[name]:8.0f} tokens/s  (median step {statistics.median(arm.times):.3f} s, "
               f"step-0 loss {arm.first_loss:.4f})")
+    print(f"  share of the matmul peak ({peak_flops / 1e9:.1f} GFLOP/s): "
+          + ", ".join(f"{name} {value:.0%}" for name, value in share.items()))
     print(f"  ratio lit-llama / peft: {rate['lit-llama'] / rate['peft']:.2f}x; peak memory "
           f"{peak_memory_gb(dev):.2f} GB ({'GPU' if dev.type == 'cuda' else 'process RSS, all models'})")
     machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
@@ -231,7 +239,8 @@ def main(
     add_rows(results_file, RESULTS_HEADER, [
         f"| {date.today()} | {machine} | {shape} | {precision} | {micro_batch_size} | {source} | "
         f"{rate['lit-llama']:.0f} | {rate['peft']:.0f} | {rate['lit-llama'] / rate['peft']:.2f}x | "
-        f"{arms['lit-llama'].first_loss:.4f} / {arms['peft'].first_loss:.4f} |"
+        f"{arms['lit-llama'].first_loss:.4f} / {arms['peft'].first_loss:.4f} | "
+        f"{share['lit-llama']:.0%} / {share['peft']:.0%} of {peak_flops / 1e9:.1f} GFLOP/s |"
     ])
     if not chosen:
         return rate
@@ -260,7 +269,7 @@ def main(
             f"{lever} | {rate['lit-llama']:.0f} -> {rate[lever]:.0f} | {rate[lever] / rate['lit-llama']:.2f}x | "
             f"{rate['peft']:.0f} | {rate[lever] / rate['peft']:.2f}x | "
             f"{show_gb(memory['lit-llama'])} -> {show_gb(memory[lever])} | {padded} | {compile_seconds} | "
-            f"{plain.first_loss:.4f} / {arm.first_loss:.4f} |"
+            f"{plain.first_loss:.4f} / {arm.first_loss:.4f} | {share['lit-llama']:.0%} -> {share[lever]:.0%} |"
         )
     add_rows(results_file, LEVERS_HEADER, rows)
     return rate

@@ -3,7 +3,7 @@ CUDA in one line, and rows land in their own table of RESULTS.md."""
 
 import pytest
 import torch
-from conftest import assert_clean_error, load_script, run_script
+from conftest import REPO_ROOT, assert_clean_error, load_script, run_script
 
 from benchmarks.common import add_rows
 
@@ -194,3 +194,51 @@ def test_lora_tree_row(tmp_path):
     run_script("benchmarks/lora_tree.py", "--model_size", "tiny", "--switches", 4, "--results_file", results)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 1 and "| tiny | 32-true | 4 |" in rows[0] and rows[0].count(" ms |") == 6, rows
+
+
+def test_training_flops_counts_every_matmul_of_a_lora_step():
+    """The formula against torch's own count of the matrix products in one LoRA step of the tiny model (loss on
+    every position). Two known differences: attention (SDPA's own kernels, left to the formula's term, checked
+    as arithmetic here) and the first layer's qkv input gradient, which autograd skips (the embedding does not
+    train) while the formula keeps the same count in every layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import training_flops
+    from lit_llama.lora import LoRAConfig, LoRALLaMA, mark_only_lora_as_trainable
+    from lit_llama.model import Config
+
+    config = Config.from_name("tiny")
+    torch.manual_seed(0)
+    model = LoRALLaMA(config, LoRAConfig(r=8, alpha=16, dropout=0.0))
+    mark_only_lora_as_trainable(model)
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lengths = [16, 16, 16]
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, config.vocab_size, (len(lengths), lengths[0]))).sum().backward()
+    counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+    first_qkv = model.transformer.h[0].attn.c_attn
+    skipped = sum(2 * t * (first_qkv.weight.numel() + first_qkv.lora_A.numel()) for t in lengths)
+    attention = sum(6 * config.n_layer * config.n_embd * t * (t + 1) for t in lengths)
+    assert counted == training_flops(config, lengths, lora_params) - attention - skipped
+    # full finetuning: every weight's gradient too (2 N T more)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert training_flops(config, lengths) - training_flops(config, lengths, 0) == 2 * linear * sum(lengths)
+
+
+PEERS_TITLE = "## LoRA finetuning: lit-llama vs PEFT, litgpt and torchtune"
+
+
+def test_peers_smoke(tmp_path):
+    """ours and PEFT (and litgpt and torchtune where their environments exist) on the tiny model, the real
+    workload: one row each, and the same step-0 loss for the padded ones (same weights, same batch, LoRA B = 0)."""
+    results = tmp_path / "RESULTS.md"
+    out = load_script("benchmarks/peers.py").main(
+        smoke=True, data_file=REPO_ROOT / "lit_llama" / "demo_instructions.json", results_file=results)
+    assert {"ours", "peft"} <= set(out)
+    rows = [line.split(" | ") for line in results.read_text().split(PEERS_TITLE)[1].splitlines()
+            if line.startswith("| 20")]
+    assert [row[5] for row in rows] == list(out) and rows[0][8] == "1.00x"
+    padded = [name for name in out if name != "torchtune"]  # torchtune packs: other batches
+    for name in padded:
+        assert abs(out[name]["first_loss"] - out["ours"]["first_loss"]) < 1e-4 * out["ours"]["first_loss"], name
+    assert all(0 < r["share_of_peak"] < 1 and r["memory_gb"] > 0 for r in out.values())
