@@ -1,5 +1,6 @@
 """The finetuning loop shared by LoRA, the adapter and full finetuning (see lit_llama/finetune.py): batches
-(padded to the longest sequence in the batch; optionally of examples of similar length), the loss (optionally
+(padded to the longest sequence in the batch; optionally of examples of similar length, or packed into full
+rows), the loss (optionally
 in chunks), the learning-rate schedule, gradient accumulation, validation with a greedy sample, checkpoints at
 intervals, the progress bar and metrics.csv.
 """
@@ -68,14 +69,16 @@ class TrainingConfig(TrainArgs, EvalArgs):
         """The settings that decide which examples each step trains on, in which order: a resumed run must
         keep them (run.json records them) to be the run it continues."""
         return {name: getattr(self, name)
-                for name in ("seed", "batch_size", "micro_batch_size", "max_seq_length", "group_by_length")}
+                for name in ("seed", "batch_size", "micro_batch_size", "max_seq_length", "group_by_length")} | (
+                    {"packing": True} if self.packing else {})  # only when on: run.json files from before match
 
     def run_settings(self, precision: str, data_dir: Path) -> Dict[str, Any]:
         """The other settings that change what a run computes (the schedule, the optimizer, the numbers'
         precision and the data): run.json records them too, and --resume refuses other values."""
         return {"learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
                 "warmup_iters": self.warmup_iters, "max_iters": self.max_iters, "epochs": self.epochs,
-                "precision": precision, "data_dir": str(Path(data_dir).resolve())}
+                "precision": precision, "data_dir": str(Path(data_dir).resolve())} | (
+                    {"compile": True} if self.compile else {})  # its dropout draws are not eager's
 
     def gradient_accumulation_iters(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -155,20 +158,58 @@ def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor,
     return input_ids, label_ids
 
 
+def pack_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """--packing: the examples (cut at max_seq_length) concatenated into as few rows of max_seq_length as
+    first-fit decreasing finds (longest first, each into the first row with room), the rows right-padded to
+    the longest one. Returns inputs, labels and positions (B, T): each token's position within its example,
+    restarting at 0 (the padding at a row's end too), from which the model builds its block-diagonal mask
+    (model.packed_mask). An example's first label is not scored: alone nothing predicts it."""
+    cut = [min(len(s["input_ids"]), max_seq_length) for s in samples]
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted(range(len(samples)), key=lambda i: -cut[i]):  # stable: equal lengths keep their order
+        row = next((r for r, free in enumerate(room) if free >= cut[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(max_seq_length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= cut[i]
+    length = max_seq_length - min(room)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            end = start + cut[i]
+            input_ids[r, start:end] = samples[i]["input_ids"][: cut[i]]
+            labels[r, start + 1 : end] = samples[i]["labels"][1 : cut[i]]
+            positions[r, start:end] = torch.arange(cut[i])
+            start = end
+        positions[r, start:] = torch.arange(length - start)
+    return input_ids, labels, positions
+
+
 def compute_loss(
-    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunked_ce: bool = False
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    chunked_ce: bool = False,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy over the scored positions. Position t predicts token t+1, and only the
     positions whose next token is scored (the response, with --mask_inputs) go through the output layer.
-    `chunked_ce`: through the output layer a chunk of positions at a time (see `chunked_cross_entropy`)."""
+    `chunked_ce`: through the output layer a chunk of positions at a time (see `chunked_cross_entropy`).
+    `positions`: packed rows (see `pack_batch`)."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     output_mask = F.pad(scored, (0, 1), value=False)
     if chunked_ce:
-        hidden = model(input_ids, output_mask=output_mask, head=False)  # (N, n_embd)
+        hidden = model(input_ids, output_mask=output_mask, head=False, positions=positions)  # (N, n_embd)
         total = chunked_cross_entropy(unwrap(model).lm_head, hidden, targets[scored])
     else:
-        logits = model(input_ids, output_mask=output_mask)  # (N, vocab)
+        logits = model(input_ids, output_mask=output_mask, positions=positions)  # (N, vocab)
         total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
     return total / scored.sum().clamp(min=1)
 
@@ -296,14 +337,18 @@ def fit(
                 group["lr"] = lr
             idx = batch_indices(len(train_data), config.micro_batch_size, iter_num, fabric.global_rank, world,
                                 config.seed, lengths)
-            input_ids, labels = pad_batch([train_data[i] for i in idx], config.max_seq_length)
-            input_ids, labels = fabric.to_device((input_ids, labels))
+            samples = [train_data[i] for i in idx]
+            if config.packing:
+                input_ids, labels, positions = fabric.to_device(pack_batch(samples, config.max_seq_length))
+            else:
+                input_ids, labels = fabric.to_device(pad_batch(samples, config.max_seq_length))
+                positions = None
 
             is_accumulating = (iter_num + 1) % accumulation != 0
             # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
             skip_sync = is_accumulating and not is_fsdp(fabric)
             with fabric.no_backward_sync(model, enabled=skip_sync):
-                loss = compute_loss(model, input_ids, labels, config.chunked_ce)
+                loss = compute_loss(model, input_ids, labels, config.chunked_ce, positions)
                 fabric.backward(loss / accumulation)
             batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
             window_tokens += batch_tokens
