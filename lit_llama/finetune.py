@@ -195,7 +195,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
     compiling more graphs. The blocks' hooks (FSDP's gathers, activation checkpointing) stay outside the graph,
     and the weights keep their names."""
     for block in model.transformer.h:
-        eager, compiled = block.forward, torch.compile(block.forward)
+        eager, compiled = block.forward, torch.compile(block.forward, dynamic=True)  # any length: one graph
         block.forward = lambda *args, block=block, eager=eager, compiled=compiled: (
             compiled(*args) if block.training else eager(*args))
 
