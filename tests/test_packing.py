@@ -27,9 +27,9 @@ def some_examples(lengths, vocab=512):
     return examples
 
 
-def example_losses(logits, labels):
-    """Per row of `labels` (one example each): the mean cross-entropy of its scored next tokens."""
-    return [F.cross_entropy(l[:-1], y[1:], ignore_index=training.IGNORE_INDEX) for l, y in zip(logits, labels)]
+def example_loss(logits, labels):
+    """One example's mean cross-entropy over its scored next tokens."""
+    return F.cross_entropy(logits[:-1], labels[1:], ignore_index=training.IGNORE_INDEX)
 
 
 def models():
@@ -64,7 +64,7 @@ def test_each_packed_example_has_its_own_loss(kind):
             alone = model(example["input_ids"].unsqueeze(0))[0]
             logits, start, end, row = packed.pop(tuple(example["input_ids"].tolist()))
             assert (labels[row, start] == training.IGNORE_INDEX).item()  # nothing from the example before
-            (want,), (got,) = example_losses([alone], [example["labels"]]), example_losses([logits], [example["labels"]])
+            want, got = example_loss(alone, example["labels"]), example_loss(logits, example["labels"])
             assert abs(got.item() - want.item()) <= LOSS_ATOL
         # what is left: the padding ending two rows (40 + 7 and 25 + 12 tokens; 30 + 18 fills its row), unscored
         assert [len(tokens) for tokens in packed] == [1, 11] and all(set(tokens) == {0} for tokens in packed)
