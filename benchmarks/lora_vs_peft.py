@@ -13,12 +13,13 @@ runs the code finetune/lora.py runs (LoRALLaMA, pad_batch, compute_loss). The si
 so all see the same machine load. Reports tokens/s (real, unpadded tokens), step-0 losses (they must agree:
 same model) and peak memory, and appends a row to benchmarks/RESULTS.md.
 
-Levers (--compile, --chunked_ce, --group_by_length, or --levers for all three): each is one more copy of our
-model, with the lever on and nothing else changed, stepping in turn with the others:
-  compile          torch.compile of our model (the time of its first steps, beyond the plain model's, is
-                   reported apart and left out of tokens/s)
+Levers (--compile, --chunked_ce, --group_by_length, --packing, or --levers for all four): each is one more copy
+of our model, with the lever on and nothing else changed, stepping in turn with the others:
+  compile          the blocks compiled as finetune/lora.py --compile does (lit_llama.finetune.compile_blocks; the
+                   time of its first steps, beyond the plain model's, is reported apart and left out of tokens/s)
   chunked_ce       the loss through the output layer 256 positions at a time (compute_loss(chunked_ce=True))
   group_by_length  micro-batches of examples of similar length (batch_indices with the examples' lengths)
+  packing          the plain micro-batches' examples packed into rows of --max_seq_length (pack_batch)
 Each lever's row has its tokens/s against our plain model's and PEFT's, the step's peak memory and the
 fraction of padded positions.
 """
@@ -46,8 +47,8 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.checkpoint import default_dtype
 from lit_llama.cli import UserError, run_cli
 from lit_llama.distributed import peak_memory_gb, precision_dtype
-from lit_llama.finetune import keep_trainable_in_fp32
-from lit_llama.training import batch_indices, compute_loss, pad_batch
+from lit_llama.finetune import compile_blocks, keep_trainable_in_fp32
+from lit_llama.training import batch_indices, compute_loss, pack_batch, pad_batch
 
 RESULTS_HEADER = """
 ## LoRA finetuning speed: lit-llama vs Hugging Face PEFT
@@ -73,18 +74,18 @@ the most positions (its longest micro-batch): on a GPU from the CUDA allocator, 
 creates that are alive together (benchmarks/common.py PeakTensorMemory; not measurable inside a compiled
 graph: "-"). Padded: padded positions / all positions of the timed batches. Compile: the compiled model's
 first (untimed) steps minus the plain model's. Step-0 loss: plain / with the lever, equal unless the lever
-changes the batches (group_by_length). Share of peak: as in the table above.
+changes the batches (group_by_length; packing keeps them). Share of peak: as in the table above.
 
 | date | machine | model | precision | micro batch | data | steps | lever | tokens/s plain -> lever | speedup | PEFT tokens/s | lever / PEFT | step peak plain -> lever | padded plain -> lever | compile | step-0 loss plain / lever | share of peak plain -> lever |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
-LEVERS = ("compile", "chunked_ce", "group_by_length")
+LEVERS = ("compile", "chunked_ce", "group_by_length", "packing")
 
 # a LLaMA shape small enough for a CPU: 4 layers of width 512, the real 32k vocabulary
 SMALL = dict(n_layer=4, n_head=8, n_embd=512, intermediate_size=1376, vocab_size=32000, block_size=512)
 
-Batch = Tuple[torch.Tensor, torch.Tensor, List[int]]  # padded input ids, labels, real lengths
+Batch = Tuple[torch.Tensor, torch.Tensor, List[int], Optional[torch.Tensor]]  # ids, labels, real lengths, positions
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Arm:
     """One side of the comparison: a model, its optimizer, its loss and the batches it trains on."""
 
     model: torch.nn.Module
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss: Callable[..., torch.Tensor]  # (input_ids, labels, positions) -> loss
     batches: List[Batch]
     optimizer: Optional[torch.optim.Optimizer] = None  # AdamW over its trainable weights, built below
     times: List[float] = field(default_factory=list)  # timed steps
@@ -102,8 +103,8 @@ class Arm:
     def __post_init__(self) -> None:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=3e-4)
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.loss(input_ids, labels)
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+        loss = self.loss(input_ids, labels, positions)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -127,6 +128,7 @@ def main(
     compile: bool = False,
     chunked_ce: bool = False,
     group_by_length: bool = False,
+    packing: bool = False,
     levers: bool = False,
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
 ) -> Dict[str, float]:
@@ -149,7 +151,8 @@ def main(
         compile: Also time our step with torch.compile of the model.
         chunked_ce: Also time our step with the cross-entropy computed 256 positions at a time.
         group_by_length: Also time our step on micro-batches of examples of similar length.
-        levers: All three levers, each on its own.
+        packing: Also time our step on the same micro-batches packed into rows of --max_seq_length.
+        levers: All four levers, each on its own.
         results_file: Markdown file to append the result rows to (none: print only).
     """
     try:
@@ -162,7 +165,7 @@ def main(
             raise UserError(f"--{flag} must be at least 1, got {value}")
     if warmup_steps < 1:  # the first step allocates AdamW's states (and compiles): never timed
         raise UserError(f"--warmup_steps must be at least 1, got {warmup_steps}")
-    chosen = [name for name, on in zip(LEVERS, (compile, chunked_ce, group_by_length)) if on or levers]
+    chosen = [name for name, on in zip(LEVERS, (compile, chunked_ce, group_by_length, packing)) if on or levers]
 
     torch.manual_seed(0)
     dev, dtype = torch.device(device), precision_dtype(precision)
@@ -174,7 +177,7 @@ def main(
     samples, source = make_samples(config, micro_batch_size * (warmup_steps + steps), max_seq_length, data,
                                    data_file, tokenizer_path)
     print(f"data: {source}")
-    batches = make_batches(samples, micro_batch_size, max_seq_length, warmup_steps + steps, grouped=False)
+    batches = make_batches(samples, micro_batch_size, max_seq_length, warmup_steps + steps)
 
     with dev, default_dtype(dtype):
         ours = LoRALLaMA(config, lora)
@@ -188,30 +191,30 @@ def main(
     copy_lora_weights(ours, theirs, config)  # same starting point, so the losses can be compared
 
     arms = {
-        "lit-llama": Arm(ours, lambda x, y: compute_loss(ours, x, y), batches),
-        "peft": Arm(theirs, lambda x, y: theirs(input_ids=x, labels=y).loss, batches),
+        "lit-llama": Arm(ours, lambda x, y, _: compute_loss(ours, x, y), batches),
+        "peft": Arm(theirs, lambda x, y, _: theirs(input_ids=x, labels=y).loss, batches),
     }
     frozen = {id(p): p for p in ours.parameters() if not p.requires_grad}
     for lever in chosen:  # each a copy of our model as it starts, with this one lever on
         model = copy.deepcopy(ours, memo=dict(frozen))  # the frozen base is shared: only LoRA weights are copied
         if lever == "compile":
-            compiled = torch.compile(model, dynamic=True)  # every batch has its own padded length
-            arms[lever] = Arm(model, lambda x, y, m=compiled: compute_loss(m, x, y), batches)
+            compile_blocks(model)
+            arms[lever] = Arm(model, lambda x, y, _, m=model: compute_loss(m, x, y), batches)
         elif lever == "chunked_ce":
-            arms[lever] = Arm(model, lambda x, y, m=model: compute_loss(m, x, y, chunked_ce=True), batches)
+            arms[lever] = Arm(model, lambda x, y, _, m=model: compute_loss(m, x, y, chunked_ce=True), batches)
         else:
-            grouped = make_batches(samples, micro_batch_size, max_seq_length, warmup_steps + steps, grouped=True)
-            arms[lever] = Arm(model, lambda x, y, m=model: compute_loss(m, x, y), grouped)
+            lever_batches = make_batches(samples, micro_batch_size, max_seq_length, warmup_steps + steps,
+                                         grouped=lever == "group_by_length", packed=lever == "packing")
+            arms[lever] = Arm(model, lambda x, y, p, m=model: compute_loss(m, x, y, positions=p), lever_batches)
     for arm in arms.values():
         arm.model.train()
 
     for i in range(warmup_steps + steps):
         for name, arm in arms.items():
-            input_ids, labels, _ = arm.batches[i]
-            input_ids, labels = input_ids.to(dev), labels.to(dev)
+            input_ids, labels, _, positions = to_device(arm.batches[i], dev)
             torch.manual_seed(i)  # same dropout masks are not possible across implementations; same seeds are
             t0 = sync_time(dev)
-            loss = arm.step(input_ids, labels)
+            loss = arm.step(input_ids, labels, positions)
             elapsed = sync_time(dev) - t0
             if arm.first_loss is None:
                 arm.first_loss = loss.item()
@@ -252,9 +255,8 @@ def main(
         if name == "compile" and dev.type != "cuda":
             memory[name] = None  # a compiled graph's buffers bypass the tracker
             continue
-        input_ids, labels, _ = max(arm.timed(warmup_steps), key=lambda b: b[0].numel())
-        input_ids, labels = input_ids.to(dev), labels.to(dev)
-        memory[name] = step_peak_memory(lambda: arm.step(input_ids, labels), dev)
+        input_ids, labels, _, positions = to_device(max(arm.timed(warmup_steps), key=lambda b: b[0].numel()), dev)
+        memory[name] = step_peak_memory(lambda: arm.step(input_ids, labels, positions), dev)
     print(f"  step peak memory (GB): " + ", ".join(f"{n} {show_gb(m)}" for n, m in memory.items()))
     plain = arms["lit-llama"]
     rows = []
@@ -279,12 +281,17 @@ def show_gb(gb: Optional[float]) -> str:
     return "-" if gb is None else f"{gb:.3f} GB"
 
 
+def to_device(batch: Batch, dev: torch.device) -> Batch:
+    input_ids, labels, lengths, positions = batch
+    return input_ids.to(dev), labels.to(dev), lengths, None if positions is None else positions.to(dev)
+
+
 def real_tokens(batches: List[Batch]) -> int:
-    return sum(sum(lengths) for _, _, lengths in batches)
+    return sum(sum(batch[2]) for batch in batches)
 
 
 def padded_fraction(batches: List[Batch]) -> float:
-    return 1 - real_tokens(batches) / sum(input_ids.numel() for input_ids, _, _ in batches)
+    return 1 - real_tokens(batches) / sum(batch[0].numel() for batch in batches)
 
 
 def make_samples(
@@ -317,15 +324,17 @@ def make_samples(
     raise UserError(f"--data {data!r} is not one of alpaca, random")
 
 
-def make_batches(samples: List[dict], micro_batch_size: int, max_seq_length: int, n: int, grouped: bool) -> List[Batch]:
+def make_batches(samples: List[dict], micro_batch_size: int, max_seq_length: int, n: int, grouped: bool = False,
+                 packed: bool = False) -> List[Batch]:
     """The first `n` padded micro-batches the finetune loop would train on (seed 1337, one device), with
-    `grouped` those of --group_by_length."""
+    `grouped` those of --group_by_length, with `packed` those of --packing."""
     lengths = tuple(min(len(s["input_ids"]), max_seq_length) for s in samples) if grouped else None
     batches = []
     for i in range(n):
         chunk = [samples[j] for j in batch_indices(len(samples), micro_batch_size, i, 0, 1, 1337, lengths)]
-        input_ids, labels = pad_batch(chunk, max_seq_length)
-        batches.append((input_ids, labels, [min(len(s["input_ids"]), max_seq_length) for s in chunk]))
+        input_ids, labels, *positions = (pack_batch if packed else pad_batch)(chunk, max_seq_length)
+        real = [min(len(s["input_ids"]), max_seq_length) for s in chunk]
+        batches.append((input_ids, labels, real, positions[0] if packed else None))
     return batches
 
 

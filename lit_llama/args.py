@@ -83,6 +83,15 @@ class TrainArgs:
             of 64 micro-batches, which are then shuffled): less padding, so faster steps (measured on a CPU: 33%
             -> 4% padded positions, 1.31x tokens/s, but a step peak 0.30 -> 0.44 GB: the longest micro-batch
             holds four long examples); still every example once per epoch, and resumable.
+        packing: Concatenate each micro-batch's examples into as few rows of --max_seq_length as they fit in,
+            instead of one padded row each. Attention stays within each example (a block-diagonal causal mask)
+            and positions restart at each one, so every example's loss is the one it has alone, and the
+            micro-batches hold the same examples as without packing. Less padding, and fewer, fuller rows: a
+            larger --micro_batch_size fills them better (measured in benchmarks/RESULTS.md).
+        compile: Compile the transformer blocks for training with torch.compile (validation and samples stay
+            eager): faster steps on a GPU after a compile time at the start (and after a resume). Deterministic
+            and resumable, but its dropout draws differ from eager ones, so with dropout the run is not the
+            eager run. Needs a C compiler on a CPU.
     """
 
     learning_rate: float = 3e-4
@@ -97,6 +106,8 @@ class TrainArgs:
     activation_checkpointing: bool = False
     chunked_ce: bool = False
     group_by_length: bool = False
+    packing: bool = False
+    compile: bool = False
 
 
 @dataclass(kw_only=True)

@@ -30,7 +30,7 @@ from lit_llama.checkpoint import (
 from lit_llama.cli import UserError, deprecated_flag, with_one_line_errors
 from lit_llama.data import check_data_fits, load_prepared
 from lit_llama.disk import write_text_atomic
-from lit_llama.distributed import Precision, launch, load_device, make_fabric, uses_fsdp
+from lit_llama.distributed import Precision, launch, load_device, make_fabric, unwrap, uses_fsdp
 from lit_llama.model import Config
 from lit_llama.run_dir import claim_out_dir
 from lit_llama.tokenizer import Tokenizer
@@ -181,10 +181,23 @@ def setup_model_and_optimizer(
         keep_trainable_in_fp32(model)
     model.activation_checkpointing = config.activation_checkpointing
     model = fabric.setup_module(model)
+    if config.compile:
+        compile_blocks(unwrap(model))
     # after setup_module: FSDP2 replaces the parameters by sharded ones
     trainable = [p for p in model.parameters() if p.requires_grad] if param_groups is None else param_groups(model)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     return model, fabric.setup_optimizers(optimizer)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """--compile: each transformer block's forward compiled (one graph, shared by the blocks), in training mode
+    only: validation and the greedy samples, with their other shapes and the KV cache, run eager instead of
+    compiling more graphs. The blocks' hooks (FSDP's gathers, activation checkpointing) stay outside the graph,
+    and the weights keep their names."""
+    for block in model.transformer.h:
+        eager, compiled = block.forward, torch.compile(block.forward, dynamic=True)  # any length: one graph
+        block.forward = lambda *args, block=block, eager=eager, compiled=compiled: (
+            compiled(*args) if block.training else eager(*args))
 
 
 def keep_trainable_in_fp32(model: torch.nn.Module) -> None:

@@ -203,6 +203,7 @@ class LLaMA(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         output_mask: Optional[torch.Tensor] = None,
         head: bool = True,
+        positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: positions when decoding with the KV cache, else None: (T,) shared
         by every row, or (B, T), one per row (a batch of prompts of different lengths, each at its own place).
@@ -210,6 +211,8 @@ class LLaMA(nn.Module):
         (training skips the prompt positions it does not score: less compute and memory in the output layer).
         head: False returns the final hidden states (after ln_f) instead of logits, for a loss that applies
         lm_head itself, a chunk of positions at a time (lit_llama.training.chunked_cross_entropy).
+        positions: (B, T) for rows of packed examples (training, no KV cache): each token's position in its own
+        example, 0 where an example starts; attention stays within each example (see `packed_mask`).
 
         Returns logits of shape (B, T, vocab_size).
         """
@@ -219,7 +222,9 @@ class LLaMA(nn.Module):
             raise ValueError(f"sequence length {max_len} exceeds the model's block_size {self.config.block_size}")
         check_sliding_window(self.config, max_len)
         cos, sin = self._rope(idx.device)
-        if input_pos is None:  # training / full forward: positions 0..T-1, plain causal attention
+        if input_pos is None and positions is not None:  # packed rows: per-token positions, per-example attention
+            cos, sin, mask = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1), packed_mask(positions)
+        elif input_pos is None:  # training / full forward: positions 0..T-1, plain causal attention
             cos, sin, mask = cos[:T], sin[:T], None
         else:  # decoding: rows of the causal mask for these positions, over the whole cache
             if self.mask_cache is None:
@@ -394,6 +399,14 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def packed_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where a query may attend: causal, and within its own example (an example starts
+    where its position is 0), so each example is computed as if it were alone in its row."""
+    example = (positions == 0).cumsum(dim=1)  # (B, T): which example of the row each token belongs to
+    causal = torch.ones(positions.size(1), positions.size(1), dtype=torch.bool, device=positions.device).tril()
+    return ((example.unsqueeze(2) == example.unsqueeze(1)) & causal).unsqueeze(1)
 
 
 def check_sliding_window(config: Config, seq_len: int) -> None:

@@ -240,6 +240,9 @@ class MultiTaskFinetune:
 
     def rows_per_task(self, config: training.TrainingConfig) -> int:
         tasks = len(self.tasks)
+        if config.packing:
+            raise UserError("--packing is not supported when several LoRAs train at once: a packed row would mix "
+                            "the examples of several tasks, and each row goes through one task's LoRA")
         for flag in ("micro_batch_size", "batch_size"):
             if getattr(config, flag) % tasks:
                 raise UserError(f"--{flag} {getattr(config, flag)} must be a multiple of the number of tasks "

@@ -1,5 +1,6 @@
 """The finetuning loop shared by LoRA, the adapter and full finetuning (see lit_llama/finetune.py): batches
-(padded to the longest sequence in the batch; optionally of examples of similar length), the loss (optionally
+(padded to the longest sequence in the batch; optionally of examples of similar length, or packed into full
+rows), the loss (optionally
 in chunks), the learning-rate schedule, gradient accumulation, validation with a greedy sample, checkpoints at
 intervals, the progress bar and metrics.csv.
 """
@@ -12,9 +13,8 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -24,6 +24,7 @@ from lightning.fabric.loggers import Logger
 from tqdm import tqdm
 
 from lit_llama.args import EvalArgs, TrainArgs
+from lit_llama.batches import Sample, batch_indices, example_lengths, pack_batch, pad_batch
 from lit_llama.cli import UserError, check_at_least, check_positive, check_range, describe_exception
 from lit_llama.data import IGNORE_INDEX
 from lit_llama.disk import disk_errors, write_text_atomic
@@ -33,7 +34,6 @@ from lit_llama.prompts import DEFAULT_PROMPT_STYLE
 from lit_llama.run_dir import RESUME_NAME, RUN_NAME, find_resume_state, load_resume_state, save_resume_state
 from lit_llama.tokenizer import Tokenizer
 
-Sample = Dict[str, Any]
 METRICS_NAME = "metrics.csv"  # one row per logged iteration, every row once, over all resumed parts
 METRICS_FIELDS = ("iter", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "peak_memory")
 
@@ -68,14 +68,16 @@ class TrainingConfig(TrainArgs, EvalArgs):
         """The settings that decide which examples each step trains on, in which order: a resumed run must
         keep them (run.json records them) to be the run it continues."""
         return {name: getattr(self, name)
-                for name in ("seed", "batch_size", "micro_batch_size", "max_seq_length", "group_by_length")}
+                for name in ("seed", "batch_size", "micro_batch_size", "max_seq_length", "group_by_length")} | (
+                    {"packing": True} if self.packing else {})  # only when on: run.json files from before match
 
     def run_settings(self, precision: str, data_dir: Path) -> Dict[str, Any]:
         """The other settings that change what a run computes (the schedule, the optimizer, the numbers'
         precision and the data): run.json records them too, and --resume refuses other values."""
         return {"learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
                 "warmup_iters": self.warmup_iters, "max_iters": self.max_iters, "epochs": self.epochs,
-                "precision": precision, "data_dir": str(Path(data_dir).resolve())}
+                "precision": precision, "data_dir": str(Path(data_dir).resolve())} | (
+                    {"compile": True} if self.compile else {})  # its dropout draws are not eager's
 
     def gradient_accumulation_iters(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -91,86 +93,32 @@ class TrainingConfig(TrainArgs, EvalArgs):
         return int(self.epochs * train_size) // (self.micro_batch_size * world_size)
 
 
-# --- batches ---------------------------------------------------------------------------------------
+# --- the loss ----------------------------------------------------------------------------------------
 
 
-def batch_indices(
-    n: int, batch: int, iter_num: int, rank: int, world_size: int, seed: int, lengths: Optional[Tuple[int, ...]] = None
-) -> List[int]:
-    """Example indices of micro-batch `iter_num` on device `rank`: consecutive slices of a seeded
-    permutation per epoch. With `lengths` (the examples' token counts: --group_by_length), each epoch's
-    permutation is rearranged so that a micro-batch holds examples of similar length (see
-    `grouped_epoch_order`). A pure function of its arguments, so a resumed run sees the same batches."""
-    start = (iter_num * world_size + rank) * batch
-    indices = []
-    while len(indices) < batch:
-        epoch, offset = divmod(start + len(indices), n)
-        if lengths is None:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        else:
-            order = grouped_epoch_order(lengths, batch, seed, epoch)
-        indices.extend(order[offset : offset + batch - len(indices)])
-    return indices
-
-
-def example_lengths(data: List[Sample], max_seq_length: int) -> Tuple[int, ...]:
-    """Each example's token count in a batch (cut at max_seq_length), for --group_by_length."""
-    return tuple(min(len(s["input_ids"]), max_seq_length) for s in data)
-
-
-GROUP_WINDOW = 64  # --group_by_length: micro-batches whose examples are sorted by length together
-
-
-@lru_cache(maxsize=4)  # one order per epoch, asked for once per iteration
-def grouped_epoch_order(lengths: Tuple[int, ...], batch: int, seed: int, epoch: int) -> List[int]:
-    """The epoch's seeded permutation (the one `batch_indices` uses without grouping), in windows of
-    GROUP_WINDOW micro-batches: within a window the examples are sorted by length, cut into micro-batches,
-    and those micro-batches shuffled, so that each holds examples of similar length (little padding) while
-    an optimizer step still mixes short and long ones. Every example stays once in its epoch."""
-    n = len(lengths)
-    generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    # the micro-batch slices of the stream start at multiples of `batch`: this epoch's first examples finish
-    # the micro-batch the previous epoch's last ones started, and the windows begin at the next boundary
-    first = (-epoch * n) % batch
-    grouped = order[:first]
-    window = GROUP_WINDOW * batch
-    for start in range(first, n, window):
-        by_length = sorted(order[start : start + window], key=lambda i: lengths[i])
-        groups = [by_length[i : i + batch] for i in range(0, len(by_length), batch)]
-        full, partial = [g for g in groups if len(g) == batch], [g for g in groups if len(g) < batch]
-        shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
-        grouped += [i for group in shuffled + partial for i in group]  # a partial one continues next epoch
-    return grouped
-
-
-def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads to the longest example in the batch (not to the block size): inputs with 0, labels
-    with IGNORE_INDEX, so padding is neither attended to by real tokens (causal) nor scored."""
-    inputs = [s["input_ids"][:max_seq_length] for s in samples]
-    labels = [s["labels"][:max_seq_length] for s in samples]
-    length = max(len(x) for x in inputs)
-    input_ids = torch.stack([F.pad(x, (0, length - len(x)), value=0) for x in inputs])
-    label_ids = torch.stack([F.pad(y, (0, length - len(y)), value=IGNORE_INDEX) for y in labels])
-    return input_ids, label_ids
-
-
-def compute_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunked_ce: bool = False,
-                 tasks: Optional[torch.Tensor] = None) -> torch.Tensor:
+def compute_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    chunked_ce: bool = False,
+    tasks: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Next-token cross-entropy over the scored positions. Position t predicts token t+1, and only the
     positions whose next token is scored (the response, with --mask_inputs) go through the output layer.
     `chunked_ce`: through the output layer a chunk of positions at a time (see `chunked_cross_entropy`).
     `tasks` (a task index per row: several LoRAs at once, lit_llama/multi_task.py): the sum of each task's mean,
-    so each task's adapter gets the gradient of its own mean loss, as if its rows were a batch of their own."""
+    so each task's adapter gets the gradient of its own mean loss, as if its rows were a batch of their own.
+    `positions`: packed rows (see `pack_batch`)."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     output_mask = F.pad(scored, (0, 1), value=False)
     weights = None if tasks is None else task_mean_weights(scored, tasks)
     if chunked_ce:
-        hidden = model(input_ids, output_mask=output_mask, head=False)  # (N, n_embd)
+        hidden = model(input_ids, output_mask=output_mask, head=False, positions=positions)  # (N, n_embd)
         total = chunked_cross_entropy(unwrap(model).lm_head, hidden, targets[scored], weights=weights)
     else:
-        logits = model(input_ids, output_mask=output_mask)  # (N, vocab)
+        logits = model(input_ids, output_mask=output_mask, positions=positions)  # (N, vocab)
         total = _summed_cross_entropy(lambda h: h, logits, targets[scored], weights)
     return total if weights is not None else total / scored.sum().clamp(min=1)
 
@@ -330,15 +278,18 @@ def fit(
             else:
                 idx = batches(config, iter_num, fabric.global_rank, world)
             samples = [train_data[i] for i in idx]
-            input_ids, labels = pad_batch(samples, config.max_seq_length)
-            input_ids, labels = fabric.to_device((input_ids, labels))
+            if config.packing:
+                input_ids, labels, positions = fabric.to_device(pack_batch(samples, config.max_seq_length))
+            else:
+                input_ids, labels = fabric.to_device(pad_batch(samples, config.max_seq_length))
+                positions = None
             tasks = route_rows(fabric, model, samples)
 
             is_accumulating = (iter_num + 1) % accumulation != 0
             # not under FSDP: skipping the sync there keeps the whole model's gradients, unsharded, on every GPU
             skip_sync = is_accumulating and not is_fsdp(fabric)
             with fabric.no_backward_sync(model, enabled=skip_sync):
-                loss = compute_loss(model, input_ids, labels, config.chunked_ce, tasks)
+                loss = compute_loss(model, input_ids, labels, config.chunked_ce, tasks, positions)
                 fabric.backward(loss / accumulation)
             batch_tokens = sum(min(len(train_data[i]["input_ids"]), config.max_seq_length) for i in idx) * world
             window_tokens += batch_tokens

@@ -45,8 +45,8 @@ def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
                   "## Generation speed: lit-llama vs Hugging Face transformers"):
         assert text.count(title) == 1, title
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    # lora 2x2 + nf4 x2, adapter v1/v2, peft + 3 levers, fsdp, generate x3, int8, decode (ours, int8, hf)
-    assert len(rows) == 6 + 2 + 1 + 3 + 1 + 3 + 2 + 3
+    # lora 2x2 + nf4 x2, adapter v1/v2, peft + 4 levers, fsdp, generate x3, int8, decode (ours, int8, hf)
+    assert len(rows) == 6 + 2 + 1 + 4 + 1 + 3 + 2 + 3
     assert not list(tmp_path.glob("tmp*")), "the suite's temporary checkpoints are removed"
 
 
@@ -80,13 +80,15 @@ def test_lora_vs_peft_levers_on_a_tiny_model(tmp_path):
     suite's smoke run above."""
     results = tmp_path / "RESULTS.md"
     proc = run_script("benchmarks/lora_vs_peft.py", "--model_size", "tiny", "--data", "random", "--steps", 2,
-                      "--warmup_steps", 1, "--chunked_ce", "true", "--group_by_length", "true",
+                      "--warmup_steps", 1, "--chunked_ce", "true", "--group_by_length", "true", "--packing", "true",
                       "--results_file", results)
     text = results.read_text()
     assert text.count(LEVERS_TITLE) == 1 and "lit-llama vs Hugging Face PEFT" in text
     rows = [line for line in text.split(LEVERS_TITLE)[1].splitlines() if line.startswith("| 20")]
-    assert [row.split(" | ")[7] for row in rows] == ["chunked_ce", "group_by_length"]
+    assert [row.split(" | ")[7] for row in rows] == ["chunked_ce", "group_by_length", "packing"]
     assert " GB -> " in rows[0] and "%" in rows[1], rows
+    padded_plain, padded_packed = rows[2].split(" | ")[13].split(" -> ")
+    assert float(padded_packed.rstrip("%")) < float(padded_plain.rstrip("%")), rows[2]
     assert "step peak memory" in proc.stdout
 
 

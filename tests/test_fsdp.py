@@ -264,3 +264,24 @@ def test_full_disk_under_fsdp_ends_every_process_in_one_line(base, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert_clean_error(proc, f"could not write {out_dir / 'resume.pth'}: the disk is full")
     assert not any(p.name.endswith(".tmp") for p in out_dir.iterdir())
+
+
+def test_packed_fsdp_run_trains_like_one_process_and_resumes_exactly(base, tmp_path):
+    """--packing under FSDP: each rank packs its own micro-batch, so two processes train as one does (iteration
+    i of rank 0 is iteration 2i of one process), and a run interrupted after step 2 and resumed ends bit for
+    bit where the uninterrupted one does."""
+    script, final, _ = METHODS["lora"]
+    one = tmp_path / "one"
+    load_script(script).setup(**common_args(base, "lora", one), **ONE_PROCESS, packing=True)
+    runs = {}
+    for name in ("uninterrupted", "resumed"):
+        runs[name] = tmp_path / name
+        args = flags(**common_args(base, "lora", runs[name]), **TWO_PROCESSES, strategy="fsdp", packing=True)
+        if name == "resumed":
+            run_interrupted(script, args, at_iteration=2)
+            args += ["--resume", "true"]
+        run_script(script, *args, isolated=True, env=TWO_PROCESS_ENV)
+    assert_same_training(one, runs["uninterrupted"])
+    expected, resumed = tensors(runs["uninterrupted"] / final)[0], tensors(runs["resumed"] / final)[0]
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name

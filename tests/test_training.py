@@ -134,7 +134,7 @@ def test_chunked_ce_gives_the_same_run(script, arithmetic_run, tmp_path):
         torch.testing.assert_close(chunked[name], plain[name], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("flag", ["--chunked_ce", "--group_by_length"])
+@pytest.mark.parametrize("flag", ["--chunked_ce", "--group_by_length", "--packing", "--compile"])
 def test_lever_flags_are_documented_and_checked(flag):
     for script in ("lora", "adapter", "full"):
         assert flag in run_script(f"finetune/{script}.py", "--help").stdout
