@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, assert_clean_error, load_script, make_arithmetic_run, run_script
 
-from lit_llama.checkpoint import load_state_dict
+from lit_llama.checkpoint import load_state_dict, load_weights
 
 pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
 
@@ -223,8 +223,8 @@ def test_files_written_under_fsdp_load_in_generate_and_merge(base, two_process_f
                                               out_dir=merged_dir)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) >= 3
-    merged = load_state_dict(merged_dir / "lit-llama.pth")
-    base_weights = load_state_dict(checkpoint_dir / "lit-llama.pth")
+    merged = load_weights(merged_dir / "lit-llama.pth")
+    base_weights = load_weights(checkpoint_dir / "lit-llama.pth")
     assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"],
                            base_weights["transformer.h.0.attn.c_attn.weight"])
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_clean_error, load_script, run_script
 
+from lit_llama.checkpoint import load_weights
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict
 from lit_llama.model import Config, LLaMA
 
@@ -52,7 +53,7 @@ def trained_lora(checkpoint_dir: Path, lora: LoRAConfig, seed: int = 0, std: flo
     """Our model on the base with random nonzero A and B (as after training): the update is far from zero."""
     config = Config.from_json(checkpoint_dir / "lit_config.json")
     model = LoRALLaMA(config, lora)
-    model.load_state_dict(torch.load(checkpoint_dir / "lit-llama.pth"), strict=False)
+    model.load_state_dict(load_weights(checkpoint_dir / "lit-llama.pth"), strict=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.lora_layers():
@@ -227,7 +228,7 @@ def test_import_of_peft_adapter_matches_peft_logits(kwargs, bases, tmp_path):
     assert (lora.r, lora.alpha, lora.rslora, lora.dora) == (
         kwargs["r"], kwargs["lora_alpha"], kwargs.get("use_rslora", False), kwargs.get("use_dora", False))
     model = LoRALLaMA(Config.from_json(checkpoint_dir / "lit_config.json"), lora)
-    model.load_state_dict({**torch.load(checkpoint_dir / "lit-llama.pth"), **imported["state_dict"]})
+    model.load_state_dict({**load_weights(checkpoint_dir / "lit-llama.pth"), **imported["state_dict"]})
     model.eval()
     theirs_model = peft_model(hf_dir, adapter_dir)
     x = tokens()

@@ -10,7 +10,7 @@ from conftest import assert_clean_error, interrupt_at_iteration, load_script, ma
 from lit_llama.lora import LoRAConfig, LoRALLaMA, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import Config
 from lit_llama.quantize import frozen_weight_bytes, quantize_frozen_linears
-from lit_llama.checkpoint import load_model, load_state_dict, resolve_checkpoint
+from lit_llama.checkpoint import load_model, load_state_dict, load_weights, resolve_checkpoint
 
 pytestmark = pytest.mark.slow  # runs scripts end to end: `pytest -m "not slow"` leaves it out
 
@@ -99,7 +99,7 @@ def test_qlora_run_trains_and_its_file_is_the_usual_one(script, base, tmp_path, 
         merged_dir = tmp_path / "merged"
         load_script("scripts/merge_lora.py").main(lora_path=final, checkpoint_dir=checkpoint_dir,
                                                   output_dir=merged_dir)
-        merged, original = load_state_dict(merged_dir / "lit-llama.pth"), load_state_dict(paths.weights)
+        merged, original = load_weights(merged_dir / "lit-llama.pth"), load_weights(paths.weights)
         assert merged["transformer.h.0.attn.c_attn.weight"].dtype == original["transformer.h.0.attn.c_attn.weight"].dtype
         assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"],
                                original["transformer.h.0.attn.c_attn.weight"])
