@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from benchmarks.measure import PeakTensorMemory, step_peak_memory, sync_time  # noqa: F401 (used by the benchmarks)
+from benchmarks.measure import PeakTensorMemory, median_seconds, step_peak_memory, sync_time  # noqa: F401 (used by the benchmarks)
 from lit_llama.convert import lit_to_hf
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer

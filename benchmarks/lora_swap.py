@@ -26,14 +26,14 @@ import sys
 import tempfile
 from datetime import date
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import add_rows, sync_time  # noqa: E402
+from benchmarks.common import add_rows, median_seconds, sync_time  # noqa: E402
 from benchmarks.multi_lora import SMALL, write_adapters  # noqa: E402
 from lit_llama.checkpoint import default_dtype  # noqa: E402
 from lit_llama.cli import UserError, run_cli  # noqa: E402
@@ -193,15 +193,6 @@ def switch_seconds(config: Config, base: Dict[str, torch.Tensor], files: Dict[st
         times.append(sync_time(device) - t0)
     return statistics.median(times), model
 
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = sync_time(device)
-        fn()
-        times.append(sync_time(device) - t0)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 use it inside another project's environment: the time after the device's queued work, and the peak memory of
 one step on a GPU or a CPU."""
 
+import statistics
 import time
 import weakref
 from typing import Any, Callable, Dict
@@ -16,6 +17,17 @@ def sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The median time of `repeats` calls of `fn` after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = sync_time(device)
+        fn()
+        times.append(sync_time(device) - t0)
+    return statistics.median(times)
 
 
 class PeakTensorMemory(TorchDispatchMode):

@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import add_rows, sync_time  # noqa: E402
+from benchmarks.common import add_rows, median_seconds, sync_time  # noqa: E402
 from lit_llama.generation import generate_batch  # noqa: E402
 from lit_llama.lora import LoRAConfig, LoRALLaMA, lora_state_dict  # noqa: E402
 from lit_llama.model import Config, LLaMA  # noqa: E402
@@ -104,7 +104,7 @@ def main(
             t0 = sync_time(dev)
             multi.select(row_names)
             select_seconds = sync_time(dev) - t0
-            mixed = timed(lambda: generate_batch(multi, prompts, max_new_tokens, temperature=0), dev, repeats)
+            mixed = median_seconds(lambda: generate_batch(multi, prompts, max_new_tokens, temperature=0), dev, repeats)
 
             merged = {}
             for name in names:
@@ -120,7 +120,7 @@ def main(
                 for name in names:
                     generate_batch(merged[name], groups[name], max_new_tokens, temperature=0)
 
-            separate_seconds = timed(separate, dev, repeats)
+            separate_seconds = median_seconds(separate, dev, repeats)
             copy = merged[names[0]]
             t0 = sync_time(dev)
             copy.unmerge_lora()
@@ -160,15 +160,6 @@ def write_adapters(config: Config, count: int, folder: Path) -> dict:
         torch.save(checkpoint, files[f"a{i}"])
     return files
 
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = sync_time(device)
-        fn()
-        times.append(sync_time(device) - t0)
-    return statistics.median(times)
 
 
 def tensor_bytes(tensors) -> int:

@@ -17,18 +17,17 @@ largest single task's step. Appends the rows to benchmarks/RESULTS.md.
 """
 
 import platform
-import statistics
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import add_rows, step_peak_memory, sync_time  # noqa: E402
+from benchmarks.common import add_rows, median_seconds, step_peak_memory  # noqa: E402
 from benchmarks.multi_lora import SMALL  # noqa: E402
 from lit_llama.checkpoint import default_dtype  # noqa: E402
 from lit_llama.cli import run_cli  # noqa: E402
@@ -132,8 +131,8 @@ def main(
             for t in range(tasks):
                 one_task_step(t)
 
-        together_seconds = timed(together_step, dev, repeats)
-        alone_seconds = timed(one_after_another, dev, repeats)
+        together_seconds = median_seconds(together_step, dev, repeats)
+        alone_seconds = median_seconds(one_after_another, dev, repeats)
         peak_together = step_peak_memory(together_step, dev)
         peak_alone = max(step_peak_memory(lambda t=t: one_task_step(t), dev) for t in range(tasks))
         together_rate, alone_rate = tokens / together_seconds, tokens / alone_seconds
@@ -146,15 +145,6 @@ def main(
             print(f"row added to {results_file}")
         del together, together_opt, task_loras, task_opts
 
-
-def timed(step: Callable[[], None], device: torch.device, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = sync_time(device)
-        step()
-        times.append(sync_time(device) - t0)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":
