@@ -92,9 +92,15 @@ def training_flops(config: Config, lengths: Iterable[int], lora_params: Optional
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None, repeats: int = 5) -> float:
     """The machine's own peak: FLOP/s of `torch.matmul` on large square matrices of `dtype` (the best of
-    `repeats` timings, as the peak of a machine shared with other work). Default size: 2048 on a CPU (a
-    second or so), 8192 on a GPU."""
-    size = size or (8192 if device.type == "cuda" else 2048)
+    `repeats` timings, as the peak of a machine shared with other work). Default size: 8192 on a GPU; on a CPU
+    the size doubles from 256 until one product takes a tenth of a second, up to 2048 (float32 reaches 2048 in
+    about a second; bf16, emulated on most CPUs at well under 1 GFLOP/s, stops far earlier instead of taking
+    a minute per product)."""
+    if size is None and device.type != "cuda":
+        size = 256
+        while size < 2048 and _matmul_seconds(size, device, dtype) < 0.1:
+            size *= 2
+    size = size or 8192
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     calls = 10 if device.type == "cuda" else 1
     torch.matmul(a, b)  # the first call sets up the library
@@ -105,6 +111,14 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[i
             torch.matmul(a, b)
         best = min(best, (sync_time(device) - t0) / calls)
     return 2 * size**3 / best
+
+
+def _matmul_seconds(size: int, device: torch.device, dtype: torch.dtype) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, a)
+    t0 = sync_time(device)
+    torch.matmul(a, a)
+    return sync_time(device) - t0
 
 
 def write_random_checkpoint(config: Config, checkpoint_dir: Path, device: torch.device,
