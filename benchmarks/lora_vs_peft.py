@@ -226,7 +226,7 @@ def main(
     rate = {name: real_tokens(arm.timed(warmup_steps)) / sum(arm.times) for name, arm in arms.items()}
     peak_flops = matmul_peak_flops(dev, dtype)
     lora_params = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    share = {name: training_flops(config, [n for _, _, lengths in arm.timed(warmup_steps) for n in lengths],
+    share = {name: training_flops(config, [n for batch in arm.timed(warmup_steps) for n in batch[2]],
                                   lora_params) / sum(arm.times) / peak_flops for name, arm in arms.items()}
     shape = model_size or "4x512 (32k vocab)"
     print(f"model {shape}, {precision}, micro batch {micro_batch_size}, {source}, {steps} timed steps")

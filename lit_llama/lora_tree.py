@@ -64,12 +64,15 @@ class Node:
     checkpoint: Dict[str, Any]
 
 
-_digests: Dict[Tuple[str, int, int], str] = {}  # (resolved path, size, mtime) -> SHA-256: a shared root hashed once
+# (resolved path, inode, size, mtime, ctime) -> SHA-256: a shared root is hashed once. The ctime is in the key
+# because size and mtime can be set back (a file replaced by another of the same size, `touch -d`, `cp -p`);
+# the ctime changes with any write or rename and cannot be set.
+_digests: Dict[Tuple[str, int, int, int, int], str] = {}
 
 
 def file_sha256(path: Path) -> str:
     stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _digests:
         digest = hashlib.sha256()
         with open(path, "rb") as f:

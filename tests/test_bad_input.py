@@ -370,7 +370,7 @@ PREPARE_CASES = [
     ("alpaca", ["--data_file", w("missing.json")], ["--data_file", "missing.json"]),
     ("alpaca", ["--data_file", w("not_json.json")], ["not_json.json is not valid JSON"]),
     ("alpaca", ["--data_file", w("not_list.json")], ["not_list.json"]),
-    ("alpaca", ["--data_file", w("missing_output.json")], ["record 0", "'output' is missing"]),
+    ("alpaca", ["--data_file", w("missing_output.json")], ["record 0", "has no answer field 'output' or 'response'", "--response_key"]),
     ("alpaca", ["--data_file", w("number_output.json")], ["record 0", "'output' is a number"]),
     ("alpaca", ["--data_file", w("empty_list.json")], ["empty_list.json holds no records"]),
     ("alpaca", ["--data_file", w("latin1.json")], ["latin1.json is not UTF-8"]),

@@ -56,7 +56,8 @@ transformers = pytest.importorskip("transformers")
 # the README first (it makes what the guides start from), then every guide
 DOCS = ["README.md", "howto/download_weights.md", "howto/finetune_lora.md", "howto/finetune_adapter.md",
         "howto/finetune_full.md", "howto/inference.md", "howto/compare.md", "howto/multi_gpu.md",
-        "howto/multi_lora.md", "howto/lora_tree.md", "howto/peft_interop.md", "howto/gguf.md", "howto/evaluate.md"]
+        "howto/multi_lora.md", "howto/lora_tree.md", "howto/peft_interop.md", "howto/gguf.md", "howto/evaluate.md",
+        "howto/gpu_suite.md"]
 LIT_LLAMA_DOC = "howto/lit_llama_checkpoints.md"  # in a Lit-LLaMA checkout of its own
 NOT_RUN = {"pip", "pytest", "torchrun", "srun", "vllm", "unzip", "ollama"}
 SHELL_COMMANDS = {"mkdir", "cp", "curl"}  # run by bash as written (curl: against the server a guide started)

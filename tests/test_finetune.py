@@ -19,7 +19,7 @@ from lit_llama.model import Config
 SHARED_FLAGS = (  # what each of the three scripts took before the shared flags moved to lit_llama/args.py
     "checkpoint_dir data_dir out_dir precision devices num_nodes strategy cpu_offload logger_name learning_rate "
     "batch_size micro_batch_size max_iters epochs warmup_iters weight_decay max_seq_length eval_interval "
-    "eval_iters save_interval log_interval seed activation_checkpointing chunked_ce group_by_length resume "
+    "eval_iters save_interval log_interval seed activation_checkpointing chunked_ce group_by_length packing compile resume "
     "pretrained_path tokenizer_path block_size"
 ).split()
 OWN_FLAGS = {

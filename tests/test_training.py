@@ -7,6 +7,7 @@ import torch
 from conftest import assert_clean_error, interrupt_at_iteration, load_script, make_arithmetic_run, run_script
 
 from lit_llama import training
+from lit_llama.batches import grouped_epoch_order
 from lit_llama.lora import LoRAConfig, LoRAFinetune, LoRALLaMA, mark_only_lora_as_trainable
 from lit_llama.model import Config, LLaMA
 
@@ -66,7 +67,7 @@ def test_grouped_batches_show_every_example_once_per_epoch(n, batch, world_size)
     for epoch in epochs:
         assert sorted(epoch) == list(range(n))
     assert epochs_of(n, batch, iters, world_size, lengths) == epochs  # a pure function: resumable
-    training.grouped_epoch_order.cache_clear()
+    grouped_epoch_order.cache_clear()
     assert epochs_of(n, batch, iters, world_size, lengths) == epochs
     assert epochs_of(n, batch, iters, world_size, lengths, seed=4) != epochs
 
