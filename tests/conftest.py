@@ -124,11 +124,20 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    """The real SmolLM2-135M-Instruct converted once (float32, about a minute) into a normal checkpoint folder.
-    Read-only for tests: copy it if you need to change it."""
-    out_dir = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
-    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", smollm2_gguf, "--out_dir", out_dir,
-               "--dtype", "float32")
+    """The real SmolLM2-135M-Instruct converted once (float32, about a minute) into a normal checkpoint folder,
+    once for the whole run: pytest-xdist's workers share it (the first one converts it, under a lock, in the
+    folder above the workers' own temporary folders). Read-only for tests: copy it if you need to change it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    out_dir = root / "smollm2-shared" / "SmolLM2-135M-Instruct"
+    with FileLock(str(root / "smollm2-shared.lock")):
+        if not (root / "smollm2-shared.done").is_file():
+            run_script("scripts/convert_gguf_checkpoint.py", "--gguf_file", smollm2_gguf, "--out_dir", out_dir,
+                       "--dtype", "float32", "--overwrite", "true")
+            (root / "smollm2-shared.done").touch()
     return out_dir
 
 

@@ -7,8 +7,9 @@ The only changes to the commands are these stand-ins, for a machine without netw
   tied-embedding model with its tokenizer.json). Meta's folder `/path/to/llama/7B` is a tiny
   model in Meta's format.
 - `prepare_alpaca.py` / `prepare_dolly.py` get `--data_file` (a local copy instead of the download); the
-  user's own `mine.json` is a small file of records; `lit_llama/demo_instructions.json` (a path in the repository,
-  where the README's commands run) is read from the repository.
+  user's own `mine.json` and the real data files of `../shared/data` are small files of records;
+  `lit_llama/demo_instructions.json` (a path in the repository, where the README's commands run) is read from
+  the repository.
 - Fewer iterations: the finetune scripts get `--max_iters 4 --batch_size 4 --micro_batch_size 2
   --eval_iters 2 --save_interval 1`, compare.py `--max_iters 4` (and the same batch sizes), the demo
   `--model tiny --max_iters 8 --overwrite true` (SmolLM2's demo is too slow for this test: tests/test_demo.py
@@ -25,8 +26,8 @@ The only changes to the commands are these stand-ins, for a machine without netw
   curl and Python examples are sent there); it is stopped when the guides have run.
 - Not run here: `pip install` and `pytest` (CI runs those), the cluster launchers `torchrun` / `srun`
   (tests/test_fsdp.py runs a two-node torchrun launch), and `vllm serve` (not installed).
-A command that appears again in a later guide, unchanged, runs once (running it again would be refused:
-its --out_dir already holds checkpoints).
+A command that appears again in a later guide, unchanged or the same once stood in for (flags in another
+order), runs once (running it again would be refused: its --out_dir already holds checkpoints).
 """
 
 import importlib.util
@@ -155,6 +156,8 @@ def stand_in(argv: List[str], work: Path) -> Optional[List[str]]:
         run_script("scripts/export_gguf.py", "--checkpoint_dir", smollm2,
                    "--out_file", work / args[args.index("--gguf_file") + 1], "--dtype", "q8_0")
     args = [str(REPO_ROOT / a) if a == "lit_llama/demo_instructions.json" else a for a in args]
+    # the real data beside the repository (howto/lora_tree.md's SmolLM2 tree): the stand-in records
+    args = [str(work / "stand-ins" / "alpaca.json") if a.startswith("../shared/data/") else a for a in args]
     if script in ("scripts/prepare_alpaca.py", "scripts/prepare_dolly.py") and not has("--data_file"):
         name = "dolly.jsonl" if "dolly" in script else "alpaca.json"
         args += ["--data_file", str(work / "stand-ins" / name)]
@@ -217,6 +220,12 @@ def lit_llama_checkout(tmp_path_factory) -> Path:
     return work
 
 
+def script_and_flags(argv: List[str]) -> tuple:
+    """A command as the script sees it: its flags and values in any order."""
+    args = argv[2:]
+    return (argv[1], frozenset(zip(args[::2], args[1::2]))) if len(args) % 2 == 0 else tuple(argv)
+
+
 def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str], servers: List[tuple]) -> None:
     """Runs the doc's commands in `work`, in order (see the module docstring for the stand-ins); a server it
     starts in the background is added to `servers` (process, port)."""
@@ -235,7 +244,7 @@ def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str], servers: Li
                 assert '"choices"' in proc.stdout, f"{doc}: {command}:\n{proc.stdout}"
             continue
         if argv[-1] == "&" and argv[1] == "serve.py":
-            from test_serve import free_port, get, stop_server
+            from test_serve import free_port, get
 
             port = free_port()
             args = [a if a != GUIDE_PORT[1:] else str(port) for a in argv[2:-1]]
@@ -262,7 +271,10 @@ def run_doc(doc: str, work: Path, capsys, done: set, ran: List[str], servers: Li
             continue
         done.add(key)
         adapted = stand_in(argv, work)
+        if adapted is not None and script_and_flags(adapted) in done:
+            continue  # the same command once stood in for (the README's demo is compare.md's `--model tiny` one)
         if adapted is not None:
+            done.add(script_and_flags(adapted))
             start = time.perf_counter()
             run(adapted, work, capsys)
             ran.append(f"{time.perf_counter() - start:5.1f} s  {doc}: {shlex.join(argv[1:4])}")
@@ -291,5 +303,7 @@ def test_readme_and_guides_work_as_written(workspace, lit_llama_checkout, capsys
                  "checkpoints/lit-llama/7B/lit-llama.pth", "checkpoints/hf-export/open_llama_3b-alpaca-lora",
                  "checkpoints/lit-llama/SmolLM2-135M-Instruct/lit-llama.pth", "checkpoints/lit-llama/SmolLM2-135M-Instruct-gguf/lit-llama.pth",
                  "out/gguf/open_llama_3b-alpaca/model-q8_0.gguf", "out/gguf/open_llama_3b-alpaca/Modelfile",
-                 "out/peft/tree-task/adapter_model.safetensors"):
+                 "out/peft/tree-task/adapter_model.safetensors",
+                 # the demo's tiny pipeline (tests/test_demo.py checks what it says offline)
+                 "out/demo/lora/lit-llama-lora-finetuned.pth", "out/demo/checkpoint-lora/lit-llama.pth"):
         assert (workspace / path).exists(), path
