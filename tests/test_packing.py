@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import interrupt_at_iteration, load_script, make_arithmetic_run
 
-from lit_llama import training
+from lit_llama import batches, training
 from lit_llama.adapter import AdapterConfig, AdapterLLaMA
 from lit_llama.lora import LoRAConfig, LoRAFinetune, LoRALLaMA
 from lit_llama.model import Config, LLaMA
@@ -91,6 +91,18 @@ def test_packed_rows_hold_every_example_once_first_fit_decreasing():
     # first-fit decreasing: [256], [256], [200, 30], [100, 90, 60] (padded to the longest row, 256)
     assert input_ids.shape == (4, 256) and starts.sum().item() == 7 + 2  # two rows end in padding
     assert real[2][:2] == [0, 200] and real[3] == [0, 100, 190, 250]
+
+
+def test_rows_are_as_long_as_the_least_padding_needs():
+    """Rows of max_seq_length are not always best: 400, 150, 100 and 50 tokens make two rows of 500 positions at
+    a capacity of 512 ([400, 100], [150, 50]), two of 400 at the longest example's ([400], [150, 100, 50])."""
+    assert batches.pack_rows([400, 150, 100, 50], 512) == [[0], [1, 2, 3]]
+    input_ids, labels, positions = batches.pack_batch(some_examples([150, 400, 50, 100]), max_seq_length=512)
+    assert input_ids.shape == (2, 400) and (positions == 0).sum().item() == 4 + 1  # one row ends in padding
+    # as many positions either way (300): the shorter rows, whose attention is a third of one row's
+    assert batches.pack_rows([100, 100, 100], 512) == [[0], [1], [2]]
+    assert batches.pack_rows([100, 100, 90], 512) == [[0, 1, 2]]  # 290 positions, against 300
+    assert batches.pack_rows([300, 300], 512) == [[0], [1]]
 
 
 @pytest.fixture(scope="module")
