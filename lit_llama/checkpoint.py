@@ -18,9 +18,8 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional
 
-import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -36,6 +35,9 @@ from lit_llama.tokenizer import (
     TOKENIZER_FILES,
     find_tokenizer,
 )
+
+if TYPE_CHECKING:  # Lightning is imported where training starts: generation and serving start without it
+    import lightning as L
 
 WEIGHTS_NAME = "lit-llama.pth"
 
@@ -419,7 +421,7 @@ def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> Dic
     return get_model_state_dict(unwrap(model), options=options)
 
 
-def save_sharded_weights(fabric: L.Fabric, model: torch.nn.Module, path: Path) -> None:
+def save_sharded_weights(fabric: "L.Fabric", model: torch.nn.Module, path: Path) -> None:
     """A torch.distributed.checkpoint folder of the weights (under "model"; each rank writes its shards, no
     gathering), written under a temporary name and renamed when complete. generate/full.py reads it."""
     tmp = path.with_name(path.name + ".tmp")

@@ -4,21 +4,23 @@ settings here once; and starting the processes of a run."""
 import os
 import resource
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Union
 
-import lightning as L
 import torch
-from lightning.fabric.loggers import Logger
-from lightning.fabric.strategies import ModelParallelStrategy, Strategy
-from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from lit_llama.args import RunArgs
 from lit_llama.cli import UserError, check_at_least
+
+if TYPE_CHECKING:  # Lightning is imported where training starts: generation and serving start without it
+    import lightning as L
+    from lightning.fabric.loggers import Logger
+    from lightning.fabric.strategies import Strategy
 
 STRATEGIES = ("auto", "ddp", "fsdp")  # what every finetune script offers; the tests run each one
 
@@ -70,7 +72,7 @@ def precision_dtype(precision: Optional[str]) -> torch.dtype:
     return Precision.from_flag(precision).dtype
 
 
-def make_fabric(run: RunArgs, precision: Precision, out_dir: Path) -> L.Fabric:
+def make_fabric(run: RunArgs, precision: Precision, out_dir: Path) -> "L.Fabric":
     """Fabric with the devices, strategy (see `choose_strategy`) and precision of a run, and for --logger_name
     tensorboard or wandb the logger that gets every metrics.csv row too (see `make_logger`)."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
@@ -79,6 +81,8 @@ def make_fabric(run: RunArgs, precision: Precision, out_dir: Path) -> L.Fabric:
     if run.devices > available and run.num_nodes == 1:
         raise UserError(f"--devices {run.devices} is more than the {available} devices available on this machine")
     logger = make_logger(run.logger_name, out_dir)
+    import lightning as L
+
     return L.Fabric(
         devices=run.devices,
         num_nodes=run.num_nodes,
@@ -91,7 +95,7 @@ def make_fabric(run: RunArgs, precision: Precision, out_dir: Path) -> L.Fabric:
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 
 
-def make_logger(logger_name: str, out_dir: Path) -> Optional[Logger]:
+def make_logger(logger_name: str, out_dir: Path) -> Optional["Logger"]:
     """Where the metrics of a run go besides out_dir/metrics.csv, which every run writes. csv (default): nowhere
     else. tensorboard: out_dir/logs/version_N/events.out.tfevents.* (`tensorboard --logdir out_dir/logs`).
     wandb: a Weights & Biases run, its local files in out_dir/wandb; with WANDB_MODE=offline nothing leaves the
@@ -132,7 +136,7 @@ def uses_fsdp(run: RunArgs) -> bool:
     return run.strategy == "fsdp" or (run.strategy == "auto" and run.devices * run.num_nodes > 1)
 
 
-def choose_strategy(run: RunArgs, precision: Precision) -> Union[str, Strategy]:
+def choose_strategy(run: RunArgs, precision: Precision) -> Union[str, "Strategy"]:
     """--strategy as Fabric takes it. auto: FSDP over several devices, nothing to distribute on one. ddp:
     every device holds the whole model and its AdamW states; gradients are averaged. fsdp: FSDP2 sharding
     (see `shard_model`), also on one device, over NCCL on GPUs or gloo on CPUs."""
@@ -146,6 +150,8 @@ def choose_strategy(run: RunArgs, precision: Precision) -> Union[str, Strategy]:
                         "gradients): use bf16-mixed, bf16-true or 32-true")
     parallelize = partial(shard_model, param_dtype=precision.fsdp_compute_dtype, cpu_offload=run.cpu_offload)
     world = run.devices * run.num_nodes
+    from lightning.fabric.strategies import ModelParallelStrategy
+
     return ModelParallelStrategy(parallelize, data_parallel_size=world, tensor_parallel_size=1)
 
 
@@ -167,18 +173,20 @@ def shard_model(
     return model
 
 
-def is_fsdp(fabric: L.Fabric) -> bool:
+def is_fsdp(fabric: "L.Fabric") -> bool:
+    from lightning.fabric.strategies import ModelParallelStrategy
+
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def load_device(fabric: L.Fabric, quantize: Optional[str] = None) -> torch.device:
+def load_device(fabric: "L.Fabric", quantize: Optional[str] = None) -> torch.device:
     """Where a script loads the weights: under FSDP (or to quantize them) into CPU memory, from which sharding
     (or quantization) moves each block to its device, so no GPU ever holds the whole model at full size;
     else straight onto the device."""
     return torch.device("cpu") if is_fsdp(fabric) or quantize else fabric.device
 
 
-def launch(fabric: L.Fabric, function: Callable, *args: Any) -> Any:
+def launch(fabric: "L.Fabric", function: Callable, *args: Any) -> Any:
     """`fabric.launch(function, *args)`. When it fails in the process the user started, the processes Fabric
     started for the other devices are stopped with it: they may be waiting in a collective for this one, and
     would wait for a timeout of many minutes (NCCL) or print a traceback of a lost connection (gloo)."""
@@ -203,9 +211,10 @@ def launch(fabric: L.Fabric, function: Callable, *args: Any) -> Any:
 
 def unwrap(obj: Any) -> Any:
     """The model or optimizer itself, from Fabric's wrapper (under FSDP2 the model is sharded in place)."""
-    if isinstance(obj, _FabricModule):
+    wrappers = sys.modules.get("lightning.fabric.wrappers")  # not imported: nothing was wrapped by Fabric
+    if wrappers is not None and isinstance(obj, wrappers._FabricModule):
         return obj.module
-    if isinstance(obj, _FabricOptimizer):
+    if wrappers is not None and isinstance(obj, wrappers._FabricOptimizer):
         return obj.optimizer
     return obj
 

@@ -7,9 +7,8 @@ import json
 import os
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
-import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -20,6 +19,9 @@ from lit_llama.cli import UserError, check_out_dir, describe_exception
 from lit_llama.disk import disk_errors, replace_checkpoint
 from lit_llama.distributed import unwrap
 
+if TYPE_CHECKING:  # Lightning is imported where training starts: generation and serving start without it
+    import lightning as L
+
 RESUME_NAME = "resume.pth"  # trainable weights, optimizer, counters and RNG of the last save
 
 RESUME_META = "meta.pth"  # in a sharded resume folder: the counters and RNG beside the shards
@@ -27,6 +29,7 @@ RESUME_META = "meta.pth"  # in a sharded resume folder: the counters and RNG bes
 RUN_NAME = "run.json"  # what the run in a folder is (method, model, method settings): --resume compares it
 
 LOCK_NAME = "run.lock"  # held by the running process: a second run on the same folder stops at once
+METRICS_NAME = "metrics.csv"  # one row per logged iteration, every row once, over all resumed parts
 
 
 @contextmanager
@@ -113,7 +116,7 @@ def check_run_dir(out_dir: Path, resume: bool, run_info: Dict[str, Any]) -> None
 
 
 def save_resume_state(
-    fabric: L.Fabric,
+    fabric: "L.Fabric",
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     counters: Dict[str, Any],
@@ -151,7 +154,7 @@ def find_resume_state(path: Path) -> Optional[Path]:
 
 
 def load_resume_state(
-    fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path
+    fabric: "L.Fabric", model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path
 ) -> Dict[str, Any]:
     """Restores what `save_resume_state` wrote (a file or a sharded folder, on any strategy) into the set-up
     model and optimizer, and this rank's random generators; returns the counters. Only tensors and plain
@@ -197,7 +200,7 @@ def load_resume_state(
     return {key: meta[key] for key in ("iter_num", "step_count", "tokens", "train_seconds")}
 
 
-def gather_rng_states(fabric: L.Fabric) -> List[Dict[str, torch.Tensor]]:
+def gather_rng_states(fabric: "L.Fabric") -> List[Dict[str, torch.Tensor]]:
     """Every rank's CPU (and CUDA) random generator state, in rank order: LoRA dropout draws from the
     generator of the device it runs on, and each rank has its own."""
     mine = {"cpu": torch.get_rng_state()}

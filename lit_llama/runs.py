@@ -17,8 +17,7 @@ import torch
 
 from lit_llama.checkpoint import load_state_dict
 from lit_llama.cli import UserError
-from lit_llama.run_dir import RUN_NAME
-from lit_llama.training import METRICS_NAME
+from lit_llama.run_dir import METRICS_NAME, RUN_NAME
 
 # the method -> the name its finetune script gives the final checkpoint
 FINAL_NAMES = {"lora": "lit-llama-lora-finetuned.pth", "adapter": "lit-llama-adapter-finetuned.pth",

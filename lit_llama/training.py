@@ -31,10 +31,16 @@ from lit_llama.disk import disk_errors, write_text_atomic
 from lit_llama.distributed import is_fsdp, peak_memory_gb, unwrap
 from lit_llama.generation import generate_response
 from lit_llama.prompts import DEFAULT_PROMPT_STYLE
-from lit_llama.run_dir import RESUME_NAME, RUN_NAME, find_resume_state, load_resume_state, save_resume_state
+from lit_llama.run_dir import (
+    METRICS_NAME,
+    RESUME_NAME,
+    RUN_NAME,
+    find_resume_state,
+    load_resume_state,
+    save_resume_state,
+)
 from lit_llama.tokenizer import Tokenizer
 
-METRICS_NAME = "metrics.csv"  # one row per logged iteration, every row once, over all resumed parts
 METRICS_FIELDS = ("iter", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "peak_memory")
 
 

@@ -38,6 +38,7 @@ from lit_llama.distributed import default_device, precision_dtype
 from lit_llama.generation import generate_response
 from lit_llama.lora import load_lora_model
 from lit_llama.prompts import prompt_style_of_data
+from lit_llama.run_dir import METRICS_NAME
 from lit_llama.runs import (
     answers_table,
     count_tensor_elements,
@@ -47,7 +48,6 @@ from lit_llama.runs import (
     read_prompts,
 )
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import METRICS_NAME
 
 # method -> its finetune script, extra flags, and the name of its final checkpoint
 METHODS: Dict[str, Dict[str, Any]] = {

@@ -1,6 +1,8 @@
 """The shape of the package (lit_llama/__init__.py has the map): imports point one way, modules stay readable."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO_ROOT
@@ -35,6 +37,17 @@ def test_no_import_cycle_in_the_package():
 
     for module in graph:
         visit(module)
+
+
+def test_generation_and_serving_start_without_lightning():
+    """Lightning (with what it imports: torchmetrics, scipy, torch._dynamo) is imported where training starts;
+    the generate scripts and the server do not need it, and start in half the time without it."""
+    code = ("import sys\n"
+            "import lit_llama.adapter, lit_llama.checkpoint, lit_llama.generation, lit_llama.lora, lit_llama.lora_tree\n"
+            "import lit_llama.multi_lora, lit_llama.run_dir, lit_llama.runs, lit_llama.serving\n"
+            "assert 'lightning' not in sys.modules, sorted(m for m in sys.modules if m.startswith('lightning'))[:3]\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_nothing_in_the_package_imports_a_script():
