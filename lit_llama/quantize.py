@@ -147,6 +147,9 @@ def quantize_for_generation(model: nn.Module, quantize: str) -> None:
     # compiling torchao's tensors logs a deprecation notice about how torchao registers an enum with torch, which
     # reads like an error in generate.py's output and concerns nothing the user can change
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    config = Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128)
+    # int4: torch's own tinygemm kernel (_weight_int4pack_mm). torchao's default int4 layout needs its separate mslk
+    # kernel package (torchao 0.18: "Requires mslk >= 1.0.0"), which a plain install doesn't bring
+    config = (Int8WeightOnlyConfig() if quantize == "int8"
+              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
     with torch.no_grad():
         quantize_(model, config)
