@@ -21,13 +21,16 @@ from lit_llama.model import Config, LLaMA
 TRAIN_SHARE = 0.35  # share of the matmul rate a LoRA step reaches at micro batch 4 (norms, RoPE, softmax, AdamW
 #                     and the loss run at bandwidth, not matmul speed; the CPU reaches ~0.74, GPUs less)
 BANDWIDTH_SHARE = 0.7  # share of the measured copy bandwidth an eager decode step reaches (small kernels)
-LAUNCH_S = 10e-6  # one eager CUDA kernel launch, with PyTorch's dispatch around it
+LAUNCH_S = 25e-6  # one eager CUDA kernel launch, with PyTorch's dispatch around it (10 us was assumed; 7B eager
+#                  decoding on an H200 ran at 25-45 tokens/s, 20-40 us per launch on that machine's host)
 KERNELS_PER_LAYER = 30  # kernels of one transformer block in an eager decode step (LoRA unmerged: +12)
 BUILD_S = 4.0  # Python work of building one model (module objects, random init calls), beyond its bytes
 INIT_PASSES = 4  # random init writes each weight about this many times (init in float32 work, cast, copy)
 NF4_BYTES_PER_VALUE = 12  # dequantizing one NF4 weight value for a matmul: codes, scales, lookup, bf16 out, read
 NF4_QUANTIZE_BYTES_PER_VALUE = 200  # torchao's to_nf4: distances to the 16 levels, argmin, packing (unfused)
 COMPILE_S = 120.0  # torch.compile of one 7B model (graph capture, Inductor, autotuning off): first-step cost
+FABRIC_START_S = 30.0  # the fsdp stage's Fabric launch, process group and checkpoint round trip (its
+#                        estimate without it was 24 s; it took 55-61 s on an H200)
 STAGE_START_S = 5.0  # a stage's imports, allocator warm-up, synchronisations, the rows printed and written
 SAFETY = 1.25  # every estimate is this much longer than its arithmetic: skipping is cheaper than overrunning
 
@@ -160,7 +163,7 @@ def stage_estimates(suite, machine: Machine) -> Dict[str, float]:
         "peft": 2 * est.build(big) + COMPILE_S + 5 * est.train_steps(big, peft_tokens, lengths[0]),
         "adapter": 2 * (est.build(big) + est.train_steps(big, mb * lengths[0] * steps, lengths[0])),
         # write, load and shard a random 1.1B checkpoint (float32 AdamW states), then 40 iterations
-        "fsdp": 3 * est.build(small) + est.train_steps(small, suite.fsdp_tokens, lengths[1], full=True),
+        "fsdp": FABRIC_START_S + 3 * est.build(small) + est.train_steps(small, suite.fsdp_tokens, lengths[1], full=True),
         # bf16, int8 and int4: a perplexity pass over the text and decoding each
         "quantized": 3 * est.build(big) + 3 * est.decode(big, suite.text_tokens)
         + est.decode(big, suite.text_tokens, 1) + est.decode(big, suite.text_tokens, 0.5),
