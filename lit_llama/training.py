@@ -167,9 +167,35 @@ def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: 
 
 def _summed_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
                           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if weights is None:
-        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
+    return SummedCrossEntropy.apply(head(hidden).float(), targets, weights)
+
+
+class SummedCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * cross_entropy(logits_i, target_i) (w_i = 1 without weights), as F.cross_entropy computes it
+    (within float32 rounding), in a third of its extra time: the (N, vocab) logits are turned into exp(logit -
+    row max) in place, which the backward pass scales in place into the gradient, softmax - one-hot. F.cross_entropy
+    writes a log-softmax, then a zero-filled gradient, then the softmax gradient: three more passes over a tensor
+    that, at 2,048 positions x 32k vocabulary, is 262 MB. On the 2-core CPU the loss of a 4x512 LoRA step cost
+    ~270 ms beside F.cross_entropy's and ~70 ms beside this. The logits are overwritten: the caller made them for
+    the loss alone (the output layer's backward needs its input and weight, not its output)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+        row_max = logits.amax(dim=1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()  # in place: the softmax up to each row's sum
+        row_sum = exp.sum(dim=1)
+        losses = row_max.squeeze(1) + row_sum.log() - target_logits
+        ctx.save_for_backward(exp, row_sum, targets, weights)
+        return losses.sum() if weights is None else (losses * weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        exp, row_sum, targets, weights = ctx.saved_tensors
+        grad_rows = grad.expand(row_sum.shape) if weights is None else grad * weights
+        grad_logits = exp.mul_((grad_rows / row_sum)[:, None])  # softmax, times each row's gradient
+        grad_logits.scatter_add_(1, targets[:, None], -grad_rows[:, None])  # minus the one-hot
+        return grad_logits, None, None
 
 
 def get_lr(step: int, learning_rate: float, warmup_steps: int, max_steps: int) -> float:
