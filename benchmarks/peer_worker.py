@@ -62,7 +62,22 @@ def build_ours(spec, device, dtype):
                        lora=LoRAConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"]))
     mark_only_lora_as_trainable(model)
     keep_trainable_in_fp32(model)  # as finetune/lora.py: bf16 base, float32 LoRA weights
-    return model, lambda b: compute_loss(model, b["input_ids"], b["labels"]), padded_steps
+    loss = lambda b: compute_loss(model, b["input_ids"], b["labels"], positions=b.get("positions"))  # noqa: E731
+    return model, loss, ours_packed_steps if spec["pack"] else padded_steps
+
+
+def ours_packed_steps(spec: Dict[str, Any], steps: List[List[int]], device: torch.device) -> List[Step]:
+    """finetune's `--packing true`: each step's examples packed into rows of at most max_seq_length
+    (lit_llama.batches.pack_batch), positions restarting at each example, attention example by example."""
+    from lit_llama.batches import pack_batch
+
+    out = []
+    for indices in steps:
+        samples = [{key: torch.tensor(spec["examples"][i][key]) for key in ("input_ids", "labels")} for i in indices]
+        ids, labels, positions = pack_batch(samples, spec["max_seq_length"])
+        inputs = {"input_ids": ids.to(device), "labels": labels.to(device), "positions": positions.to(device)}
+        out.append((inputs, sum(len(spec["examples"][i]["input_ids"]) for i in indices), ids.numel()))
+    return out
 
 
 def build_peft(spec, device, dtype):

@@ -65,7 +65,8 @@ REQUIREMENTS = {"peft": ["peft"], "litgpt": ["litgpt==0.5.13", "transformers==5.
                 "torchtune": ["torchtune==0.6.1", "torchao==0.13.0"]}
 MODULES = {"ours": "lit_llama", "peft": "peft", "litgpt": "litgpt", "torchtune": "torchtune"}
 CONFIGURATION = {
-    ("ours", "real"): "padded batches, logits of scored positions only",
+    ("ours", "real"): "packed rows (--packing), logits of scored positions only",
+    ("ours", "real", "padded"): "padded batches, logits of scored positions only",
     ("peft", "real"): "padded batches, SDPA",
     ("litgpt", "real"): "padded batches, chunked head and loss",
     ("torchtune", "real"): "packed rows, chunked loss",
@@ -77,7 +78,8 @@ RESULTS_HEADER = """
 
 `python benchmarks/peers.py`: LoRA r 8, alpha 16, dropout 0.05 on query and value, AdamW, the same weights and
 examples for all; each implementation in its own environment, taking turns with the others (interleaved
-rounds). Real: Alpaca records, loss on the response only, each peer's documented recipe (torchtune packs).
+rounds). Real: Alpaca records, loss on the response only, each peer's documented recipe (torchtune packs;
+ours packs with --packing unless --ours_packing false).
 Equal: random tokens filling the rows, loss everywhere. Tokens/s: real (unpadded) tokens over the timed steps.
 Step peak: the most memory one step takes above what it starts with (CPU: benchmarks/measure.py
 PeakTensorMemory). Share of peak: the step's FLOPs by benchmarks/common.py `training_flops` (the same count
@@ -105,6 +107,7 @@ def main(
     peft_python: Optional[Path] = None,
     litgpt_python: Optional[Path] = None,
     torchtune_python: Optional[Path] = None,
+    ours_packing: bool = True,
     make_envs: bool = True,
     cache_dir: Path = Path.home() / ".cache" / "lit_llama_peers",
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
@@ -131,6 +134,8 @@ def main(
         peft_python: The Python of an environment with PEFT (default: this one when it has PEFT).
         litgpt_python: The Python of an environment with litgpt (default: made under --cache_dir).
         torchtune_python: The Python of an environment with torchtune (default: made under --cache_dir).
+        ours_packing: With the real workload, ours packs each step's examples into rows (finetune's
+            `--packing true`, its best configuration, as torchtune packs in its recipe); false: padded batches.
         make_envs: Make the missing environments (pip install); false: skip those implementations.
         cache_dir: Where the made environments (and nothing else) are kept.
         results_file: Markdown file to add the rows to ("" for none).
@@ -180,7 +185,8 @@ def main(
             if python is None:
                 continue
             spec_file = work / f"{name}.json"
-            spec_file.write_text(json.dumps({**spec, "pack": name == "torchtune" and workload == "real"}))
+            pack = workload == "real" and (name == "torchtune" or (name == "ours" and ours_packing))
+            spec_file.write_text(json.dumps({**spec, "pack": pack}))
             workers[name] = Worker(name, python, spec_file, work / f"{name}.log")
         for name, worker in list(workers.items()):
             ready = worker.receive()
@@ -224,7 +230,8 @@ def main(
                          "first_loss": w.first_loss}
         print(f"  {name:10s} {rate:8.0f} tokens/s  {ratio:>6s} ours  step peak {w.memory_gb:.3f} GB  "
               f"{share:.0%} of peak  padded {padded:.0%}  step-0 loss {w.first_loss:.4f}")
-        configuration = CONFIGURATION.get((name, workload), "full rows")
+        padded_ours = name == "ours" and workload == "real" and not ours_packing
+        configuration = CONFIGURATION.get((name, workload, "padded") if padded_ours else (name, workload), "full rows")
         rows.append(f"| {date.today()} | {machine} | {shape} | {workload} | {micro_batch_size} | {name} | "
                     f"{configuration} | {rate:.0f} | {ratio} | {w.memory_gb:.3f} GB | {peak / 1e9:.1f} GFLOP/s | "
                     f"{share:.0%} | {padded:.0%} | {w.first_loss:.4f} |")

@@ -84,8 +84,8 @@ class TrainArgs:
             -> 4% padded positions, 1.31x tokens/s, but a step peak 0.30 -> 0.44 GB: the longest micro-batch
             holds four long examples); still every example once per epoch, and resumable.
         packing: Concatenate each micro-batch's examples into a few rows of at most --max_seq_length (the row
-            length that leaves the least padding), instead of one padded row each. Attention stays within each example (a block-diagonal causal mask)
-            and positions restart at each one, so every example's loss is the one it has alone, and the
+            length that leaves the least padding), instead of one padded row each. Attention stays within each example (causal attention example by
+            example) and positions restart at each one, so every example's loss is the one it has alone, and the
             micro-batches hold the same examples as without packing. Less padding, and fewer, fuller rows: a
             larger --micro_batch_size fills them better (measured in benchmarks/RESULTS.md).
         compile: Compile the transformer blocks for training with torch.compile (validation and samples stay

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -212,7 +212,7 @@ class LLaMA(nn.Module):
         head: False returns the final hidden states (after ln_f) instead of logits, for a loss that applies
         lm_head itself, a chunk of positions at a time (lit_llama.training.chunked_cross_entropy).
         positions: (B, T) for rows of packed examples (training, no KV cache): each token's position in its own
-        example, 0 where an example starts; attention stays within each example (see `packed_mask`).
+        example, 0 where an example starts; attention stays within each example (see `packed_spans`).
 
         Returns logits of shape (B, T, vocab_size).
         """
@@ -223,7 +223,7 @@ class LLaMA(nn.Module):
         check_sliding_window(self.config, max_len)
         cos, sin = self._rope(idx.device)
         if input_pos is None and positions is not None:  # packed rows: per-token positions, per-example attention
-            cos, sin, mask = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1), packed_mask(positions)
+            cos, sin, mask = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1), packed_spans(positions)
         elif input_pos is None:  # training / full forward: positions 0..T-1, plain causal attention
             cos, sin, mask = cos[:T], sin[:T], None
         else:  # decoding: rows of the causal mask for these positions, over the whole cache
@@ -350,6 +350,10 @@ class CausalSelfAttention(nn.Module):
 
     def scaled_dot_product_attention(self, q, k, v, mask=None) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_size)) v, causal. (LLaMA-Adapter extends this step.)"""
+        if isinstance(mask, list):  # packed rows: causal attention example by example (`packed_spans`)
+            return torch.cat([torch.cat([F.scaled_dot_product_attention(
+                q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], is_causal=True) for s, e in row], dim=2)
+                for b, row in enumerate(mask)])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
@@ -401,12 +405,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def packed_mask(positions: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool, True where a query may attend: causal, and within its own example (an example starts
-    where its position is 0), so each example is computed as if it were alone in its row."""
-    example = (positions == 0).cumsum(dim=1)  # (B, T): which example of the row each token belongs to
-    causal = torch.ones(positions.size(1), positions.size(1), dtype=torch.bool, device=positions.device).tril()
-    return ((example.unsqueeze(2) == example.unsqueeze(1)) & causal).unsqueeze(1)
+def packed_spans(positions: torch.Tensor) -> List[List[Tuple[int, int]]]:
+    """Each packed row's examples as (start, end) spans (an example starts where its position is 0; a row's
+    end padding is a span too). Attention then runs per example with the plain causal kernel: a block-diagonal
+    (T, T) mask would compute the blocks between examples only to mask them (a 512-token row of two
+    256-token examples: a quarter of the work), and leave the causal kernels' fast path."""
+    spans = []
+    for row in positions.tolist():
+        starts = [t for t, p in enumerate(row) if p == 0] + [len(row)]
+        spans.append(list(zip(starts[:-1], starts[1:])))
+    return spans
 
 
 def check_sliding_window(config: Config, seq_len: int) -> None:
