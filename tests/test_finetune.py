@@ -130,3 +130,29 @@ def test_adapter_on_a_two_layer_model_with_default_settings(arithmetic_run, tmp_
                    save_interval=0)
     saved = torch.load(tmp_path / "out" / "lit-llama-adapter-finetuned.pth")
     assert saved["adapter_config"]["adapter_start_layer"] == 1
+
+
+@pytest.mark.slow  # compiles a block twice (~10 s)
+def test_compiled_blocks_take_packed_rows_of_any_layout_without_recompiling():
+    """--compile with --packing: micro-batches whose rows hold other numbers of examples at other places go
+    through the same compiled graph (the spans become a mask tensor before the compiled block; traced as a
+    list, each new layout compiled a new graph until dynamo's recompile limit), with the eager model's output."""
+    from torch._dynamo.utils import counters
+
+    from lit_llama.finetune import compile_blocks
+    from lit_llama.model import LLaMA
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = LLaMA.from_name("tiny").train()
+    model = LLaMA.from_name("tiny").train()
+    model.load_state_dict(eager.state_dict())
+    compile_blocks(model)
+    layouts = [[[5, 9]], [[3, 4, 7], [14]], [[2, 12], [6, 8], [4, 4, 6]], [[10, 1, 3]], [[1, 1, 1, 11], [7, 7]]]
+    for rows in layouts:
+        positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+        idx = torch.randint(0, 512, positions.shape)
+        expected = eager(idx, positions=positions)
+        assert torch.allclose(model(idx, positions=positions), expected, atol=1e-5 * expected.abs().max().item())
+    assert counters["stats"]["unique_graphs"] <= 2  # a static first graph, then one dynamic one
