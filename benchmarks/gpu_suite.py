@@ -21,6 +21,9 @@ name:
   peft     ours vs Hugging Face PEFT LoRA on the same 7B model and batches (benchmarks/lora_vs_peft.py), and
            the training speed levers one at a time against the same run: torch.compile, chunked
            cross-entropy, length-grouped batches (tokens/s, step peak memory, padding, compile time)
+  packing  7B LoRA on real Alpaca records at 256 and 512 tokens: padded micro-batches against
+           --group_by_length and --packing (packed rows through flash attention's variable-length kernel):
+           tokens/s, step peak memory, padded positions (benchmarks/lora_vs_peft.py's lever rows)
   adapter  7B LLaMA-Adapter v1 and v2 at 256 tokens (the same)
   fsdp     full finetuning of a TinyLlama-1.1B shape through finetune/full.py --strategy fsdp on one GPU
            (bf16-mixed): tokens/s and peak memory from the run's summary.json
@@ -63,8 +66,8 @@ from lit_llama.model import LLaMA, Config  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 from lit_llama.checkpoint import default_dtype
 
-STAGES = ("lora", "qlora", "generate", "peft", "adapter", "fsdp", "quantized", "decode")  # most important first
-REQUIRES = {"qlora": ["torchao"], "peft": ["transformers", "peft"], "fsdp": ["jsonargparse"],
+STAGES = ("lora", "qlora", "generate", "peft", "packing", "adapter", "fsdp", "quantized", "decode")  # most important first
+REQUIRES = {"qlora": ["torchao"], "peft": ["transformers", "peft"], "packing": ["transformers", "peft"], "fsdp": ["jsonargparse"],
             "quantized": ["torchao"], "decode": ["transformers", "torchao"]}  # beyond torch, lightning, sentencepiece
 
 FSDP_SECTION = """
@@ -202,6 +205,8 @@ class Suite:
         # the stages' amounts of work, which benchmarks/suite_plan.py's estimates read too
         self.micro_batch_size, self.train_steps = 4, 5
         self.peft_steps, self.peft_warmup = (2, 1) if smoke else (10, 3)
+        # packing stage: 24 steps of 4 cover the 102-record Alpaca sample, so grouped batches see every example
+        self.packing_steps, self.packing_warmup = (2, 1) if smoke else (24, 3)
         self.new_tokens = 16 if smoke else 128  # generate stage
         self.text_tokens = 64 if smoke else 256  # quantized stage
         self.decode_tokens, self.decode_repeats = (8, 1) if smoke else (128, 3)  # decode stage
@@ -264,6 +269,15 @@ class Suite:
                           steps=self.peft_steps, warmup_steps=self.peft_warmup,
                           device=self.device.type, precision=self.precision, data=self.peft_data(), levers=True,
                           results_file=self.results_file)
+
+    def packing(self, work_dir: Path) -> None:
+        """Padded batches against --group_by_length and --packing, the same examples, at each length."""
+        for length in self.lengths:
+            lora_vs_peft.main(self.size_7b, micro_batch_size=self.micro_batch_size, max_seq_length=length,
+                              steps=self.packing_steps, warmup_steps=self.packing_warmup, device=self.device.type,
+                              precision=self.precision, data=self.peft_data(), group_by_length=True, packing=True,
+                              results_file=self.results_file)
+            self.free_memory()
 
     def peft_data(self) -> str:
         """Real Alpaca records where ../shared is beside the repository (and the vocabulary is LLaMA's)."""

@@ -28,7 +28,10 @@ BUILD_S = 4.0  # Python work of building one model (module objects, random init 
 INIT_PASSES = 4  # random init writes each weight about this many times (init in float32 work, cast, copy)
 NF4_BYTES_PER_VALUE = 12  # dequantizing one NF4 weight value for a matmul: codes, scales, lookup, bf16 out, read
 NF4_QUANTIZE_BYTES_PER_VALUE = 200  # torchao's to_nf4: distances to the 16 levels, argmin, packing (unfused)
-COMPILE_S = 120.0  # torch.compile of one 7B model (graph capture, Inductor, autotuning off): first-step cost
+COMPILE_S = 120.0  # torch.compile of one 7B training step (graph capture, Inductor, autotuning off): first-step
+#                   cost (the peft stage's compile lever took 90.7 s on an H200)
+DECODE_COMPILE_S = 40.0  # compiling one 7B decode step (ours with the prefill eager: 31.9 s on an H200;
+#                          transformers' static cache + compile: 19.3 s)
 FABRIC_START_S = 30.0  # the fsdp stage's Fabric launch, process group and checkpoint round trip (its
 #                        estimate without it was 24 s; it took 55-61 s on an H200)
 STAGE_START_S = 5.0  # a stage's imports, allocator warm-up, synchronisations, the rows printed and written
@@ -161,6 +164,9 @@ def stage_estimates(suite, machine: Machine) -> Dict[str, float]:
         + est.decode(big, generate_tokens, lora_unmerged=True) + est.decode(big, generate_tokens),
         # ours, PEFT's (transformers' model), and each lever: compile, chunked cross-entropy, grouped batches
         "peft": 2 * est.build(big) + COMPILE_S + 5 * est.train_steps(big, peft_tokens, lengths[0]),
+        # at each length: ours and PEFT's, then three arms stepping in turn: plain, grouped, packed (and PEFT)
+        "packing": sum(2 * est.build(big) + 4 * est.train_steps(
+            big, mb * n * (suite.packing_steps + suite.packing_warmup), n) for n in lengths),
         "adapter": 2 * (est.build(big) + est.train_steps(big, mb * lengths[0] * steps, lengths[0])),
         # write, load and shard a random 1.1B checkpoint (float32 AdamW states), then 40 iterations
         "fsdp": FABRIC_START_S + 3 * est.build(small) + est.train_steps(small, suite.fsdp_tokens, lengths[1], full=True),
@@ -169,7 +175,7 @@ def stage_estimates(suite, machine: Machine) -> Dict[str, float]:
         + est.decode(big, suite.text_tokens, 1) + est.decode(big, suite.text_tokens, 0.5),
         # ours eager, compiled, int8 and int4 eager and compiled, transformers eager and static + compile: 4
         # compiles, repeats of each decode
-        "decode": 3 * est.build(big) + (0 if suite.smoke else 4 * COMPILE_S)
+        "decode": 3 * est.build(big) + (0 if suite.smoke else 4 * DECODE_COMPILE_S)
         + suite.decode_repeats * 8 * est.decode(big, suite.decode_tokens),
     }
     return {stage: SAFETY * (STAGE_START_S + s) for stage, s in seconds.items()}

@@ -14,8 +14,10 @@
                quantize.py
   formats      checkpoint.py (our formats: paths, safe loading, each reader beside its writer), convert.py
                (Hugging Face, Meta, Lit-LLaMA names and layouts), peft.py, gguf.py and gguf_tokenizer.py
-  base         model.py (a new model family: Config fields, not a new file), tokenizer.py (SentencePiece and
-               tokenizer.json behind one interface), disk.py (atomic writes), cli.py (UserError, run_cli, checks)
+  base         model.py (a new model family: Config fields, not a new file), packed_attention.py (--packing's
+               per-example attention: variable-length flash attention on GPUs, SDPA per example elsewhere),
+               tokenizer.py (SentencePiece and tokenizer.json behind one interface), disk.py (atomic writes),
+               cli.py (UserError, run_cli, checks)
 """
 
 from lit_llama.model import Config, LLaMA

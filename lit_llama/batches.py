@@ -77,7 +77,7 @@ def pack_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor
     """--packing: the examples (cut at max_seq_length) concatenated into rows, the rows right-padded to the longest
     one (see `pack_rows` for which example goes where). Returns inputs, labels and positions (B, T): each token's
     position within its example, restarting at 0 (the padding at a row's end too), from which the model builds
-    its per-example attention (model.packed_spans). An example's first label is not scored: alone nothing predicts
+    its per-example attention (lit_llama.packed_attention). An example's first label is not scored: alone nothing predicts
     it."""
     cut = [min(len(s["input_ids"]), max_seq_length) for s in samples]
     rows = pack_rows(cut, max_seq_length)

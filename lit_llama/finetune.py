@@ -194,30 +194,20 @@ def compile_blocks(model: torch.nn.Module) -> None:
     only: validation and the greedy samples, with their other shapes and the KV cache, run eager instead of
     compiling more graphs. The blocks' hooks (FSDP's gathers, activation checkpointing) stay outside the graph,
     and the weights keep their names."""
-    last: Dict[str, Any] = {}  # the spans of the last packed micro-batch and their mask, made once for all blocks
 
     def with_mask(args: tuple) -> tuple:
-        """Packed rows' spans (model.packed_spans, a list) as their mask tensor: traced, every new layout of
-        spans would compile a new graph; a mask of any shape goes through the same one."""
+        """Packed rows' spans (lit_llama.packed_attention: a list) as their mask tensor, made once per forward
+        for all the blocks: traced, every new layout of spans would compile a new graph; a mask of any shape
+        goes through the same one."""
         x, cos, sin, spans, *rest = args
         if not isinstance(spans, list):
             return args
-        if last.get("spans") is not spans:
-            last.update(spans=spans, mask=packed_mask(spans, x.size(1), x.device))
-        return (x, cos, sin, last["mask"], *rest)
+        return (x, cos, sin, spans.mask(x.device), *rest)
 
     for block in model.transformer.h:
         eager, compiled = block.forward, torch.compile(block.forward, dynamic=True)  # any length: one graph
         block.forward = lambda *args, block=block, eager=eager, compiled=compiled: (
             compiled(*with_mask(args)) if block.training else eager(*args))
-
-
-def packed_mask(spans: List[List[Tuple[int, int]]], length: int, device: torch.device) -> torch.Tensor:
-    """(B, 1, T, T) bool, True where a query may attend: causal, and within its own example's span, the same
-    attention the eager model computes example by example."""
-    example = torch.tensor([[i for i, (s, e) in enumerate(row) for _ in range(e - s)] for row in spans], device=device)
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    return ((example.unsqueeze(2) == example.unsqueeze(1)) & causal).unsqueeze(1)
 
 
 def keep_trainable_in_fp32(model: torch.nn.Module) -> None:

@@ -12,12 +12,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from lit_llama.packed_attention import packed_attention, packed_spans
 
 MAX_BLOCK_SIZE = 2**24
 
@@ -212,7 +214,7 @@ class LLaMA(nn.Module):
         head: False returns the final hidden states (after ln_f) instead of logits, for a loss that applies
         lm_head itself, a chunk of positions at a time (lit_llama.training.chunked_cross_entropy).
         positions: (B, T) for rows of packed examples (training, no KV cache): each token's position in its own
-        example, 0 where an example starts; attention stays within each example (see `packed_spans`).
+        example, 0 where an example starts; attention stays within each example (lit_llama.packed_attention).
 
         Returns logits of shape (B, T, vocab_size).
         """
@@ -350,10 +352,8 @@ class CausalSelfAttention(nn.Module):
 
     def scaled_dot_product_attention(self, q, k, v, mask=None) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_size)) v, causal. (LLaMA-Adapter extends this step.)"""
-        if isinstance(mask, list):  # packed rows: causal attention example by example (`packed_spans`)
-            return torch.cat([torch.cat([F.scaled_dot_product_attention(
-                q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], is_causal=True) for s, e in row], dim=2)
-                for b, row in enumerate(mask)])
+        if isinstance(mask, list):  # packed rows: causal attention within each example (lit_llama.packed_attention)
+            return packed_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
@@ -403,18 +403,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def packed_spans(positions: torch.Tensor) -> List[List[Tuple[int, int]]]:
-    """Each packed row's examples as (start, end) spans (an example starts where its position is 0; a row's
-    end padding is a span too). Attention then runs per example with the plain causal kernel: a block-diagonal
-    (T, T) mask would compute the blocks between examples only to mask them (a 512-token row of two
-    256-token examples: a quarter of the work), and leave the causal kernels' fast path."""
-    spans = []
-    for row in positions.tolist():
-        starts = [t for t, p in enumerate(row) if p == 0] + [len(row)]
-        spans.append(list(zip(starts[:-1], starts[1:])))
-    return spans
 
 
 def check_sliding_window(config: Config, seq_len: int) -> None:

@@ -45,8 +45,9 @@ def test_gpu_suite_smoke_run_writes_every_table(tmp_path):
                   "## Generation speed: lit-llama vs Hugging Face transformers"):
         assert text.count(title) == 1, title
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    # lora 2x2 + nf4 x2, adapter v1/v2, peft + 4 levers, fsdp, generate x3, int8, decode (ours, int8, hf)
-    assert len(rows) == 6 + 2 + 1 + 4 + 1 + 3 + 2 + 3
+    # lora 2x2 + nf4 x2, adapter v1/v2, peft + 4 levers, packing (peft + 2 levers at 2 lengths), fsdp,
+    # generate x3, int8, decode (ours, int8, hf)
+    assert len(rows) == 6 + 2 + 1 + 4 + 2 * 3 + 1 + 3 + 2 + 3
     assert not list(tmp_path.glob("tmp*")), "the suite's temporary checkpoints are removed"
 
 
@@ -160,13 +161,14 @@ def test_gpu_suite_budget_prints_estimates_and_skips_what_does_not_fit(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     headers = [line for line in proc.stdout.splitlines() if line.startswith("=== ")]
     estimates = [line.split(":")[0][4:] for line in headers if ": estimate " in line]
-    assert estimates == ["lora", "qlora", "generate", "peft", "adapter", "fsdp", "quantized", "decode"]
+    assert estimates == ["lora", "qlora", "generate", "peft", "packing", "adapter", "fsdp", "quantized", "decode"]
     assert all(float(line.split(": estimate ")[1].split(" s")[0]) > 0 for line in headers if ": estimate " in line)
     skipped = {line.split(":")[0][4:]: line.split("skipped: ")[1] for line in headers if "skipped" in line}
     assert skipped == {"lora": "its estimate does not fit the budget ===",
                        "qlora": "needs torchao (not installed) ===",
                        "generate": "its estimate does not fit the budget ===",
                        "peft": "its estimate does not fit the budget ===",
+                       "packing": "its estimate does not fit the budget ===",
                        "adapter": "its estimate does not fit the budget ===",
                        "fsdp": "needs jsonargparse (not installed) ===",
                        "quantized": "needs torchao (not installed) ===",
@@ -181,13 +183,28 @@ def test_gpu_suite_plan_for_an_h100_class_gpu_fits_the_first_three_stages_in_six
     proc = run_script("benchmarks/gpu_suite.py", "--dry_run", "--budget_s", 360, "--assume_matmul_tflops",
                       H100_CLASS.matmul_flops / 1e12, "--assume_bandwidth_tbps", H100_CLASS.bandwidth / 1e12)
     plan = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in
-            ("lora", "qlora", "generate", "peft", "adapter", "fsdp", "quantized", "decode")]
+            ("lora", "qlora", "generate", "peft", "packing", "adapter", "fsdp", "quantized", "decode")]
     assert [row[0] for row in plan[:3]] == ["lora", "qlora", "generate"]
     assert all(row[3] == "run" for row in plan[:3])
     assert sum(float(row[1]) for row in plan[:3]) <= 360
     assert any(row[3] == "skip" for row in plan), "the whole suite does not fit 6 minutes"
     proc = run_script("benchmarks/gpu_suite.py", "--dry_run", "--assume_matmul_tflops", 600, check=False)
     assert_clean_error(proc, "--assume_matmul_tflops and --assume_bandwidth_tbps go together")
+
+
+def test_packed_attention_rows(tmp_path):
+    """benchmarks/packed_attention.py on a CPU with random lengths: a row per way (the variable-length kernel
+    only where CUDA is), the packed ways over the same positions, fewer than the padded micro-batches'."""
+    results = tmp_path / "RESULTS.md"
+    run_script("benchmarks/packed_attention.py", "--heads", 2, "--head_size", 8, "--batches", 3, "--data", "random",
+               "--max_seq_length", 256, "--results_file", results)
+    rows = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| 20")]
+    assert [row[7] for row in rows] == ["padded", "grouped", "packed, example by example", "packed, block mask"]
+    positions = {row[7]: int(row[8].replace(",", "")) for row in rows}
+    assert positions["packed, example by example"] == positions["packed, block mask"] < positions["padded"]
+    assert all(float(row[9]) > 0 and float(row[10].rstrip(" |")) > 0 for row in rows)
+    proc = run_script("benchmarks/packed_attention.py", "--device", "tpu", "--results_file", "", check=False)
+    assert_clean_error(proc, "--device 'tpu': expected cpu or cuda")
 
 
 def test_lora_tree_row(tmp_path):

@@ -1,4 +1,4 @@
-"""--packing (training.pack_batch, model.packed_spans): each example in a packed row has the loss it has alone,
+"""--packing (batches.pack_batch, packed_attention): each example in a packed row has the loss it has alone,
 for the plain model, LoRA and the adapter; a packed run is the unpacked run (the same examples per micro-batch)
 up to float rounding, and resumes bit for bit. --compile: compiled runs repeat themselves and resume bit for
 bit. (Packed runs under FSDP: tests/test_fsdp.py.)"""
