@@ -10,7 +10,7 @@ the one measured fastest where it runs (`way_for`):
   per forward). At these lengths an eager step is bound by the host's kernel launches, not the arithmetic:
   one 7B layer's attention, forward and backward, on an NVIDIA H200 (benchmarks/packed_attention.py, real
   Alpaca lengths): the mask 0.67-0.95 ms per micro-batch, the variable-length kernel 1.4-1.9 ms (its Python
-  custom op and the flattening copies), example by example 2.4-8.0 ms;
+  custom op and the flattening copies), example by example 2.4-8.0 ms (then by slicing);
 - on a GPU in bf16/fp16, longer rows: PyTorch's variable-length flash attention
   (`torch.nn.attention.varlen`), all the examples in one kernel, computing only each example's own causal
   triangle while the mask's work grows with the square of the row (the crossover is an estimate from that
