@@ -19,7 +19,8 @@ of our model, with the lever on and nothing else changed, stepping in turn with 
                    time of its first steps, beyond the plain model's, is reported apart and left out of tokens/s)
   chunked_ce       the loss through the output layer 256 positions at a time (compute_loss(chunked_ce=True))
   group_by_length  micro-batches of examples of similar length (batch_indices with the examples' lengths)
-  packing          the plain micro-batches' examples packed into rows of --max_seq_length (pack_batch)
+  packing          each plain micro-batch's examples packed into one row without padding (pack_batch, as the
+                   finetune scripts' --packing does without --compile)
 Each lever's row has its tokens/s against our plain model's and PEFT's, the step's peak memory and the
 fraction of padded positions.
 """

@@ -57,6 +57,7 @@ def main(
     max_seq_length: int = 512,
     batches: int = 24,
     data: str = "alpaca",
+    layout: str = "one_row",
     results_file: Optional[Path] = REPO / "benchmarks" / "RESULTS.md",
 ) -> Dict[str, float]:
     """Times one layer's attention on packed, padded and grouped micro-batches; returns wall ms per way.
@@ -69,10 +70,14 @@ def main(
         max_seq_length: Examples cut to this many tokens; packed rows hold at most this many.
         batches: Micro-batches timed (24 of 4 cover the 102-record Alpaca sample).
         data: alpaca (the real records' lengths) or random (lengths from 60 to --max_seq_length).
+        layout: one_row (each micro-batch's examples in one row without padding: --packing) or rows (rows of at
+            most --max_seq_length, right-padded: --packing with --compile).
         results_file: Markdown file for the rows ("" for none).
     """
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r}: expected cpu or cuda")
+    if layout not in ("one_row", "rows"):
+        raise UserError(f"--layout {layout!r}: expected one_row or rows")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU here")
     for name, value in (("heads", heads), ("head_size", head_size), ("micro_batch_size", micro_batch_size),
@@ -85,7 +90,8 @@ def main(
                                    SHARED / "data" / "alpaca_sample.json",
                                    SHARED / "tokenizers" / "llama" / "tokenizer.model")
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in samples]
-    print(f"{heads} heads x {head_size}, {dtype}, micro batch {micro_batch_size}, {max_seq_length} tokens, {source}")
+    print(f"{heads} heads x {head_size}, {dtype}, micro batch {micro_batch_size}, {max_seq_length} tokens, {source}, "
+          f"packed as {layout}")
 
     def chunks(grouped: bool) -> List[List[int]]:
         key = tuple(lengths) if grouped else None
@@ -97,7 +103,7 @@ def main(
         return lambda: (shape, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
     def packed(chunk: List[int], way: str) -> Callable[[], tuple]:
-        rows = pack_rows(chunk, max_seq_length)
+        rows = [list(range(len(chunk)))] if layout == "one_row" else pack_rows(chunk, max_seq_length)
         length = max(sum(chunk[i] for i in row) for row in rows)
         positions = torch.zeros(len(rows), length, dtype=torch.long)
         for r, row in enumerate(rows):
@@ -160,10 +166,14 @@ def main(
         print(f"  {name:32s} {wall:8.3f} ms wall, {host_ms:8.3f} ms host per micro-batch, "
               f"{positions[name]:,} positions")
         rows.append(f"| {date.today()} | {machine} | {heads} x {head_size} | {str(dtype).split('.')[-1]} | "
-                    f"{micro_batch_size} | {max_seq_length} | {data} | {name} | {positions[name]:,} | {wall:.3f} | "
-                    f"{host_ms:.3f} |")
+                    f"{micro_batch_size} | {max_seq_length} | {data} | {name}{packed_as(name, layout)} | "
+                    f"{positions[name]:,} | {wall:.3f} | {host_ms:.3f} |")
     add_rows(results_file, RESULTS_HEADER, rows)
     return result
+
+
+def packed_as(way: str, layout: str) -> str:
+    return f" ({layout.replace('_', ' ')})" if way.startswith("packed") else ""
 
 
 def sync(device: torch.device) -> None:

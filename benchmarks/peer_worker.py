@@ -67,7 +67,7 @@ def build_ours(spec, device, dtype):
 
 
 def ours_packed_steps(spec: Dict[str, Any], steps: List[List[int]], device: torch.device) -> List[Step]:
-    """finetune's `--packing true`: each step's examples packed into rows of at most max_seq_length
+    """finetune's `--packing true`: each step's examples packed into one row without padding
     (lit_llama.batches.pack_batch), positions restarting at each example, attention example by example."""
     from lit_llama.batches import pack_batch
 

@@ -65,7 +65,7 @@ REQUIREMENTS = {"peft": ["peft"], "litgpt": ["litgpt==0.5.13", "transformers==5.
                 "torchtune": ["torchtune==0.6.1", "torchao==0.13.0"]}
 MODULES = {"ours": "lit_llama", "peft": "peft", "litgpt": "litgpt", "torchtune": "torchtune"}
 CONFIGURATION = {
-    ("ours", "real"): "packed rows (--packing), logits of scored positions only",
+    ("ours", "real"): "packed, one row per step (--packing), logits of scored positions only",
     ("peft", "real"): "padded batches, SDPA",
     ("litgpt", "real"): "padded batches, chunked head and loss",
     ("torchtune", "real"): "packed rows, chunked loss",

@@ -83,13 +83,12 @@ class TrainArgs:
             of 64 micro-batches, which are then shuffled): less padding, so faster steps (measured on a CPU: 33%
             -> 4% padded positions, 1.31x tokens/s, but a step peak 0.30 -> 0.44 GB: the longest micro-batch
             holds four long examples); still every example once per epoch, and resumable.
-        packing: Concatenate each micro-batch's examples into a few rows of at most --max_seq_length (the row
-            length that leaves the least padding), instead of one padded row each. Attention stays within each
-            example (on a CPU example by example; on a GPU through a block mask, or flash attention's
-            variable-length kernel for rows of 1024 tokens or more) and positions restart at each one, so every
-            example's loss is the one it has alone, and the micro-batches hold the same examples as without
-            packing. Less padding, and fewer, fuller rows: a larger --micro_batch_size fills them better
-            (measured in benchmarks/RESULTS.md).
+        packing: Concatenate each micro-batch's examples into one row with no padding at all, instead of one
+            padded row each (with --compile: into rows of at most --max_seq_length, the row length that leaves
+            the least padding). Attention stays within each example (on a CPU example by example; on a GPU
+            through a block mask, or flash attention's variable-length kernel for rows of 1024 tokens or more)
+            and positions restart at each one, so every example's loss is the one it has alone, and the
+            micro-batches hold the same examples as without packing (measured in benchmarks/RESULTS.md).
         compile: Compile the transformer blocks for training with torch.compile (validation and samples stay
             eager): faster steps on a GPU after a compile time at the start (and after a resume). Deterministic
             and resumable, but its dropout draws differ from eager ones, so with dropout the run is not the

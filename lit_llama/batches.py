@@ -73,14 +73,19 @@ def pad_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor,
     return input_ids, label_ids
 
 
-def pack_batch(samples: List[Sample], max_seq_length: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """--packing: the examples (cut at max_seq_length) concatenated into rows, the rows right-padded to the longest
-    one (see `pack_rows` for which example goes where). Returns inputs, labels and positions (B, T): each token's
-    position within its example, restarting at 0 (the padding at a row's end too), from which the model builds
-    its per-example attention (lit_llama.packed_attention). An example's first label is not scored: alone nothing predicts
-    it."""
+def pack_batch(samples: List[Sample], max_seq_length: int, one_row: bool = True
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """--packing: the examples (cut at max_seq_length) concatenated. Returns inputs, labels and positions (B, T):
+    each token's position within its example, restarting at 0, from which the model builds its per-example
+    attention (lit_llama.packed_attention). An example's first label is not scored: alone nothing predicts it.
+
+    one_row: all the examples in one row, in order, with no padding at all. Attention runs example by example
+    (or over the examples' offsets), so a row's length only shapes the tensor, and the linear layers, most of
+    a step's work, see only real tokens. Otherwise rows of at most max_seq_length (see `pack_rows` for which
+    example goes where), right-padded to the longest (the padding a span of its own): for compiled blocks,
+    whose block mask grows with the square of the row."""
     cut = [min(len(s["input_ids"]), max_seq_length) for s in samples]
-    rows = pack_rows(cut, max_seq_length)
+    rows = [list(range(len(samples)))] if one_row else pack_rows(cut, max_seq_length)
     length = max(sum(cut[i] for i in row) for row in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)

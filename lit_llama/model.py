@@ -219,13 +219,15 @@ class LLaMA(nn.Module):
         Returns logits of shape (B, T, vocab_size).
         """
         T = idx.size(1)
-        max_len = self.max_seq_length if input_pos is not None else T
+        spans = packed_spans(positions) if input_pos is None and positions is not None else None
+        # the longest sequence attended: a packed row holds several examples, each its own sequence
+        max_len = self.max_seq_length if input_pos is not None else spans.longest if spans is not None else T
         if max_len > self.config.block_size:
             raise ValueError(f"sequence length {max_len} exceeds the model's block_size {self.config.block_size}")
         check_sliding_window(self.config, max_len)
         cos, sin = self._rope(idx.device)
-        if input_pos is None and positions is not None:  # packed rows: per-token positions, per-example attention
-            cos, sin, mask = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1), packed_spans(positions)
+        if spans is not None:  # packed rows: per-token positions, per-example attention
+            cos, sin, mask = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1), spans
         elif input_pos is None:  # training / full forward: positions 0..T-1, plain causal attention
             cos, sin, mask = cos[:T], sin[:T], None
         else:  # decoding: rows of the causal mask for these positions, over the whole cache

@@ -9,12 +9,13 @@ the one measured fastest where it runs (`way_for`):
 - on a GPU, rows of up to VARIABLE_LENGTH_FROM - 1 tokens: SDPA with the block mask (`packed_mask`, made once
   per forward). At these lengths an eager step is bound by the host's kernel launches, not the arithmetic:
   one 7B layer's attention, forward and backward, on an NVIDIA H200 (benchmarks/packed_attention.py, real
-  Alpaca lengths): the mask 0.67-0.95 ms per micro-batch, the variable-length kernel 1.4-1.9 ms (its Python
+  Alpaca lengths, rows of at most 256 or 512 tokens): the mask 0.67-0.95 ms per micro-batch, the variable-length kernel 1.4-1.9 ms (its Python
   custom op and the flattening copies), example by example 2.4-8.0 ms (then by slicing);
-- on a GPU in bf16/fp16, longer rows: PyTorch's variable-length flash attention
-  (`torch.nn.attention.varlen`), all the examples in one kernel, computing only each example's own causal
-  triangle while the mask's work grows with the square of the row (the crossover is an estimate from that
-  arithmetic, not measured: see VARIABLE_LENGTH_FROM).
+- on a GPU, longer rows (a packed micro-batch is one row: `batches.pack_batch`): in bf16/fp16 PyTorch's
+  variable-length flash attention (`torch.nn.attention.varlen`), all the examples in one kernel, computing
+  only each example's own causal triangle while the mask's work grows with the square of the row (the
+  crossover is an estimate from that arithmetic, not measured: see VARIABLE_LENGTH_FROM); in float32, or
+  before PyTorch 2.9, example by example.
 
 Inside a compiled block (`--compile`) the mask is used everywhere: micro-batches of any layout share one graph.
 """
@@ -30,10 +31,10 @@ Spans = List[List[Tuple[int, int]]]  # each row's examples as (start, end), end 
 
 
 # From this row length on a GPU the variable-length kernel replaces the mask. An estimate: the mask's kernel
-# computes every (query, key) block of a row, 4 B T^2 n_embd FLOPs forward and about 2.5x that backward; for
-# 7B at micro batch 4 that is 0.2 ms per layer at 512 tokens on an H200 (at ~300 TFLOP/s), 0.8 ms at 1024 and
-# 3.2 ms at 2048, where the variable-length kernel's extra host time is about 1 ms and its arithmetic only
-# the examples' own triangles.
+# computes every (query, key) pair of a row, 4 T^2 n_embd FLOPs forward and about 2.5x that backward; for a
+# 7B that is 0.2 ms per layer for one row of 1024 tokens on an H200 (at ~300 TFLOP/s), 0.8 ms at 2048 and 3.2
+# ms at 4096, where the variable-length kernel's extra host time is about 1 ms and its arithmetic only the
+# examples' own triangles.
 VARIABLE_LENGTH_FROM = 1024
 
 
@@ -86,10 +87,11 @@ def way_for(device_type: str, dtype: torch.dtype, length: int, have_variable_len
     """Which computation `packed_attention` runs for rows of `length` tokens (see the module's docstring)."""
     if device_type != "cuda":
         return "example by example"
+    if length < VARIABLE_LENGTH_FROM:
+        return "mask"
     half = dtype in (torch.bfloat16, torch.float16)  # flash attention has no float32 kernel
-    if half and have_variable_length and length >= VARIABLE_LENGTH_FROM:
-        return "variable length"
-    return "mask"
+    # without it, example by example: the mask's work would grow with the square of the row
+    return "variable length" if half and have_variable_length else "example by example"
 
 
 def attend_variable_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: PackedSpans) -> torch.Tensor:
@@ -116,8 +118,7 @@ def attend_example_by_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @functools.lru_cache(maxsize=None)
 def variable_length_kernel() -> Optional[Callable[..., torch.Tensor]]:
-    """torch.nn.attention.varlen.varlen_attn made causal, or None before PyTorch 2.9 (then the mask is
-    used). Its causal flag changed: `is_causal=True` in 2.9, `window_size=(-1, 0)` from 2.10."""
+    """torch.nn.attention.varlen.varlen_attn made causal, or None before PyTorch 2.9. Its causal flag changed: `is_causal=True` in 2.9, `window_size=(-1, 0)` from 2.10."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:

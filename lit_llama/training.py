@@ -311,7 +311,9 @@ def fit(
                 idx = batches(config, iter_num, fabric.global_rank, world)
             samples = [train_data[i] for i in idx]
             if config.packing:
-                input_ids, labels, positions = fabric.to_device(pack_batch(samples, config.max_seq_length))
+                # compiled blocks take the examples' mask, which grows with the square of the row: rows there
+                packed = pack_batch(samples, config.max_seq_length, one_row=not config.compile)
+                input_ids, labels, positions = fabric.to_device(packed)
             else:
                 input_ids, labels = fabric.to_device(pad_batch(samples, config.max_seq_length))
                 positions = None

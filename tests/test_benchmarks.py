@@ -199,10 +199,17 @@ def test_packed_attention_rows(tmp_path):
     run_script("benchmarks/packed_attention.py", "--heads", 2, "--head_size", 8, "--batches", 3, "--data", "random",
                "--max_seq_length", 256, "--results_file", results)
     rows = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| 20")]
-    assert [row[7] for row in rows] == ["padded", "grouped", "packed, example by example", "packed, block mask"]
+    assert [row[7] for row in rows] == ["padded", "grouped", "packed, example by example (one row)",
+                                        "packed, block mask (one row)"]
     positions = {row[7]: int(row[8].replace(",", "")) for row in rows}
-    assert positions["packed, example by example"] == positions["packed, block mask"] < positions["padded"]
+    real = positions["packed, example by example (one row)"]  # one row: no padding at all
+    assert real == positions["packed, block mask (one row)"] < positions["padded"]
     assert all(float(row[9]) > 0 and float(row[10].rstrip(" |")) > 0 for row in rows)
+    run_script("benchmarks/packed_attention.py", "--heads", 2, "--head_size", 8, "--batches", 3, "--data", "random",
+               "--max_seq_length", 256, "--layout", "rows", "--results_file", results)
+    rows = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| 20")][4:]
+    assert [row[7] for row in rows][2:] == ["packed, example by example (rows)", "packed, block mask (rows)"]
+    assert real < int(rows[2][8].replace(",", "")) <= positions["padded"]  # rows end in padding
     proc = run_script("benchmarks/packed_attention.py", "--device", "tpu", "--results_file", "", check=False)
     assert_clean_error(proc, "--device 'tpu': expected cpu or cuda")
 

@@ -65,15 +65,16 @@ def test_the_mask_is_the_same_attention():
 
 
 def test_each_device_gets_its_way():
-    """CPUs: example by example; GPUs: the mask for rows shorter than VARIABLE_LENGTH_FROM and in float32, the
-    variable-length kernel from there in half precision where this PyTorch has it."""
+    """CPUs: example by example; GPUs: the mask for rows shorter than VARIABLE_LENGTH_FROM; from there the
+    variable-length kernel in half precision where this PyTorch has it, else example by example."""
     long = pa.VARIABLE_LENGTH_FROM
     assert pa.way_for("cpu", torch.bfloat16, 4 * long, True) == "example by example"
     assert pa.way_for("cuda", torch.bfloat16, long - 1, True) == "mask"
+    assert pa.way_for("cuda", torch.float32, long - 1, True) == "mask"
     assert pa.way_for("cuda", torch.bfloat16, long, True) == "variable length"
     assert pa.way_for("cuda", torch.float16, long, True) == "variable length"
-    assert pa.way_for("cuda", torch.float32, long, True) == "mask"  # flash attention has no float32 kernel
-    assert pa.way_for("cuda", torch.bfloat16, long, False) == "mask"  # PyTorch before 2.9
+    assert pa.way_for("cuda", torch.float32, long, True) == "example by example"  # no float32 flash kernel
+    assert pa.way_for("cuda", torch.bfloat16, long, False) == "example by example"  # PyTorch before 2.9
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) >= (2, 9):  # the kernel's causal flag found in this PyTorch's signature
         assert pa.variable_length_kernel() is not None

@@ -43,16 +43,18 @@ def models():
     return {"plain": LLaMA(tiny), "lora": lora, "adapter": adapter}
 
 
+@pytest.mark.parametrize("one_row", [True, False], ids=["one row", "rows"])
 @pytest.mark.parametrize("kind", ["plain", "lora", "adapter"])
-def test_each_packed_example_has_its_own_loss(kind):
-    """Six examples in three rows of 48 (and padding): each example's loss from its packed row equals its loss
-    alone (so attention never crossed examples and positions restarted); the micro-batch's loss and gradients
-    equal the padded batch's."""
+def test_each_packed_example_has_its_own_loss(kind, one_row):
+    """Six examples in one row of 132 tokens, or in three rows of 48 and padding (compiled blocks' layout): each
+    example's loss from its packed
+    row equals its loss alone (so attention never crossed examples and positions restarted); the micro-batch's
+    loss and gradients equal the padded batch's."""
     torch.manual_seed(0)
     model = models()[kind].eval()
     examples = some_examples([30, 12, 25, 7, 40, 18])
-    input_ids, labels, positions = training.pack_batch(examples, max_seq_length=48)
-    assert input_ids.shape == (3, 48) and positions.shape == input_ids.shape
+    input_ids, labels, positions = training.pack_batch(examples, max_seq_length=48, one_row=one_row)
+    assert input_ids.shape == ((1, 132) if one_row else (3, 48)) and positions.shape == input_ids.shape
     with torch.no_grad():
         packed_logits = model(input_ids, positions=positions)
         packed = {}
@@ -66,8 +68,9 @@ def test_each_packed_example_has_its_own_loss(kind):
             assert (labels[row, start] == training.IGNORE_INDEX).item()  # nothing from the example before
             want, got = example_loss(alone, example["labels"]), example_loss(logits, example["labels"])
             assert abs(got.item() - want.item()) <= LOSS_ATOL
-        # what is left: the padding ending two rows (40 + 7 and 25 + 12 tokens; 30 + 18 fills its row), unscored
-        assert [len(tokens) for tokens in packed] == [1, 11] and all(set(tokens) == {0} for tokens in packed)
+        # what is left: in rows, the padding ending two (40 + 7 and 25 + 12 tokens; 30 + 18 fills its row), unscored
+        assert [len(tokens) for tokens in packed] == ([] if one_row else [1, 11])
+        assert all(set(tokens) == {0} for tokens in packed)
         assert (labels != training.IGNORE_INDEX).sum() == sum((e["labels"][1:] != training.IGNORE_INDEX).sum()
                                                               for e in examples)
     model.train()
@@ -83,9 +86,24 @@ def test_each_packed_example_has_its_own_loss(kind):
         torch.testing.assert_close(packed_grads[name], grad, atol=LOSS_ATOL * grad.abs().max().item(), rtol=0)
 
 
+def test_one_row_holds_every_example_in_order_without_padding():
+    lengths = [100, 60, 200, 30, 256, 90, 300]  # the last is cut at 256
+    examples = some_examples(lengths)
+    input_ids, labels, positions = training.pack_batch(examples, max_seq_length=256)
+    assert input_ids.shape == (1, 992) and (positions == 0).nonzero()[:, 1].tolist() == [0, 100, 160, 360, 390,
+                                                                                          646, 736]
+    assert torch.equal(input_ids[0, 736:], examples[-1]["input_ids"][:256])
+    # the row is longer than the model's block_size (256): each example is a sequence of its own, and fits it
+    model = LLaMA(Config.from_name("tiny-gqa")).eval()
+    with torch.no_grad():
+        row = model(input_ids, positions=positions)[0]
+        alone = model(examples[2]["input_ids"].unsqueeze(0))[0]
+    torch.testing.assert_close(row[160:360], alone, atol=1e-5 * alone.abs().max().item(), rtol=0)
+
+
 def test_packed_rows_hold_every_example_once_first_fit_decreasing():
     lengths = [100, 60, 200, 30, 256, 90, 300]  # the last is cut at 256
-    input_ids, labels, positions = training.pack_batch(some_examples(lengths), max_seq_length=256)
+    input_ids, labels, positions = training.pack_batch(some_examples(lengths), max_seq_length=256, one_row=False)
     starts = positions == 0
     real = [(positions[r] == 0).nonzero().flatten().tolist() for r in range(len(positions))]
     # first-fit decreasing: [256], [256], [200, 30], [100, 90, 60] (padded to the longest row, 256)
@@ -97,7 +115,8 @@ def test_rows_are_as_long_as_the_least_padding_needs():
     """Rows of max_seq_length are not always best: 400, 150, 100 and 50 tokens make two rows of 500 positions at
     a capacity of 512 ([400, 100], [150, 50]), two of 400 at the longest example's ([400], [150, 100, 50])."""
     assert batches.pack_rows([400, 150, 100, 50], 512) == [[0], [1, 2, 3]]
-    input_ids, labels, positions = batches.pack_batch(some_examples([150, 400, 50, 100]), max_seq_length=512)
+    input_ids, labels, positions = batches.pack_batch(some_examples([150, 400, 50, 100]), max_seq_length=512,
+                                                      one_row=False)
     assert input_ids.shape == (2, 400) and (positions == 0).sum().item() == 4 + 1  # one row ends in padding
     # as many positions either way (300): the shorter rows, whose attention is a third of one row's
     assert batches.pack_rows([100, 100, 100], 512) == [[0], [1], [2]]
