@@ -214,6 +214,20 @@ def test_packed_attention_rows(tmp_path):
     assert_clean_error(proc, "--device 'tpu': expected cpu or cuda")
 
 
+def test_packing_row(tmp_path):
+    """benchmarks/packing.py on random examples: one row; packing leaves no padded position, the padded arm
+    the most."""
+    results = tmp_path / "RESULTS.md"
+    run_script("benchmarks/packing.py", "--steps", 2, "--warmup_steps", 1, "--data", "random", "--max_seq_length", 96,
+               "--results_file", results)
+    rows = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and rows[0][4:8] == ["4", "96", "random", "2"]
+    padded, grouped, packed = (float(x.rstrip("%")) for x in rows[0][11].rstrip(" |").split(" / "))
+    assert packed == 0.0 < grouped <= padded
+    proc = run_script("benchmarks/packing.py", "--steps", 0, "--results_file", "", check=False)
+    assert_clean_error(proc, "--steps 0: expected at least 1")
+
+
 def test_lora_tree_row(tmp_path):
     """benchmarks/lora_tree.py on the tiny model: one row with the six switch times."""
     results = tmp_path / "RESULTS.md"
