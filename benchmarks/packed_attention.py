@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import add_rows  # noqa: E402
 from benchmarks.lora_vs_peft import SHARED, make_samples  # noqa: E402
 from lit_llama import packed_attention as pa  # noqa: E402
-from lit_llama.batches import batch_indices, pack_rows  # noqa: E402
+from lit_llama.batches import batch_indices, pack_batch  # noqa: E402
 from lit_llama.cli import UserError, run_cli  # noqa: E402
 from lit_llama.model import Config  # noqa: E402
 
@@ -103,16 +103,10 @@ def main(
         return lambda: (shape, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
     def packed(chunk: List[int], way: str) -> Callable[[], tuple]:
-        rows = [list(range(len(chunk)))] if layout == "one_row" else pack_rows(chunk, max_seq_length)
-        length = max(sum(chunk[i] for i in row) for row in rows)
-        positions = torch.zeros(len(rows), length, dtype=torch.long)
-        for r, row in enumerate(rows):
-            start = 0
-            for i in row:
-                positions[r, start : start + chunk[i]] = torch.arange(chunk[i])
-                start += chunk[i]
-            positions[r, start:] = torch.arange(length - start)
-        shape = (len(rows), heads, length, head_size)
+        examples = [{"input_ids": torch.zeros(n, dtype=torch.long), "labels": torch.zeros(n, dtype=torch.long)}
+                    for n in chunk]  # only the lengths matter: pack_batch lays them out as training does
+        _, _, positions = pack_batch(examples, max_seq_length, one_row=layout == "one_row")
+        shape = (positions.size(0), heads, positions.size(1), head_size)
 
         # made once per forward in the model (for all its layers), so outside the timed layer here
         spans = pa.packed_spans(positions)

@@ -78,6 +78,8 @@ def main(
     """
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU here")
     for flag, value in (("steps", steps), ("warmup_steps", warmup_steps), ("micro_batch_size", micro_batch_size),
                         ("max_seq_length", max_seq_length)):
         if value < 1:

@@ -9,8 +9,9 @@ the one measured fastest where it runs (`way_for`):
 - on a GPU, rows of up to VARIABLE_LENGTH_FROM - 1 tokens: SDPA with the block mask (`packed_mask`, made once
   per forward). At these lengths an eager step is bound by the host's kernel launches, not the arithmetic:
   one 7B layer's attention, forward and backward, on an NVIDIA H200 (benchmarks/packed_attention.py, real
-  Alpaca lengths, rows of at most 256 or 512 tokens): the mask 0.67-0.95 ms per micro-batch, the variable-length kernel 1.4-1.9 ms (its Python
-  custom op and the flattening copies), example by example 2.4-8.0 ms (then by slicing);
+  Alpaca lengths, rows of at most 256 or 512 tokens): the mask 0.67-0.95 ms per micro-batch, the
+  variable-length kernel 1.4-1.9 ms (its Python custom op and the flattening copies), example by example
+  2.4-8.0 ms (then by slicing);
 - on a GPU, longer rows (a packed micro-batch is one row: `batches.pack_batch`): in bf16/fp16 PyTorch's
   variable-length flash attention (`torch.nn.attention.varlen`), all the examples in one kernel, computing
   only each example's own causal triangle while the mask's work grows with the square of the row (the
@@ -51,16 +52,18 @@ class PackedSpans(list):
 
     def offsets(self, device: torch.device) -> torch.Tensor:
         """(number of spans + 1,) int32: where each example starts in the flattened batch, then its end."""
-        if "offsets" not in self._made or self._made["offsets"].device != device:
-            starts = [b * self.length + s for b, row in enumerate(self) for s, _ in row] + [len(self) * self.length]
-            self._made["offsets"] = torch.tensor(starts, dtype=torch.int32, device=device)
-        return self._made["offsets"]
+        return self._once("offsets", device, lambda: torch.tensor(
+            [b * self.length + s for b, row in enumerate(self) for s, _ in row] + [len(self) * self.length],
+            dtype=torch.int32, device=device))
 
     def mask(self, device: torch.device) -> torch.Tensor:
         """`packed_mask` of these spans, (B, 1, T, T) bool."""
-        if "mask" not in self._made or self._made["mask"].device != device:
-            self._made["mask"] = packed_mask(self, self.length, device)
-        return self._made["mask"]
+        return self._once("mask", device, lambda: packed_mask(self, self.length, device))
+
+    def _once(self, name: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if name not in self._made or self._made[name].device != device:
+            self._made[name] = make()
+        return self._made[name]
 
 
 def packed_spans(positions: torch.Tensor) -> PackedSpans:

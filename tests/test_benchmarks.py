@@ -226,6 +226,9 @@ def test_packing_row(tmp_path):
     assert packed == 0.0 < grouped <= padded
     proc = run_script("benchmarks/packing.py", "--steps", 0, "--results_file", "", check=False)
     assert_clean_error(proc, "--steps 0: expected at least 1")
+    if not torch.cuda.is_available():
+        proc = run_script("benchmarks/packing.py", "--device", "cuda", "--results_file", "", check=False)
+        assert_clean_error(proc, "--device cuda: no CUDA GPU here")
 
 
 def test_lora_tree_row(tmp_path):
